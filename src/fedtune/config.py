@@ -1,0 +1,354 @@
+"""The Recipe: one typed, validated description of a run, loaded from YAML plus key=value overrides.
+
+Each component receives only its own section. A wrong key or value fails at load time with the
+file, line and key path involved and what is allowed.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from fedtune.errors import RecipeError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    """The base causal LM: `builtin:tiny`, a local directory, or a Hugging Face hub id."""
+
+    name: str = "builtin:tiny"
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        ok = v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit())
+        if not ok:
+            raise ValueError("must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        return v
+
+
+class SplitSection(Section):
+    """How examples are spread over clients."""
+
+    method: Literal["iid", "dirichlet", "meta"] = "iid"
+    alpha: PositiveFloat = 0.5
+    by: Literal["category"] = "category"
+
+
+class SyntheticSection(Section):
+    """The built-in synthetic instruction benchmark (used when `data.source` is `synthetic`)."""
+
+    examples_per_category: PositiveInt = 300
+    categories: list[str] | None = None
+
+
+class DataSection(Section):
+    source: str = "synthetic"
+    test_source: str | None = None
+    format: Literal["auto", "alpaca", "dolly", "gsm8k", "custom"] = "auto"
+    fields: dict[str, str] = Field(default_factory=dict)
+    template: str = "alpaca"
+    max_length: PositiveInt = 512
+    truncation: Literal["prompt", "drop"] = "prompt"
+    val_fraction: float = Field(0.05, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    max_examples: PositiveInt | None = None
+    split: SplitSection = Field(default_factory=SplitSection)
+    synthetic: SyntheticSection = Field(default_factory=SyntheticSection)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSection:
+        if self.format == "custom":
+            missing = {"instruction", "output"} - set(self.fields)
+            if missing:
+                raise ValueError(
+                    f"format 'custom' needs data.fields to map {sorted(missing)} to column names"
+                )
+        allowed = {"instruction", "input", "output", "category"}
+        extra = set(self.fields) - allowed
+        if extra:
+            raise ValueError(f"data.fields keys {sorted(extra)} unknown; allowed: {sorted(allowed)}")
+        return self
+
+
+class AdapterSection(Section):
+    """A peft method by name; `r`, `alpha`, `dropout`, `target_modules` apply to LoRA-like methods."""
+
+    method: str = "lora"
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["auto", "all-linear"] = "auto"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        from peft import PeftType
+
+        name = v.strip().lower().replace("-", "_")
+        allowed = sorted(t.lower() for t in PeftType.__members__)
+        if name not in allowed:
+            raise ValueError(f"unknown peft method {v!r}; allowed: {', '.join(allowed)}")
+        return name
+
+
+class FederationSection(Section):
+    algorithm: str = "fedavg"
+    options: dict[str, Any] = Field(default_factory=dict)
+    clients: PositiveInt = 3
+    clients_per_round: PositiveInt | None = None
+    sample_fraction: float | None = Field(None, gt=0.0, le=1.0)
+    rounds: PositiveInt = 10
+
+    @field_validator("algorithm")
+    @classmethod
+    def _algorithm(cls, v: str) -> str:
+        from fedtune.algorithms import available_algorithms
+
+        if v not in available_algorithms():
+            raise ValueError(f"unknown algorithm {v!r}; allowed: {', '.join(available_algorithms())}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> FederationSection:
+        if self.clients_per_round is not None and self.sample_fraction is not None:
+            raise ValueError("set clients_per_round or sample_fraction, not both")
+        if self.clients_per_round is not None and self.clients_per_round > self.clients:
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) must be at most "
+                f"federation.clients ({self.clients})"
+            )
+        return self
+
+    def per_round(self) -> int:
+        """How many clients take part in each round."""
+        if self.clients_per_round is not None:
+            return self.clients_per_round
+        if self.sample_fraction is not None:
+            return max(1, round(self.sample_fraction * self.clients))
+        return self.clients
+
+
+class TrainSection(Section):
+    """Local training on each client: `local_steps` optimizer steps or `local_epochs` passes."""
+
+    local_steps: PositiveInt | None = None
+    local_epochs: PositiveFloat | None = None
+    batch_size: PositiveInt = 8
+    grad_accum: PositiveInt = 1
+    lr: PositiveFloat = 3e-4
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_rounds: NonNegativeInt = 0
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: PositiveFloat | None = 1.0
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainSection:
+        if self.local_steps is not None and self.local_epochs is not None:
+            raise ValueError("set local_steps or local_epochs, not both")
+        if self.local_steps is None and self.local_epochs is None:
+            object.__setattr__(self, "local_steps", 10)
+        return self
+
+
+class EvalSection(Section):
+    every: NonNegativeInt = 0
+    at_start: bool = True
+    exact_match: bool = True
+    answer: Literal["full", "last_number"] = "full"
+    max_new_tokens: PositiveInt = 32
+    batch_size: PositiveInt = 16
+    clients: bool = True
+    max_examples: PositiveInt | None = None
+
+
+class TransportSection(Section):
+    kind: Literal["inprocess"] = "inprocess"
+    max_message_bytes: PositiveInt = 2 * 1024**3
+
+
+class OutputSection(Section):
+    dir: str = "runs"
+    name: str | None = None
+    checkpoint_every: NonNegativeInt = 5
+    keep_checkpoints: PositiveInt = 2
+    progress: bool = True
+
+
+class Recipe(Section):
+    name: str = "default"
+    description: str = ""
+    seed: int = 0
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    federation: FederationSection = Field(default_factory=FederationSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    transport: TransportSection = Field(default_factory=TransportSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Name -> path of the recipes shipped with fedtune."""
+    root = resources.files("fedtune") / "recipes"
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def _line_map(text: str) -> dict[tuple[str, ...], int]:
+    """Key path -> 1-based line number, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = (*path, str(key.value))
+                lines[sub] = key.start_mark.line + 1
+                walk(value, sub)
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`federation.rounds=3` -> (['federation', 'rounds'], 3); values are parsed as YAML."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected KEY.PATH=VALUE, e.g. federation.rounds=5")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise RecipeError(f"override {text!r}: empty key path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return path, value
+
+
+def _apply_override(data: dict, path: list[str], value: Any, text: str) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(path[: i + 1])
+            raise RecipeError(f"override {text!r}: {where} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = Recipe
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _format_errors(
+    exc: ValidationError, origin: str, lines: dict[tuple[str, ...], int], overrides: set[str]
+) -> str:
+    out = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(top level)"
+        where = origin
+        if key in overrides:
+            where = f"override {key}=..."
+        else:
+            for n in range(len(loc), 0, -1):
+                if loc[:n] in lines:
+                    where = f"{origin}, line {lines[loc[:n]]}"
+                    break
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(tuple(err["loc"][:-1]))
+            msg = f"unknown key; allowed here: {', '.join(allowed)}"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] not in ("value_error", "missing") and "input" in err:
+                msg += f" (got {err['input']!r})"
+        out.append(f"  {where}: {key}: {msg}")
+    return "invalid recipe:\n" + "\n".join(out)
+
+
+def load_recipe(
+    source: str | Path | dict | Recipe | None = None, overrides: list[str] | None = None
+) -> Recipe:
+    """Load a recipe from a built-in name, a YAML path, a dict or a Recipe, then apply overrides."""
+    overrides = list(overrides or [])
+    lines: dict[tuple[str, ...], int] = {}
+    if isinstance(source, Recipe):
+        data, origin = source.model_dump(mode="json"), "recipe"
+    elif isinstance(source, dict):
+        data, origin = dict(source), "recipe"
+    else:
+        path = _resolve_recipe_path(source)
+        origin = str(path)
+        text = path.read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+        lines = _line_map(text)
+    override_keys = set()
+    for text in overrides:
+        keypath, value = parse_override(text)
+        _apply_override(data, keypath, value, text)
+        override_keys.add(".".join(keypath))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_format_errors(exc, origin, lines, override_keys)) from None
+
+
+def _resolve_recipe_path(source: str | Path | None) -> Path:
+    recipes = builtin_recipes()
+    if source is None:
+        return recipes["default"]
+    path = Path(source)
+    if path.is_file():
+        return path
+    if str(source) in recipes:
+        return recipes[str(source)]
+    raise RecipeError(
+        f"recipe {str(source)!r} is neither a file nor a built-in recipe; "
+        f"built-in: {', '.join(sorted(recipes))} (see `fedtune recipes`)"
+    )
