@@ -1,0 +1,98 @@
+"""Simulation transport: real encoded bytes handed to client callables in one process, in order."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Collection, Mapping
+
+from fedtune.errors import MessageError
+from fedtune.runtime.messages import Message
+from fedtune.transport.base import TrafficCounter
+from fedtune.transport.codec import decode, encode
+
+logger = logging.getLogger("fedtune.transport")
+
+Endpoint = Callable[[bytes], bytes | None]
+
+
+class InProcessTransport:
+    """A ServerTransport whose clients are callables taking request bytes and returning reply bytes.
+
+    Messages are really encoded and decoded, so byte counts and checks match a networked run.
+    Delivery is strictly sequential in send order (simulated clients share one base model).
+    """
+
+    def __init__(
+        self,
+        endpoints: Mapping[str, Endpoint],
+        *,
+        max_message_bytes: int = 2**31,
+        on_delivery: Callable[[str], None] | None = None,
+    ) -> None:
+        self.endpoints = dict(endpoints)
+        self.max_message_bytes = max_message_bytes
+        self.on_delivery = on_delivery
+        self.traffic = TrafficCounter()
+        self.rejected: list[tuple[str, str]] = []
+        self._queue: deque[tuple[str, bytes]] = deque()
+
+    def send(self, message: Message) -> None:
+        """Encode ``message``, count it as down-bytes for its receiver and queue it."""
+        if message.receiver not in self.endpoints:
+            raise MessageError(f"receiver '{message.receiver}' is not a known client")
+        data = encode(message)
+        self.traffic.record(
+            direction="down", client=message.receiver, round=message.round, nbytes=len(data)
+        )
+        self._queue.append((message.receiver, data))
+
+    def collect(
+        self, round: int, expected: Collection[str], timeout: float | None = None
+    ) -> list[Message]:
+        """Deliver every queued message in send order; return valid replies from ``expected``.
+
+        ``timeout`` is accepted for interface parity and ignored: delivery is a direct call.
+        A reply is rejected (logged, kept in ``rejected``) if it does not decode, or if its
+        sender is not the client that produced it or not expected, or its round differs.
+        """
+        del timeout
+        expected_set = set(expected)
+        replies: list[Message] = []
+        while self._queue:
+            client, data = self._queue.popleft()
+            if self.on_delivery is not None:
+                self.on_delivery(client)
+            reply_bytes = self.endpoints[client](data)
+            if reply_bytes is None:
+                continue
+            if not isinstance(reply_bytes, (bytes, bytearray, memoryview)):
+                raise TypeError(
+                    f"endpoint '{client}' returned {type(reply_bytes).__name__}, not bytes or None"
+                )
+            self.traffic.record(direction="up", client=client, round=round, nbytes=len(reply_bytes))
+            try:
+                reply = decode(reply_bytes, max_bytes=self.max_message_bytes)
+                _check_reply(reply, client=client, round=round, expected=expected_set)
+            except MessageError as error:
+                self._reject(client, str(error))
+                continue
+            replies.append(reply)
+        return replies
+
+    def close(self) -> None:
+        """Drop anything still queued."""
+        self._queue.clear()
+
+    def _reject(self, client: str, reason: str) -> None:
+        logger.warning("rejected a message from client '%s': %s", client, reason)
+        self.rejected.append((client, reason))
+
+
+def _check_reply(reply: Message, *, client: str, round: int, expected: set[str]) -> None:
+    if reply.sender != client:
+        raise MessageError(f"sender '{reply.sender}' but the reply came from '{client}'")
+    if reply.sender not in expected:
+        raise MessageError(f"sender '{reply.sender}' is not expected in round {round}")
+    if reply.round != round:
+        raise MessageError(f"round {reply.round} but expected {round}")
