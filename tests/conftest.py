@@ -29,3 +29,52 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def char_tokenizer_no_bos() -> PreTrainedTokenizerFast:
     return make_char_tokenizer(bos=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A randomly initialised 2-layer Llama (hidden 16) with the character tokenizer, on disk."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = make_char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_recipe(tiny_model_dir, tmp_path):
+    """A fast recipe on the tiny model and a small synthetic benchmark, writing under tmp_path."""
+
+    def make(**overrides):
+        base = {
+            "name": "test",
+            "seed": 3,
+            "model": {"name": tiny_model_dir},
+            "data": {"source": "synthetic", "synthetic": {"examples_per_category": 12},
+                     "template": "compact", "max_length": 128, "test_fraction": 0.2,
+                     "val_fraction": 0.0, "split": {"method": "meta"}},
+            "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+            "federation": {"clients": 3, "rounds": 2},
+            "train": {"local_steps": 2, "batch_size": 4, "lr": 0.01},
+            "eval": {"every": 1, "max_new_tokens": 3, "batch_size": 32},
+            "output": {"dir": str(tmp_path / "runs"), "progress": False, "checkpoint_every": 1},
+        }
+        for key, value in overrides.items():
+            node = base
+            parts = key.split("__")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+        return base
+
+    return make

@@ -140,6 +140,12 @@ class FederationSection(Section):
                 f"clients_per_round ({self.clients_per_round}) must be at most "
                 f"federation.clients ({self.clients})"
             )
+        from fedtune.algorithms import algorithm_options
+
+        try:
+            algorithm_options(self.algorithm, self.options)
+        except RecipeError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     def per_round(self) -> int:

@@ -1,7 +1,34 @@
-"""Federated algorithms, registered by name."""
+"""Federated algorithms, one module each, registered by name."""
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
+from fedtune.algorithms import fedavg  # noqa: F401  (registers)
+from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, Strategy, registry
+from fedtune.errors import RecipeError
+
+__all__ = ["AlgorithmSpec", "ClientUpdate", "Strategy", "available_algorithms", "build_strategy"]
+
 
 def available_algorithms() -> list[str]:
-    return ["fedavg"]
+    return sorted(registry())
+
+
+def algorithm_options(name: str, options: dict):
+    """Validate `federation.options` against the algorithm's config model."""
+    spec = registry()[name]
+    try:
+        return spec.config.model_validate(options)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = "federation.options." + ".".join(str(p) for p in err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{key}: {msg}")
+        allowed = ", ".join(spec.config.model_fields) or "(none)"
+        raise RecipeError(f"{'; '.join(lines)} (options of {name}: {allowed})") from None
+
+
+def build_strategy(name: str, options: dict) -> Strategy:
+    return registry()[name].build(algorithm_options(name, options))

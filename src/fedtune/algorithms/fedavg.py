@@ -1,0 +1,69 @@
+"""FedAvg: the new global adapter is the example-weighted mean of the clients' local adapters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, State, register
+
+
+class FedAvgConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weighting: Literal["examples", "uniform"] = "examples"
+
+
+def fedavg_aggregate(global_state: State, updates: Sequence[tuple[State, float]]) -> State:
+    """global + Σ w_i Δ_i / Σ w_i, where Δ_i = local_i − global (so equal to the mean of locals).
+
+    Accumulates in float32 (or float64 for float64 tensors) and casts back to each tensor's dtype.
+    """
+    if not updates:
+        raise ValueError("fedavg_aggregate needs at least one update")
+    total = float(sum(w for _, w in updates))
+    if total <= 0:
+        raise ValueError("fedavg_aggregate: the weights must sum to a positive number")
+    out: State = {}
+    for name, g in global_state.items():
+        acc_dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+        acc = torch.zeros(g.shape, dtype=acc_dtype)
+        for delta, w in updates:
+            acc.add_(delta[name].to(acc_dtype), alpha=w / total)
+        out[name] = (g.to(acc_dtype) + acc).to(g.dtype)
+    return out
+
+
+def client_weights(updates: Sequence[ClientUpdate], weighting: str) -> list[float]:
+    if weighting == "uniform":
+        return [1.0] * len(updates)
+    return [float(u.n_examples) for u in updates]
+
+
+class FedAvg:
+    def __init__(self, config: FedAvgConfig):
+        self.config = config
+
+    def configure_fit(self, round_: int, clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
+        return {c: {"lr": lr} for c in clients}
+
+    def aggregate_fit(self, round_: int, global_state: State, updates: list[ClientUpdate]) -> State:
+        weights = client_weights(updates, self.config.weighting)
+        return fedavg_aggregate(global_state, [(u.tensors, w) for u, w in zip(updates, weights)])
+
+    def state_dict(self) -> State:
+        return {}
+
+    def load_state_dict(self, state: State) -> None:
+        if state:
+            raise ValueError(f"FedAvg keeps no state, got {sorted(state)[:3]}")
+
+
+SPEC = register(AlgorithmSpec(
+    name="fedavg",
+    summary="Federated averaging of adapter updates, weighted by client examples (McMahan et al. 2017).",
+    config=FedAvgConfig,
+    build=FedAvg,
+))

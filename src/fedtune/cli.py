@@ -1,0 +1,79 @@
+"""The `fedtune` command: run a recipe, resume a run, list recipes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from fedtune import __version__
+from fedtune.errors import FedtuneError
+from fedtune.track.reporter import quiet_libraries
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedtune.runtime.simulation import run
+
+    recipe, overrides = None, []
+    for item in args.items:
+        if "=" in item:
+            overrides.append(item)
+        elif recipe is None:
+            recipe = item
+        else:
+            raise FedtuneError(f"two recipes given ({recipe!r} and {item!r}); overrides look like key.path=value")
+    run(recipe, overrides, resume=args.resume)
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from fedtune.config import builtin_recipes, load_recipe
+
+    table = Table(title="built-in recipes (fedtune run NAME)")
+    table.add_column("name")
+    table.add_column("description")
+    for name, path in sorted(builtin_recipes().items()):
+        table.add_row(name, load_recipe(path).description)
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of LLMs.")
+    parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run a federated fine-tuning simulation",
+                       description="Run a recipe (a built-in name or a YAML file; default: 'default') "
+                                   "with optional key.path=value overrides.")
+    p.add_argument("items", nargs="*", metavar="RECIPE|KEY=VALUE")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("recipes", help="list the built-in recipes")
+    p.set_defaults(func=_cmd_recipes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+    )
+    quiet_libraries()
+    try:
+        return args.func(args)
+    except FedtuneError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True)
+        return 2
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted; continue with `fedtune run --resume RUN_DIR`")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Load the base causal LM and its tokenizer (built-in, local path or hub id) on a sensible device."""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from fedtune.config import ModelSection
+from fedtune.errors import ModelError
+
+log = logging.getLogger("fedtune.models")
+
+BUILTIN_MODELS = {"builtin:tiny": "tiny"}
+
+
+def resolve_model_path(name: str) -> str:
+    """`builtin:NAME` -> the shipped directory; anything else is returned as is (path or hub id)."""
+    if name.startswith("builtin:"):
+        if name not in BUILTIN_MODELS:
+            raise ModelError(
+                f"model.name: unknown built-in model {name!r}; available: {', '.join(BUILTIN_MODELS)}"
+            )
+        return str(resources.files("fedtune") / "assets" / BUILTIN_MODELS[name])
+    return name
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"model.device is {spec!r} but CUDA is not available; use 'auto' or 'cpu'")
+    return torch.device(spec)
+
+
+def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """float32 on CPU; bfloat16 on GPUs that support it, else float16 (with `auto`)."""
+    if spec != "auto":
+        return getattr(torch, spec)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(section: ModelSection):
+    path = resolve_model_path(section.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=section.revision, trust_remote_code=section.trust_remote_code
+        )
+    except Exception as exc:  # transformers raises many types for a missing / unreachable model
+        raise ModelError(_load_hint(section.name, path, "tokenizer", exc)) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token else tokenizer.unk_token
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"model.name {section.name!r}: the tokenizer has no EOS token; set one")
+    return tokenizer
+
+
+def load_base_model(section: ModelSection) -> tuple[PreTrainedModel, object]:
+    """The frozen base model on its device, and its tokenizer (with a pad token)."""
+    path = resolve_model_path(section.name)
+    device = pick_device(section.device)
+    dtype = pick_dtype(section.dtype, device)
+    tokenizer = load_tokenizer(section)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=section.revision, dtype=dtype,
+            trust_remote_code=section.trust_remote_code,
+        )
+    except Exception as exc:
+        raise ModelError(_load_hint(section.name, path, "model", exc)) from None
+    model.to(device)
+    model.requires_grad_(False)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    log.info("loaded %s (%s, %s)", section.name, device, dtype)
+    return model, tokenizer
+
+
+def _load_hint(name: str, path: str, what: str, exc: Exception) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if Path(path).exists():
+        return f"model.name {name!r}: cannot load the {what} from {path}: {first}"
+    return (
+        f"model.name {name!r}: cannot load the {what} ({first}). It is not a local directory; as a "
+        "hub id it needs network access or a cached copy (HF_HOME). Use a local path or builtin:tiny."
+    )

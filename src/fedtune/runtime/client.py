@@ -1,0 +1,110 @@
+"""A federated client: answers the server's messages with local training and evaluation.
+
+The same class runs in simulation (many clients sharing one model, taking turns) and in a real
+deployment (one client per process). It touches the model only through its AdapterSlot.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from fedtune.data.examples import Example
+from fedtune.data.prompts import TokenizedExample
+from fedtune.errors import FedtuneError, MessageError
+from fedtune.eval.evaluator import Evaluator
+from fedtune.models.adapters import AdapterSlot
+from fedtune.runtime.messages import Message, MessageKind
+from fedtune.seeding import derive_seed
+from fedtune.train.local import LocalTrainer
+from fedtune.transport.codec import check_message, decode, encode, specs_of
+
+log = logging.getLogger("fedtune.client")
+
+
+@dataclass
+class ClientDataset:
+    """A client's own data, tokenized: train for local work, test for evaluation."""
+
+    train: list[TokenizedExample]
+    test: list[TokenizedExample]
+    test_raw: list[Example]
+
+
+class Client:
+    def __init__(
+        self,
+        name: str,
+        data: ClientDataset,
+        *,
+        slot: AdapterSlot,
+        trainer: LocalTrainer,
+        evaluator: Evaluator | None,
+        seed: int,
+        server: str = "server",
+        max_message_bytes: int | None = None,
+    ):
+        self.name = name
+        self.data = data
+        self.slot = slot
+        self.trainer = trainer
+        self.evaluator = evaluator
+        self.seed = seed
+        self.server = server
+        self.max_message_bytes = max_message_bytes
+        self._specs = specs_of(slot.get())
+
+    # -- message handling -----------------------------------------------------------------------
+
+    def handle(self, msg: Message) -> Message | None:
+        check_message(msg, kinds={MessageKind.FIT, MessageKind.EVALUATE, MessageKind.FINISH},
+                      sender=self.server)
+        if msg.kind == MessageKind.FIT:
+            return self.fit(msg)
+        if msg.kind == MessageKind.EVALUATE:
+            return self.evaluate(msg)
+        return None
+
+    def handle_bytes(self, data: bytes) -> bytes | None:
+        """Transport endpoint: decode, handle, encode. A bad message gets an ERROR reply."""
+        try:
+            msg = decode(data, max_bytes=self.max_message_bytes)
+        except MessageError as exc:
+            log.warning("%s: rejected a message: %s", self.name, exc)
+            return None
+        try:
+            reply = self.handle(msg)
+        except FedtuneError as exc:
+            log.warning("%s: cannot handle %s of round %d: %s", self.name, msg.kind.value, msg.round, exc)
+            reply = Message(MessageKind.ERROR, msg.round, self.name, self.server,
+                            meta={"error": str(exc)[:500]})
+        return None if reply is None else encode(reply)
+
+    def _load_global(self, msg: Message) -> None:
+        check_message(msg, kinds={msg.kind}, tensor_specs=self._specs)
+        self.slot.set(msg.tensors)
+
+    def fit(self, msg: Message) -> Message:
+        self._load_global(msg)
+        lr = msg.meta.get("lr")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+            raise MessageError(f"fit message of round {msg.round} has no valid 'lr' in its meta")
+        result = self.trainer.train(
+            self.data.train, lr=float(lr), seed=derive_seed(self.seed, "fit", msg.round, self.name)
+        )
+        local = self.slot.get()
+        update = {k: local[k] - msg.tensors[k].to(local[k].dtype) for k in local}
+        metrics = {"train_loss": result.loss, "steps": result.steps, "examples_seen": result.examples,
+                   "train_seconds": result.seconds}
+        return Message(MessageKind.UPDATE, msg.round, self.name, self.server, tensors=update,
+                       meta={"n_examples": len(self.data.train), "metrics": metrics})
+
+    def evaluate(self, msg: Message) -> Message:
+        self._load_global(msg)
+        if self.evaluator is None or not self.data.test:
+            metrics: dict = {}
+        else:
+            metrics = self.evaluator.evaluate(self.data.test, self.data.test_raw,
+                                              with_generation=bool(msg.meta.get("generate", False)))
+        return Message(MessageKind.EVAL_RESULT, msg.round, self.name, self.server,
+                       meta={"n_examples": len(self.data.test), "metrics": metrics})

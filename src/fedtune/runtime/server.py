@@ -1,0 +1,246 @@
+"""The federated server: samples clients, sends the global adapter, aggregates, evaluates, checkpoints.
+
+It talks to clients only through a ServerTransport, so the same code runs a simulation (in-process
+transport) and a deployment (network transport).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedtune.algorithms.base import ClientUpdate, State, Strategy
+from fedtune.config import Recipe
+from fedtune.errors import MessageError
+from fedtune.runtime.messages import Message, MessageKind
+from fedtune.seeding import derive_seed
+from fedtune.track.reporter import NullReporter, Reporter
+from fedtune.track.rundir import Checkpoint, RunDir
+from fedtune.train.local import lr_for_round
+from fedtune.transport.base import ServerTransport
+from fedtune.transport.codec import check_message, specs_of
+
+log = logging.getLogger("fedtune.server")
+SERVER = "server"
+
+
+def sample_clients(clients: list[str], k: int, seed: int, round_: int) -> list[str]:
+    """The `k` clients taking part in a round: a seeded choice, returned in registration order."""
+    if k >= len(clients):
+        return list(clients)
+    rng = np.random.default_rng(derive_seed(seed, "sample", round_))
+    chosen = set(rng.choice(len(clients), size=k, replace=False).tolist())
+    return [c for i, c in enumerate(clients) if i in chosen]
+
+
+@dataclass
+class Timings:
+    """Seconds spent in local training and evaluation (what is not framework overhead)."""
+
+    train: float = 0.0
+    eval: float = 0.0
+    wall_before: float = 0.0  # wall seconds of earlier sessions of a resumed run
+
+    def state(self) -> dict[str, float]:
+        return {"train_seconds": self.train, "eval_seconds": self.eval}
+
+
+@dataclass
+class ServerResult:
+    rounds: int
+    global_state: State
+    initial: dict[str, Any] | None
+    final: dict[str, Any]
+    clients: dict[str, dict[str, Any]]
+    timings: Timings
+    rejected: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Server:
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        strategy: Strategy,
+        transport: ServerTransport,
+        clients: list[str],
+        global_state: State,
+        run_dir: RunDir,
+        evaluate_global: Callable[[State, bool], dict[str, Any]] | None = None,
+        reporter: Reporter | None = None,
+        reply_timeout: float | None = None,
+    ):
+        self.recipe = recipe
+        self.strategy = strategy
+        self.transport = transport
+        self.clients = list(clients)
+        self.global_state = global_state
+        self.run_dir = run_dir
+        self.evaluate_global = evaluate_global
+        self.reporter = reporter or NullReporter()
+        self.reply_timeout = reply_timeout
+        self.specs = specs_of(global_state)
+        self.timings = Timings()
+        self.rejected = 0
+        self.initial: dict[str, Any] | None = None
+        self.last_eval: dict[str, Any] = {}
+        self.client_eval: dict[str, dict[str, Any]] = {}
+
+    # -- resume ---------------------------------------------------------------------------------
+
+    def restore(self, ckpt: Checkpoint) -> int:
+        """Continue from a checkpoint; returns the next round to run."""
+        self.global_state = ckpt.global_state
+        self.strategy.load_state_dict(ckpt.strategy_state)
+        self.transport.traffic.load_state(ckpt.info.get("traffic", {}))
+        self.timings = Timings(train=ckpt.info.get("train_seconds", 0.0),
+                               eval=ckpt.info.get("eval_seconds", 0.0),
+                               wall_before=ckpt.info.get("wall_seconds", 0.0))
+        self.initial = ckpt.info.get("initial")
+        self.rejected = ckpt.info.get("rejected", 0)
+        return ckpt.round + 1
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def run(self, start_round: int = 1) -> ServerResult:
+        fed = self.recipe.federation
+        started = time.perf_counter()
+        self._wall = lambda: self.timings.wall_before + time.perf_counter() - started
+        if start_round == 1 and self.recipe.eval.at_start:
+            self.initial = self.evaluate(0, final=False)
+        for round_ in range(start_round, fed.rounds + 1):
+            self.run_round(round_)
+            last = round_ == fed.rounds
+            every = self.recipe.eval.every
+            if last:
+                self.last_eval = self.evaluate(round_, final=True)
+            elif every and round_ % every == 0:
+                self.last_eval = self.evaluate(round_, final=False)
+            ckpt_every = self.recipe.output.checkpoint_every
+            if last or (ckpt_every and round_ % ckpt_every == 0):
+                self.checkpoint(round_)
+        self.finish(fed.rounds)
+        return ServerResult(
+            rounds=fed.rounds, global_state=self.global_state, initial=self.initial,
+            final=self.last_eval, clients=self.client_eval, timings=self.timings,
+            rejected=self.rejected,
+        )
+
+    def run_round(self, round_: int) -> None:
+        fed, train = self.recipe.federation, self.recipe.train
+        chosen = sample_clients(self.clients, fed.per_round(), self.recipe.seed, round_)
+        lr = lr_for_round(train, round_, fed.rounds)
+        instructions = self.strategy.configure_fit(round_, chosen, lr)
+        self.reporter.round_begin(round_, fed.rounds, len(chosen))
+        start = time.perf_counter()
+        for client in chosen:
+            self.transport.send(Message(MessageKind.FIT, round_, SERVER, client,
+                                        tensors=self.global_state, meta=instructions[client]))
+        replies = self.transport.collect(round_, chosen, timeout=self.reply_timeout)
+        updates = self._accept_updates(round_, chosen, replies)
+        if updates:
+            self.global_state = self.strategy.aggregate_fit(round_, self.global_state, updates)
+        else:
+            log.warning("round %d: no valid update arrived; the global adapter is unchanged", round_)
+        traffic = self.transport.traffic.by_client(round_)
+        for u in updates:
+            self.timings.train += float(u.metrics.get("train_seconds", 0.0))
+            self.run_dir.log(round_, u.client, "fit", {
+                **u.metrics, "n_examples": u.n_examples, **traffic.get(u.client, {}),
+            })
+        losses = [u.metrics.get("train_loss") for u in updates]
+        weights = [u.n_examples for u in updates]
+        summary = {
+            "clients": len(chosen), "updates": len(updates), "lr": lr,
+            "train_loss": float(np.average(losses, weights=weights)) if updates else None,
+            "bytes_up": self.transport.traffic.round_total(round_, "up"),
+            "bytes_down": self.transport.traffic.round_total(round_, "down"),
+            "seconds": time.perf_counter() - start,
+        }
+        self.run_dir.log(round_, None, "round", summary)
+        self.reporter.round_end(round_, summary)
+
+    def _accept_updates(self, round_: int, chosen: list[str], replies: list[Message]) -> list[ClientUpdate]:
+        updates: dict[str, ClientUpdate] = {}
+        for msg in replies:
+            try:
+                if msg.kind == MessageKind.ERROR:
+                    raise MessageError(f"client reported: {msg.meta.get('error', '?')}")
+                check_message(msg, kinds={MessageKind.UPDATE}, round=round_, tensor_specs=self.specs)
+                if msg.sender not in chosen or msg.sender in updates:
+                    raise MessageError("not asked for an update this round, or answered twice")
+                n = msg.meta.get("n_examples")
+                if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+                    raise MessageError("meta.n_examples must be a positive integer")
+                metrics = msg.meta.get("metrics", {})
+                if not isinstance(metrics, dict):
+                    raise MessageError("meta.metrics must be an object")
+                updates[msg.sender] = ClientUpdate(msg.sender, msg.tensors, n, metrics)
+            except MessageError as exc:
+                self.rejected += 1
+                log.warning("round %d: rejected the reply of %s: %s", round_, msg.sender, exc)
+                self.run_dir.log(round_, msg.sender, "rejected", {"reason": str(exc)})
+        return [updates[c] for c in chosen if c in updates]
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(self, round_: int, *, final: bool) -> dict[str, Any]:
+        """Global test set on the server; each client's test part on that client."""
+        start = time.perf_counter()
+        self.reporter.status(f"round {round_}: evaluating")
+        metrics: dict[str, Any] = {}
+        if self.evaluate_global is not None:
+            metrics = self.evaluate_global(self.global_state, True)
+            self.run_dir.log(round_, None, "eval", {"scope": "global", **metrics})
+        if self.recipe.eval.clients:
+            for client in self.clients:
+                self.transport.send(Message(MessageKind.EVALUATE, round_, SERVER, client,
+                                            tensors=self.global_state, meta={"generate": final}))
+            for msg in self.transport.collect(round_, self.clients, timeout=self.reply_timeout):
+                try:
+                    check_message(msg, kinds={MessageKind.EVAL_RESULT}, round=round_)
+                except MessageError as exc:
+                    log.warning("round %d: rejected the evaluation of %s: %s", round_, msg.sender, exc)
+                    continue
+                values = msg.meta.get("metrics", {})
+                if isinstance(values, dict) and values:
+                    self.client_eval[msg.sender] = values
+                    self.run_dir.log(round_, msg.sender, "eval", {"scope": "client", **values})
+        self.timings.eval += time.perf_counter() - start
+        self.reporter.eval_result(round_, metrics)
+        return metrics
+
+    # -- checkpoints and the end ----------------------------------------------------------------
+
+    def checkpoint(self, round_: int) -> None:
+        info = {"traffic": self.transport.traffic.state(), "wall_seconds": self._wall(),
+                "initial": self.initial, "rejected": self.rejected, **self.timings.state()}
+        state = {k: v.contiguous() for k, v in self.strategy.state_dict().items()}
+        self.run_dir.save_checkpoint(
+            Checkpoint(round_, {k: v.contiguous() for k, v in self.global_state.items()}, state, info),
+            keep=self.recipe.output.keep_checkpoints,
+        )
+
+    def finish(self, round_: int) -> None:
+        for client in self.clients:
+            self.transport.send(Message(MessageKind.FINISH, round_, SERVER, client))
+        self.transport.collect(round_, [], timeout=self.reply_timeout)
+
+    def wall_seconds(self) -> float:
+        return self._wall()
+
+
+def state_nbytes(state: State) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def state_numel(state: State) -> int:
+    return sum(t.numel() for t in state.values())
+
+

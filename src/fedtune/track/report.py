@@ -1,0 +1,89 @@
+"""The run's summary (summary.json) and the closing table printed on the console."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from fedtune.config import Recipe
+from fedtune.transport.base import TrafficCounter
+
+_METRICS = ("loss", "perplexity", "exact_match")
+
+
+def _pick(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not metrics:
+        return None
+    return {k: metrics[k] for k in (*_METRICS, "n_examples") if k in metrics}
+
+
+def make_summary(recipe: Recipe, result, *, traffic: TrafficCounter, wall_seconds: float,
+                 adapter_parameters: int, adapter_bytes: int, run_dir: Path) -> dict[str, Any]:
+    t = result.timings
+    overhead = max(0.0, wall_seconds - t.train - t.eval)
+    return {
+        "recipe": recipe.name,
+        "algorithm": recipe.federation.algorithm,
+        "model": recipe.model.name,
+        "adapter": recipe.adapter.method,
+        "rounds": result.rounds,
+        "clients": recipe.federation.clients,
+        "clients_per_round": recipe.federation.per_round(),
+        "initial": _pick(result.initial),
+        "final": _pick(result.final),
+        "per_client": {c: _pick(m) for c, m in sorted(result.clients.items())},
+        "bytes_up": traffic.total("up"),
+        "bytes_down": traffic.total("down"),
+        "rejected_replies": result.rejected,
+        "adapter_parameters": adapter_parameters,
+        "adapter_bytes": adapter_bytes,
+        "wall_seconds": round(wall_seconds, 3),
+        "train_seconds": round(t.train, 3),
+        "eval_seconds": round(t.eval, 3),
+        "overhead_seconds": round(overhead, 3),
+        "final_adapter": str(Path(run_dir) / "final"),
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _cells(m: dict[str, Any] | None) -> list[str]:
+    if not m:
+        return ["-", "-", "-"]
+    em = m.get("exact_match")
+    return [
+        f"{m['loss']:.4f}" if "loss" in m else "-",
+        f"{m['perplexity']:.2f}" if "perplexity" in m else "-",
+        f"{em:.1%}" if isinstance(em, (int, float)) else "-",
+    ]
+
+
+def closing_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"{summary['recipe']}: {summary['algorithm']} + {summary['adapter']}, "
+                        f"{summary['rounds']} rounds, {summary['clients']} clients")
+    for col in ("evaluated on", "model", "loss", "perplexity", "exact match", "examples"):
+        table.add_column(col, justify="left" if col in ("evaluated on", "model") else "right")
+    if summary.get("initial"):
+        init = summary["initial"]
+        table.add_row("global test", "base", *_cells(init), str(init.get("n_examples", "")))
+    if summary.get("final"):
+        fin = summary["final"]
+        table.add_row("global test", "federated", *_cells(fin), str(fin.get("n_examples", "")),
+                      style="bold")
+    for client, m in summary.get("per_client", {}).items():
+        table.add_row(f"{client} test", "federated", *_cells(m), str((m or {}).get("n_examples", "")))
+    table.caption = (
+        f"sent down {human_bytes(summary['bytes_down'])}, up {human_bytes(summary['bytes_up'])}; "
+        f"adapter {summary['adapter_parameters']:,} parameters ({human_bytes(summary['adapter_bytes'])}); "
+        f"{summary['wall_seconds']:.0f} s wall, {summary['train_seconds']:.0f} s training, "
+        f"{summary['eval_seconds']:.0f} s evaluation"
+    )
+    return table

@@ -1,0 +1,158 @@
+"""The run directory: recipe as run, metrics log, checkpoints, final adapter and summary.
+
+Layout:
+    recipe.yaml         the validated recipe, every default filled in
+    split.json          examples and categories per client
+    metrics.jsonl       one JSON object per event: {"round", "client", "kind", "values", "time"}
+    checkpoints/round_000005/{global.safetensors, strategy.safetensors, state.json}
+    final/              the final global adapter as a standard PEFT directory, with the tokenizer
+    summary.json        the closing figures
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fedtune.errors import RunDirError
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    global_state: State
+    strategy_state: State
+    info: dict[str, Any]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write atomically (temp file + rename), so a crash never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    # -- creation and opening -------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, root: str | Path, name: str, *, explicit: bool = False) -> RunDir:
+        """A new, empty run directory. An existing one is never reused silently.
+
+        With `explicit` (the user named the directory) an existing non-empty directory is an
+        error; otherwise a numeric suffix is added to the generated name.
+        """
+        root = Path(root)
+        path = root / name
+        if explicit:
+            if path.exists() and any(path.iterdir()):
+                raise RunDirError(
+                    f"run directory {path} already exists and is not empty; choose another "
+                    f"output.name, or continue it with `fedtune run --resume {path}`"
+                )
+        else:
+            n = 1
+            while path.exists():
+                path = root / f"{name}-{n}"
+                n += 1
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"cannot create run directory {path}: {exc}") from None
+        return cls(path)
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        path = Path(path)
+        if not (path / "recipe.yaml").is_file():
+            raise RunDirError(f"{path} is not a fedtune run directory (no recipe.yaml)")
+        return cls(path)
+
+    # -- files ----------------------------------------------------------------------------------
+
+    @property
+    def recipe_path(self) -> Path:
+        return self.path / "recipe.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def final_dir(self) -> Path:
+        return self.path / "final"
+
+    def write_recipe(self, text: str) -> None:
+        self.recipe_path.write_text(text)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        _write_json(self.path / name, obj)
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+    def log(self, round_: int, client: str | None, kind: str, values: dict[str, Any]) -> None:
+        event = {"round": round_, "client": client, "kind": kind, "values": values,
+                 "time": round(time.time(), 3)}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    def events(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+
+    def truncate_events_after(self, round_: int) -> None:
+        """Drop events of rounds after `round_` (logged by a run that stopped before checkpointing)."""
+        kept = [e for e in self.events() if e["round"] <= round_]
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        os.replace(tmp, self.metrics_path)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self, ckpt: Checkpoint, keep: int) -> Path:
+        root = self.path / "checkpoints"
+        final = root / f"round_{ckpt.round:06d}"
+        tmp = root / f".round_{ckpt.round:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(ckpt.global_state, str(tmp / "global.safetensors"))
+        save_file(ckpt.strategy_state, str(tmp / "strategy.safetensors"))
+        _write_json(tmp / "state.json", {"round": ckpt.round, **ckpt.info})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("round_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        root = self.path / "checkpoints"
+        found = sorted(root.glob("round_*")) if root.exists() else []
+        if not found:
+            return None
+        path = found[-1]
+        try:
+            info = json.loads((path / "state.json").read_text())
+            return Checkpoint(
+                round=int(info.pop("round")),
+                global_state=load_file(str(path / "global.safetensors")),
+                strategy_state=load_file(str(path / "strategy.safetensors")),
+                info=info,
+            )
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            raise RunDirError(f"checkpoint {path} is unreadable: {exc}") from None

@@ -1,0 +1,26 @@
+"""Token-level causal LM loss over the response tokens (labels != -100)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over labelled positions, and how many there are.
+
+    Summing (not averaging) per micro-batch lets callers weight every token equally across
+    micro-batches, which is what makes gradient accumulation equal to one large batch.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1, :]
+    # Prompt-tuning style methods prepend virtual tokens to the logits; keep the real positions.
+    if logits.shape[1] != labels.shape[1]:
+        logits = logits[:, -labels.shape[1]:, :]
+    n_tokens = int((labels != -100).sum())
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+        ignore_index=-100, reduction="sum",
+    )
+    return loss, n_tokens
