@@ -18,7 +18,6 @@ from fedtune.models.adapters import AdapterSlot
 from fedtune.runtime.server import Server
 from fedtune.runtime.simulation import Simulation
 from fedtune.seeding import derive_seed
-from fedtune.track.rundir import RunDir
 from fedtune.train.local import lr_for_round
 
 
@@ -61,7 +60,7 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_outputs(tiny_recipe, t
     global_state = _final_checkpoint(final_dir.parent)
 
     recipe = load_recipe(tiny_recipe())
-    sim = Simulation(recipe, RunDir.create(recipe.output.dir, "probe"))
+    sim = Simulation(recipe)
     sim.slot.set(global_state)
     ids = torch.tensor([[2, 40, 41, 42, 43, 44]])
     expected = sim.model(input_ids=ids).logits
@@ -113,7 +112,7 @@ def test_one_client_one_round_equals_plain_local_training(tiny_recipe):
     federated = _final_checkpoint(Path(summary["final_adapter"]).parent)
 
     recipe = load_recipe(raw)
-    sim = Simulation(recipe, RunDir.create(recipe.output.dir, "plain"))
+    sim = Simulation(recipe)
     client = sim.clients["client_0"]
     before = sim.slot.get()
     client.trainer.train(client.data.train, lr=lr_for_round(recipe.train, 1, 1),

@@ -37,9 +37,8 @@ log = logging.getLogger("fedtune.simulation")
 class Simulation:
     """Everything a simulated run needs, built once from a recipe."""
 
-    def __init__(self, recipe: Recipe, run_dir: RunDir, console: Console | None = None):
+    def __init__(self, recipe: Recipe, console: Console | None = None):
         self.recipe = recipe
-        self.run_dir = run_dir
         self.console = console or Console(quiet=not recipe.output.progress)
         quiet_libraries()
         seed_everything(recipe.seed)
@@ -74,7 +73,6 @@ class Simulation:
                 name, dataset, slot=self.slot, trainer=trainer, evaluator=self.evaluator,
                 seed=recipe.seed, max_message_bytes=recipe.transport.max_message_bytes,
             )
-        run_dir.write_json("split.json", {**self.data.summary(), "tokenization": self.tokenize_report})
 
     def _tokenize(self, label: str, examples):
         d = self.recipe.data
@@ -96,8 +94,10 @@ class Simulation:
         raw = test_raw[:cap] if cap else test_raw
         return self.evaluator.evaluate(tokenized, raw, with_generation=generate)
 
-    def run(self, resume: bool = False) -> dict[str, Any]:
+    def run(self, run_dir: RunDir, resume: bool = False) -> dict[str, Any]:
         recipe = self.recipe
+        self.run_dir = run_dir
+        run_dir.write_json("split.json", {**self.data.summary(), "tokenization": self.tokenize_report})
         reporter = ConsoleReporter(self.console) if recipe.output.progress else NullReporter()
         transport = InProcessTransport(
             {name: c.handle_bytes for name, c in self.clients.items()},
@@ -158,8 +158,12 @@ def run(recipe: Recipe | str | Path | dict | None = None, overrides: list[str] |
         if (run_dir.path / "summary.json").exists():
             raise RunDirError(f"{run_dir.path} has finished already (summary.json exists)")
         loaded = load_recipe(run_dir.recipe_path)
-        return Simulation(loaded, run_dir, console).run(resume=True)
+        return Simulation(loaded, console).run(run_dir, resume=True)
     loaded = load_recipe(recipe, overrides)
-    run_dir = RunDir.create(loaded.output.dir, _run_name(loaded), explicit=loaded.output.name is not None)
+    explicit = loaded.output.name is not None
+    if explicit:  # refuse an existing named directory before minutes of set-up
+        RunDir.check_free(Path(loaded.output.dir) / loaded.output.name)
+    simulation = Simulation(loaded, console)
+    run_dir = RunDir.create(loaded.output.dir, _run_name(loaded), explicit=explicit)
     run_dir.write_recipe(loaded.to_yaml())
-    return Simulation(loaded, run_dir, console).run()
+    return simulation.run(run_dir)

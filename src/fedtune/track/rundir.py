@@ -59,11 +59,7 @@ class RunDir:
         root = Path(root)
         path = root / name
         if explicit:
-            if path.exists() and any(path.iterdir()):
-                raise RunDirError(
-                    f"run directory {path} already exists and is not empty; choose another "
-                    f"output.name, or continue it with `fedtune run --resume {path}`"
-                )
+            cls.check_free(path)
         else:
             n = 1
             while path.exists():
@@ -74,6 +70,14 @@ class RunDir:
         except OSError as exc:
             raise RunDirError(f"cannot create run directory {path}: {exc}") from None
         return cls(path)
+
+    @staticmethod
+    def check_free(path: Path) -> None:
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise RunDirError(
+                f"run directory {path} already exists and is not empty; choose another "
+                f"output.name, or continue it with `fedtune run --resume {path}`"
+            )
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:

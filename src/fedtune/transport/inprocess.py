@@ -35,17 +35,17 @@ class InProcessTransport:
         self.on_delivery = on_delivery
         self.traffic = TrafficCounter()
         self.rejected: list[tuple[str, str]] = []
-        self._queue: deque[tuple[str, bytes]] = deque()
+        self._queue: deque[Message] = deque()
 
     def send(self, message: Message) -> None:
-        """Encode ``message``, count it as down-bytes for its receiver and queue it."""
+        """Queue ``message`` for its receiver.
+
+        It is encoded (and its down-bytes counted) when delivered, so a round with many clients
+        holds one encoded copy of the global adapter at a time, not one per client.
+        """
         if message.receiver not in self.endpoints:
             raise MessageError(f"receiver '{message.receiver}' is not a known client")
-        data = encode(message)
-        self.traffic.record(
-            direction="down", client=message.receiver, round=message.round, nbytes=len(data)
-        )
-        self._queue.append((message.receiver, data))
+        self._queue.append(message)
 
     def collect(
         self, round: int, expected: Collection[str], timeout: float | None = None
@@ -60,7 +60,11 @@ class InProcessTransport:
         expected_set = set(expected)
         replies: list[Message] = []
         while self._queue:
-            client, data = self._queue.popleft()
+            message = self._queue.popleft()
+            client = message.receiver
+            data = encode(message)
+            self.traffic.record(direction="down", client=client, round=message.round, nbytes=len(data))
+            del message
             if self.on_delivery is not None:
                 self.on_delivery(client)
             reply_bytes = self.endpoints[client](data)
