@@ -143,3 +143,18 @@ def test_client_sampling_uses_only_the_chosen_clients(tiny_recipe):
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for round_ in (1, 2):
         assert len([e for e in events if e["kind"] == "fit" and e["round"] == round_]) == 2
+
+
+@pytest.mark.parametrize("adapter", [
+    {"method": "ia3"},
+    {"method": "prompt_tuning", "options": {"num_virtual_tokens": 4}},
+])
+def test_other_peft_methods_by_name_through_a_round(tiny_recipe, adapter, tiny_model_dir):
+    summary = fedtune.run(tiny_recipe(adapter=adapter, federation__rounds=1))
+    final_dir = Path(summary["final_adapter"])
+    config = json.loads((final_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == adapter["method"].upper()
+    assert summary["final"]["loss"] < summary["initial"]["loss"]
+    assert "exact_match" in summary["final"]
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final_dir)
+    assert loaded.peft_config["default"].peft_type.value == adapter["method"].upper()
