@@ -136,6 +136,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
+    # A class name every transformers version knows (newer ones write their own backend name).
+    tok_config = args.out / "tokenizer_config.json"
+    tok_config.write_text(json.dumps({**json.loads(tok_config.read_text()),
+                                      "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n")
     info = {
         "built_by": "scripts/build_tiny_model.py",
         "args": {k: str(v) for k, v in vars(args).items() if k != "out"},

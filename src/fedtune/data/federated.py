@@ -170,16 +170,18 @@ def _category_text(categories: dict[str, int], limit: int = 6) -> str:
     return text
 
 
-def format_split_table(data: FederatedData) -> Table:
-    """A rich table: one row per client (sizes and categories) and a total row."""
+def format_split_table(data: FederatedData, max_rows: int = 20) -> Table:
+    """A rich table: one row per client (sizes and categories; the first `max_rows`) and a total row."""
     table = Table(title="Data split")
     table.add_column("client")
     for part in PARTS:
         table.add_column(part, justify="right")
     table.add_column("categories")
-    for name, client in data.clients.items():
+    for name, client in list(data.clients.items())[:max_rows]:
         sizes = [str(len(getattr(client, part))) for part in PARTS]
         table.add_row(name, *sizes, _category_text(client.categories()))
+    if len(data.clients) > max_rows:
+        table.add_row(f"... {len(data.clients) - max_rows} more", "", "", "", "(all in split.json)")
     totals = Counter[str]()
     for client in data.clients.values():
         totals.update(client.categories())
