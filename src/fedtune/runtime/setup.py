@@ -1,0 +1,109 @@
+"""What every process of a federation builds from a recipe: data, ONE base model with its adapter,
+the local trainer and the evaluator. Simulation, deployed server and deployed client share it, so
+they compute the same things from the same recipe and seed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from fedtune.config import Recipe
+from fedtune.data.examples import Example
+from fedtune.data.federated import FederatedData, build_federated_data, format_split_table
+from fedtune.data.prompts import TokenizedExample, tokenize_examples
+from fedtune.eval.evaluator import Evaluator
+from fedtune.models.adapters import AdapterSlot, attach_adapter
+from fedtune.models.loading import load_base_model
+from fedtune.runtime.client import Client, ClientDataset
+from fedtune.runtime.server import Server, ServerResult, state_nbytes, state_numel
+from fedtune.seeding import derive_seed, seed_everything
+from fedtune.track.report import closing_table, make_summary
+from fedtune.track.reporter import quiet_libraries
+from fedtune.track.rundir import RunDir
+from fedtune.train.local import LocalTrainer
+
+log = logging.getLogger("fedtune.setup")
+
+
+class Setup:
+    def __init__(self, recipe: Recipe, console: Console | None = None,
+                 data: FederatedData | None = None):
+        self.recipe = recipe
+        self.console = console or Console(quiet=not recipe.output.progress)
+        quiet_libraries()
+        seed_everything(recipe.seed)
+
+        self.data = data or build_federated_data(recipe.data, recipe.federation.clients, recipe.seed)
+        self.console.print(format_split_table(self.data))
+
+        model, self.tokenizer = load_base_model(recipe.model)
+        # The initial adapter depends only on the recipe seed: every party builds the same one.
+        torch.manual_seed(derive_seed(recipe.seed, "adapter-init"))
+        self.model = attach_adapter(model, recipe.adapter)
+        self.model.eval()
+        self.slot = AdapterSlot(self.model)
+        self.device = next(self.model.parameters()).device
+        self.tokenize_report: dict[str, Any] = {}
+        self.evaluator = Evaluator(
+            self.model, self.tokenizer, recipe.eval, template=recipe.data.template,
+            max_length=recipe.data.max_length, device=self.device,
+        )
+        self.trainer = LocalTrainer(self.model, recipe.train, self.tokenizer.pad_token_id, self.device)
+        self._test: list[TokenizedExample] | None = None
+
+    def tokenize(self, label: str, examples: list[Example]) -> list[TokenizedExample]:
+        d = self.recipe.data
+        tokenized, report = tokenize_examples(
+            examples, self.tokenizer, template=d.template, max_length=d.max_length,
+            truncation=d.truncation,
+        )
+        self.tokenize_report[label] = report.as_dict()
+        if report.truncated or report.dropped:
+            log.warning("%s: %d of %d examples truncated, %d dropped (data.max_length=%d)",
+                        label, report.truncated, report.total, report.dropped, d.max_length)
+        return tokenized
+
+    def client(self, name: str) -> Client:
+        """The client `name` of the recipe's split, on the shared model."""
+        part = self.data.clients[name]
+        dataset = ClientDataset(
+            train=self.tokenize(f"{name} train", part.train),
+            test=self.tokenize(f"{name} test", part.test),
+            test_raw=part.test,
+        )
+        return Client(name, dataset, slot=self.slot, trainer=self.trainer, evaluator=self.evaluator,
+                      seed=self.recipe.seed, max_message_bytes=self.recipe.transport.max_message_bytes)
+
+    def evaluate_global(self, state, generate: bool) -> dict[str, Any]:
+        """Evaluate a global adapter on the global test set (the server's job)."""
+        if self._test is None:
+            self._test = self.tokenize("global test", self.data.test)
+        self.slot.set(state)
+        cap = self.recipe.eval.max_examples
+        tokenized = self._test[:cap] if cap else self._test
+        raw = self.data.test[:cap] if cap else self.data.test
+        return self.evaluator.evaluate(tokenized, raw, with_generation=generate)
+
+    def write_split(self, run_dir: RunDir) -> None:
+        if self._test is None:
+            self._test = self.tokenize("global test", self.data.test)
+        run_dir.write_json("split.json", {**self.data.summary(), "tokenization": self.tokenize_report})
+
+    def finish(self, run_dir: RunDir, server: Server, result: ServerResult) -> dict[str, Any]:
+        """Save the final adapter (standard PEFT directory) and summary.json; print the table."""
+        self.slot.set(result.global_state)
+        self.model.save_pretrained(run_dir.final_dir)
+        self.tokenizer.save_pretrained(run_dir.final_dir)
+        summary = make_summary(
+            self.recipe, result, traffic=server.transport.traffic, wall_seconds=server.wall_seconds(),
+            adapter_parameters=state_numel(result.global_state),
+            adapter_bytes=state_nbytes(result.global_state), run_dir=Path(run_dir.path),
+        )
+        run_dir.write_json("summary.json", summary)
+        self.console.print(closing_table(summary))
+        self.console.print(f"run directory: {run_dir.path}")
+        return summary
