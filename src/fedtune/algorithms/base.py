@@ -29,6 +29,14 @@ class Strategy(Protocol):
         """Per-client instructions (message meta) for a round's local training."""
         ...
 
+    def fit_tensors(self, round_: int) -> State:
+        """Extra tensors sent with the global adapter (names must not clash with it); often {}."""
+        ...
+
+    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
+        """Specs of the extra tensors a client's update carries besides the adapter delta; often {}."""
+        ...
+
     def aggregate_fit(self, round_: int, global_state: State, updates: list[ClientUpdate]) -> State:
         """The new global state from the clients' updates."""
         ...
@@ -40,12 +48,70 @@ class Strategy(Protocol):
     def load_state_dict(self, state: State) -> None: ...
 
 
+@dataclass
+class LocalContext:
+    """What a client's local procedure works with in one round."""
+
+    client: str
+    round: int
+    seed: int                 # derived from (recipe seed, "fit", round, client)
+    lr: float
+    slot: Any                 # AdapterSlot: the trainable tensors of the (shared) model
+    trainer: Any              # LocalTrainer
+    train: list               # the client's tokenized training examples
+    state: State              # the client's persistent algorithm state (e.g. control variates)
+    server_tensors: State     # extra tensors the strategy broadcast this round (e.g. SCAFFOLD's c)
+    meta: dict[str, Any]      # the round's instructions from the server
+
+
+@dataclass
+class LocalOutcome:
+    update: State                                    # local − global, for the adapter tensors
+    extra: State = field(default_factory=dict)       # further tensors to send (e.g. Δc)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class LocalProcedure(Protocol):
+    """Client-side part of an algorithm: turn the global adapter (already loaded) into an update."""
+
+    def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
+        """Specs of the extra tensors expected with the global adapter (see Strategy.fit_tensors)."""
+        ...
+
+    def fit(self, ctx: LocalContext, global_state: State) -> LocalOutcome: ...
+
+
+class StandardLocal:
+    """Plain local training (FedAvg and every server-side-only algorithm)."""
+
+    def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def fit(self, ctx: LocalContext, global_state: State) -> LocalOutcome:
+        result = ctx.trainer.train(ctx.train, lr=ctx.lr, seed=ctx.seed)
+        return LocalOutcome(update=local_update(ctx.slot.get(), global_state), metrics=result_metrics(result))
+
+
+def local_update(local: State, global_state: State) -> State:
+    return {k: local[k] - global_state[k].to(local[k].dtype) for k in local}
+
+
+def result_metrics(result) -> dict[str, Any]:
+    return {"train_loss": result.loss, "steps": result.steps, "examples_seen": result.examples,
+            "train_seconds": result.seconds}
+
+
+def _standard_local(config: BaseModel) -> LocalProcedure:
+    return StandardLocal()
+
+
 @dataclass(frozen=True)
 class AlgorithmSpec:
     name: str
     summary: str
     config: type[BaseModel]
     build: Callable[[BaseModel], Strategy]
+    local: Callable[[BaseModel], LocalProcedure] = _standard_local
 
 
 _REGISTRY: dict[str, AlgorithmSpec] = {}

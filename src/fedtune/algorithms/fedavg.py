@@ -53,6 +53,12 @@ class FedAvg:
         weights = client_weights(updates, self.config.weighting)
         return fedavg_aggregate(global_state, [(u.tensors, w) for u, w in zip(updates, weights)])
 
+    def fit_tensors(self, round_: int) -> State:
+        return {}
+
+    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
     def state_dict(self) -> State:
         return {}
 

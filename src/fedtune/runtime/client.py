@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from fedtune.algorithms.base import LocalContext, LocalProcedure, StandardLocal, State
 from fedtune.data.examples import Example
 from fedtune.data.prompts import TokenizedExample
 from fedtune.errors import FedtuneError, MessageError
@@ -41,10 +42,13 @@ class Client:
         trainer: LocalTrainer,
         evaluator: Evaluator | None,
         seed: int,
+        local: LocalProcedure | None = None,
         server: str = "server",
         max_message_bytes: int | None = None,
     ):
         self.name = name
+        self.local = local or StandardLocal()
+        self.state: State = {}  # persistent algorithm state of this client (CPU tensors)
         self.data = data
         self.slot = slot
         self.trainer = trainer
@@ -80,24 +84,28 @@ class Client:
                             meta={"error": str(exc)[:500]})
         return None if reply is None else encode(reply)
 
-    def _load_global(self, msg: Message) -> None:
-        check_message(msg, kinds={msg.kind}, tensor_specs=self._specs)
-        self.slot.set(msg.tensors)
+    def _load_global(self, msg: Message, extra_specs: dict | None = None) -> tuple[State, State]:
+        """Check the message's tensors, load the global adapter; returns (adapter, extra tensors)."""
+        check_message(msg, kinds={msg.kind}, tensor_specs={**self._specs, **(extra_specs or {})})
+        adapter = {k: v for k, v in msg.tensors.items() if k in self._specs}
+        extra = {k: v for k, v in msg.tensors.items() if k not in self._specs}
+        self.slot.set(adapter)
+        return adapter, extra
 
     def fit(self, msg: Message) -> Message:
-        self._load_global(msg)
         lr = msg.meta.get("lr")
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
             raise MessageError(f"fit message of round {msg.round} has no valid 'lr' in its meta")
-        result = self.trainer.train(
-            self.data.train, lr=float(lr), seed=derive_seed(self.seed, "fit", msg.round, self.name)
+        adapter, extra = self._load_global(msg, self.local.server_tensor_specs(self._specs))
+        ctx = LocalContext(
+            client=self.name, round=msg.round, seed=derive_seed(self.seed, "fit", msg.round, self.name),
+            lr=float(lr), slot=self.slot, trainer=self.trainer, train=self.data.train,
+            state=self.state, server_tensors=extra, meta=msg.meta,
         )
-        local = self.slot.get()
-        update = {k: local[k] - msg.tensors[k].to(local[k].dtype) for k in local}
-        metrics = {"train_loss": result.loss, "steps": result.steps, "examples_seen": result.examples,
-                   "train_seconds": result.seconds}
-        return Message(MessageKind.UPDATE, msg.round, self.name, self.server, tensors=update,
-                       meta={"n_examples": len(self.data.train), "metrics": metrics})
+        outcome = self.local.fit(ctx, adapter)
+        return Message(MessageKind.UPDATE, msg.round, self.name, self.server,
+                       tensors={**outcome.update, **outcome.extra},
+                       meta={"n_examples": len(self.data.train), "metrics": outcome.metrics})
 
     def evaluate(self, msg: Message) -> Message:
         self._load_global(msg)

@@ -139,9 +139,10 @@ class Server:
         instructions = self.strategy.configure_fit(round_, chosen, lr)
         self.reporter.round_begin(round_, fed.rounds, len(chosen))
         start = time.perf_counter()
+        tensors = {**self.global_state, **self.strategy.fit_tensors(round_)}
         for client in chosen:
             self.transport.send(Message(MessageKind.FIT, round_, SERVER, client,
-                                        tensors=self.global_state, meta=instructions[client]))
+                                        tensors=tensors, meta=instructions[client]))
         replies = self.transport.collect(round_, chosen, timeout=self.reply_timeout)
         updates = self._accept_updates(round_, chosen, replies)
         if updates:
@@ -172,7 +173,8 @@ class Server:
             try:
                 if msg.kind == MessageKind.ERROR:
                     raise MessageError(f"client reported: {msg.meta.get('error', '?')}")
-                check_message(msg, kinds={MessageKind.UPDATE}, round=round_, tensor_specs=self.specs)
+                check_message(msg, kinds={MessageKind.UPDATE}, round=round_,
+                              tensor_specs={**self.specs, **self.strategy.update_specs(self.specs)})
                 if msg.sender not in chosen or msg.sender in updates:
                     raise MessageError("not asked for an update this round, or answered twice")
                 n = msg.meta.get("n_examples")

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from fedtune.algorithms import build_local
 from fedtune.config import Recipe
 from fedtune.data.examples import Example
 from fedtune.data.federated import FederatedData, build_federated_data, format_split_table
@@ -75,8 +76,10 @@ class Setup:
             test=self.tokenize(f"{name} test", part.test),
             test_raw=part.test,
         )
+        fed = self.recipe.federation
         return Client(name, dataset, slot=self.slot, trainer=self.trainer, evaluator=self.evaluator,
-                      seed=self.recipe.seed, max_message_bytes=self.recipe.transport.max_message_bytes)
+                      seed=self.recipe.seed, local=build_local(fed.algorithm, fed.options),
+                      max_message_bytes=self.recipe.transport.max_message_bytes)
 
     def evaluate_global(self, state, generate: bool) -> dict[str, Any]:
         """Evaluate a global adapter on the global test set (the server's job)."""
