@@ -5,10 +5,19 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from fedtune.algorithms import fedavg  # noqa: F401  (registers)
-from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, Strategy, registry
+from fedtune.algorithms.base import (
+    AlgorithmSpec,
+    ClientUpdate,
+    LocalProcedure,
+    Strategy,
+    registry,
+)
 from fedtune.errors import RecipeError
 
-__all__ = ["AlgorithmSpec", "ClientUpdate", "Strategy", "available_algorithms", "build_strategy"]
+__all__ = [
+    "AlgorithmSpec", "ClientUpdate", "LocalProcedure", "Strategy", "available_algorithms",
+    "build_local", "build_strategy",
+]
 
 
 def available_algorithms() -> list[str]:
@@ -32,3 +41,8 @@ def algorithm_options(name: str, options: dict):
 
 def build_strategy(name: str, options: dict) -> Strategy:
     return registry()[name].build(algorithm_options(name, options))
+
+
+def build_local(name: str, options: dict) -> LocalProcedure:
+    """The client-side procedure of an algorithm (plain local training for most)."""
+    return registry()[name].local(algorithm_options(name, options))
