@@ -38,6 +38,7 @@ class ModelSection(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    quantization: Literal["none", "4bit", "8bit"] = "none"   # bitsandbytes, CUDA only (QLoRA)
 
     @field_validator("device")
     @classmethod
@@ -92,6 +93,10 @@ class DataSection(Section):
         return self
 
 
+# Adapter methods fedtune provides itself, beside every peft method.
+FEDTUNE_METHODS = ("bitfit", "full", "qlora")
+
+
 class AdapterSection(Section):
     """A peft method by name; `r`, `alpha`, `dropout`, `target_modules` apply to LoRA-like methods."""
 
@@ -108,7 +113,7 @@ class AdapterSection(Section):
         from peft import PeftType
 
         name = v.strip().lower().replace("-", "_")
-        allowed = sorted(t.lower() for t in PeftType.__members__)
+        allowed = sorted([*(t.lower() for t in PeftType.__members__), *FEDTUNE_METHODS])
         if name not in allowed:
             raise ValueError(f"unknown peft method {v!r}; allowed: {', '.join(allowed)}")
         return name
@@ -216,6 +221,12 @@ class Recipe(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     transport: TransportSection = Field(default_factory=TransportSection)
     output: OutputSection = Field(default_factory=OutputSection)
+
+    @model_validator(mode="after")
+    def _qlora(self) -> Recipe:
+        if self.adapter.method == "qlora" and self.model.quantization == "none":
+            self.model.quantization = "4bit"  # QLoRA = LoRA on a 4-bit base
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

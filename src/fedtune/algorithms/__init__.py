@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from fedtune.algorithms import fedavg  # noqa: F401  (registers)
+from fedtune.algorithms import fedavg, fedopt, fedprox, robust, scaffold  # noqa: F401  (registers)
 from fedtune.algorithms.base import (
     AlgorithmSpec,
     ClientUpdate,
@@ -39,8 +39,9 @@ def algorithm_options(name: str, options: dict):
         raise RecipeError(f"{'; '.join(lines)} (options of {name}: {allowed})") from None
 
 
-def build_strategy(name: str, options: dict) -> Strategy:
-    return registry()[name].build(algorithm_options(name, options))
+def build_strategy(name: str, options: dict, n_clients: int = 1) -> Strategy:
+    """The server-side strategy of an algorithm for a federation of `n_clients` clients."""
+    return registry()[name].build(algorithm_options(name, options), n_clients)
 
 
 def build_local(name: str, options: dict) -> LocalProcedure:

@@ -29,7 +29,7 @@ class Strategy(Protocol):
         """Per-client instructions (message meta) for a round's local training."""
         ...
 
-    def fit_tensors(self, round_: int) -> State:
+    def fit_tensors(self, round_: int, global_state: State) -> State:
         """Extra tensors sent with the global adapter (names must not clash with it); often {}."""
         ...
 
@@ -110,7 +110,7 @@ class AlgorithmSpec:
     name: str
     summary: str
     config: type[BaseModel]
-    build: Callable[[BaseModel], Strategy]
+    build: Callable[[BaseModel, int], Strategy]          # (options, number of clients)
     local: Callable[[BaseModel], LocalProcedure] = _standard_local
 
 

@@ -53,7 +53,7 @@ class FedAvg:
         weights = client_weights(updates, self.config.weighting)
         return fedavg_aggregate(global_state, [(u.tensors, w) for u, w in zip(updates, weights)])
 
-    def fit_tensors(self, round_: int) -> State:
+    def fit_tensors(self, round_: int, global_state: State) -> State:
         return {}
 
     def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
@@ -71,5 +71,5 @@ SPEC = register(AlgorithmSpec(
     name="fedavg",
     summary="Federated averaging of adapter updates, weighted by client examples (McMahan et al. 2017).",
     config=FedAvgConfig,
-    build=FedAvg,
+    build=lambda config, n_clients: FedAvg(config),
 ))

@@ -20,7 +20,7 @@ def build_peft_config(section: AdapterSection, model=None):
     """The peft config for `adapter.method`; `adapter.options` pass through to peft."""
     options = dict(section.options)
     try:
-        if section.method == "lora":
+        if section.method in ("lora", "qlora"):
             target = None if section.target_modules == "auto" else section.target_modules
             if target is None and model is not None and not _peft_knows(model):
                 log.info("no default LoRA target modules for %s; using all-linear",
@@ -41,8 +41,28 @@ def _peft_knows(model) -> bool:
     return model.config.model_type in known
 
 
-def attach_adapter(model, section: AdapterSection) -> PeftModel:
-    """Wrap the frozen base with a fresh adapter (its initial values depend on torch's seed)."""
+def attach_adapter(model, section: AdapterSection) -> PeftModel | torch.nn.Module:
+    """Wrap the frozen base with a fresh adapter (its initial values depend on torch's seed).
+
+    `full` trains every parameter and `bitfit` only the biases (Ben Zaken et al. 2022); both
+    return the model itself, saved as a whole model directory at the end.
+    """
+    if section.method == "full":
+        return model.requires_grad_(True)
+    if section.method == "bitfit":
+        biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+        if not biases:
+            raise ModelError(
+                f"adapter.method 'bitfit' trains bias terms, but this model "
+                f"({model.config.model_type}) has none; use a model with biases (GPT-2, OPT, ...)"
+            )
+        for p in biases:
+            p.requires_grad_(True)
+        return model
+    if section.method == "qlora" or getattr(model, "is_loaded_in_4bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = build_peft_config(section, model)
     try:
         return get_peft_model(model, config)

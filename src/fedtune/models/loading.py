@@ -66,19 +66,47 @@ def load_base_model(section: ModelSection) -> tuple[PreTrainedModel, object]:
     device = pick_device(section.device)
     dtype = pick_dtype(section.dtype, device)
     tokenizer = load_tokenizer(section)
+    extra = {}
+    if section.quantization != "none":
+        extra = {"quantization_config": quantization_config(section.quantization, device, dtype),
+                 "device_map": {"": device.index or 0}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, revision=section.revision, dtype=dtype,
-            trust_remote_code=section.trust_remote_code,
+            trust_remote_code=section.trust_remote_code, **extra,
         )
     except Exception as exc:
         raise ModelError(_load_hint(section.name, path, "model", exc)) from None
-    model.to(device)
+    if section.quantization == "none":
+        model.to(device)
     model.requires_grad_(False)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     log.info("loaded %s (%s, %s)", section.name, device, dtype)
     return model, tokenizer
+
+
+def quantization_config(kind: str, device: torch.device, dtype: torch.dtype):
+    """bitsandbytes settings for a 4-bit (NF4, double quantisation; QLoRA) or 8-bit base."""
+    if device.type != "cuda":
+        raise ModelError(
+            f"model.quantization {kind!r} (QLoRA) needs a CUDA GPU; this process runs on "
+            f"{device.type}. Use adapter.method lora with model.quantization none."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelError(
+            f"model.quantization {kind!r} (QLoRA) needs bitsandbytes: pip install bitsandbytes"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16,
+    )
 
 
 def _load_hint(name: str, path: str, what: str, exc: Exception) -> str:

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -36,6 +36,13 @@ def sample_clients(clients: list[str], k: int, seed: int, round_: int) -> list[s
     rng = np.random.default_rng(derive_seed(seed, "sample", round_))
     chosen = set(rng.choice(len(clients), size=k, replace=False).tolist())
     return [c for i, c in enumerate(clients) if i in chosen]
+
+
+class ClientStateStore(Protocol):
+    """Persistent algorithm state of the clients a process hosts (simulation), for checkpoints."""
+
+    def state_dict(self) -> State: ...
+    def load_state_dict(self, state: State) -> None: ...
 
 
 @dataclass
@@ -75,6 +82,7 @@ class Server:
         evaluate_global: Callable[[State, bool], dict[str, Any]] | None = None,
         reporter: Reporter | None = None,
         reply_timeout: float | None = None,
+        client_state: ClientStateStore | None = None,
     ):
         self.recipe = recipe
         self.strategy = strategy
@@ -85,6 +93,7 @@ class Server:
         self.evaluate_global = evaluate_global
         self.reporter = reporter or NullReporter()
         self.reply_timeout = reply_timeout
+        self.client_state = client_state
         self.specs = specs_of(global_state)
         self.timings = Timings()
         self.rejected = 0
@@ -103,6 +112,8 @@ class Server:
                                eval=ckpt.info.get("eval_seconds", 0.0),
                                wall_before=ckpt.info.get("wall_seconds", 0.0))
         self.initial = ckpt.info.get("initial")
+        if self.client_state is not None:
+            self.client_state.load_state_dict(ckpt.client_state)
         self.rejected = ckpt.info.get("rejected", 0)
         return ckpt.round + 1
 
@@ -139,7 +150,7 @@ class Server:
         instructions = self.strategy.configure_fit(round_, chosen, lr)
         self.reporter.round_begin(round_, fed.rounds, len(chosen))
         start = time.perf_counter()
-        tensors = {**self.global_state, **self.strategy.fit_tensors(round_)}
+        tensors = {**self.global_state, **self.strategy.fit_tensors(round_, self.global_state)}
         for client in chosen:
             self.transport.send(Message(MessageKind.FIT, round_, SERVER, client,
                                         tensors=tensors, meta=instructions[client]))
@@ -224,8 +235,10 @@ class Server:
         info = {"traffic": self.transport.traffic.state(), "wall_seconds": self._wall(),
                 "initial": self.initial, "rejected": self.rejected, **self.timings.state()}
         state = {k: v.contiguous() for k, v in self.strategy.state_dict().items()}
+        clients = self.client_state.state_dict() if self.client_state is not None else {}
         self.run_dir.save_checkpoint(
-            Checkpoint(round_, {k: v.contiguous() for k, v in self.global_state.items()}, state, info),
+            Checkpoint(round_, {k: v.contiguous() for k, v in self.global_state.items()}, state, info,
+                       client_state=clients),
             keep=self.recipe.output.keep_checkpoints,
         )
 

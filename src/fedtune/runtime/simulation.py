@@ -48,9 +48,11 @@ class Simulation:
             on_delivery=reporter.client_done,
         )
         server = Server(
-            recipe, strategy=build_strategy(recipe.federation.algorithm, recipe.federation.options),
+            recipe, strategy=build_strategy(recipe.federation.algorithm, recipe.federation.options,
+                                           recipe.federation.clients),
             transport=transport, clients=list(self.clients), global_state=setup.slot.get(),
             run_dir=run_dir, evaluate_global=setup.evaluate_global, reporter=reporter,
+            client_state=SimulatedClientStates(self.clients),
         )
         start_round = resume_server(server, run_dir, setup.console) if resume else 1
         try:
@@ -58,6 +60,23 @@ class Simulation:
         finally:
             reporter.close()
         return setup.finish(run_dir, server, result)
+
+
+class SimulatedClientStates:
+    """All simulated clients' persistent state as one flat dict, `<client>/<tensor>`."""
+
+    def __init__(self, clients: dict):
+        self.clients = clients
+
+    def state_dict(self):
+        return {f"{name}/{k}": v.contiguous() for name, c in self.clients.items() for k, v in c.state.items()}
+
+    def load_state_dict(self, state) -> None:
+        for c in self.clients.values():
+            c.state.clear()
+        for key, value in state.items():
+            name, k = key.split("/", 1)
+            self.clients[name].state[k] = value
 
 
 def resume_server(server: Server, run_dir: RunDir, console: Console) -> int:

@@ -4,7 +4,7 @@ Layout:
     recipe.yaml         the validated recipe, every default filled in
     split.json          examples and categories per client
     metrics.jsonl       one JSON object per event: {"round", "client", "kind", "values", "time"}
-    checkpoints/round_000005/{global.safetensors, strategy.safetensors, state.json}
+    checkpoints/round_000005/{global,strategy,clients}.safetensors, state.json
     final/              the final global adapter as a standard PEFT directory, with the tokenizer
     summary.json        the closing figures
 """
@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class Checkpoint:
     global_state: State
     strategy_state: State
     info: dict[str, Any]
+    client_state: State = field(default_factory=dict)  # simulated clients' persistent state
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -137,6 +138,8 @@ class RunDir:
         tmp.mkdir(parents=True)
         save_file(ckpt.global_state, str(tmp / "global.safetensors"))
         save_file(ckpt.strategy_state, str(tmp / "strategy.safetensors"))
+        if ckpt.client_state:
+            save_file(ckpt.client_state, str(tmp / "clients.safetensors"))
         _write_json(tmp / "state.json", {"round": ckpt.round, **ckpt.info})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -152,11 +155,13 @@ class RunDir:
         path = found[-1]
         try:
             info = json.loads((path / "state.json").read_text())
+            clients = path / "clients.safetensors"
             return Checkpoint(
                 round=int(info.pop("round")),
                 global_state=load_file(str(path / "global.safetensors")),
                 strategy_state=load_file(str(path / "strategy.safetensors")),
                 info=info,
+                client_state=load_file(str(clients)) if clients.exists() else {},
             )
         except (OSError, ValueError, KeyError, SafetensorError) as exc:
             raise RunDirError(f"checkpoint {path} is unreadable: {exc}") from None

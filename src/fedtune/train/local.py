@@ -76,8 +76,14 @@ class LocalTrainer:
         lr: float,
         seed: int,
         extra_loss: Callable[[], torch.Tensor] | None = None,
+        before_step: Callable[[], None] | None = None,
     ) -> LocalResult:
-        """Train in place. `extra_loss` (e.g. FedProx's proximal term) is added once per step."""
+        """Train in place.
+
+        `extra_loss` (e.g. FedProx's proximal term) is added once per optimizer step;
+        `before_step` runs after the step's gradients are complete, before clipping (e.g.
+        SCAFFOLD's gradient correction).
+        """
         if not examples:
             raise ValueError("a client with no training examples cannot train")
         s = self.section
@@ -101,6 +107,8 @@ class LocalTrainer:
                 seen += batch["input_ids"].shape[0]
             if extra_loss is not None:
                 extra_loss().backward()
+            if before_step is not None:
+                before_step()
             if s.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
             optimizer.step()

@@ -1,0 +1,217 @@
+"""Server optimizers over the clients' mean update: FedAvgM, FedAdam, FedYogi, FedAdagrad."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, State, register
+from fedtune.algorithms.fedavg import client_weights, fedavg_aggregate
+
+# The round's pseudo-gradient Δ is the weighted mean of the client updates (local − global),
+# so it points *towards* the clients: every rule below moves the global state by +step.
+# Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2 (no bias correction);
+# FedAvgM from Hsu et al. 2019. Optimizer state lives in float32 (float64 for float64 tensors).
+
+Weighting = Literal["examples", "uniform"]
+
+
+class FedAvgMConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    server_lr: float = Field(1.0, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weighting: Weighting = "examples"
+
+
+class FedAdamConfig(BaseModel):
+    """Options of FedAdam and FedYogi; `tau` is the paper's adaptivity ε."""
+
+    model_config = ConfigDict(extra="forbid")
+    server_lr: float = Field(1e-2, gt=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
+    weighting: Weighting = "examples"
+
+
+class FedAdagradConfig(BaseModel):
+    """Options of FedAdagrad (no beta2: the second moment is a plain running sum)."""
+
+    model_config = ConfigDict(extra="forbid")
+    server_lr: float = Field(1e-2, gt=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0)
+    weighting: Weighting = "examples"
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _slot(slots: State, name: str, like: torch.Tensor, fill: float) -> torch.Tensor:
+    """The optimizer state for `name`, or a fresh one filled with `fill` (first round)."""
+    if name in slots:
+        return slots[name].to(_acc_dtype(like))
+    return torch.full(like.shape, fill, dtype=_acc_dtype(like))
+
+
+def pseudo_gradient(global_state: State, updates: Sequence[tuple[State, float]]) -> State:
+    """Δ = Σ w_i Δ_i / Σ w_i, in float32 (float64 for float64 tensors)."""
+    zeros = {n: torch.zeros(g.shape, dtype=_acc_dtype(g)) for n, g in global_state.items()}
+    return fedavg_aggregate(zeros, updates)
+
+
+def fedavgm_step(
+    global_state: State, delta: State, v: State, *, lr: float, momentum: float
+) -> tuple[State, State]:
+    """v ← β v + Δ ; x ← x + η v. With η = 1 and β = 0 this is exactly FedAvg."""
+    new_state, new_v = {}, {}
+    for name, g in global_state.items():
+        d = delta[name].to(_acc_dtype(g))
+        new_v[name] = momentum * _slot(v, name, g, 0.0) + d
+        new_state[name] = (g.to(d.dtype) + lr * new_v[name]).to(g.dtype)
+    return new_state, new_v
+
+
+def _adaptive_step(
+    global_state: State, delta: State, m: State, v: State, *, lr: float, beta1: float,
+    tau: float, v_init: float, second_moment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[State, State, State]:
+    """m ← β1 m + (1−β1) Δ ; v ← second_moment(v, Δ²) ; x ← x + η m / (√v + τ)."""
+    new_state, new_m, new_v = {}, {}, {}
+    for name, g in global_state.items():
+        d = delta[name].to(_acc_dtype(g))
+        new_m[name] = beta1 * _slot(m, name, g, 0.0) + (1 - beta1) * d
+        new_v[name] = second_moment(_slot(v, name, g, v_init), d * d)
+        step = lr * new_m[name] / (new_v[name].sqrt() + tau)
+        new_state[name] = (g.to(d.dtype) + step).to(g.dtype)
+    return new_state, new_m, new_v
+
+
+def fedadam_step(
+    global_state: State, delta: State, m: State, v: State, *,
+    lr: float, beta1: float, beta2: float, tau: float,
+) -> tuple[State, State, State]:
+    """Adam on the server: v ← β2 v + (1−β2) Δ²; m and v start at 0."""
+    return _adaptive_step(
+        global_state, delta, m, v, lr=lr, beta1=beta1, tau=tau, v_init=0.0,
+        second_moment=lambda vv, d2: beta2 * vv + (1 - beta2) * d2,
+    )
+
+
+def fedyogi_step(
+    global_state: State, delta: State, m: State, v: State, *,
+    lr: float, beta1: float, beta2: float, tau: float,
+) -> tuple[State, State, State]:
+    """Yogi on the server: v ← v − (1−β2) Δ² sign(v − Δ²); v starts at τ² (the paper's v_{-1})."""
+    return _adaptive_step(
+        global_state, delta, m, v, lr=lr, beta1=beta1, tau=tau, v_init=tau * tau,
+        second_moment=lambda vv, d2: vv - (1 - beta2) * d2 * torch.sign(vv - d2),
+    )
+
+
+def fedadagrad_step(
+    global_state: State, delta: State, m: State, v: State, *, lr: float, beta1: float, tau: float,
+) -> tuple[State, State, State]:
+    """Adagrad with momentum, as the paper's Algorithm 2: v ← v + Δ²; beta1 = 0 gives plain Adagrad."""
+    return _adaptive_step(
+        global_state, delta, m, v, lr=lr, beta1=beta1, tau=tau, v_init=0.0,
+        second_moment=lambda vv, d2: vv + d2,
+    )
+
+
+# A rule's step: (global, Δ, slots by kind) -> (new global, new slots by kind).
+StepFn = Callable[[State, State, dict[str, State]], tuple[State, dict[str, State]]]
+
+
+class ServerOptimizer:
+    """A FedOpt strategy: the clients' mean update is a pseudo-gradient for a server-side step.
+
+    Keeps one tensor per parameter name and slot ("m", "v"); `state_dict` names them
+    `m/<name>`, `v/<name>` so a checkpoint restores them exactly.
+    """
+
+    def __init__(self, config: Any, slots: tuple[str, ...], step: StepFn):
+        self.config = config
+        self._step = step
+        self.slots: dict[str, State] = {kind: {} for kind in slots}
+
+    def configure_fit(self, round_: int, clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
+        return {c: {"lr": lr} for c in clients}
+
+    def fit_tensors(self, round_: int, global_state: State) -> State:
+        return {}
+
+    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def aggregate_fit(self, round_: int, global_state: State, updates: list[ClientUpdate]) -> State:
+        weights = client_weights(updates, self.config.weighting)
+        delta = pseudo_gradient(global_state, [(u.tensors, w) for u, w in zip(updates, weights)])
+        new_state, self.slots = self._step(global_state, delta, self.slots)
+        return new_state
+
+    def state_dict(self) -> State:
+        return {f"{kind}/{name}": t for kind, ts in self.slots.items() for name, t in ts.items()}
+
+    def load_state_dict(self, state: State) -> None:
+        slots: dict[str, State] = {kind: {} for kind in self.slots}
+        for key, tensor in state.items():
+            kind, sep, name = key.partition("/")
+            if not sep or kind not in slots:
+                raise ValueError(f"unexpected server optimizer state {key!r}; "
+                                 f"expected keys like {'/<name>, '.join(slots)}/<name>")
+            slots[kind][name] = tensor.clone()
+        self.slots = slots
+
+
+def _build_fedavgm(c: FedAvgMConfig, n_clients: int) -> ServerOptimizer:
+    def step(g: State, d: State, s: dict[str, State]) -> tuple[State, dict[str, State]]:
+        new, v = fedavgm_step(g, d, s["v"], lr=c.server_lr, momentum=c.momentum)
+        return new, {"v": v}
+
+    return ServerOptimizer(c, ("v",), step)
+
+
+def _build_adaptive(
+    rule: Callable[..., tuple[State, State, State]]
+) -> Callable[[Any, int], ServerOptimizer]:
+    def build(c: Any, n_clients: int) -> ServerOptimizer:
+        hyper = c.model_dump(exclude={"server_lr", "weighting"})
+
+        def step(g: State, d: State, s: dict[str, State]) -> tuple[State, dict[str, State]]:
+            new, m, v = rule(g, d, s["m"], s["v"], lr=c.server_lr, **hyper)
+            return new, {"m": m, "v": v}
+
+        return ServerOptimizer(c, ("m", "v"), step)
+
+    return build
+
+
+FEDAVGM = register(AlgorithmSpec(
+    name="fedavgm",
+    summary="FedAvg with server momentum on the mean client update (Hsu et al. 2019).",
+    config=FedAvgMConfig,
+    build=_build_fedavgm,
+))
+FEDADAM = register(AlgorithmSpec(
+    name="fedadam",
+    summary="Adam as the server optimizer on the mean client update (Reddi et al. 2021, Adaptive Federated Optimization).",
+    config=FedAdamConfig,
+    build=_build_adaptive(fedadam_step),
+))
+FEDYOGI = register(AlgorithmSpec(
+    name="fedyogi",
+    summary="Yogi as the server optimizer on the mean client update (Reddi et al. 2021, Adaptive Federated Optimization).",
+    config=FedAdamConfig,
+    build=_build_adaptive(fedyogi_step),
+))
+FEDADAGRAD = register(AlgorithmSpec(
+    name="fedadagrad",
+    summary="Adagrad with momentum as the server optimizer (Reddi et al. 2021, Adaptive Federated Optimization).",
+    config=FedAdagradConfig,
+    build=_build_adaptive(fedadagrad_step),
+))

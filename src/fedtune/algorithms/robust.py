@@ -1,0 +1,241 @@
+"""Byzantine-robust aggregation: coordinate median, trimmed mean, (multi-)Krum, norm bounding.
+
+Each rule is a pure function from the client updates (local − global) to one aggregated
+update, which the strategy adds to the global state. Median, trimmed mean and Krum ignore
+the clients' example counts by default: a Byzantine client can lie about its count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, State, register
+from fedtune.algorithms.fedavg import client_weights
+from fedtune.errors import RecipeError
+
+
+class MedianConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrimmedMeanConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    trim_ratio: float = Field(0.1, ge=0, lt=0.5)
+
+
+class KrumConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    byzantine: int = Field(1, ge=0)
+    multi: int = Field(1, ge=1)
+    weighting: Literal["examples", "uniform"] = "uniform"
+
+
+class NormBoundingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_norm: float = Field(gt=0)
+    weighting: Literal["examples", "uniform"] = "examples"
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _sorted_stack(updates: Sequence[State], name: str) -> torch.Tensor:
+    """The clients' values of tensor `name`, sorted per coordinate along a new first axis."""
+    like = updates[0][name]
+    return torch.stack([u[name].to(_acc_dtype(like)) for u in updates]).sort(dim=0).values
+
+
+def _weighted_mean(updates: Sequence[State], weights: Sequence[float]) -> State:
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("the weights must sum to a positive number")
+    out: State = {}
+    for name, like in updates[0].items():
+        acc = torch.zeros(like.shape, dtype=_acc_dtype(like))
+        for u, w in zip(updates, weights):
+            acc.add_(u[name].to(acc.dtype), alpha=w / total)
+        out[name] = acc.to(like.dtype)
+    return out
+
+
+def _need(updates: Sequence[Any], rule: str) -> None:
+    if not updates:
+        raise ValueError(f"{rule} needs at least one update")
+
+
+def median_aggregate(updates: Sequence[State]) -> State:
+    """Coordinate-wise median; for an even count, the mean of the two middle values."""
+    _need(updates, "median_aggregate")
+    n = len(updates)
+    out: State = {}
+    for name, like in updates[0].items():
+        s = _sorted_stack(updates, name)
+        mid = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+        out[name] = mid.to(like.dtype)
+    return out
+
+
+def trimmed_mean_aggregate(updates: Sequence[State], *, trim_ratio: float) -> State:
+    """Per coordinate, drop the ⌊β·n⌋ largest and ⌊β·n⌋ smallest values and average the rest."""
+    _need(updates, "trimmed_mean_aggregate")
+    if not 0 <= trim_ratio < 0.5:
+        raise ValueError(f"trim_ratio must be in [0, 0.5), got {trim_ratio}")
+    n = len(updates)
+    k = int(trim_ratio * n + 1e-9)  # ⌊β·n⌋, safe from 0.29 * 100 == 28.999…
+    return {name: _sorted_stack(updates, name)[k:n - k].mean(dim=0).to(like.dtype)
+            for name, like in updates[0].items()}
+
+
+def krum_scores(updates: Sequence[State], *, byzantine: int) -> torch.Tensor:
+    """score(i) = Σ of squared L2 distances from update i to its n − f − 2 nearest other updates.
+
+    Distances are over the concatenation of all tensors, accumulated in float64.
+    """
+    n = len(updates)
+    if n <= 2 * byzantine + 2:
+        raise ValueError(f"krum needs more than 2*byzantine + 2 = {2 * byzantine + 2} updates, "
+                         f"got {n} (byzantine={byzantine})")
+    dist = torch.zeros(n, n, dtype=torch.float64)
+    for name in updates[0]:
+        x = torch.stack([u[name].reshape(-1).to(torch.float64) for u in updates])
+        dist += torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist").square()
+    dist.fill_diagonal_(float("inf"))  # never one's own neighbour
+    return dist.sort(dim=1).values[:, : n - byzantine - 2].sum(dim=1)
+
+
+def krum_aggregate(
+    updates: Sequence[tuple[State, float]], *, byzantine: int, multi: int = 1
+) -> State:
+    """Krum (multi=1): the update with the lowest score; multi-Krum: the weighted mean of the
+    `multi` lowest-scoring updates (ties go to the earlier client). Blanchard et al. 2017."""
+    _need(updates, "krum_aggregate")
+    scores = krum_scores([u for u, _ in updates], byzantine=byzantine)
+    n = len(updates)
+    if not 1 <= multi <= n - byzantine:
+        raise ValueError(f"krum: multi must be between 1 and n − byzantine = {n - byzantine}, got {multi}")
+    chosen = torch.argsort(scores, stable=True)[:multi].tolist()
+    return _weighted_mean([updates[i][0] for i in chosen], [updates[i][1] for i in chosen])
+
+
+def update_norm(update: State) -> float:
+    """The L2 norm of an update over all its tensors together."""
+    return float(sum(t.to(torch.float64).square().sum() for t in update.values())) ** 0.5
+
+
+def norm_bounding_aggregate(updates: Sequence[tuple[State, float]], *, max_norm: float) -> State:
+    """Scale each update by min(1, M / ‖Δ_i‖), then take the weighted mean (Sun et al. 2019).
+
+    Any weighted mean of updates with norm ≤ M has norm ≤ M, so a client lying about its
+    example count still cannot move the global state by more than M.
+    """
+    _need(updates, "norm_bounding_aggregate")
+    clipped = []
+    for update, _ in updates:
+        norm = update_norm(update)
+        scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
+        clipped.append({n: (t.to(_acc_dtype(t)) * scale) for n, t in update.items()})
+    out = _weighted_mean(clipped, [w for _, w in updates])
+    return {n: out[n].to(t.dtype) for n, t in updates[0][0].items()}
+
+
+def apply_update(global_state: State, update: State) -> State:
+    """global + update, added in float32 (float64 for float64) and cast back to each dtype."""
+    out: State = {}
+    for name, g in global_state.items():
+        acc = _acc_dtype(g)
+        out[name] = (g.to(acc) + update[name].to(acc)).to(g.dtype)
+    return out
+
+
+class RobustAggregation:
+    """Strategy for one robust rule: new global = global + rule(updates); keeps no state."""
+
+    def __init__(self, config: BaseModel, rule: Callable[[list[ClientUpdate]], State]):
+        self.config = config
+        self._rule = rule
+
+    def configure_fit(self, round_: int, clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
+        return {c: {"lr": lr} for c in clients}
+
+    def fit_tensors(self, round_: int, global_state: State) -> State:
+        return {}
+
+    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def aggregate_fit(self, round_: int, global_state: State, updates: list[ClientUpdate]) -> State:
+        return apply_update(global_state, self._rule(updates))
+
+    def state_dict(self) -> State:
+        return {}
+
+    def load_state_dict(self, state: State) -> None:
+        if state:
+            raise ValueError(f"{type(self.config).__name__} strategies keep no state, got {sorted(state)[:3]}")
+
+
+def _build_median(c: MedianConfig, n_clients: int) -> RobustAggregation:
+    return RobustAggregation(c, lambda ups: median_aggregate([u.tensors for u in ups]))
+
+
+def _build_trimmed_mean(c: TrimmedMeanConfig, n_clients: int) -> RobustAggregation:
+    return RobustAggregation(
+        c, lambda ups: trimmed_mean_aggregate([u.tensors for u in ups], trim_ratio=c.trim_ratio))
+
+
+def _build_krum(c: KrumConfig, n_clients: int) -> RobustAggregation:
+    def rule(ups: list[ClientUpdate]) -> State:
+        n = len(ups)
+        if n <= 2 * c.byzantine + 2:
+            raise RecipeError(
+                f"federation.options.byzantine: krum with byzantine={c.byzantine} needs more than "
+                f"{2 * c.byzantine + 2} client updates per round, got {n}; lower it or sample more clients")
+        if c.multi > n - c.byzantine:
+            raise RecipeError(
+                f"federation.options.multi: multi-Krum can average at most n − byzantine = "
+                f"{n - c.byzantine} updates this round, got multi={c.multi}")
+        weights = client_weights(ups, c.weighting)
+        return krum_aggregate([(u.tensors, w) for u, w in zip(ups, weights)],
+                              byzantine=c.byzantine, multi=c.multi)
+
+    return RobustAggregation(c, rule)
+
+
+def _build_norm_bounding(c: NormBoundingConfig, n_clients: int) -> RobustAggregation:
+    def rule(ups: list[ClientUpdate]) -> State:
+        weights = client_weights(ups, c.weighting)
+        return norm_bounding_aggregate([(u.tensors, w) for u, w in zip(ups, weights)],
+                                       max_norm=c.max_norm)
+
+    return RobustAggregation(c, rule)
+
+
+MEDIAN = register(AlgorithmSpec(
+    name="median",
+    summary="Coordinate-wise median of the client updates (Yin et al. 2018, Byzantine-robust distributed learning).",
+    config=MedianConfig,
+    build=_build_median,
+))
+TRIMMED_MEAN = register(AlgorithmSpec(
+    name="trimmed_mean",
+    summary="Coordinate-wise trimmed mean of the client updates (Yin et al. 2018, Byzantine-robust distributed learning).",
+    config=TrimmedMeanConfig,
+    build=_build_trimmed_mean,
+))
+KRUM = register(AlgorithmSpec(
+    name="krum",
+    summary="(Multi-)Krum: keep the updates closest to their neighbours (Blanchard et al. 2017, Machine learning with adversaries).",
+    config=KrumConfig,
+    build=_build_krum,
+))
+NORM_BOUNDING = register(AlgorithmSpec(
+    name="norm_bounding",
+    summary="Clip each client update to a maximum L2 norm, then average (Sun et al. 2019, Can you really backdoor FL?).",
+    config=NormBoundingConfig,
+    build=_build_norm_bounding,
+))

@@ -1,0 +1,126 @@
+"""Algorithms through whole simulated runs: neutral settings reduce to FedAvg, resume stays exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fedtune
+from fedtune.runtime.server import Server
+
+
+def _final(summary) -> dict[str, torch.Tensor]:
+    run_dir = Path(summary["final_adapter"]).parent
+    return load_file(str(sorted((run_dir / "checkpoints").glob("round_*"))[-1] / "global.safetensors"))
+
+
+def _fast(tiny_recipe, **kw):
+    return tiny_recipe(eval__at_start=False, eval__every=0, eval__clients=False,
+                       eval__exact_match=False, **kw)
+
+
+def _assert_same(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+def _differs(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a) > 1e-6
+
+
+def test_fedprox_with_mu_zero_is_fedavg_and_with_mu_is_not(tiny_recipe):
+    fedavg = _final(fedtune.run(_fast(tiny_recipe, output__name="avg")))
+    prox0 = _final(fedtune.run(_fast(tiny_recipe, output__name="p0", federation__algorithm="fedprox",
+                                     federation__options={"mu": 0.0})))
+    prox = _final(fedtune.run(_fast(tiny_recipe, output__name="p1", federation__algorithm="fedprox",
+                                    federation__options={"mu": 10.0})))
+    _assert_same(prox0, fedavg)
+    assert _differs(prox, fedavg)
+
+
+def test_scaffold_first_round_is_fedavg_later_rounds_are_corrected(tiny_recipe):
+    kw = {"train__optimizer": "sgd", "train__lr": 0.5}
+    avg1 = _final(fedtune.run(_fast(tiny_recipe, output__name="a1", federation__rounds=1, **kw)))
+    sc1 = _final(fedtune.run(_fast(tiny_recipe, output__name="s1", federation__rounds=1,
+                                   federation__algorithm="scaffold", **kw)))
+    _assert_same(sc1, avg1, atol=1e-6)  # control variates start at zero
+    avg3 = _final(fedtune.run(_fast(tiny_recipe, output__name="a3", federation__rounds=3, **kw)))
+    sc3 = _final(fedtune.run(_fast(tiny_recipe, output__name="s3", federation__rounds=3,
+                                   federation__algorithm="scaffold", **kw)))
+    assert _differs(sc3, avg3)
+
+
+@pytest.mark.parametrize("algorithm", ["scaffold", "fedadam"])
+def test_resume_restores_strategy_and_client_state_exactly(tiny_recipe, monkeypatch, algorithm):
+    kw = dict(federation__algorithm=algorithm, federation__rounds=3, train__optimizer="sgd",
+              train__lr=0.5)
+    whole = _final(fedtune.run(_fast(tiny_recipe, output__name="whole", **kw)))
+    original = Server.run_round
+
+    def crash(self, round_):
+        if round_ == 3:
+            raise KeyboardInterrupt
+        return original(self, round_)
+
+    monkeypatch.setattr(Server, "run_round", crash)
+    with pytest.raises(KeyboardInterrupt):
+        fedtune.run(_fast(tiny_recipe, output__name="cut", **kw))
+    monkeypatch.setattr(Server, "run_round", original)
+    resumed = _final(fedtune.run(resume=Path(tiny_recipe()["output"]["dir"]) / "cut"))
+    _assert_same(resumed, whole)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A tiny GPT-2 (it has biases, unlike Llama) with the character tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import make_char_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = make_char_tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=2, n_head=2, n_positions=256,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+                    ).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["bitfit", "full", "lora"])
+def test_bitfit_full_and_lora_on_gpt2_through_a_round(tiny_recipe, tiny_gpt2_dir, method):
+    from transformers import AutoModelForCausalLM
+
+    summary = fedtune.run(tiny_recipe(model__name=tiny_gpt2_dir, adapter={"method": method},
+                                      federation__rounds=1, eval__clients=False))
+    assert summary["final"]["loss"] < summary["initial"]["loss"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    n_bias = sum(p.numel() for n, p in base.named_parameters() if n.endswith(".bias"))
+    n_all = sum(p.numel() for p in base.parameters())
+    if method == "bitfit":
+        assert summary["adapter_parameters"] == n_bias
+    elif method == "full":
+        assert summary["adapter_parameters"] == n_all
+    else:  # peft's default LoRA targets for GPT-2: c_attn, r=8: 2 layers × (16·8 + 8·48)
+        assert summary["adapter_parameters"] == 2 * (16 * 8 + 8 * 48)
+    if method != "lora":  # a whole model directory, loadable as is
+        final = AutoModelForCausalLM.from_pretrained(summary["final_adapter"])
+        assert sum(p.numel() for p in final.parameters()) == n_all
+
+
+def test_bitfit_on_a_model_without_biases_is_a_clear_error(tiny_recipe):
+    from fedtune.errors import ModelError
+
+    with pytest.raises(ModelError, match="has none"):
+        fedtune.run(tiny_recipe(adapter={"method": "bitfit"}))
+
+
+def test_qlora_without_a_gpu_is_a_clear_error(tiny_recipe):
+    from fedtune.errors import ModelError
+
+    with pytest.raises(ModelError, match="CUDA GPU|bitsandbytes"):
+        fedtune.run(tiny_recipe(adapter={"method": "qlora"}))
