@@ -30,6 +30,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_algorithms(args: argparse.Namespace) -> int:
+    from fedtune.algorithms.base import registry
+    from fedtune.config import FEDTUNE_METHODS
+
+    table = Table(title="federated algorithms (federation.algorithm, federation.options)")
+    table.add_column("name")
+    table.add_column("options (defaults)")
+    table.add_column("what it does")
+    for name, spec in sorted(registry().items()):
+        fields = spec.config.model_fields
+        opts = ", ".join(f"{k}={'required' if f.is_required() else f.default}" for k, f in fields.items())
+        table.add_row(name, opts or "-", spec.summary)
+    console = Console()
+    console.print(table)
+    console.print("adapter methods (adapter.method): every peft method by name (lora, ia3, "
+                  "prefix_tuning, prompt_tuning, p_tuning, loha, lokr, adalora, ...) and "
+                  f"{', '.join(FEDTUNE_METHODS)}; codecs (federation.compression.up/down.method): "
+                  "none, fp16, bf16, int8, topk (up only)")
+    return 0
+
+
 def _cmd_recipes(args: argparse.Namespace) -> int:
     from fedtune.config import builtin_recipes, load_recipe
 
@@ -55,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser("recipes", help="list the built-in recipes")
     p.set_defaults(func=_cmd_recipes)
+    p = sub.add_parser("algorithms", help="list the federated algorithms, adapter methods and codecs")
+    p.set_defaults(func=_cmd_algorithms)
     return parser
 
 

@@ -119,6 +119,35 @@ class AdapterSection(Section):
         return name
 
 
+class CodecSection(Section):
+    """A lossy codec for adapter tensors on the wire (docs/recipes.md, `federation.compression`)."""
+
+    method: Literal["none", "fp16", "bf16", "int8", "topk"] = "none"
+    block_size: PositiveInt = 64
+    topk_ratio: float = Field(0.01, gt=0.0, le=1.0)
+
+    def codec(self):
+        from fedtune.transport.compression import CompressionConfig
+
+        return CompressionConfig(method=self.method, block_size=self.block_size,
+                                 topk_ratio=self.topk_ratio)
+
+
+class CompressionSection(Section):
+    up: CodecSection = Field(default_factory=CodecSection)     # client -> server updates
+    down: CodecSection = Field(default_factory=CodecSection)   # server -> client global adapter
+
+    @field_validator("down")
+    @classmethod
+    def _down(cls, v: CodecSection) -> CodecSection:
+        if v.method == "topk":
+            raise ValueError(
+                "top-k needs the receiver to hold the previous tensors, which a client that skipped "
+                "rounds does not; use it for `up` only (fp16, bf16 or int8 for `down`)"
+            )
+        return v
+
+
 class FederationSection(Section):
     algorithm: str = "fedavg"
     options: dict[str, Any] = Field(default_factory=dict)
@@ -126,6 +155,7 @@ class FederationSection(Section):
     clients_per_round: PositiveInt | None = None
     sample_fraction: float | None = Field(None, gt=0.0, le=1.0)
     rounds: PositiveInt = 10
+    compression: CompressionSection = Field(default_factory=CompressionSection)
 
     @field_validator("algorithm")
     @classmethod

@@ -148,6 +148,9 @@ def test_client_sampling_uses_only_the_chosen_clients(tiny_recipe):
 @pytest.mark.parametrize("adapter", [
     {"method": "ia3"},
     {"method": "prompt_tuning", "options": {"num_virtual_tokens": 4}},
+    {"method": "prefix_tuning", "options": {"num_virtual_tokens": 4}},
+    {"method": "p_tuning", "options": {"num_virtual_tokens": 4, "encoder_hidden_size": 16}},
+    {"method": "loha", "options": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
 ])
 def test_other_peft_methods_by_name_through_a_round(tiny_recipe, adapter, tiny_model_dir):
     summary = fedtune.run(tiny_recipe(adapter=adapter, federation__rounds=1))

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from fedtune.algorithms import fedavg, fedopt, fedprox, robust, scaffold  # noqa: F401  (registers)
+from fedtune.algorithms import (  # noqa: F401  (each module registers its algorithms)
+    fedavg,
+    fedopt,
+    fedprox,
+    flexlora,
+    robust,
+    scaffold,
+)
 from fedtune.algorithms.base import (
     AlgorithmSpec,
     ClientUpdate,

@@ -18,7 +18,9 @@ from fedtune.models.adapters import AdapterSlot
 from fedtune.runtime.messages import Message, MessageKind
 from fedtune.seeding import derive_seed
 from fedtune.train.local import LocalTrainer
+from fedtune.transport.adapter_wire import AdapterWire
 from fedtune.transport.codec import check_message, decode, encode, specs_of
+from fedtune.transport.compression import CompressionConfig
 
 log = logging.getLogger("fedtune.client")
 
@@ -43,6 +45,7 @@ class Client:
         evaluator: Evaluator | None,
         seed: int,
         local: LocalProcedure | None = None,
+        compression: tuple[CompressionConfig, CompressionConfig] | None = None,
         server: str = "server",
         max_message_bytes: int | None = None,
     ):
@@ -57,6 +60,8 @@ class Client:
         self.server = server
         self.max_message_bytes = max_message_bytes
         self._specs = specs_of(slot.get())
+        up, down = compression or (CompressionConfig(), CompressionConfig())
+        self.up, self.down = AdapterWire(up, self._specs), AdapterWire(down, self._specs)
 
     # -- message handling -----------------------------------------------------------------------
 
@@ -86,9 +91,9 @@ class Client:
 
     def _load_global(self, msg: Message, extra_specs: dict | None = None) -> tuple[State, State]:
         """Check the message's tensors, load the global adapter; returns (adapter, extra tensors)."""
-        check_message(msg, kinds={msg.kind}, tensor_specs={**self._specs, **(extra_specs or {})})
-        adapter = {k: v for k, v in msg.tensors.items() if k in self._specs}
-        extra = {k: v for k, v in msg.tensors.items() if k not in self._specs}
+        check_message(msg, kinds={msg.kind}, tensor_specs={**self.down.wire, **(extra_specs or {})})
+        wire, extra = self.down.split(msg.tensors)
+        adapter = self.down.unpack(wire)
         self.slot.set(adapter)
         return adapter, extra
 
@@ -104,7 +109,7 @@ class Client:
         )
         outcome = self.local.fit(ctx, adapter)
         return Message(MessageKind.UPDATE, msg.round, self.name, self.server,
-                       tensors={**outcome.update, **outcome.extra},
+                       tensors={**self.up.pack(outcome.update, self.state), **outcome.extra},
                        meta={"n_examples": len(self.data.train), "metrics": outcome.metrics})
 
     def evaluate(self, msg: Message) -> Message:

@@ -22,6 +22,7 @@ from fedtune.seeding import derive_seed
 from fedtune.track.reporter import NullReporter, Reporter
 from fedtune.track.rundir import Checkpoint, RunDir
 from fedtune.train.local import lr_for_round
+from fedtune.transport.adapter_wire import AdapterWire
 from fedtune.transport.base import ServerTransport
 from fedtune.transport.codec import check_message, specs_of
 
@@ -95,6 +96,9 @@ class Server:
         self.reply_timeout = reply_timeout
         self.client_state = client_state
         self.specs = specs_of(global_state)
+        compression = recipe.federation.compression
+        self.up = AdapterWire(compression.up.codec(), self.specs)
+        self.down = AdapterWire(compression.down.codec(), self.specs)
         self.timings = Timings()
         self.rejected = 0
         self.initial: dict[str, Any] | None = None
@@ -150,7 +154,8 @@ class Server:
         instructions = self.strategy.configure_fit(round_, chosen, lr)
         self.reporter.round_begin(round_, fed.rounds, len(chosen))
         start = time.perf_counter()
-        tensors = {**self.global_state, **self.strategy.fit_tensors(round_, self.global_state)}
+        tensors = {**self.down.pack(self.global_state),
+                   **self.strategy.fit_tensors(round_, self.global_state)}
         for client in chosen:
             self.transport.send(Message(MessageKind.FIT, round_, SERVER, client,
                                         tensors=tensors, meta=instructions[client]))
@@ -185,7 +190,7 @@ class Server:
                 if msg.kind == MessageKind.ERROR:
                     raise MessageError(f"client reported: {msg.meta.get('error', '?')}")
                 check_message(msg, kinds={MessageKind.UPDATE}, round=round_,
-                              tensor_specs={**self.specs, **self.strategy.update_specs(self.specs)})
+                              tensor_specs={**self.up.wire, **self.strategy.update_specs(self.specs)})
                 if msg.sender not in chosen or msg.sender in updates:
                     raise MessageError("not asked for an update this round, or answered twice")
                 n = msg.meta.get("n_examples")
@@ -194,7 +199,9 @@ class Server:
                 metrics = msg.meta.get("metrics", {})
                 if not isinstance(metrics, dict):
                     raise MessageError("meta.metrics must be an object")
-                updates[msg.sender] = ClientUpdate(msg.sender, msg.tensors, n, metrics)
+                wire, extra = self.up.split(msg.tensors)
+                tensors = {**self.up.unpack(wire), **extra}
+                updates[msg.sender] = ClientUpdate(msg.sender, tensors, n, metrics)
             except MessageError as exc:
                 self.rejected += 1
                 log.warning("round %d: rejected the reply of %s: %s", round_, msg.sender, exc)
@@ -212,9 +219,10 @@ class Server:
             metrics = self.evaluate_global(self.global_state, True)
             self.run_dir.log(round_, None, "eval", {"scope": "global", **metrics})
         if self.recipe.eval.clients:
+            tensors = self.down.pack(self.global_state)
             for client in self.clients:
                 self.transport.send(Message(MessageKind.EVALUATE, round_, SERVER, client,
-                                            tensors=self.global_state, meta={"generate": final}))
+                                            tensors=tensors, meta={"generate": final}))
             for msg in self.transport.collect(round_, self.clients, timeout=self.reply_timeout):
                 try:
                     check_message(msg, kinds={MessageKind.EVAL_RESULT}, round=round_)

@@ -79,6 +79,7 @@ class Setup:
         fed = self.recipe.federation
         return Client(name, dataset, slot=self.slot, trainer=self.trainer, evaluator=self.evaluator,
                       seed=self.recipe.seed, local=build_local(fed.algorithm, fed.options),
+                      compression=(fed.compression.up.codec(), fed.compression.down.codec()),
                       max_message_bytes=self.recipe.transport.max_message_bytes)
 
     def evaluate_global(self, state, generate: bool) -> dict[str, Any]:
