@@ -48,6 +48,27 @@ class Strategy(Protocol):
     def load_state_dict(self, state: State) -> None: ...
 
 
+class ServerDefaults:
+    """Defaults for the common case: every client gets the round's learning rate, nothing but
+    the adapter travels, and no state is kept. Strategies override what they need."""
+
+    def configure_fit(self, round_: int, clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
+        return {c: {"lr": lr} for c in clients}
+
+    def fit_tensors(self, round_: int, global_state: State) -> State:
+        return {}
+
+    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> State:
+        return {}
+
+    def load_state_dict(self, state: State) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)[:3]}")
+
+
 @dataclass
 class LocalContext:
     """What a client's local procedure works with in one round."""

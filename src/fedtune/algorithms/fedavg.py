@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, State, register
+from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, ServerDefaults, State, register
 
 
 class FedAvgConfig(BaseModel):
@@ -42,29 +42,14 @@ def client_weights(updates: Sequence[ClientUpdate], weighting: str) -> list[floa
     return [float(u.n_examples) for u in updates]
 
 
-class FedAvg:
+class FedAvg(ServerDefaults):
     def __init__(self, config: FedAvgConfig):
         self.config = config
-
-    def configure_fit(self, round_: int, clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
-        return {c: {"lr": lr} for c in clients}
 
     def aggregate_fit(self, round_: int, global_state: State, updates: list[ClientUpdate]) -> State:
         weights = client_weights(updates, self.config.weighting)
         return fedavg_aggregate(global_state, [(u.tensors, w) for u, w in zip(updates, weights)])
 
-    def fit_tensors(self, round_: int, global_state: State) -> State:
-        return {}
-
-    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def state_dict(self) -> State:
-        return {}
-
-    def load_state_dict(self, state: State) -> None:
-        if state:
-            raise ValueError(f"FedAvg keeps no state, got {sorted(state)[:3]}")
 
 
 SPEC = register(AlgorithmSpec(

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, State, register
+from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, ServerDefaults, State, register
 from fedtune.algorithms.fedavg import client_weights, fedavg_aggregate
 
 # The round's pseudo-gradient Δ is the weighted mean of the client updates (local − global),
@@ -127,7 +127,7 @@ def fedadagrad_step(
 StepFn = Callable[[State, State, dict[str, State]], tuple[State, dict[str, State]]]
 
 
-class ServerOptimizer:
+class ServerOptimizer(ServerDefaults):
     """A FedOpt strategy: the clients' mean update is a pseudo-gradient for a server-side step.
 
     Keeps one tensor per parameter name and slot ("m", "v"); `state_dict` names them
@@ -138,15 +138,6 @@ class ServerOptimizer:
         self.config = config
         self._step = step
         self.slots: dict[str, State] = {kind: {} for kind in slots}
-
-    def configure_fit(self, round_: int, clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
-        return {c: {"lr": lr} for c in clients}
-
-    def fit_tensors(self, round_: int, global_state: State) -> State:
-        return {}
-
-    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
 
     def aggregate_fit(self, round_: int, global_state: State, updates: list[ClientUpdate]) -> State:
         weights = client_weights(updates, self.config.weighting)

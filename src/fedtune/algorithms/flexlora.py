@@ -11,12 +11,12 @@ Bai et al. 2024). Tensors that are not LoRA factors are averaged as in FedAvg.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, State, register
+from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, ServerDefaults, State, register
 from fedtune.algorithms.fedavg import client_weights
 
 A_TAG, B_TAG = "lora_A", "lora_B"
@@ -74,31 +74,15 @@ def flexlora_aggregate(global_state: State, local_states: Sequence[tuple[State, 
     return out
 
 
-class FlexLoRA:
+class FlexLoRA(ServerDefaults):
     def __init__(self, config: FlexLoRAConfig):
         self.config = config
-
-    def configure_fit(self, round_: int, clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
-        return {c: {"lr": lr} for c in clients}
-
-    def fit_tensors(self, round_: int, global_state: State) -> State:
-        return {}
-
-    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
 
     def aggregate_fit(self, round_: int, global_state: State, updates: list[ClientUpdate]) -> State:
         weights = client_weights(updates, self.config.weighting)
         locals_ = [({k: global_state[k] + u.tensors[k] for k in global_state}, w)
                    for u, w in zip(updates, weights)]
         return flexlora_aggregate(global_state, locals_)
-
-    def state_dict(self) -> State:
-        return {}
-
-    def load_state_dict(self, state: State) -> None:
-        if state:
-            raise ValueError("FlexLoRA keeps no state")
 
 
 SPEC = register(AlgorithmSpec(

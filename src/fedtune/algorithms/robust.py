@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, State, register
+from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, ServerDefaults, State, register
 from fedtune.algorithms.fedavg import client_weights
 from fedtune.errors import RecipeError
 
@@ -152,31 +152,15 @@ def apply_update(global_state: State, update: State) -> State:
     return out
 
 
-class RobustAggregation:
+class RobustAggregation(ServerDefaults):
     """Strategy for one robust rule: new global = global + rule(updates); keeps no state."""
 
     def __init__(self, config: BaseModel, rule: Callable[[list[ClientUpdate]], State]):
         self.config = config
         self._rule = rule
 
-    def configure_fit(self, round_: int, clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
-        return {c: {"lr": lr} for c in clients}
-
-    def fit_tensors(self, round_: int, global_state: State) -> State:
-        return {}
-
-    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
     def aggregate_fit(self, round_: int, global_state: State, updates: list[ClientUpdate]) -> State:
         return apply_update(global_state, self._rule(updates))
-
-    def state_dict(self) -> State:
-        return {}
-
-    def load_state_dict(self, state: State) -> None:
-        if state:
-            raise ValueError(f"{type(self.config).__name__} strategies keep no state, got {sorted(state)[:3]}")
 
 
 def _build_median(c: MedianConfig, n_clients: int) -> RobustAggregation:

@@ -19,6 +19,7 @@ from fedtune.algorithms.base import (
     ClientUpdate,
     LocalContext,
     LocalOutcome,
+    ServerDefaults,
     State,
     local_update,
     register,
@@ -45,14 +46,11 @@ def scaffold_aggregate(global_state: State, c: State, updates: list[tuple[State,
     return new_x, new_c
 
 
-class Scaffold:
+class Scaffold(ServerDefaults):
     def __init__(self, config: ScaffoldConfig, n_clients: int):
         self.config = config
         self.n_clients = n_clients
         self.c: State = {}
-
-    def configure_fit(self, round_: int, clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
-        return {client: {"lr": lr} for client in clients}
 
     def fit_tensors(self, round_: int, global_state: State) -> State:
         if not self.c:
