@@ -181,3 +181,18 @@ def test_every_registered_algorithm_runs_two_rounds(tiny_recipe):
                                     federation__options=options.get(name, {})))
         assert summary["rounds"] == 2 and summary["algorithm"] == name
         assert summary["final"]["loss"] == summary["final"]["loss"]  # finite, not NaN
+
+
+def test_fedmezo_trains_without_backward_and_personalises_rates(tiny_recipe):
+    import json
+
+    summary = fedtune.run(_fast(tiny_recipe, output__name="mezo", federation__algorithm="fedmezo",
+                                federation__rounds=3, train__lr=1e-3, train__local_steps=5,
+                                federation__options={"alpha": 5e-4, "eps": 1e-3}))
+    run_dir = Path(summary["final_adapter"]).parent
+    fits = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    fits = [e for e in fits if e["kind"] == "fit"]
+    lrs = {e["values"]["lr"] for e in fits if e["round"] == 3}
+    assert len(lrs) == 3  # each client its own rate from round 2 on
+    assert {e["values"]["lr"] for e in fits if e["round"] == 1} == {1e-3}
+    assert summary["final"]["loss"] == summary["final"]["loss"]

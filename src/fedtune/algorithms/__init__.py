@@ -6,6 +6,7 @@ from pydantic import ValidationError
 
 from fedtune.algorithms import (  # noqa: F401  (each module registers its algorithms)
     fedavg,
+    fedmezo,
     fedopt,
     fedprox,
     flexlora,

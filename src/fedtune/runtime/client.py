@@ -108,6 +108,7 @@ class Client:
             state=self.state, server_tensors=extra, meta=msg.meta,
         )
         outcome = self.local.fit(ctx, adapter)
+        outcome.metrics.setdefault("lr", float(lr))
         return Message(MessageKind.UPDATE, msg.round, self.name, self.server,
                        tensors={**self.up.pack(outcome.update, self.state), **outcome.extra},
                        meta={"n_examples": len(self.data.train), "metrics": outcome.metrics})
