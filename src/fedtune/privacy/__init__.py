@@ -1,0 +1,1 @@
+"""Privacy for federated rounds: secure aggregation (secagg, shamir, fixedpoint) and differential privacy."""
