@@ -1,4 +1,4 @@
-"""The `fedtune` command: run a recipe, resume a run, list recipes."""
+"""The `fedtune` command: run a recipe, resume a run, list recipes; deploy (server, client, certs)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from fedtune import __version__
+from fedtune.cli_deploy import add_deploy_commands
 from fedtune.errors import FedtuneError
 from fedtune.track.reporter import quiet_libraries
 
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_recipes)
     p = sub.add_parser("algorithms", help="list the federated algorithms, adapter methods and codecs")
     p.set_defaults(func=_cmd_algorithms)
+    add_deploy_commands(sub)
     return parser
 
 

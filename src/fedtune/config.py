@@ -226,9 +226,70 @@ class EvalSection(Section):
     max_examples: PositiveInt | None = None
 
 
+class TlsSection(Section):
+    """PEM files. The server uses `cert`/`key`; everyone trusts `ca`; clients with mutual TLS use
+    `client_cert`/`client_key`, where `{name}` stands for the client's name."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+
+
+class RetrySection(Section):
+    """How a deployed client reconnects: exponential backoff with jitter, bounded."""
+
+    attempts: PositiveInt = 30
+    initial_delay: PositiveFloat = 0.5
+    max_delay: PositiveFloat = 15.0
+    give_up_after: PositiveFloat = 900.0
+
+
+_CERTS_HINT = "make trial certificates with `fedtune certs DIR --clients ...` (docs/deployment.md)"
+
+
 class TransportSection(Section):
-    kind: Literal["inprocess"] = "inprocess"
+    """`inprocess` for simulation; `grpc` for `fedtune server` / `fedtune client` (docs/deployment.md)."""
+
+    kind: Literal["inprocess", "grpc"] = "inprocess"
     max_message_bytes: PositiveInt = 2 * 1024**3
+    address: str = "127.0.0.1:50051"
+    insecure: bool = False
+    tls: TlsSection = Field(default_factory=TlsSection)
+    mutual_tls: bool = False
+    tokens: str | None = None
+    token_file: str | None = None
+    chunk_bytes: int = Field(4 * 1024**2, ge=1024, le=64 * 1024**2)
+    round_timeout: PositiveFloat = 600.0
+    min_replies: PositiveInt = 1
+    join_timeout: PositiveFloat = 600.0
+    retry: RetrySection = Field(default_factory=RetrySection)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        from fedtune.transport.auth import parse_address
+
+        parse_address(v)
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> TransportSection:
+        if self.kind != "grpc":
+            return self
+        if self.insecure and self.mutual_tls:
+            raise ValueError("mutual_tls needs TLS; it cannot be combined with insecure: true")
+        if not self.insecure and self.tls.ca is None:
+            raise ValueError(f"grpc needs transport.tls.ca (or insecure: true); {_CERTS_HINT}")
+        if self.mutual_tls and (self.tls.client_cert is None or self.tls.client_key is None):
+            raise ValueError(f"mutual_tls needs transport.tls.client_cert and client_key; {_CERTS_HINT}")
+        if not self.mutual_tls and self.tokens is None and self.token_file is None:
+            raise ValueError(
+                "grpc needs client credentials: transport.tokens (server) and token_file "
+                f"(clients), or mutual_tls: true; {_CERTS_HINT}"
+            )
+        return self
 
 
 class OutputSection(Section):
@@ -256,6 +317,15 @@ class Recipe(Section):
     def _qlora(self) -> Recipe:
         if self.adapter.method == "qlora" and self.model.quantization == "none":
             self.model.quantization = "4bit"  # QLoRA = LoRA on a 4-bit base
+        return self
+
+    @model_validator(mode="after")
+    def _min_replies(self) -> Recipe:
+        if self.transport.min_replies > self.federation.per_round():
+            raise ValueError(
+                f"transport.min_replies ({self.transport.min_replies}) is more than the clients "
+                f"taking part in a round ({self.federation.per_round()})"
+            )
         return self
 
     def to_yaml(self) -> str:

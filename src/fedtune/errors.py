@@ -25,3 +25,7 @@ class MessageError(FedtuneError):
 
 class RunDirError(FedtuneError):
     """The run directory cannot be created, resumed or would be overwritten."""
+
+
+class DeploymentError(FedtuneError):
+    """A deployed server or client cannot start, reach its peer, or is refused (names what to fix)."""

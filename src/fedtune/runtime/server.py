@@ -161,8 +161,12 @@ class Server:
                                         tensors=tensors, meta=instructions[client]))
         replies = self.transport.collect(round_, chosen, timeout=self.reply_timeout)
         updates = self._accept_updates(round_, chosen, replies)
-        if updates:
+        min_replies = min(self.recipe.transport.min_replies, len(chosen))
+        if updates and len(updates) >= min_replies:
             self.global_state = self.strategy.aggregate_fit(round_, self.global_state, updates)
+        elif updates:
+            log.warning("round %d: %d valid update(s), fewer than transport.min_replies=%d; "
+                        "the global adapter is unchanged", round_, len(updates), min_replies)
         else:
             log.warning("round %d: no valid update arrived; the global adapter is unchanged", round_)
         traffic = self.transport.traffic.by_client(round_)

@@ -1,0 +1,199 @@
+"""`fedtune client`: one party of a deployed federation. It dials the server, answers its messages
+with the same Client as a simulation, reconnects with backoff, and exits after FINISH."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from rich.console import Console
+
+from fedtune.config import Recipe, load_recipe
+from fedtune.data.federated import ClientData, FederatedData
+from fedtune.data.records import load_examples
+from fedtune.data.splitters import train_val_test_split
+from fedtune.errors import DataError, DeploymentError, MessageError
+from fedtune.runtime.client import Client
+from fedtune.runtime.deploy_server import require_grpc
+from fedtune.runtime.setup import Setup
+from fedtune.seeding import derive_seed
+from fedtune.track.report import human_bytes
+from fedtune.transport.auth import client_token, with_name
+from fedtune.transport.framing import peek_header
+from fedtune.transport.grpc_client import FATAL, Backoff, ServerConnection
+
+log = logging.getLogger("fedtune.deploy")
+_REJECTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+_PUSH_ATTEMPTS = 5
+
+
+def own_data(recipe: Recipe, name: str, path: str | Path) -> FederatedData:
+    """A party's own data file, split into its train/val/test parts by the recipe's fractions."""
+    d = recipe.data
+    examples = load_examples(str(path), format=d.format, fields=d.fields, limit=d.max_examples)
+    labels = [ex.category for ex in examples]
+    idx = train_val_test_split(labels, d.val_fraction, d.test_fraction,
+                               derive_seed(recipe.seed, "data", "holdout", name))
+    train, val, test = ([examples[i] for i in part] for part in idx)
+    if not train:
+        raise DataError(f"{path}: no training examples left for client '{name}' after the split")
+    return FederatedData(clients={name: ClientData(name, train, val, test)}, test=test)
+
+
+@dataclass
+class ClientStats:
+    fits: int = 0
+    evaluations: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    late: int = 0
+    reconnects: int = 0
+
+
+def participate(recipe: Any = None, overrides: list[str] | None = None, *, name: str,
+                server: str | None = None, data: str | Path | None = None,
+                token_file: str | Path | None = None, console: Console | None = None) -> dict[str, Any]:
+    """Run client `name` until the server says FINISH; returns what it did."""
+    overrides = list(overrides or [])
+    if server is not None:
+        overrides.append(f"transport.address={server}")
+    if token_file is not None:
+        overrides.append(f"transport.token_file={token_file}")
+    loaded = load_recipe(recipe, overrides)
+    require_grpc(loaded, "client")
+    section = loaded.transport
+    token = None
+    if section.token_file is not None:
+        token = client_token(with_name(section.token_file, name), name)
+    elif not section.mutual_tls:
+        raise DeploymentError(f"client '{name}' needs a token: --token-file PATH or "
+                              "transport.token_file (or mutual_tls: true)")
+    connection = ServerConnection(section, name, address=section.address, token=token)
+    try:
+        setup = Setup(loaded, console, data=own_data(loaded, name, data) if data else None)
+        if name not in setup.data.clients:
+            raise DeploymentError(
+                f"client '{name}' is not in the recipe's split ({', '.join(setup.data.clients)}); "
+                "give one of those names, or --data PATH for your own data")
+        client = setup.client(name)
+        return _Loop(connection, client, loaded, Console(highlight=False, soft_wrap=True)).run()
+    finally:
+        connection.close()
+
+
+class _Loop:
+    def __init__(self, connection: ServerConnection, client: Client, recipe: Recipe, out: Console):
+        self.conn, self.client, self.recipe, self.out = connection, client, recipe, out
+        self.stats = ClientStats()
+        self.name = client.name
+
+    def run(self) -> dict[str, Any]:
+        section = self.recipe.transport
+        backoff = Backoff(section.retry)
+        started = time.perf_counter()
+        self.out.print(f"{self.name}: connecting to {self.conn.address}")
+        while True:
+            try:
+                for data in self.conn.messages():
+                    if backoff.failures:
+                        self.out.print(f"{self.name}: reconnected")
+                    backoff.reset()
+                    if self._handle(data):
+                        return self._finish(started)
+                raise _StreamEnded()
+            except (grpc.RpcError, MessageError, _StreamEnded) as exc:
+                if self.conn.connected:
+                    backoff.reset()
+                    self.stats.reconnects += 1
+                reason = _reason(exc)
+                if isinstance(exc, grpc.RpcError) and exc.code() in FATAL:
+                    raise DeploymentError(
+                        f"the server at {self.conn.address} refused the credentials of client "
+                        f"'{self.name}' ({reason}); check transport.token_file or its certificate"
+                    ) from None
+                delay = backoff.next_delay()
+                if delay is None:
+                    raise DeploymentError(
+                        f"client '{self.name}' gave up reaching the server at {self.conn.address} "
+                        f"after {backoff.failures - 1} attempts ({reason}); see transport.retry"
+                    ) from None
+                self.out.print(f"{self.name}: no connection ({reason}); retrying in {delay:.1f} s")
+                time.sleep(delay)
+
+    def _handle(self, data: bytes) -> bool:
+        """Answer one message; True when it was FINISH."""
+        header = peek_header(data)
+        kind, round_ = header.get("kind"), header.get("round")
+        size = len(data)
+        self.stats.bytes_down += size
+        if kind == "finish":
+            return True
+        start = time.perf_counter()
+        reply = self.client.handle_bytes(data)
+        del data
+        if reply is None:
+            self.out.print(f"{self.name}: round {round_}: the {kind} message was rejected (see log)")
+            return False
+        meta = peek_header(reply)
+        verdict = self._push(reply)
+        self.stats.bytes_up += len(reply)
+        metrics = meta.get("meta", {}).get("metrics") or {}
+        if meta.get("kind") == "update":
+            self.stats.fits += 1
+            what = f"trained: train loss {metrics.get('train_loss', float('nan')):.4f}"
+        elif meta.get("kind") == "eval_result":
+            self.stats.evaluations += 1
+            what = "evaluated: " + (f"loss {metrics['loss']:.4f}" if "loss" in metrics else "no test data")
+        else:
+            what = f"could not answer: {meta.get('meta', {}).get('error', '?')}"
+        note = "" if verdict == "accepted" else f" [{verdict}]"
+        self.out.print(f"{self.name}: round {round_:>4} {what}; down {human_bytes(size)}, "
+                       f"up {human_bytes(len(reply))}, {time.perf_counter() - start:.1f} s{note}")
+        return False
+
+    def _push(self, reply: bytes) -> str:
+        backoff = Backoff(self.recipe.transport.retry)
+        while True:
+            try:
+                verdict = self.conn.push(reply, timeout=self.recipe.transport.round_timeout)
+                if verdict == "late":
+                    self.stats.late += 1
+                return verdict
+            except grpc.RpcError as exc:
+                if exc.code() in FATAL:
+                    raise
+                if exc.code() in _REJECTED:
+                    log.warning("%s: the server rejected a reply: %s", self.name, _reason(exc))
+                    return "rejected"
+                delay = backoff.next_delay()
+                if delay is None or backoff.failures > _PUSH_ATTEMPTS:
+                    log.warning("%s: a reply could not be sent (%s); dropped", self.name, _reason(exc))
+                    return "not sent"
+                time.sleep(delay)
+
+    def _finish(self, started: float) -> dict[str, Any]:
+        s = self.stats
+        seconds = time.perf_counter() - started
+        self.out.print(
+            f"{self.name}: finished; {s.fits} training rounds, {s.evaluations} evaluations, "
+            f"received {human_bytes(s.bytes_down)}, sent {human_bytes(s.bytes_up)}, "
+            f"{s.late} late replies, {s.reconnects} reconnects, {seconds:.0f} s")
+        return {"client": self.name, **s.__dict__, "seconds": seconds}
+
+
+class _StreamEnded(Exception):
+    """The server closed the message stream without FINISH (it is stopping or restarting)."""
+
+    def __str__(self) -> str:
+        return "the server closed the stream"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError):
+        details = (exc.details() or "").splitlines()[0][:120] if exc.details() else ""
+        return f"{exc.code().name}: {details}" if details else exc.code().name
+    return str(exc)[:120]

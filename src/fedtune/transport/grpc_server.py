@@ -1,0 +1,227 @@
+"""The gRPC server transport: clients dial in, pull their messages and push their replies.
+
+Two methods on raw bytes (no protobuf): `Pull` (server-streaming) streams the frames of a
+client's outbox, with a ping when idle; `Push` (client-streaming) uploads one reply in frames.
+Every call is authenticated first; every reply is reassembled under the size limit, decoded
+(codec checks) and matched to its sender's identity and a pending request before the Server
+sees it. A bad call is refused with a log line; the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from fedtune.config import TransportSection
+from fedtune.errors import DeploymentError, MessageError
+from fedtune.runtime.messages import Message
+from fedtune.transport.auth import Authenticator, AuthError
+from fedtune.transport.base import TrafficCounter
+from fedtune.transport.codec import decode
+from fedtune.transport.framing import (
+    FrameError,
+    Reassembler,
+    SharedEncoder,
+    is_last,
+    iter_frames,
+    ping_frame,
+)
+from fedtune.transport.mailbox import CLOSED, Mailbox, Outgoing
+
+log = logging.getLogger("fedtune.transport")
+
+SERVICE = "fedtune.Federation"
+PULL = f"/{SERVICE}/Pull"
+PUSH = f"/{SERVICE}/Push"
+SERVER_NAME = "server"
+HEARTBEAT_SECONDS = 5.0
+FRAME_SLACK = 64 * 1024  # room for a frame header above chunk_bytes in gRPC's message limit
+
+
+def grpc_options(chunk_bytes: int) -> list[tuple[str, int]]:
+    """Channel/server options shared by both sides: small messages (frames), keepalive pings."""
+    limit = chunk_bytes + FRAME_SLACK
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+class GrpcServerTransport:
+    """A ServerTransport over gRPC; `start()` binds, `wait_for_clients()` waits for them to dial in."""
+
+    def __init__(
+        self,
+        section: TransportSection,
+        clients: Collection[str],
+        authenticator: Authenticator,
+        *,
+        credentials: grpc.ServerCredentials | None,
+        address: str | None = None,
+        on_reply: Callable[[str], None] | None = None,
+    ):
+        self.section = section
+        self.clients = list(clients)
+        self.auth = authenticator
+        self.credentials = credentials
+        self.address = address or section.address
+        self.traffic = TrafficCounter()
+        self.mailbox = Mailbox(self.clients, self.traffic, on_reply=on_reply)
+        self.encoder = SharedEncoder()
+        self.max_chunk = section.chunk_bytes + FRAME_SLACK
+        self.last_upload = (0, 0.0)  # bytes and seconds from first to last frame of the last upload
+        self._server: grpc.Server | None = None
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Bind and serve; returns the bound address (the port filled in when 0 was asked)."""
+        workers = 2 * len(self.clients) + 8
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedtune-grpc"),
+            handlers=[self._handlers()],
+            options=[*grpc_options(self.section.chunk_bytes), ("grpc.so_reuseport", 0),
+                     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000)],
+            maximum_concurrent_rpcs=workers,
+        )
+        try:
+            if self.credentials is None:
+                port = server.add_insecure_port(self.address)
+            else:
+                port = server.add_secure_port(self.address, self.credentials)
+        except RuntimeError as exc:
+            raise DeploymentError(f"cannot listen on {self.address} (transport.address): {exc}") from None
+        if not port:
+            raise DeploymentError(f"cannot listen on {self.address} (transport.address); is it in use?")
+        server.start()
+        self._server = server
+        host = self.address.rsplit(":", 1)[0]
+        self.address = f"{host}:{port}"
+        if self.credentials is None:
+            log.warning("transport.insecure is true: traffic to %s is NOT encrypted; tokens and "
+                        "adapters can be read and altered on the network", self.address)
+        return self.address
+
+    def wait_for_clients(self, timeout: float) -> list[str]:
+        return self.mailbox.wait_for_clients(timeout)
+
+    def close(self) -> None:
+        self.mailbox.close()
+        if self._server is not None:
+            self._server.stop(grace=2.0).wait(5.0)
+            self._server = None
+
+    def stats(self) -> dict[str, int]:
+        c = self.mailbox.counts
+        return {"late_replies": c.late, "late_bytes": c.late_bytes, "rejected_messages": c.rejected,
+                "refused_calls": c.refused, "dropped_messages": c.dropped, "rejoins": c.rejoined}
+
+    # -- ServerTransport ------------------------------------------------------------------------
+
+    def send(self, message: Message) -> None:
+        if not self.mailbox.knows(message.receiver):
+            raise MessageError(f"receiver '{message.receiver}' is not a known client")
+        head, body = self.encoder.encode(message)
+        self.mailbox.put(message.receiver, message.round, message.kind, head, body)
+
+    def collect(self, round: int, expected: Collection[str], timeout: float | None = None) -> list[Message]:
+        self.encoder.clear()
+        return self.mailbox.collect(round, expected, self.section.round_timeout if timeout is None else timeout)
+
+    # -- handlers -------------------------------------------------------------------------------
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            "Pull": grpc.unary_stream_rpc_method_handler(self._pull),
+            "Push": grpc.stream_unary_rpc_method_handler(self._push),
+        })
+
+    def _authenticate(self, context: grpc.ServicerContext, method: str) -> str:
+        try:
+            names = context.auth_context().get("x509_common_name", [])
+            cert_names = [n.decode("utf-8", "replace") for n in names]
+            return self.auth.identify(context.invocation_metadata() or (), cert_names)
+        except AuthError as exc:
+            self.mailbox.count("refused")
+            log.warning("refused a %s call from %s: %s", method, context.peer(), exc)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "credentials refused")
+            raise  # not reached: abort raises
+
+    def _pull(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        client = self._authenticate(context, "Pull")
+        session = self.mailbox.connect(client)
+        context.add_callback(lambda: self.mailbox.disconnect(client, session))
+        try:
+            yield ping_frame()  # tells the client it is connected
+            while context.is_active():
+                item = self.mailbox.next_for(client, session, HEARTBEAT_SECONDS)
+                if item is CLOSED:
+                    return
+                if item is None:
+                    yield ping_frame()
+                    continue
+                assert isinstance(item, Outgoing)
+                done = False
+                try:
+                    for frame in iter_frames((item.head, item.body), item.id, self.section.chunk_bytes):
+                        if is_last(frame):  # handed to gRPC in full: sent (the code after a
+                            done = True     # generator's last yield may never run)
+                            self.mailbox.delivered(client, session, item)
+                        yield frame
+                finally:
+                    if not done:
+                        self.mailbox.interrupted(client, session, item)
+                del item, frame  # do not hold the message while waiting for the next one
+        finally:
+            self.mailbox.disconnect(client, session)
+
+    def _push(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        client = self._authenticate(context, "Push")
+        if not self.mailbox.begin_push(client):  # ABORTED: the client retries after a backoff
+            log.warning("refused a second concurrent upload from '%s' (%s)", client, context.peer())
+            context.abort(grpc.StatusCode.ABORTED, "another upload of this client is in progress")
+        watchdog = threading.Timer(self.section.round_timeout, context.cancel)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            reassembler = Reassembler(self.section.max_message_bytes, self.max_chunk)
+            data, first = None, 0.0
+            for frame in frames:
+                first = first or time.perf_counter()
+                data = reassembler.add(frame)
+                if data is not None:
+                    break
+            if data is None:
+                reassembler.finish()
+                raise FrameError("empty upload")
+            self.last_upload = (len(data), time.perf_counter() - first)
+            message = decode(data, max_bytes=self.section.max_message_bytes)
+            if message.sender != client:
+                raise MessageError(f"sender '{message.sender}' is not the caller '{client}'")
+            if message.receiver != SERVER_NAME:
+                raise MessageError(f"receiver '{message.receiver}' is not '{SERVER_NAME}'")
+            accepted = self.mailbox.accept(message, len(data))
+            return json.dumps({"status": "accepted" if accepted else "late"}).encode()
+        except MessageError as exc:
+            too_large = isinstance(exc, FrameError) and exc.too_large
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if too_large else grpc.StatusCode.INVALID_ARGUMENT
+            self._refuse(client, context, code, str(exc)[:200])
+            raise  # not reached
+        finally:
+            watchdog.cancel()
+            self.mailbox.end_push(client)
+
+    def _refuse(self, client: str, context: grpc.ServicerContext, code: grpc.StatusCode, reason: str) -> None:
+        self.mailbox.count("rejected")
+        log.warning("rejected an upload from '%s' (%s): %s", client, context.peer(), reason)
+        context.abort(code, reason)

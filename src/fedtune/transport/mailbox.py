@@ -1,0 +1,261 @@
+"""The server side's bookkeeping for networked clients: outboxes, connections, pending requests.
+
+Pure Python and thread-safe (one Condition), so the gRPC handlers and the Server's thread share
+it and it can be tested without a network. A reply is accepted only if it answers a request that
+is still pending; a request stops pending when the collect of its round ends, so anything that
+arrives later is late: discarded and counted. Messages not yet delivered when their collect ends
+are dropped, not replayed to a client that comes back later.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+from fedtune.runtime.messages import Message, MessageKind
+from fedtune.transport.base import TrafficCounter
+from fedtune.transport.framing import Buffer
+
+log = logging.getLogger("fedtune.transport")
+
+ANSWERS = {MessageKind.FIT: MessageKind.UPDATE, MessageKind.EVALUATE: MessageKind.EVAL_RESULT}
+CLOSED = object()  # next_for(): this stream must end
+_WAIT_SLICE = 1.0
+
+
+@dataclass(eq=False)
+class Outgoing:
+    """One encoded message waiting in a client's outbox (head + shared tensor part)."""
+
+    id: int
+    round: int
+    kind: MessageKind
+    head: bytes
+    body: Buffer
+    cancelled: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.head) + len(self.body)
+
+
+@dataclass
+class _Client:
+    outbox: deque[Outgoing] = field(default_factory=deque)
+    pending: list[tuple[int, MessageKind]] = field(default_factory=list)
+    session: int | None = None
+    in_flight: tuple[int, Outgoing] | None = None
+    pushing: bool = False
+    joined: bool = False
+
+
+@dataclass
+class Counts:
+    late: int = 0
+    late_bytes: int = 0
+    rejected: int = 0
+    refused: int = 0
+    dropped: int = 0
+    rejoined: int = 0
+
+
+class Mailbox:
+    def __init__(self, clients: Collection[str], traffic: TrafficCounter,
+                 on_reply: Callable[[str], None] | None = None):
+        self.traffic = traffic
+        self.on_reply = on_reply
+        self.counts = Counts()
+        self._clients = {name: _Client() for name in clients}
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._sessions = itertools.count(1)
+        self._replies: list[Message] = []
+        self._closing = False
+
+    # -- the Server's side ----------------------------------------------------------------------
+
+    def put(self, client: str, round_: int, kind: MessageKind, head: bytes, body: Buffer) -> None:
+        with self._cond:
+            state = self._clients[client]
+            state.outbox.append(Outgoing(next(self._ids), round_, kind, head, body))
+            if kind in ANSWERS:
+                state.pending.append((round_, kind))
+            self._cond.notify_all()
+
+    def collect(self, round_: int, expected: Collection[str], timeout: float) -> list[Message]:
+        """Replies of `expected` for `round_`, once all arrived or `timeout` passed.
+
+        With nothing expected, waits until every connected client has taken its messages. Then
+        ends the exchange: pending requests are cancelled, undelivered messages dropped.
+        """
+        wanted = set(expected)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._done(round_, wanted):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closing:
+                    break
+                self._cond.wait(min(left, _WAIT_SLICE))
+            got = [m for m in self._replies if m.round == round_ and m.sender in wanted]
+            self._replies.clear()
+            for name, state in self._clients.items():
+                state.pending.clear()
+                for item in state.outbox:
+                    item.cancelled = True
+                if state.outbox:
+                    self.counts.dropped += len(state.outbox)
+                    log.info("round %d ended: %d undelivered message(s) for '%s' dropped",
+                             round_, len(state.outbox), name)
+                    state.outbox.clear()
+                if state.in_flight is not None:
+                    state.in_flight[1].cancelled = True
+        missing = sorted(wanted - {m.sender for m in got})
+        if missing:
+            log.warning("round %d: no reply from %s within %g s", round_, ", ".join(missing), timeout)
+        return got
+
+    def _done(self, round_: int, wanted: set[str]) -> bool:
+        if wanted:
+            return wanted <= {m.sender for m in self._replies if m.round == round_}
+        return all(not (s.outbox or s.in_flight) for s in self._clients.values() if s.session)
+
+    def wait_for_clients(self, timeout: float) -> list[str]:
+        """Wait until every client is connected or `timeout` passes; returns the connected ones."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not all(s.session for s in self._clients.values()):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closing:
+                    break
+                self._cond.wait(min(left, _WAIT_SLICE))
+            return [name for name, s in self._clients.items() if s.session]
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+
+    # -- the streams' side ----------------------------------------------------------------------
+
+    def connect(self, client: str) -> int:
+        """A client opened its message stream; an older stream of the same client is superseded."""
+        with self._cond:
+            state = self._clients[client]
+            session = next(self._sessions)
+            if state.session is not None:
+                log.info("client '%s' reconnected; its older stream is closed", client)
+            self._requeue_in_flight(state)
+            again = state.joined
+            state.session, state.joined = session, True
+            if again:
+                self.counts.rejoined += 1
+            joined = sum(s.session is not None for s in self._clients.values())
+            self._cond.notify_all()
+        log.info("client '%s' %s (%d of %d connected)", client, "rejoined" if again else "joined",
+                 joined, len(self._clients))
+        return session
+
+    def disconnect(self, client: str, session: int) -> None:
+        with self._cond:
+            state = self._clients[client]
+            if state.session == session:
+                state.session = None
+                self._requeue_in_flight(state)
+                log.info("client '%s' disconnected", client)
+            self._cond.notify_all()
+
+    def next_for(self, client: str, session: int, timeout: float) -> Outgoing | object | None:
+        """The next message to stream, None after `timeout` idle, CLOSED when the stream must end."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            state = self._clients[client]
+            while True:
+                if self._closing or state.session != session:
+                    return CLOSED
+                if state.outbox:
+                    item = state.outbox.popleft()
+                    state.in_flight = (session, item)
+                    return item
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(min(left, _WAIT_SLICE))
+
+    def delivered(self, client: str, session: int, item: Outgoing) -> None:
+        """The whole message went out on the stream: count its bytes as down."""
+        with self._cond:
+            state = self._clients[client]
+            if state.in_flight == (session, item):
+                state.in_flight = None
+            self._cond.notify_all()
+        self.traffic.record(direction="down", client=client, round=item.round, nbytes=item.size)
+
+    def interrupted(self, client: str, session: int, item: Outgoing) -> None:
+        """The stream broke mid-message: the message goes back to the front of the outbox."""
+        with self._cond:
+            state = self._clients[client]
+            if state.in_flight == (session, item):
+                self._requeue_in_flight(state)
+            self._cond.notify_all()
+
+    def _requeue_in_flight(self, state: _Client) -> None:
+        if state.in_flight is not None:
+            item = state.in_flight[1]
+            state.in_flight = None
+            if not item.cancelled:
+                state.outbox.appendleft(item)
+
+    # -- replies --------------------------------------------------------------------------------
+
+    def begin_push(self, client: str) -> bool:
+        """One upload at a time per client (bounds the memory an authenticated client can hold)."""
+        with self._cond:
+            state = self._clients[client]
+            if state.pushing:
+                return False
+            state.pushing = True
+            return True
+
+    def end_push(self, client: str) -> None:
+        with self._cond:
+            self._clients[client].pushing = False
+
+    def accept(self, message: Message, nbytes: int) -> bool:
+        """Take a decoded reply whose sender is authenticated; False (counted as late) if no
+        pending request of its round and kind awaits it."""
+        client = message.sender
+        with self._cond:
+            state = self._clients[client]
+            match = next((p for p in state.pending if p[0] == message.round and (
+                message.kind == MessageKind.ERROR or ANSWERS[p[1]] == message.kind)), None)
+            if match is None:
+                self.counts.late += 1
+                self.counts.late_bytes += nbytes
+            else:
+                state.pending.remove(match)
+                self._replies.append(message)
+                self._cond.notify_all()
+        if match is None:
+            log.warning("discarded a late or unrequested %s of round %d from '%s'",
+                        message.kind.value, message.round, client)
+            return False
+        self.traffic.record(direction="up", client=client, round=message.round, nbytes=nbytes)
+        if self.on_reply is not None:
+            self.on_reply(client)
+        return True
+
+    def count(self, what: str) -> None:
+        with self._cond:
+            setattr(self.counts, what, getattr(self.counts, what) + 1)
+
+    def knows(self, client: str) -> bool:
+        return client in self._clients
+
+    def connected(self) -> list[str]:
+        with self._cond:
+            return [name for name, s in self._clients.items() if s.session]
