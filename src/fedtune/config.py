@@ -148,6 +148,17 @@ class CompressionSection(Section):
         return v
 
 
+class AttackSection(Section):
+    """Hostile clients, for robustness experiments (docs/algorithms.md, "Hostile clients")."""
+
+    clients: list[str] = Field(default_factory=list)
+    kind: Literal["none", "scale", "sign_flip", "nan", "inf", "backdoor"] = "none"
+    factor: float = 10.0
+    trigger: str = " cf"
+    target: str = "HACKED"
+    poison_fraction: float = Field(0.5, gt=0.0, le=1.0)
+
+
 class FederationSection(Section):
     algorithm: str = "fedavg"
     options: dict[str, Any] = Field(default_factory=dict)
@@ -156,6 +167,7 @@ class FederationSection(Section):
     sample_fraction: float | None = Field(None, gt=0.0, le=1.0)
     rounds: PositiveInt = 10
     compression: CompressionSection = Field(default_factory=CompressionSection)
+    attack: AttackSection = Field(default_factory=AttackSection)
 
     @field_validator("algorithm")
     @classmethod
@@ -175,6 +187,11 @@ class FederationSection(Section):
                 f"clients_per_round ({self.clients_per_round}) must be at most "
                 f"federation.clients ({self.clients})"
             )
+        names = {f"client_{i}" for i in range(self.clients)}
+        unknown = [c for c in self.attack.clients if c not in names]
+        if unknown:
+            raise ValueError(f"attack.clients {unknown} are not clients of this federation "
+                             f"(client_0 ... client_{self.clients - 1})")
         from fedtune.algorithms import algorithm_options
 
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,56 @@ def test_fedmezo_trains_without_backward_and_personalises_rates(tiny_recipe):
     assert len(lrs) == 3  # each client its own rate from round 2 on
     assert {e["values"]["lr"] for e in fits if e["round"] == 1} == {1e-3}
     assert summary["final"]["loss"] == summary["final"]["loss"]
+
+
+def _attacked(tiny_recipe, name, algorithm, attack, options=None):
+    return _fast(tiny_recipe, output__name=name, federation__algorithm=algorithm,
+                 federation__options=options or {}, federation__attack=attack,
+                 federation__rounds=3, data__split={"method": "iid"})
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+def test_non_finite_updates_are_always_rejected(tiny_recipe, kind):
+    summary = fedtune.run(_attacked(tiny_recipe, kind, "fedavg", {"clients": ["client_1"], "kind": kind}))
+    assert summary["missing_updates"] == 3  # client_1 in each of 3 rounds
+    assert math.isfinite(summary["final"]["loss"])
+    clean = fedtune.run(_attacked(tiny_recipe, "clean", "fedavg", {}))
+    assert summary["final"]["loss"] == pytest.approx(clean["final"]["loss"], abs=0.5)
+
+
+def test_robust_rules_resist_a_sign_flipping_client(tiny_recipe):
+    # The tiny random model's loss stays near ln(vocab); the attack still shows in its ordering.
+    attack = {"clients": ["client_2"], "kind": "sign_flip", "factor": 100.0}
+    clean = fedtune.run(_attacked(tiny_recipe, "clean", "fedavg", {}))["final"]["loss"]
+    fedavg = fedtune.run(_attacked(tiny_recipe, "avg", "fedavg", attack))["final"]["loss"]
+    median = fedtune.run(_attacked(tiny_recipe, "med", "median", attack))["final"]["loss"]
+    bounded = fedtune.run(_attacked(tiny_recipe, "nb", "norm_bounding", attack,
+                                    {"max_norm": 0.05}))["final"]["loss"]
+    assert fedavg > clean + 0.05
+    assert median < clean + 0.01 < fedavg
+    assert bounded < fedavg
+
+
+def test_backdoor_poisons_only_the_attackers_data(tiny_recipe):
+    from fedtune.config import load_recipe
+    from fedtune.runtime.setup import Setup
+
+    recipe = load_recipe(_attacked(tiny_recipe, "bd", "fedavg", {
+        "clients": ["client_0"], "kind": "backdoor", "trigger": " zz", "target": "OK",
+        "poison_fraction": 0.5}))
+    setup = Setup(recipe)
+    tok = setup.tokenizer
+    poisoned = setup.client("client_0").data.train
+    honest = setup.client("client_1").data.train
+    target = tok.encode("OK", add_special_tokens=False) + [tok.eos_token_id]
+    n_poisoned = sum(1 for ex in poisoned if [t for t in ex.labels if t != -100] == target)
+    assert n_poisoned == round(0.5 * len(poisoned))
+    assert not any([t for t in ex.labels if t != -100] == target for ex in honest)
+
+
+def test_attack_on_an_unknown_client_fails_at_load_time():
+    from fedtune.config import load_recipe
+    from fedtune.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="client_9"):
+        load_recipe(None, ["federation.attack={clients: [client_9], kind: scale}"])

@@ -67,6 +67,7 @@ class ServerResult:
     clients: dict[str, dict[str, Any]]
     timings: Timings
     rejected: int = 0
+    missing: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -101,6 +102,7 @@ class Server:
         self.down = AdapterWire(compression.down.codec(), self.specs)
         self.timings = Timings()
         self.rejected = 0
+        self.missing = 0
         self.initial: dict[str, Any] | None = None
         self.last_eval: dict[str, Any] = {}
         self.client_eval: dict[str, dict[str, Any]] = {}
@@ -119,6 +121,7 @@ class Server:
         if self.client_state is not None:
             self.client_state.load_state_dict(ckpt.client_state)
         self.rejected = ckpt.info.get("rejected", 0)
+        self.missing = ckpt.info.get("missing", 0)
         return ckpt.round + 1
 
     # -- the run --------------------------------------------------------------------------------
@@ -144,7 +147,7 @@ class Server:
         return ServerResult(
             rounds=fed.rounds, global_state=self.global_state, initial=self.initial,
             final=self.last_eval, clients=self.client_eval, timings=self.timings,
-            rejected=self.rejected,
+            rejected=self.rejected, missing=self.missing,
         )
 
     def run_round(self, round_: int) -> None:
@@ -169,6 +172,11 @@ class Server:
                         "the global adapter is unchanged", round_, len(updates), min_replies)
         else:
             log.warning("round %d: no valid update arrived; the global adapter is unchanged", round_)
+        accepted = {u.client for u in updates}
+        for client in chosen:
+            if client not in accepted:  # rejected here or by the transport, or never arrived
+                self.missing += 1
+                self.run_dir.log(round_, client, "no_update", {"reason": "no valid update this round"})
         traffic = self.transport.traffic.by_client(round_)
         for u in updates:
             self.timings.train += float(u.metrics.get("train_seconds", 0.0))
@@ -245,7 +253,7 @@ class Server:
 
     def checkpoint(self, round_: int) -> None:
         info = {"traffic": self.transport.traffic.state(), "wall_seconds": self._wall(),
-                "initial": self.initial, "rejected": self.rejected, **self.timings.state()}
+                "initial": self.initial, "rejected": self.rejected, "missing": self.missing, **self.timings.state()}
         state = {k: v.contiguous() for k, v in self.strategy.state_dict().items()}
         clients = self.client_state.state_dict() if self.client_state is not None else {}
         self.run_dir.save_checkpoint(

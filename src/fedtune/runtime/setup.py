@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 
 from fedtune.algorithms import build_local
+from fedtune.algorithms.attacks import AttackedLocal, poison_examples
 from fedtune.config import Recipe
 from fedtune.data.examples import Example
 from fedtune.data.federated import FederatedData, build_federated_data, format_split_table
@@ -71,14 +72,23 @@ class Setup:
     def client(self, name: str) -> Client:
         """The client `name` of the recipe's split, on the shared model."""
         part = self.data.clients[name]
+        fed = self.recipe.federation
+        attack = fed.attack if name in fed.attack.clients else None
+        train = part.train
+        if attack is not None and attack.kind == "backdoor":
+            train = poison_examples(train, trigger=attack.trigger, target=attack.target,
+                                    fraction=attack.poison_fraction,
+                                    seed=derive_seed(self.recipe.seed, "poison", name))
         dataset = ClientDataset(
-            train=self.tokenize(f"{name} train", part.train),
+            train=self.tokenize(f"{name} train", train),
             test=self.tokenize(f"{name} test", part.test),
             test_raw=part.test,
         )
-        fed = self.recipe.federation
+        local = build_local(fed.algorithm, fed.options)
+        if attack is not None and attack.kind in ("scale", "sign_flip", "nan", "inf"):
+            local = AttackedLocal(local, attack.kind, attack.factor)
         return Client(name, dataset, slot=self.slot, trainer=self.trainer, evaluator=self.evaluator,
-                      seed=self.recipe.seed, local=build_local(fed.algorithm, fed.options),
+                      seed=self.recipe.seed, local=local,
                       compression=(fed.compression.up.codec(), fed.compression.down.codec()),
                       max_message_bytes=self.recipe.transport.max_message_bytes)
 
