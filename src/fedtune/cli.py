@@ -17,16 +17,10 @@ from fedtune.track.reporter import quiet_libraries
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from fedtune.config import split_recipe_args
     from fedtune.runtime.simulation import run
 
-    recipe, overrides = None, []
-    for item in args.items:
-        if "=" in item:
-            overrides.append(item)
-        elif recipe is None:
-            recipe = item
-        else:
-            raise FedtuneError(f"two recipes given ({recipe!r} and {item!r}); overrides look like key.path=value")
+    recipe, overrides = split_recipe_args(args.items)
     run(recipe, overrides, resume=args.resume)
     return 0
 

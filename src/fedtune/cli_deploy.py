@@ -7,19 +7,7 @@ import logging
 
 from rich.console import Console
 
-from fedtune.errors import FedtuneError
-
-
-def _recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
-    recipe, overrides = None, []
-    for item in items:
-        if "=" in item:
-            overrides.append(item)
-        elif recipe is None:
-            recipe = item
-        else:
-            raise FedtuneError(f"two recipes given ({recipe!r} and {item!r}); overrides look like key.path=value")
-    return recipe, overrides
+from fedtune.config import split_recipe_args
 
 
 def _show_transport_log() -> None:
@@ -32,7 +20,7 @@ def _show_transport_log() -> None:
 def _cmd_server(args: argparse.Namespace) -> int:
     from fedtune.runtime.deploy_server import serve
 
-    recipe, overrides = _recipe_and_overrides(args.items)
+    recipe, overrides = split_recipe_args(args.items)
     if args.address:
         overrides.append(f"transport.address={args.address}")
     _show_transport_log()
@@ -47,7 +35,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
 def _cmd_client(args: argparse.Namespace) -> int:
     from fedtune.runtime.deploy_client import participate
 
-    recipe, overrides = _recipe_and_overrides(args.items)
+    recipe, overrides = split_recipe_args(args.items)
     _show_transport_log()
     try:
         participate(recipe, overrides, name=args.name, server=args.server, data=args.data,

@@ -379,6 +379,19 @@ def _line_map(text: str) -> dict[tuple[str, ...], int]:
     return lines
 
 
+def split_recipe_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """Command-line items -> (the recipe, if any, and the key.path=value overrides)."""
+    recipe, overrides = None, []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif recipe is None:
+            recipe = item
+        else:
+            raise RecipeError(f"two recipes given ({recipe!r} and {item!r}); overrides look like key.path=value")
+    return recipe, overrides
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`federation.rounds=3` -> (['federation', 'rounds'], 3); values are parsed as YAML."""
     if "=" not in text:
