@@ -55,10 +55,12 @@ def test_scaffold_first_round_is_fedavg_later_rounds_are_corrected(tiny_recipe):
     assert _differs(sc3, avg3)
 
 
-@pytest.mark.parametrize("algorithm", ["scaffold", "fedadam"])
-def test_resume_restores_strategy_and_client_state_exactly(tiny_recipe, monkeypatch, algorithm):
-    kw = dict(federation__algorithm=algorithm, federation__rounds=3, train__optimizer="sgd",
-              train__lr=0.5)
+@pytest.mark.parametrize("algorithm,options", [
+    ("scaffold", {}), ("fedadam", {}), ("dp_fedavg", {"noise_seed": 7, "noise_multiplier": 0.5}),
+])
+def test_resume_restores_strategy_and_client_state_exactly(tiny_recipe, monkeypatch, algorithm, options):
+    kw = dict(federation__algorithm=algorithm, federation__options=options, federation__rounds=3,
+              train__optimizer="sgd", train__lr=0.5)
     whole = _final(fedtune.run(_fast(tiny_recipe, output__name="whole", **kw)))
     original = Server.run_round
 
@@ -176,7 +178,8 @@ def test_topk_downlink_is_refused_at_load_time():
 def test_every_registered_algorithm_runs_two_rounds(tiny_recipe):
     from fedtune.algorithms import available_algorithms
 
-    options = {"norm_bounding": {"max_norm": 1.0}, "krum": {"byzantine": 0}}
+    options = {"norm_bounding": {"max_norm": 1.0}, "krum": {"byzantine": 0},
+               "dp_fedavg": {"noise_seed": 1}}
     for name in available_algorithms():
         summary = fedtune.run(_fast(tiny_recipe, output__name=name, federation__algorithm=name,
                                     federation__options=options.get(name, {})))
@@ -250,3 +253,17 @@ def test_attack_on_an_unknown_client_fails_at_load_time():
 
     with pytest.raises(RecipeError, match="client_9"):
         load_recipe(None, ["federation.attack={clients: [client_9], kind: scale}"])
+
+
+def test_dp_fedavg_reports_the_privacy_spent(tiny_recipe):
+    import json
+
+    from fedtune.algorithms.dp_fedavg import dp_epsilon
+
+    summary = fedtune.run(_fast(tiny_recipe, output__name="dp", federation__algorithm="dp_fedavg",
+                                federation__options={"noise_multiplier": 1.1, "delta": 1e-5,
+                                                     "noise_seed": 3}))
+    assert summary["strategy"]["epsilon"] == pytest.approx(dp_epsilon(1.1, [1.0, 1.0], 1e-5))
+    events = (Path(summary["final_adapter"]).parent / "metrics.jsonl").read_text().splitlines()
+    rounds = [json.loads(e) for e in events if json.loads(e)["kind"] == "round"]
+    assert rounds[0]["values"]["epsilon"] < rounds[1]["values"]["epsilon"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from fedtune.algorithms import (  # noqa: F401  (each module registers its algorithms)
+    dp_fedavg,
     fedavg,
     fedmezo,
     fedopt,

@@ -68,6 +68,10 @@ class ServerDefaults:
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)[:3]}")
 
+    def round_metrics(self) -> dict[str, Any]:
+        """Figures of the last aggregation worth logging (e.g. the privacy spent so far)."""
+        return {}
+
 
 @dataclass
 class LocalContext:

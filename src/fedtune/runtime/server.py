@@ -68,6 +68,7 @@ class ServerResult:
     timings: Timings
     rejected: int = 0
     missing: int = 0
+    strategy_metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -143,11 +144,12 @@ class Server:
             ckpt_every = self.recipe.output.checkpoint_every
             if last or (ckpt_every and round_ % ckpt_every == 0):
                 self.checkpoint(round_)
+        self.privacy = self.strategy.round_metrics()
         self.finish(fed.rounds)
         return ServerResult(
             rounds=fed.rounds, global_state=self.global_state, initial=self.initial,
             final=self.last_eval, clients=self.client_eval, timings=self.timings,
-            rejected=self.rejected, missing=self.missing,
+            rejected=self.rejected, missing=self.missing, strategy_metrics=self.privacy,
         )
 
     def run_round(self, round_: int) -> None:
@@ -191,6 +193,7 @@ class Server:
             "bytes_up": self.transport.traffic.round_total(round_, "up"),
             "bytes_down": self.transport.traffic.round_total(round_, "down"),
             "seconds": time.perf_counter() - start,
+            **self.strategy.round_metrics(),
         }
         self.run_dir.log(round_, None, "round", summary)
         self.reporter.round_end(round_, summary)

@@ -38,6 +38,7 @@ def make_summary(recipe: Recipe, result, *, traffic: TrafficCounter, wall_second
         "bytes_down": traffic.total("down"),
         "rejected_replies": result.rejected,
         "missing_updates": result.missing,
+        "strategy": result.strategy_metrics,
         "adapter_parameters": adapter_parameters,
         "adapter_bytes": adapter_bytes,
         "wall_seconds": round(wall_seconds, 3),
