@@ -43,6 +43,13 @@ GROUPS: dict[str, list[tuple[str, list[str]]]] = {
             ("krum", ["federation.options={byzantine: 0, multi: 1}"]),
             ("norm_bounding", ["federation.options={max_norm: 0.5}"]),
         ]
+    ] + [
+        ("fedavg, SGD lr 0.3", ["train.optimizer=sgd", "train.lr=0.3"]),
+        ("scaffold, SGD lr 0.3", ["federation.algorithm=scaffold", "train.optimizer=sgd", "train.lr=0.3"]),
+        ("fedmezo (zeroth-order), lr 1e-3, alpha 5e-4",
+         ["federation.algorithm=fedmezo", "train.lr=0.001", "federation.options={alpha: 0.0005}"]),
+        ("dp_fedavg, C=1, z=0.5", ["federation.algorithm=dp_fedavg",
+                                   "federation.options={clip_norm: 1.0, noise_multiplier: 0.5}"]),
     ],
     "codecs": [
         (f"up {up}, down {down}", [f"federation.compression.up={{method: {up}{extra}}}",
@@ -68,6 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--group", choices=[*GROUPS, "all"], default="all")
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--only", nargs="*", default=None, help="run only configurations whose label contains one of these")
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
@@ -83,6 +91,8 @@ def main() -> None:
         print("| configuration | exact match | loss | MB up | MB down | trainable params | wall s |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for label, overrides in GROUPS[group]:
+            if args.only and not any(word in label for word in args.only):
+                continue
             start = time.time()
             proc = subprocess.run([sys.executable, __file__, "--worker", *common, *overrides],
                                   capture_output=True, text=True)
