@@ -25,6 +25,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from fedtune.config import split_recipe_args
+    from fedtune.eval.runner import evaluate_adapter, print_result, write_result
+
+    recipe, overrides = split_recipe_args(args.items)
+    result = evaluate_adapter(args.adapter, recipe, overrides, data=args.data,
+                              metrics=args.metrics.split(","), mc=args.mc, limit=args.limit)
+    print_result(result)
+    if args.output:
+        write_result(result, args.output)
+    return 0
+
+
 def _cmd_algorithms(args: argparse.Namespace) -> int:
     from fedtune.algorithms.base import registry
     from fedtune.config import FEDTUNE_METHODS
@@ -71,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser("recipes", help="list the built-in recipes")
     p.set_defaults(func=_cmd_recipes)
+    p = sub.add_parser("eval", help="evaluate a saved adapter on a test set",
+                       description="Evaluate RUN_DIR/final (or any PEFT adapter / model directory). "
+                                   "The recipe defaults to the run's recipe.yaml.")
+    p.add_argument("items", nargs="*", metavar="RECIPE|KEY=VALUE")
+    p.add_argument("--adapter", required=True, metavar="DIR")
+    p.add_argument("--data", metavar="FILE", help="test examples (default: the recipe's global test set)")
+    p.add_argument("--metrics", default="exact_match", help="comma-separated: exact_match,rouge_l,gsm8k")
+    p.add_argument("--mc", metavar="FILE", help="multiple-choice items (MMLU layout) to score")
+    p.add_argument("--limit", type=int, help="evaluate at most this many examples")
+    p.add_argument("--output", metavar="FILE", help="also write the figures as JSON")
+    p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("algorithms", help="list the federated algorithms, adapter methods and codecs")
     p.set_defaults(func=_cmd_algorithms)
     add_deploy_commands(sub)

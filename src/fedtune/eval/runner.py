@@ -1,0 +1,100 @@
+"""`fedtune eval`: evaluate a saved adapter (or model) on a test set, after training.
+
+The adapter directory is a run's `final/` (or any PEFT adapter / model directory). The recipe comes
+from the run directory next to it unless one is given; the test set is the recipe's global test
+set, or `--data FILE` in any input format fedtune reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fedtune.config import Recipe, load_recipe
+from fedtune.errors import ModelError
+from fedtune.eval.evaluator import Evaluator
+from fedtune.eval.text_metrics import METRICS, mean_metric
+
+
+def recipe_for(adapter: Path, recipe: str | None, overrides: list[str]) -> Recipe:
+    """The given recipe, else the one saved in the run directory that holds `adapter`."""
+    if recipe is None:
+        saved = adapter.parent / "recipe.yaml"
+        if not saved.is_file():
+            raise ModelError(f"{adapter}: no recipe.yaml next to it; give the recipe the model was trained with")
+        recipe = str(saved)
+    return load_recipe(recipe, overrides)
+
+
+def load_adapted_model(adapter: Path, recipe: Recipe):
+    """The base model of the recipe with the adapter applied (or a whole saved model)."""
+    from peft import PeftModel
+
+    from fedtune.models.loading import load_base_model
+
+    if not adapter.is_dir():
+        raise ModelError(f"--adapter {adapter}: not a directory")
+    if (adapter / "adapter_config.json").is_file():
+        model, tokenizer = load_base_model(recipe.model)
+        model = PeftModel.from_pretrained(model, str(adapter))
+    elif (adapter / "config.json").is_file():  # bitfit / full fine-tuning save whole models
+        model, tokenizer = load_base_model(recipe.model.model_copy(update={"name": str(adapter)}))
+    else:
+        raise ModelError(f"--adapter {adapter}: neither a PEFT adapter nor a model directory")
+    return model.eval(), tokenizer
+
+
+def evaluate_adapter(adapter: str | Path, recipe: str | None = None, overrides: list[str] | None = None,
+                     *, data: str | None = None, metrics: list[str] | None = None,
+                     mc: str | None = None, limit: int | None = None) -> dict[str, Any]:
+    from fedtune.data.federated import build_federated_data
+    from fedtune.data.prompts import tokenize_examples
+    from fedtune.data.records import load_examples
+    from fedtune.eval.multiple_choice import load_mc_items, mc_accuracy
+
+    adapter = Path(adapter)
+    loaded = recipe_for(adapter, recipe, list(overrides or []))
+    metrics = metrics or ["exact_match"]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ModelError(f"--metrics: unknown {unknown}; known: {', '.join(METRICS)}")
+    model, tokenizer = load_adapted_model(adapter, loaded)
+    device = next(model.parameters()).device
+    d = loaded.data
+    if data is not None:
+        examples = load_examples(data, format=d.format, fields=d.fields)
+    else:
+        examples = build_federated_data(d, loaded.federation.clients, loaded.seed).test
+    examples = examples[:limit] if limit else examples
+    tokenized, _ = tokenize_examples(examples, tokenizer, template=d.template,
+                                     max_length=d.max_length, truncation=d.truncation)
+    evaluator = Evaluator(model, tokenizer, loaded.eval, template=d.template,
+                          max_length=d.max_length, device=device)
+    result: dict[str, Any] = {"adapter": str(adapter), "data": data or "recipe test set",
+                              **evaluator.loss(tokenized)}
+    predictions = evaluator.generate(examples)
+    for name in metrics:
+        result[name] = mean_metric(name, predictions, [ex.output for ex in examples])
+    if mc is not None:
+        with torch.no_grad():
+            result.update(mc_accuracy(model, tokenizer, load_mc_items(mc), device))
+    return result
+
+
+def print_result(result: dict[str, Any], console: Console | None = None) -> None:
+    table = Table(title=f"fedtune eval: {result['adapter']} on {result['data']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if key not in ("adapter", "data"):
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    (console or Console()).print(table)
+
+
+def write_result(result: dict[str, Any], path: str) -> None:
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
