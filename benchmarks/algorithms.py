@@ -52,7 +52,8 @@ GROUPS: dict[str, list[tuple[str, list[str]]]] = {
                                    "federation.options={clip_norm: 1.0, noise_multiplier: 0.5}"]),
     ],
     "codecs": [
-        (f"up {up}, down {down}", [f"federation.compression.up={{method: {up}{extra}}}",
+        (f"up {up}{extra.replace(', topk_ratio: ', ' ')}, down {down}",
+         [f"federation.compression.up={{method: {up}{extra}}}",
                                    f"federation.compression.down.method={down}"])
         for up, extra, down in [
             ("none", "", "none"), ("fp16", "", "fp16"), ("bf16", "", "bf16"), ("int8", "", "int8"),
