@@ -83,3 +83,16 @@ def test_missing_local_model_directory_is_a_clear_error(tiny_recipe, tmp_path, c
 def test_console_entry_point():
     out = subprocess.run([sys.executable, "-m", "fedtune", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("fedtune ")
+
+
+def test_dataset_presets_name_the_files_they_need(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    assert main(["recipes"]) == 0
+    listed = capsys.readouterr().out
+    assert "fed-dolly" in listed and "fed-gsm8k-3" in listed
+    for preset, expected in [("fed-dolly", "data/databricks-dolly-15k.jsonl"),
+                             ("fed-gsm8k-3", "data/gsm8k/train.jsonl")]:
+        assert main(["run", preset, "output.dir=runs"]) == 2
+        err = capsys.readouterr().err.replace("\n", "")
+        assert "not found" in err and expected in err, err
+    assert not (tmp_path / "runs").exists()  # nothing made, no model downloaded
