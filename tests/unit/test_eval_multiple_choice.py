@@ -7,9 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import make_char_tokenizer
+from conftest import make_char_tokenizer, make_tiny_llama
 from fedtune.errors import DataError
 from fedtune.eval.errors import EvalError
 from fedtune.eval.multiple_choice import (
@@ -35,14 +34,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def tiny_llama(tokenizer):
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    return make_tiny_llama(tokenizer, max_positions=512).eval()
 
 
 def test_load_items_from_jsonl_csv_and_headerless_mmlu_csv(tmp_path):
