@@ -67,7 +67,7 @@ class SyntheticSection(Section):
 class DataSection(Section):
     source: str = "synthetic"
     test_source: str | None = None
-    format: Literal["auto", "alpaca", "dolly", "gsm8k", "custom"] = "auto"
+    format: Literal["auto", "alpaca", "dolly", "gsm8k", "codealpaca", "custom"] = "auto"
     fields: dict[str, str] = Field(default_factory=dict)
     template: str = "alpaca"
     max_length: PositiveInt = 512

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from fedtune.data.code_language import code_language
 from fedtune.data.examples import Example
 from fedtune.errors import DataError
 
@@ -26,6 +27,8 @@ FORMATS: dict[str, dict[str, str]] = {
     },
     "alpaca": {"instruction": "instruction", "input": "input", "output": "output"},
     "gsm8k": {"instruction": "question", "output": "answer"},
+    # alpaca columns; the category is the programming language (fedtune.data.code_language)
+    "codealpaca": {"instruction": "instruction", "input": "input", "output": "output"},
 }
 REQUIRED = ("instruction", "output")
 
@@ -303,14 +306,13 @@ def to_examples(rows: list[Row], *, format: str, fields: dict[str, str]) -> list
         assert instruction is not None and output is not None
         if format == "gsm8k":
             output = rewrite_gsm8k_answer(output)
+        input_text = _text(row, origin, mapping.get("input"), required=False) or ""
+        category = _text(row, origin, mapping.get("category"), required=False) or None
+        if format == "codealpaca" and category is None:
+            category = code_language(instruction, input_text, output)
         examples.append(
-            Example(
-                instruction=instruction,
-                output=output,
-                input=_text(row, origin, mapping.get("input"), required=False) or "",
-                category=_text(row, origin, mapping.get("category"), required=False) or None,
-                origin=origin,
-            )
+            Example(instruction=instruction, output=output, input=input_text, category=category,
+                    origin=origin)
         )
     return examples
 
