@@ -345,6 +345,86 @@ class OutputSection(Section):
     progress: bool = True
 
 
+_LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+-")
+
+
+class BenchAlgorithm(Section):
+    """One federated variant of `fedtune bench`: an algorithm, its options, a label for the tables."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None   # default: the algorithm's name
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        from fedtune.algorithms import available_algorithms
+
+        if v not in available_algorithms():
+            raise ValueError(f"unknown algorithm {v!r}; allowed: {', '.join(available_algorithms())}")
+        return v
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, v: str | None) -> str | None:
+        if v is not None and (not v or set(v) - _LABEL_CHARS):
+            raise ValueError(f"label {v!r} must be letters, digits and _ . + - (it names a directory)")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> BenchAlgorithm:
+        from fedtune.algorithms import algorithm_options
+
+        try:
+            algorithm_options(self.name, self.options)
+        except RecipeError as exc:
+            raise ValueError(str(exc).replace("federation.options.", "options.")) from None
+        return self
+
+    @property
+    def variant(self) -> str:
+        return self.label or self.name
+
+
+class BenchSection(Section):
+    """What `fedtune bench` compares on one split and one budget (docs/bench.md).
+
+    `algorithms` are the federated variants (default: the recipe's federation.algorithm and
+    options, FedAvg unless the recipe says otherwise); an entry is a name or {name, options, label}.
+    """
+
+    algorithms: list[BenchAlgorithm] | None = None
+    local_only: bool = True
+    centralised: bool = True
+
+    @field_validator("algorithms", mode="before")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list):
+            return [{"name": item} if isinstance(item, str) else item for item in v]
+        return v
+
+    @field_validator("algorithms")
+    @classmethod
+    def _labels(cls, v: list[BenchAlgorithm] | None) -> list[BenchAlgorithm] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("empty; list at least one algorithm, e.g. [fedavg]")
+        labels = [a.variant for a in v]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise ValueError(f"{twice} appear more than once; give each entry a distinct label, "
+                             "e.g. {name: fedprox, options: {mu: 0.1}, label: fedprox-0.1}")
+        reserved = [x for x in labels if x == "centralised" or x.startswith("local-")]
+        if reserved:
+            raise ValueError(f"labels {reserved} are reserved for the baselines "
+                             "('centralised', 'local-<client>'); choose another label")
+        return v
+
+
 class Recipe(Section):
     name: str = "default"
     description: str = ""
@@ -357,6 +437,7 @@ class Recipe(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     transport: TransportSection = Field(default_factory=TransportSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    bench: BenchSection = Field(default_factory=BenchSection)
 
     @model_validator(mode="after")
     def _qlora(self) -> Recipe:
@@ -464,8 +545,9 @@ def _format_errors(
         loc = tuple(str(p) for p in err["loc"])
         key = ".".join(loc) or "(top level)"
         where = origin
-        if key in overrides:
-            where = f"override {key}=..."
+        given = [k for k in overrides if key == k or key.startswith(k + ".")]
+        if given:
+            where = f"override {given[0]}=..."
         else:
             for n in range(len(loc), 0, -1):
                 if loc[:n] in lines:

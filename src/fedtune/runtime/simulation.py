@@ -14,6 +14,7 @@ from rich.console import Console
 
 from fedtune.algorithms import build_strategy
 from fedtune.config import Recipe, load_recipe
+from fedtune.data.federated import FederatedData
 from fedtune.errors import RunDirError
 from fedtune.runtime.server import Server
 from fedtune.runtime.setup import Setup
@@ -25,8 +26,8 @@ from fedtune.transport.inprocess import InProcessTransport
 class Simulation:
     """One server and every client of the recipe in this process, over the in-process transport."""
 
-    def __init__(self, recipe: Recipe, console: Console | None = None):
-        self.setup = Setup(recipe, console)
+    def __init__(self, recipe: Recipe, console: Console | None = None, data: FederatedData | None = None):
+        self.setup = Setup(recipe, console, data=data)
         self.recipe = recipe
         self.clients = {name: self.setup.client(name) for name in self.setup.data.clients}
 
