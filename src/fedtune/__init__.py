@@ -2,13 +2,14 @@
 
     import fedtune
     summary = fedtune.run("default", ["federation.rounds=5"])
+    result = fedtune.bench("default", ["federation.rounds=5"])   # local-only, FedAvg, centralised
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_recipe", "run"]
+__all__ = ["__version__", "bench", "load_recipe", "run"]
 
 
 def __getattr__(name: str):
@@ -17,6 +18,10 @@ def __getattr__(name: str):
         from fedtune.runtime.simulation import run
 
         return run
+    if name == "bench":
+        from fedtune.baselines.runner import bench
+
+        return bench
     if name == "load_recipe":
         from fedtune.config import load_recipe
 

@@ -1,4 +1,4 @@
-"""The `fedtune` command: run a recipe, resume a run, list recipes; deploy (server, client, certs)."""
+"""The `fedtune` command: run a recipe, resume a run, bench baselines, list recipes; deploy (server, client, certs)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     recipe, overrides = split_recipe_args(args.items)
     run(recipe, overrides, resume=args.resume)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fedtune.baselines.runner import bench
+    from fedtune.config import split_recipe_args
+
+    recipe, overrides = split_recipe_args(args.items)
+    bench(recipe, overrides)
     return 0
 
 
@@ -96,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="RECIPE|KEY=VALUE")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("bench", help="compare local-only, federated and centralised training",
+                       description="Run, on the same split and budget, each client alone, the "
+                                   "federated algorithms of the recipe's bench section (default: "
+                                   "its federation.algorithm) and centralised training on the "
+                                   "pooled data; writes results.md/.csv and report.html "
+                                   "(docs/bench.md). Example: fedtune bench default "
+                                   "bench.algorithms=[fedavg,fedprox] federation.rounds=10")
+    p.add_argument("items", nargs="*", metavar="RECIPE|KEY=VALUE")
+    p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("recipes", help="list the built-in recipes")
     p.set_defaults(func=_cmd_recipes)
     p = sub.add_parser("eval", help="evaluate a saved adapter on a test set",
