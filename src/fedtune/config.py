@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -209,6 +209,22 @@ class FederationSection(Section):
         return self.clients
 
 
+class DPSGDSection(Section):
+    """Local DP-SGD (Opacus): per-example clipping and Gaussian noise on every local step.
+
+    Each optimizer step samples every training example independently with probability
+    q = batch_size * grad_accum / examples (Poisson), clips each example's gradient to
+    `max_grad_norm` and adds N(0, (noise_multiplier * max_grad_norm)^2) to their sum. The
+    client's (epsilon, delta) over all its rounds comes from Opacus' `accountant` (docs/privacy.md).
+    """
+
+    noise_multiplier: float = Field(ge=0.0)
+    max_grad_norm: PositiveFloat = 1.0
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    noise_seed: int | None = None   # reproducible noise, for experiments only (docs/privacy.md)
+
+
 class TrainSection(Section):
     """Local training on each client: `local_steps` optimizer steps or `local_epochs` passes."""
 
@@ -222,6 +238,7 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: PositiveFloat | None = 1.0
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    dp_sgd: DPSGDSection | None = None
 
     @model_validator(mode="after")
     def _check(self) -> TrainSection:
@@ -454,6 +471,15 @@ class Recipe(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _dp_sgd(self) -> Recipe:
+        if self.train.dp_sgd is not None and self.federation.algorithm in ("fedmezo", "fedkseed"):
+            raise ValueError(
+                f"train.dp_sgd privatises backprop gradients; federation.algorithm "
+                f"{self.federation.algorithm!r} trains by zeroth-order steps (remove train.dp_sgd)"
+            )
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -534,6 +560,8 @@ def _allowed_keys(loc: tuple) -> list[str]:
         if field is None:
             return []
         model = field.annotation
+        # An optional section (`X | None`): the keys of X.
+        model = next((a for a in get_args(model) if hasattr(a, "model_fields")), model)
     return list(getattr(model, "model_fields", {}))
 
 

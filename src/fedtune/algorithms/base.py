@@ -122,8 +122,13 @@ def local_update(local: State, global_state: State) -> State:
 
 
 def result_metrics(result) -> dict[str, Any]:
-    return {"train_loss": result.loss, "steps": result.steps, "examples_seen": result.examples,
-            "train_seconds": result.seconds}
+    metrics = {"train_loss": result.loss, "steps": result.steps, "examples_seen": result.examples,
+               "train_seconds": result.seconds}
+    dp = getattr(result, "dp", None)
+    if dp is not None:  # DP-SGD: the client adds its (ε, δ) so far (privacy/dp_sgd.py)
+        metrics.update(dp_steps=dp.steps, dp_sample_rate=dp.sample_rate,
+                       dp_noise_multiplier=dp.noise_multiplier)
+    return metrics
 
 
 def _standard_local(config: BaseModel) -> LocalProcedure:

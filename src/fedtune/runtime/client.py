@@ -15,6 +15,7 @@ from fedtune.data.prompts import TokenizedExample
 from fedtune.errors import FedtuneError, MessageError
 from fedtune.eval.evaluator import Evaluator
 from fedtune.models.adapters import AdapterSlot
+from fedtune.privacy.dp_sgd import record_dp_steps
 from fedtune.runtime.messages import Message, MessageKind
 from fedtune.seeding import derive_seed
 from fedtune.train.local import LocalTrainer
@@ -109,6 +110,8 @@ class Client:
         )
         outcome = self.local.fit(ctx, adapter)
         outcome.metrics.setdefault("lr", float(lr))
+        if self.trainer.section.dp_sgd is not None:  # this client's (ε, δ) over all its rounds
+            record_dp_steps(self.state, outcome.metrics, self.trainer.section.dp_sgd)
         return Message(MessageKind.UPDATE, msg.round, self.name, self.server,
                        tensors={**self.up.pack(outcome.update, self.state), **outcome.extra},
                        meta={"n_examples": len(self.data.train), "metrics": outcome.metrics})

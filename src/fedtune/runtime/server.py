@@ -70,6 +70,7 @@ class ServerResult:
     missing: int = 0
     strategy_metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    local_dp: dict[str, dict[str, Any]] = field(default_factory=dict)  # DP-SGD (ε, δ) per client
 
 
 class Server:
@@ -107,6 +108,7 @@ class Server:
         self.initial: dict[str, Any] | None = None
         self.last_eval: dict[str, Any] = {}
         self.client_eval: dict[str, dict[str, Any]] = {}
+        self.local_dp: dict[str, dict[str, Any]] = {}
 
     # -- resume ---------------------------------------------------------------------------------
 
@@ -150,6 +152,7 @@ class Server:
             rounds=fed.rounds, global_state=self.global_state, initial=self.initial,
             final=self.last_eval, clients=self.client_eval, timings=self.timings,
             rejected=self.rejected, missing=self.missing, strategy_metrics=self.privacy,
+            local_dp=self.local_dp,
         )
 
     def run_round(self, round_: int) -> None:
@@ -182,6 +185,9 @@ class Server:
         traffic = self.transport.traffic.by_client(round_)
         for u in updates:
             self.timings.train += float(u.metrics.get("train_seconds", 0.0))
+            if "dp_epsilon" in u.metrics:  # local DP-SGD: the client's (ε, δ) over its rounds
+                self.local_dp[u.client] = {"epsilon": u.metrics["dp_epsilon"],
+                                           "delta": u.metrics.get("dp_delta")}
             self.run_dir.log(round_, u.client, "fit", {
                 **u.metrics, "n_examples": u.n_examples, **traffic.get(u.client, {}),
             })

@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 
 from fedtune.algorithms import build_local
-from fedtune.algorithms.attacks import AttackedLocal, poison_examples
+from fedtune.algorithms.attacks import AttackedLocal, backdoor_metrics, poison_examples
 from fedtune.config import Recipe
 from fedtune.data.examples import Example
 from fedtune.data.federated import FederatedData, build_federated_data, format_split_table
@@ -101,7 +101,12 @@ class Setup:
         cap = self.recipe.eval.max_examples
         tokenized = self._test[:cap] if cap else self._test
         raw = self.data.test[:cap] if cap else self.data.test
-        return self.evaluator.evaluate(tokenized, raw, with_generation=generate)
+        metrics = self.evaluator.evaluate(tokenized, raw, with_generation=generate)
+        attack = self.recipe.federation.attack
+        if generate and attack.kind == "backdoor" and attack.clients:
+            metrics.update(backdoor_metrics(self.evaluator.generate, raw, trigger=attack.trigger,
+                                            target=attack.target))
+        return metrics
 
     def write_split(self, run_dir: RunDir) -> None:
         if self._test is None:

@@ -10,7 +10,7 @@ from rich.table import Table
 from fedtune.config import Recipe
 from fedtune.transport.base import TrafficCounter
 
-_METRICS = ("loss", "perplexity", "exact_match")
+_METRICS = ("loss", "perplexity", "exact_match", "backdoor_success")
 
 
 def _pick(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -39,6 +39,7 @@ def make_summary(recipe: Recipe, result, *, traffic: TrafficCounter, wall_second
         "rejected_replies": result.rejected,
         "missing_updates": result.missing,
         "strategy": result.strategy_metrics,
+        "dp_sgd": _local_dp(getattr(result, "local_dp", None)),
         "adapter_parameters": adapter_parameters,
         "adapter_bytes": adapter_bytes,
         "wall_seconds": round(wall_seconds, 3),
@@ -47,6 +48,16 @@ def make_summary(recipe: Recipe, result, *, traffic: TrafficCounter, wall_second
         "overhead_seconds": round(overhead, 3),
         "final_adapter": str(Path(run_dir) / "final"),
     }
+
+
+def _local_dp(per_client: dict[str, dict[str, Any]] | None) -> dict[str, Any] | None:
+    """Local DP-SGD: each client's (ε, δ) over its rounds, and the largest ε (None: no noise)."""
+    if not per_client:
+        return None
+    eps = [m.get("epsilon") for m in per_client.values()]
+    return {"max_epsilon": None if None in eps else max(eps),
+            "delta": next(iter(per_client.values())).get("delta"),
+            "clients": dict(sorted(per_client.items()))}
 
 
 def human_bytes(n: float) -> str:

@@ -1,4 +1,5 @@
-"""Local training on one client's data: AdamW (or SGD), gradient clipping, real accumulation."""
+"""Local training on one client's data: AdamW (or SGD), gradient clipping, real accumulation;
+optionally DP-SGD (per-example clipping and noise, fedtune.privacy.dp_sgd)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,14 @@ import torch
 
 from fedtune.config import TrainSection
 from fedtune.data.prompts import TokenizedExample, collate
+from fedtune.privacy.dp_sgd import (
+    DPSteps,
+    PrivateGradients,
+    noise_generator,
+    poisson_batch,
+    require_opacus,
+    sample_rate,
+)
 from fedtune.train.loss import token_loss_sum
 
 
@@ -22,6 +31,7 @@ class LocalResult:
     examples: int        # examples processed (with repeats)
     tokens: int          # response tokens processed
     seconds: float
+    dp: DPSteps | None = None   # with train.dp_sgd: what the privacy accountant needs
 
 
 def lr_for_round(section: TrainSection, round_: int, rounds: int) -> float:
@@ -62,6 +72,8 @@ class LocalTrainer:
         self.section = section
         self.pad_id = pad_id
         self.device = device
+        if section.dp_sgd is not None:
+            require_opacus()
 
     def _optimizer(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
         s = self.section
@@ -93,8 +105,14 @@ class LocalTrainer:
         batches = micro_batches(len(examples), s.batch_size, seed)
         torch.manual_seed(seed)  # dropout masks
         self.model.train()
-        total_loss, total_tokens, seen = 0.0, 0, 0
         n_steps = steps_for(s, len(examples))
+        if s.dp_sgd is not None:
+            try:
+                return self._train_private(examples, params, optimizer, n_steps, seed, start,
+                                           extra_loss, before_step)
+            finally:
+                self.model.eval()
+        total_loss, total_tokens, seen = 0.0, 0, 0
         for _ in range(n_steps):
             group = [collate([examples[i] for i in next(batches)], self.pad_id) for _ in range(s.grad_accum)]
             group_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
@@ -105,16 +123,54 @@ class LocalTrainer:
                 total_loss += loss_sum.item()
                 total_tokens += n_tok
                 seen += batch["input_ids"].shape[0]
-            if extra_loss is not None:
-                extra_loss().backward()
-            if before_step is not None:
-                before_step()
-            if s.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-            optimizer.step()
+            self._step(params, optimizer, extra_loss, before_step)
             optimizer.zero_grad(set_to_none=True)
         self.model.eval()
         return LocalResult(
             loss=total_loss / max(1, total_tokens), steps=n_steps, examples=seen,
             tokens=total_tokens, seconds=time.perf_counter() - start,
+        )
+
+    def _step(self, params, optimizer, extra_loss, before_step) -> None:
+        """The optimizer step on the gradients in `p.grad` (after the data terms are in)."""
+        if extra_loss is not None:
+            extra_loss().backward()
+        if before_step is not None:
+            before_step()
+        if self.section.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.section.max_grad_norm)
+        optimizer.step()
+
+    def _train_private(self, examples, params, optimizer, n_steps, seed, start,
+                       extra_loss, before_step) -> LocalResult:
+        """DP-SGD: Poisson batches, per-example clipping, noise once per step (privacy/dp_sgd.py).
+
+        What follows the noise is post-processing and keeps the guarantee: FedProx's proximal
+        term, SCAFFOLD's correction, train.max_grad_norm on the noised gradient, the optimizer.
+        """
+        s, dp = self.section, self.section.dp_sgd
+        expected = s.batch_size * s.grad_accum
+        rate = sample_rate(expected, len(examples))
+        rng = np.random.default_rng(seed)
+        private = PrivateGradients(self.model, optimizer, dp, expected, noise_generator(dp, seed))
+        total_loss, total_tokens, seen = 0.0, 0, 0
+        try:
+            for _ in range(n_steps):
+                chosen = poisson_batch(len(examples), rate, rng)
+                for first in range(0, len(chosen), s.batch_size):
+                    batch = collate([examples[i] for i in chosen[first:first + s.batch_size]],
+                                    self.pad_id)
+                    loss, tokens = private.backward({k: v.to(self.device) for k, v in batch.items()})
+                    total_loss += loss
+                    total_tokens += tokens
+                seen += len(chosen)
+                private.privatize()
+                self._step(params, optimizer, extra_loss, before_step)
+                private.zero_grad()
+        finally:
+            private.close()
+        return LocalResult(
+            loss=total_loss / max(1, total_tokens), steps=n_steps, examples=seen,
+            tokens=total_tokens, seconds=time.perf_counter() - start,
+            dp=DPSteps(dp.noise_multiplier, rate, n_steps),
         )

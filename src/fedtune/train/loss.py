@@ -24,3 +24,21 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
         ignore_index=-100, reduction="sum",
     )
     return loss, n_tokens
+
+
+def example_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: the summed next-token cross-entropy over its labelled positions, and how many.
+
+    Returns two tensors of shape (batch,): loss sums (float32) and token counts (long). DP-SGD
+    needs each example's own loss, since it bounds each example's gradient separately.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    logits = logits[:, :-1, :]
+    if logits.shape[1] != labels.shape[1]:
+        logits = logits[:, -labels.shape[1]:, :]
+    per_token = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+        ignore_index=-100, reduction="none",
+    ).view(labels.shape)
+    return per_token.sum(dim=1), (labels != -100).sum(dim=1)
