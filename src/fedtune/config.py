@@ -159,6 +159,39 @@ class AttackSection(Section):
     poison_fraction: float = Field(0.5, gt=0.0, le=1.0)
 
 
+class SecureAggregationSection(Section):
+    """Secure aggregation (docs/privacy.md): pairwise masks, the server learns only the sum.
+
+    `threshold`: clients that must finish every step of a round (default: a majority of the
+    round's clients, > n/2, at least 2). `frac_bits`, `clip`, `max_weight`: the fixed-point code
+    of `weight * update` (fedtune.privacy.fixedpoint); values beyond ±clip are clipped.
+    """
+
+    enabled: bool = False
+    threshold: PositiveInt | None = None
+    frac_bits: int = Field(24, ge=0, le=52)
+    clip: PositiveFloat = 64.0
+    max_weight: PositiveFloat = float(2**20)
+
+    @model_validator(mode="after")
+    def _codec(self) -> SecureAggregationSection:
+        try:
+            self.codec()
+        except RecipeError as exc:
+            raise ValueError(str(exc).replace("secagg ", "")) from None
+        return self
+
+    def codec(self):
+        from fedtune.privacy.fixedpoint import FixedPointCodec
+
+        return FixedPointCodec(frac_bits=self.frac_bits, clip=float(self.clip),
+                               max_weight=float(self.max_weight))
+
+    def threshold_for(self, n_clients: int) -> int:
+        """The configured threshold, or a majority of `n_clients` (at least 2)."""
+        return self.threshold if self.threshold is not None else max(2, n_clients // 2 + 1)
+
+
 class FederationSection(Section):
     algorithm: str = "fedavg"
     options: dict[str, Any] = Field(default_factory=dict)
@@ -168,6 +201,7 @@ class FederationSection(Section):
     rounds: PositiveInt = 10
     compression: CompressionSection = Field(default_factory=CompressionSection)
     attack: AttackSection = Field(default_factory=AttackSection)
+    secure_aggregation: SecureAggregationSection = Field(default_factory=SecureAggregationSection)
 
     @field_validator("algorithm")
     @classmethod
@@ -198,6 +232,39 @@ class FederationSection(Section):
             algorithm_options(self.algorithm, self.options)
         except RecipeError as exc:
             raise ValueError(str(exc)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation(self) -> FederationSection:
+        """Refuse what cannot work with secure aggregation: the server sees only the sum."""
+        if not self.secure_aggregation.enabled:
+            return self
+        from fedtune.algorithms import registry
+        from fedtune.privacy.secagg_wire import check_threshold
+
+        key = "secure_aggregation"
+        if not registry()[self.algorithm].sum_only:
+            works = ", ".join(sorted(n for n, s in registry().items() if s.sum_only))
+            raise ValueError(
+                f"{key}.enabled: algorithm {self.algorithm!r} needs each client's own update (or "
+                f"per-client tensors) on the server, which secure aggregation hides; it works with "
+                f"algorithms that use only the sum of the updates: {works}")
+        if self.compression.up.method != "none":
+            raise ValueError(
+                f"{key}.enabled: compression.up must be 'none' (masked inputs are 64-bit integers "
+                f"that no codec can shrink); got {self.compression.up.method!r}")
+        if self.attack.kind in ("nan", "inf"):
+            raise ValueError(
+                f"{key}.enabled: attack.kind {self.attack.kind!r} is a server-side detection "
+                "experiment; with secure aggregation the server sees no individual update")
+        n = self.per_round()
+        if n < 2:
+            raise ValueError(f"{key}.enabled: needs at least 2 clients per round, got {n}")
+        try:
+            check_threshold(self.secure_aggregation.threshold_for(n), n)
+            self.secure_aggregation.codec().check_capacity(n)
+        except RecipeError as exc:
+            raise ValueError(f"{key}: {str(exc).replace('secagg ', '')}") from None
         return self
 
     def per_round(self) -> int:

@@ -142,6 +142,10 @@ class AlgorithmSpec:
     config: type[BaseModel]
     build: Callable[[BaseModel, int], Strategy]          # (options, number of clients)
     local: Callable[[BaseModel], LocalProcedure] = _standard_local
+    # True when aggregate_fit uses the updates only through their weighted mean (weights by the
+    # `weighting` option) and clients send nothing else: it then works with secure aggregation,
+    # which hands it one update holding that mean (runtime/secure_round.py).
+    sum_only: bool = False
 
 
 _REGISTRY: dict[str, AlgorithmSpec] = {}

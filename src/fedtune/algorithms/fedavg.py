@@ -57,4 +57,5 @@ SPEC = register(AlgorithmSpec(
     summary="Federated averaging of adapter updates, weighted by client examples (McMahan et al. 2017).",
     config=FedAvgConfig,
     build=lambda config, n_clients: FedAvg(config),
+    sum_only=True,
 ))

@@ -187,22 +187,26 @@ FEDAVGM = register(AlgorithmSpec(
     summary="FedAvg with server momentum on the mean client update (Hsu et al. 2019).",
     config=FedAvgMConfig,
     build=_build_fedavgm,
+    sum_only=True,
 ))
 FEDADAM = register(AlgorithmSpec(
     name="fedadam",
     summary="Adam as the server optimizer on the mean client update (Reddi et al. 2021, Adaptive Federated Optimization).",
     config=FedAdamConfig,
     build=_build_adaptive(fedadam_step),
+    sum_only=True,
 ))
 FEDYOGI = register(AlgorithmSpec(
     name="fedyogi",
     summary="Yogi as the server optimizer on the mean client update (Reddi et al. 2021, Adaptive Federated Optimization).",
     config=FedAdamConfig,
     build=_build_adaptive(fedyogi_step),
+    sum_only=True,
 ))
 FEDADAGRAD = register(AlgorithmSpec(
     name="fedadagrad",
     summary="Adagrad with momentum as the server optimizer (Reddi et al. 2021, Adaptive Federated Optimization).",
     config=FedAdagradConfig,
     build=_build_adaptive(fedadagrad_step),
+    sum_only=True,
 ))

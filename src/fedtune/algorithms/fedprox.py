@@ -53,4 +53,5 @@ SPEC = register(AlgorithmSpec(
     config=FedProxConfig,
     build=lambda config, n_clients: FedAvg(FedAvgConfig(weighting=config.weighting)),
     local=ProxLocal,
+    sum_only=True,
 ))

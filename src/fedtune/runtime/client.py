@@ -17,6 +17,7 @@ from fedtune.eval.evaluator import Evaluator
 from fedtune.models.adapters import AdapterSlot
 from fedtune.privacy.dp_sgd import record_dp_steps
 from fedtune.runtime.messages import Message, MessageKind
+from fedtune.runtime.secure_client import SecAggParticipant
 from fedtune.seeding import derive_seed
 from fedtune.train.local import LocalTrainer
 from fedtune.transport.adapter_wire import AdapterWire
@@ -60,6 +61,7 @@ class Client:
         self.seed = seed
         self.server = server
         self.max_message_bytes = max_message_bytes
+        self.secagg = SecAggParticipant(name)  # secure-aggregation rounds (runtime/secure_client.py)
         self._specs = specs_of(slot.get())
         up, down = compression or (CompressionConfig(), CompressionConfig())
         self.up, self.down = AdapterWire(up, self._specs), AdapterWire(down, self._specs)
@@ -67,6 +69,8 @@ class Client:
     # -- message handling -----------------------------------------------------------------------
 
     def handle(self, msg: Message) -> Message | None:
+        if self.secagg.wants(msg):
+            return self.secagg.handle(self, msg)
         check_message(msg, kinds={MessageKind.FIT, MessageKind.EVALUATE, MessageKind.FINISH},
                       sender=self.server)
         if msg.kind == MessageKind.FIT:

@@ -80,6 +80,7 @@ def participate(recipe: Any = None, overrides: list[str] | None = None, *, name:
                 f"client '{name}' is not in the recipe's split ({', '.join(setup.data.clients)}); "
                 "give one of those names, or --data PATH for your own data")
         client = setup.client(name)
+        client.secagg.require(loaded.federation.secure_aggregation)  # no plain FIT if enabled
         return _Loop(connection, client, loaded, Console(highlight=False, soft_wrap=True)).run()
     finally:
         connection.close()
@@ -145,6 +146,11 @@ class _Loop:
         if meta.get("kind") == "update":
             self.stats.fits += 1
             what = f"trained: train loss {metrics.get('train_loss', float('nan')):.4f}"
+        elif meta.get("kind") == "secagg_advert":
+            self.stats.fits += 1
+            what = "trained; secure aggregation: keys sent"
+        elif str(meta.get("kind")).startswith("secagg_"):
+            what = f"secure aggregation: {str(meta.get('kind'))[7:]} sent"
         elif meta.get("kind") == "eval_result":
             self.stats.evaluations += 1
             what = "evaluated: " + (f"loss {metrics['loss']:.4f}" if "loss" in metrics else "no test data")

@@ -19,6 +19,23 @@ class MessageKind(str, Enum):
     EVAL_RESULT = "eval_result"
     FINISH = "finish"
     ERROR = "error"
+    # Secure aggregation (runtime/secure_round.py), request -> answer, in protocol order:
+    SECAGG_FIT = "secagg_fit"          # global adapter + round parameters -> SECAGG_ADVERT (keys)
+    SECAGG_ADVERT = "secagg_advert"
+    SECAGG_KEYS = "secagg_keys"        # every client's public keys -> SECAGG_SHARES (sealed)
+    SECAGG_SHARES = "secagg_shares"
+    SECAGG_ROUTED = "secagg_routed"    # the shares sealed for this client -> SECAGG_MASKED
+    SECAGG_MASKED = "secagg_masked"
+    SECAGG_UNMASK = "secagg_unmask"    # survivors and dropped clients -> SECAGG_REVEAL (shares)
+    SECAGG_REVEAL = "secagg_reveal"
+
+
+SECAGG_ANSWERS = {
+    MessageKind.SECAGG_FIT: MessageKind.SECAGG_ADVERT,
+    MessageKind.SECAGG_KEYS: MessageKind.SECAGG_SHARES,
+    MessageKind.SECAGG_ROUTED: MessageKind.SECAGG_MASKED,
+    MessageKind.SECAGG_UNMASK: MessageKind.SECAGG_REVEAL,
+}
 
 
 @dataclass(frozen=True, eq=False)

@@ -18,6 +18,7 @@ from fedtune.algorithms.base import ClientUpdate, State, Strategy
 from fedtune.config import Recipe
 from fedtune.errors import MessageError
 from fedtune.runtime.messages import Message, MessageKind
+from fedtune.runtime.secure_round import SecureAggregation
 from fedtune.seeding import derive_seed
 from fedtune.track.reporter import NullReporter, Reporter
 from fedtune.track.rundir import Checkpoint, RunDir
@@ -102,6 +103,7 @@ class Server:
         compression = recipe.federation.compression
         self.up = AdapterWire(compression.up.codec(), self.specs)
         self.down = AdapterWire(compression.down.codec(), self.specs)
+        self.secure = SecureAggregation.from_recipe(recipe, self.specs)  # None unless enabled
         self.timings = Timings()
         self.rejected = 0
         self.missing = 0
@@ -162,6 +164,8 @@ class Server:
         instructions = self.strategy.configure_fit(round_, chosen, lr)
         self.reporter.round_begin(round_, fed.rounds, len(chosen))
         start = time.perf_counter()
+        if self.secure is not None:  # the server sees only the sum (runtime/secure_round.py)
+            return self.secure.run_round(self, round_, chosen, lr, instructions, start)
         tensors = {**self.down.pack(self.global_state),
                    **self.strategy.fit_tensors(round_, self.global_state)}
         for client in chosen:

@@ -17,13 +17,14 @@ from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from fedtune.runtime.messages import Message, MessageKind
+from fedtune.runtime.messages import SECAGG_ANSWERS, Message, MessageKind
 from fedtune.transport.base import TrafficCounter
 from fedtune.transport.framing import Buffer
 
 log = logging.getLogger("fedtune.transport")
 
-ANSWERS = {MessageKind.FIT: MessageKind.UPDATE, MessageKind.EVALUATE: MessageKind.EVAL_RESULT}
+ANSWERS = {MessageKind.FIT: MessageKind.UPDATE, MessageKind.EVALUATE: MessageKind.EVAL_RESULT,
+           **SECAGG_ANSWERS}
 CLOSED = object()  # next_for(): this stream must end
 _WAIT_SLICE = 1.0
 
