@@ -530,6 +530,13 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _algorithm_fits(self) -> Recipe:
+        from fedtune.algorithms import check_recipe
+
+        check_recipe(self)  # what an algorithm needs from the other sections (ValueError)
+        return self
+
+    @model_validator(mode="after")
     def _min_replies(self) -> Recipe:
         if self.transport.min_replies > self.federation.per_round():
             raise ValueError(

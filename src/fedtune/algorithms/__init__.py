@@ -7,6 +7,7 @@ from pydantic import ValidationError
 from fedtune.algorithms import (  # noqa: F401  (each module registers its algorithms)
     dp_fedavg,
     fedavg,
+    fedkseed,
     fedmezo,
     fedopt,
     fedprox,
@@ -18,6 +19,7 @@ from fedtune.algorithms.base import (
     AlgorithmSpec,
     ClientUpdate,
     LocalProcedure,
+    ModelView,
     Strategy,
     registry,
 )
@@ -25,7 +27,7 @@ from fedtune.errors import RecipeError
 
 __all__ = [
     "AlgorithmSpec", "ClientUpdate", "LocalProcedure", "Strategy", "available_algorithms",
-    "build_local", "build_strategy",
+    "build_local", "build_strategy", "build_view",
 ]
 
 
@@ -56,3 +58,16 @@ def build_strategy(name: str, options: dict, n_clients: int = 1) -> Strategy:
 def build_local(name: str, options: dict) -> LocalProcedure:
     """The client-side procedure of an algorithm (plain local training for most)."""
     return registry()[name].local(algorithm_options(name, options))
+
+
+def check_recipe(recipe) -> None:
+    """Raise ValueError where the recipe's other sections do not suit its algorithm."""
+    fed = recipe.federation
+    spec = registry()[fed.algorithm]
+    if spec.check is not None:
+        spec.check(algorithm_options(fed.algorithm, fed.options), recipe)
+
+
+def build_view(name: str, options: dict, slot) -> ModelView:
+    """How the algorithm's global state maps onto the model's trainable tensors (see ModelView)."""
+    return registry()[name].view(algorithm_options(name, options), slot)

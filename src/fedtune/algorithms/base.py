@@ -135,6 +135,31 @@ def _standard_local(config: BaseModel) -> LocalProcedure:
     return StandardLocal()
 
 
+class ModelView:
+    """What the global model is on the wire, and how it becomes the model's trainable tensors.
+
+    For most algorithms the global state IS the adapter: `initial` reads it from the model and
+    `load` copies it in. An algorithm whose global model travels in another form (FedKSeed: one
+    scalar per candidate seed) provides its own view; every party (server, each client) builds one
+    per process from the same recipe, right after the model, before any training.
+    """
+
+    def __init__(self, slot: Any):
+        self.slot = slot
+
+    def initial(self) -> State:
+        """The global state before round 1."""
+        return self.slot.get()
+
+    def load(self, state: State) -> None:
+        """Make the model's trainable tensors those of the global state `state`."""
+        self.slot.set(state)
+
+
+def _adapter_view(config: BaseModel, slot: Any) -> ModelView:
+    return ModelView(slot)
+
+
 @dataclass(frozen=True)
 class AlgorithmSpec:
     name: str
@@ -142,6 +167,9 @@ class AlgorithmSpec:
     config: type[BaseModel]
     build: Callable[[BaseModel, int], Strategy]          # (options, number of clients)
     local: Callable[[BaseModel], LocalProcedure] = _standard_local
+    view: Callable[[BaseModel, Any], ModelView] = _adapter_view   # (options, AdapterSlot)
+    # What the algorithm needs from the rest of the recipe: raise ValueError naming the key.
+    check: Callable[[BaseModel, Any], None] | None = None           # (options, Recipe)
     # True when aggregate_fit uses the updates only through their weighted mean (weights by the
     # `weighting` option) and clients send nothing else: it then works with secure aggregation,
     # which hands it one update holding that mean (runtime/secure_round.py).

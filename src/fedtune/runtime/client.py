@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from fedtune.algorithms.base import LocalContext, LocalProcedure, StandardLocal, State
+from fedtune.algorithms.base import LocalContext, LocalProcedure, ModelView, StandardLocal, State
 from fedtune.data.examples import Example
 from fedtune.data.prompts import TokenizedExample
 from fedtune.errors import FedtuneError, MessageError
@@ -50,6 +50,7 @@ class Client:
         compression: tuple[CompressionConfig, CompressionConfig] | None = None,
         server: str = "server",
         max_message_bytes: int | None = None,
+        view: ModelView | None = None,
     ):
         self.name = name
         self.local = local or StandardLocal()
@@ -62,7 +63,8 @@ class Client:
         self.server = server
         self.max_message_bytes = max_message_bytes
         self.secagg = SecAggParticipant(name)  # secure-aggregation rounds (runtime/secure_client.py)
-        self._specs = specs_of(slot.get())
+        self.view = view or ModelView(slot)  # how the global state becomes the model's tensors
+        self._specs = specs_of(self.view.initial())
         up, down = compression or (CompressionConfig(), CompressionConfig())
         self.up, self.down = AdapterWire(up, self._specs), AdapterWire(down, self._specs)
 
@@ -99,7 +101,7 @@ class Client:
         check_message(msg, kinds={msg.kind}, tensor_specs={**self.down.wire, **(extra_specs or {})})
         wire, extra = self.down.split(msg.tensors)
         adapter = self.down.unpack(wire)
-        self.slot.set(adapter)
+        self.view.load(adapter)
         return adapter, extra
 
     def fit(self, msg: Message) -> Message:

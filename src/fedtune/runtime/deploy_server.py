@@ -109,7 +109,7 @@ def serve(recipe: Any = None, overrides: list[str] | None = None, *, resume: str
         fed = loaded.federation
         server = Server(
             server_recipe, strategy=build_strategy(fed.algorithm, fed.options, fed.clients),
-            transport=transport, clients=names, global_state=setup.slot.get(), run_dir=run_dir,
+            transport=transport, clients=names, global_state=setup.view.initial(), run_dir=run_dir,
             evaluate_global=setup.evaluate_global, reporter=reporter,
             reply_timeout=section.round_timeout,
         )

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from fedtune.algorithms import build_local
+from fedtune.algorithms import build_local, build_view
 from fedtune.algorithms.attacks import AttackedLocal, backdoor_metrics, poison_examples
 from fedtune.config import Recipe
 from fedtune.data.examples import Example
@@ -22,7 +22,7 @@ from fedtune.eval.evaluator import Evaluator
 from fedtune.models.adapters import AdapterSlot, attach_adapter
 from fedtune.models.loading import load_base_model
 from fedtune.runtime.client import Client, ClientDataset
-from fedtune.runtime.server import Server, ServerResult, state_nbytes, state_numel
+from fedtune.runtime.server import Server, ServerResult
 from fedtune.seeding import derive_seed, seed_everything
 from fedtune.track.report import closing_table, make_summary
 from fedtune.track.reporter import quiet_libraries
@@ -49,6 +49,8 @@ class Setup:
         self.model = attach_adapter(model, recipe.adapter)
         self.model.eval()
         self.slot = AdapterSlot(self.model)
+        fed = recipe.federation
+        self.view = build_view(fed.algorithm, fed.options, self.slot)  # before any training
         self.device = next(self.model.parameters()).device
         self.tokenize_report: dict[str, Any] = {}
         self.evaluator = Evaluator(
@@ -89,7 +91,7 @@ class Setup:
         if attack is not None and attack.kind in ("scale", "sign_flip", "nan", "inf"):
             local = AttackedLocal(local, attack.kind, attack.factor)
         return Client(name, dataset, slot=self.slot, trainer=self.trainer, evaluator=self.evaluator,
-                      seed=self.recipe.seed, local=local,
+                      seed=self.recipe.seed, local=local, view=self.view,
                       compression=(fed.compression.up.codec(), fed.compression.down.codec()),
                       max_message_bytes=self.recipe.transport.max_message_bytes)
 
@@ -97,7 +99,7 @@ class Setup:
         """Evaluate a global adapter on the global test set (the server's job)."""
         if self._test is None:
             self._test = self.tokenize("global test", self.data.test)
-        self.slot.set(state)
+        self.view.load(state)
         cap = self.recipe.eval.max_examples
         tokenized = self._test[:cap] if cap else self._test
         raw = self.data.test[:cap] if cap else self.data.test
@@ -131,13 +133,13 @@ class Setup:
 
     def finish(self, run_dir: RunDir, server: Server, result: ServerResult) -> dict[str, Any]:
         """Save the final adapter (standard PEFT directory) and summary.json; print the table."""
-        self.slot.set(result.global_state)
+        self.view.load(result.global_state)
         self.model.save_pretrained(run_dir.final_dir)
         self.tokenizer.save_pretrained(run_dir.final_dir)
         summary = make_summary(
             self.recipe, result, traffic=server.transport.traffic, wall_seconds=server.wall_seconds(),
-            adapter_parameters=state_numel(result.global_state),
-            adapter_bytes=state_nbytes(result.global_state), run_dir=Path(run_dir.path),
+            adapter_parameters=self.slot.num_parameters(),
+            adapter_bytes=self.slot.num_bytes(), run_dir=Path(run_dir.path),
         )
         if self.recipe.eval.humaneval is not None:
             summary["humaneval"] = self.humaneval(run_dir, result.rounds)

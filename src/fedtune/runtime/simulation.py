@@ -51,7 +51,7 @@ class Simulation:
         server = Server(
             recipe, strategy=build_strategy(recipe.federation.algorithm, recipe.federation.options,
                                            recipe.federation.clients),
-            transport=transport, clients=list(self.clients), global_state=setup.slot.get(),
+            transport=transport, clients=list(self.clients), global_state=setup.view.initial(),
             run_dir=run_dir, evaluate_global=setup.evaluate_global, reporter=reporter,
             client_state=SimulatedClientStates(self.clients),
         )
