@@ -12,6 +12,7 @@ from fedtune.algorithms import (  # noqa: F401  (each module registers its algor
     fedopt,
     fedprox,
     flexlora,
+    offsite,
     robust,
     scaffold,
 )

@@ -37,6 +37,11 @@ def require_grpc(recipe: Recipe, command: str) -> None:
             f"`fedtune {command}` needs transport.kind: grpc in the recipe (it is "
             f"'{recipe.transport.kind}'); set it with its TLS and token keys, see docs/deployment.md"
         )
+    if recipe.federation.algorithm == "offsite":
+        raise DeploymentError(
+            "offsite-tuning runs in simulation only for now: a deployed client would have to load the "
+            "full model to build its emulator; shipping the emulator to clients is not built yet"
+        )
 
 
 def _load(recipe: Any, overrides: list[str], resume: str | Path | None) -> tuple[Recipe, RunDir | None]:

@@ -44,9 +44,15 @@ class Setup:
         self.console.print(format_split_table(self.data))
 
         model, self.tokenizer = load_base_model(recipe.model)
+        self.offsite = None
+        if recipe.federation.algorithm == "offsite":  # clients train an emulator, never the model
+            from fedtune.runtime.offsite import OffsiteServer
+
+            self.offsite = OffsiteServer(model, self.tokenizer, recipe, self.console)
+            model = self.offsite.emulator.model
         # The initial adapter depends only on the recipe seed: every party builds the same one.
         torch.manual_seed(derive_seed(recipe.seed, "adapter-init"))
-        self.model = attach_adapter(model, recipe.adapter)
+        self.model = model if self.offsite else attach_adapter(model, recipe.adapter)
         self.model.eval()
         self.slot = AdapterSlot(self.model)
         fed = recipe.federation
@@ -104,6 +110,8 @@ class Setup:
         tokenized = self._test[:cap] if cap else self._test
         raw = self.data.test[:cap] if cap else self.data.test
         metrics = self.evaluator.evaluate(tokenized, raw, with_generation=generate)
+        if self.offsite is not None:  # the plugged-in full model, and the emulator as emulator_*
+            metrics = self.offsite.evaluate(state, metrics, tokenized, raw, generate)
         attack = self.recipe.federation.attack
         if generate and attack.kind == "backdoor" and attack.clients:
             metrics.update(backdoor_metrics(self.evaluator.generate, raw, trigger=attack.trigger,
@@ -134,13 +142,22 @@ class Setup:
     def finish(self, run_dir: RunDir, server: Server, result: ServerResult) -> dict[str, Any]:
         """Save the final adapter (standard PEFT directory) and summary.json; print the table."""
         self.view.load(result.global_state)
-        self.model.save_pretrained(run_dir.final_dir)
+        if self.offsite is not None:  # the product is the full model with the adapter layers plugged in
+            self.offsite.save(result.global_state, run_dir.final_dir)
+            for client in self.data.clients:  # each client downloaded the emulator once (round 0)
+                server.transport.traffic.record(direction="down", client=client, round=0,
+                                                nbytes=self.offsite.emulator_bytes)
+        else:
+            self.model.save_pretrained(run_dir.final_dir)
         self.tokenizer.save_pretrained(run_dir.final_dir)
         summary = make_summary(
             self.recipe, result, traffic=server.transport.traffic, wall_seconds=server.wall_seconds(),
             adapter_parameters=self.slot.num_parameters(),
             adapter_bytes=self.slot.num_bytes(), run_dir=Path(run_dir.path),
         )
+        if self.offsite is not None:
+            summary["offsite"] = {**self.offsite.info(), "emulator_final": {
+                k.removeprefix("emulator_"): v for k, v in (result.final or {}).items() if k.startswith("emulator_")}}
         if self.recipe.eval.humaneval is not None:
             summary["humaneval"] = self.humaneval(run_dir, result.rounds)
         run_dir.write_json("summary.json", summary)

@@ -1,0 +1,102 @@
+"""The model owner's side of offsite-tuning: build (and optionally distil) the emulator clients get,
+evaluate the plugged-in full model next to the emulator, save the plugged-in model at the end."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from fedtune.algorithms import algorithm_options
+from fedtune.config import Recipe
+from fedtune.data.prompts import TokenizedExample, collate
+from fedtune.eval.evaluator import Evaluator
+from fedtune.models.offsite import build_emulator, distill, plug_in
+from fedtune.seeding import derive_seed
+
+log = logging.getLogger("fedtune.offsite")
+
+
+class OffsiteServer:
+    def __init__(self, full: torch.nn.Module, tokenizer, recipe: Recipe, console=None):
+        fed = recipe.federation
+        self.options = algorithm_options(fed.algorithm, fed.options)
+        self.full = full.eval()
+        self.tokenizer = tokenizer
+        self.recipe = recipe
+        o = self.options
+        self.emulator = build_emulator(full, o.adapter_bottom, o.adapter_top, o.drop_ratio)
+        self.device = next(full.parameters()).device
+        self.distill_losses: list[float] = []
+        if o.distill.steps:
+            self._distill(console)
+        self.emulator.model.eval()
+        self.full_evaluator = Evaluator(full, tokenizer, recipe.eval, template=recipe.data.template,
+                                        max_length=recipe.data.max_length, device=self.device)
+        frozen = {n: p.detach().cpu().contiguous() for n, p in self.emulator.model.named_parameters()
+                  if not p.requires_grad}
+        # What a client downloads once instead of the model: the emulator's frozen weights
+        # (its adapter layers arrive with the first FIT like any adapter).
+        self.emulator_bytes = len(safetensors_bytes(frozen))
+        self.full_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
+
+    def _distill(self, console) -> None:
+        d = self.options.distill
+        texts = distill_texts(d.data, d.examples, derive_seed(self.recipe.seed, "offsite-distill"),
+                              self.recipe)
+        ids = [self.tokenizer(t, truncation=True, max_length=self.recipe.data.max_length)["input_ids"]
+               for t in texts]
+        examples = [TokenizedExample(input_ids=x, labels=list(x)) for x in ids if len(x) > 1]
+        rng = np.random.default_rng(derive_seed(self.recipe.seed, "offsite-distill-batches"))
+        pad = self.tokenizer.pad_token_id
+
+        def batches():
+            while True:
+                order = rng.permutation(len(examples))
+                for s in range(0, len(order), d.batch_size):
+                    yield collate([examples[i] for i in order[s:s + d.batch_size]], pad)
+
+        torch.manual_seed(derive_seed(self.recipe.seed, "offsite-distill-init"))
+        self.distill_losses = distill(self.full, self.emulator, batches(), steps=d.steps, lr=d.lr,
+                                      lm_weight=d.lm_weight, kd_weight=d.kd_weight, device=self.device)
+        if console is not None:
+            console.print(f"offsite-tuning: distilled the emulator for {d.steps} steps, loss "
+                          f"{self.distill_losses[0]:.3f} → {self.distill_losses[-1]:.3f}")
+
+    def plug(self, adapter: dict[str, torch.Tensor]) -> None:
+        plug_in(self.full, self.emulator, adapter)
+
+    def evaluate(self, adapter, emulator_metrics: dict[str, Any], tokenized, raw, generate: bool) -> dict[str, Any]:
+        """The plugged-in full model's metrics, with the emulator's as `emulator_<metric>`."""
+        self.plug(adapter)
+        metrics = self.full_evaluator.evaluate(tokenized, raw, with_generation=generate)
+        return {**metrics, **{f"emulator_{k}": v for k, v in emulator_metrics.items() if k != "n_examples"}}
+
+    def save(self, adapter, directory: Path) -> None:
+        """The plugged-in full model, as a model directory (`fedtune eval --adapter` reads it)."""
+        self.plug(adapter)
+        self.full.save_pretrained(directory)
+
+    def info(self) -> dict[str, Any]:
+        e = self.emulator
+        return {"full_model_layers": len(list(self.full.get_submodule(e.prefix))),
+                "emulator_layers": e.kept, "adapter_layers": {str(k): v for k, v in e.adapter_layers.items()},
+                "full_model_bytes": self.full_bytes, "emulator_bytes": self.emulator_bytes,
+                "distill_loss": ([self.distill_losses[0], self.distill_losses[-1]]
+                                 if self.distill_losses else None)}
+
+
+def distill_texts(source: str, n: int, seed: int, recipe: Recipe) -> list[str]:
+    """Plain texts the server holds for the emulator's alignment."""
+    if source == "synthetic":
+        from fedtune.data.synthetic import pretraining_text
+
+        return pretraining_text(n, seed)
+    from fedtune.data.records import load_examples
+
+    examples = load_examples(source, format="auto", fields=None, limit=n)
+    return [" ".join(x for x in (ex.instruction, ex.input, ex.output) if x) for ex in examples]

@@ -1,0 +1,82 @@
+"""Offsite-tuning end to end: clients get the emulator (never the model), both models are evaluated,
+and the saved model is the full model with the trained adapter layers plugged in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import fedtune
+from conftest import make_char_tokenizer
+
+
+@pytest.fixture(scope="module")
+def four_layer_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("llama4")
+    tok = make_char_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                 num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2,
+                                 max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_offsite_tuning_in_simulation(tiny_recipe, four_layer_dir):
+    recipe = tiny_recipe(output__name="offsite", model={"name": four_layer_dir}, adapter={"method": "full"},
+                         federation__algorithm="offsite",
+                         federation__options={"drop_ratio": 0.5, "distill": {"steps": 5, "batch_size": 4,
+                                                                              "examples": 40}},
+                         eval__every=0, eval__clients=True)
+    summary = fedtune.run(recipe)
+    off = summary["offsite"]
+    assert off["emulator_layers"] == [0, 1, 3] and off["adapter_layers"] == {"0": 0, "2": 3}
+    assert off["emulator_bytes"] < off["full_model_bytes"]
+    assert off["distill_loss"] is not None and set(off["emulator_final"]) >= {"loss", "exact_match"}
+    run_dir = Path(summary["final_adapter"]).parent
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    global_evals = [e["values"] for e in events if e["kind"] == "eval" and e["values"]["scope"] == "global"]
+    assert all("emulator_loss" in v and "loss" in v for v in global_evals)
+    # Every byte a client received: the emulator once, then the adapter layers in FIT/EVALUATE
+    # messages; never the full model's weights (which would be 4 layers, not 2 + the frozen rest).
+    fits = [e["values"] for e in events if e["kind"] == "fit"]
+    adapter_bytes = summary["adapter_bytes"]
+    assert all(adapter_bytes < f["down"] < adapter_bytes + 4096 for f in fits)
+    assert summary["bytes_down"] >= 3 * off["emulator_bytes"]
+
+    # final/ is the full model (4 layers) with the trained adapter layers at depths 0 and 3
+    saved = load_file(str(run_dir / "final" / "model.safetensors"))
+    ckpt = load_file(str(sorted((run_dir / "checkpoints").glob("round_*"))[-1] / "global.safetensors"))
+    for name, tensor in ckpt.items():
+        full_name = name.replace("layers.2.", "layers.3.")
+        assert torch.equal(saved[full_name], tensor), name
+    base = load_file(str(Path(four_layer_dir) / "model.safetensors"))
+    assert torch.equal(saved["model.layers.1.mlp.up_proj.weight"], base["model.layers.1.mlp.up_proj.weight"])
+    assert not torch.equal(saved["model.layers.3.mlp.up_proj.weight"], base["model.layers.3.mlp.up_proj.weight"])
+
+
+def test_offsite_needs_whole_adapter_layers():
+    from fedtune.config import load_recipe
+    from fedtune.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="adapter.method"):
+        load_recipe(None, ["federation.algorithm=offsite"])
+
+
+def test_offsite_is_refused_by_the_deployment_commands():
+    from types import SimpleNamespace
+
+    from fedtune.errors import DeploymentError
+    from fedtune.runtime.deploy_server import require_grpc
+
+    recipe = SimpleNamespace(transport=SimpleNamespace(kind="grpc"),
+                             federation=SimpleNamespace(algorithm="offsite"))
+    for command in ("server", "client"):
+        with pytest.raises(DeploymentError, match="simulation only"):
+            require_grpc(recipe, command)

@@ -1,0 +1,93 @@
+"""Offsite-tuning: layer dropping, which layers train, plug-in by depth, distillation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fedtune.data.prompts import collate
+from fedtune.errors import ModelError
+from fedtune.models.offsite import build_emulator, distill, kept_layers, plug_in, plug_in_names
+
+
+def _llama(layers: int = 8) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=layers, num_attention_heads=2,
+                                        num_key_value_heads=2)).eval()
+
+
+def test_kept_layers_by_hand():
+    assert kept_layers(8, 1, 1, 0.5) == [0, 1, 3, 5, 7]           # core 1..6, 3 kept, stride 2
+    assert kept_layers(32, 2, 2, 0.2) == [0, 1] + [2 + (i * 28) // 22 for i in range(22)] + [30, 31]
+    assert kept_layers(4, 1, 1, 0.0) == [0, 1, 2, 3]
+    assert kept_layers(4, 1, 1, 0.9) == [0, 1, 3]                   # at least one core layer
+    with pytest.raises(ModelError, match="too few"):
+        kept_layers(2, 1, 1, 0.5)
+    with pytest.raises(ModelError, match="at least 1"):
+        kept_layers(8, 0, 0, 0.5)
+
+
+def test_emulator_drops_layers_and_trains_only_the_adapter_layers():
+    full = _llama(8)
+    emu = build_emulator(full, 2, 1, 0.5)
+    assert emu.kept == [0, 1, 2, 4, 7] and emu.model.config.num_hidden_layers == 5
+    assert full.config.num_hidden_layers == 8 and len(full.model.layers) == 8
+    assert emu.adapter_layers == {0: 0, 1: 1, 4: 7}
+    trainable = {n.split(".")[2] for n, p in emu.model.named_parameters() if p.requires_grad}
+    assert trainable == {"0", "1", "4"}
+    assert not any(p.requires_grad for p in full.parameters())
+    # kept core layers are copies of the full model's, caches indexed by the new positions
+    assert torch.equal(emu.model.model.layers[3].mlp.up_proj.weight, full.model.layers[4].mlp.up_proj.weight)
+    assert [layer.self_attn.layer_idx for layer in emu.model.model.layers] == [0, 1, 2, 3, 4]
+    ids = torch.randint(4, 40, (2, 6))
+    out = emu.model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 10)
+
+
+def test_plug_in_puts_the_adapter_layers_back_at_their_depths():
+    full = _llama(8)
+    before = {n: p.detach().clone() for n, p in full.named_parameters()}
+    emu = build_emulator(full, 1, 2, 0.5)          # kept [0, 1, 3, 6, 7]; adapter 0→0, 3→6, 4→7
+    assert emu.kept == [0, 1, 3, 6, 7]
+    adapter = {n: torch.full_like(p, float(i + 1))
+               for i, (n, p) in enumerate((n, p) for n, p in emu.model.named_parameters() if p.requires_grad)}
+    names = plug_in_names(emu, sorted(adapter))
+    assert names["model.layers.3.mlp.down_proj.weight"] == "model.layers.6.mlp.down_proj.weight"
+    assert names["model.layers.4.self_attn.q_proj.weight"] == "model.layers.7.self_attn.q_proj.weight"
+    assert names["model.layers.0.input_layernorm.weight"] == "model.layers.0.input_layernorm.weight"
+    plug_in(full, emu, adapter)
+    after = dict(full.named_parameters())
+    for src, dst in names.items():
+        assert torch.equal(after[dst], adapter[src]), (src, dst)
+    untouched = [n for n in before if n not in set(names.values())]
+    assert any(".layers.3." in n for n in untouched) and any(".layers.1." in n for n in untouched)
+    assert all(torch.equal(after[n], before[n]) for n in untouched)
+    with pytest.raises(ModelError, match="not a parameter of an adapter layer"):
+        plug_in_names(emu, ["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_distillation_moves_only_the_core_towards_the_full_model():
+    full = _llama(6)
+    emu = build_emulator(full, 1, 1, 0.5)
+    adapter_before = {n: p.detach().clone() for n, p in emu.model.named_parameters() if p.requires_grad}
+    core_before = emu.model.model.layers[1].mlp.up_proj.weight.detach().clone()
+    gen = torch.Generator().manual_seed(2)
+
+    def batches():
+        from fedtune.data.prompts import TokenizedExample
+
+        while True:
+            rows = [torch.randint(4, 40, (12,), generator=gen).tolist() for _ in range(8)]
+            yield collate([TokenizedExample(r, list(r)) for r in rows], 0)
+
+    losses = distill(full, emu, batches(), steps=60, lr=3e-3, lm_weight=0.0, kd_weight=1.0,
+                     device=torch.device("cpu"))
+    assert len(losses) == 60 and sum(losses[-10:]) < 0.7 * sum(losses[:10])
+    assert not torch.equal(emu.model.model.layers[1].mlp.up_proj.weight, core_before)
+    for n, p in emu.model.named_parameters():   # adapter layers untouched, flags restored
+        if n in adapter_before:
+            assert p.requires_grad and torch.equal(p, adapter_before[n])
+        else:
+            assert not p.requires_grad
