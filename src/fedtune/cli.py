@@ -71,7 +71,7 @@ def _cmd_algorithms(args: argparse.Namespace) -> int:
     table.add_column("what it does")
     for name, spec in sorted(registry().items()):
         fields = spec.config.model_fields
-        opts = ", ".join(f"{k}={'required' if f.is_required() else f.default}" for k, f in fields.items())
+        opts = ", ".join(f"{k}={'required' if f.is_required() else _shown_default(f)}" for k, f in fields.items())
         table.add_row(name, opts or "-", spec.summary)
     console = Console()
     console.print(table)
@@ -156,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted; continue with `fedtune run --resume RUN_DIR`")
         return 130
+
+
+def _shown_default(field) -> str:
+    """A field's default as the user would write it (a nested section as its own defaults)."""
+    value = field.get_default(call_default_factory=True)
+    return str(value.model_dump() if hasattr(value, "model_dump") else value)
 
 
 if __name__ == "__main__":
