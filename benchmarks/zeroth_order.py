@@ -1,4 +1,7 @@
-"""Peak memory of one local step: zeroth-order (FedMeZO) vs backprop LoRA vs inference alone.
+"""Zeroth-order and offsite methods: step memory, bytes per round, offsite emulator vs plug-in.
+
+Part 1, peak memory of one local step: FedKSeed (zeroth-order, all parameters), FedMeZO
+(zeroth-order, LoRA), backprop LoRA and inference alone.
 
 Each mode runs in its own process on the same randomly initialised Llama-architecture model
 (built from a config, no download). The kernel's peak-RSS counter is reset just before the step
@@ -6,6 +9,12 @@ Each mode runs in its own process on the same randomly initialised Llama-archite
 
     python benchmarks/zeroth_order.py                       # ~30M-parameter model, batch 8 × 256
     python benchmarks/zeroth_order.py --hidden 256 --layers 4
+
+Part 2, bytes per client per round of FedAvg (LoRA), FedMeZO (LoRA), FedKSeed (K = 4096) and
+offsite-tuning on the built-in benchmark (one short round each). Part 3, offsite-tuning on the
+built-in benchmark: the emulator clients tuned versus the full model with the adapter plugged in.
+
+    python benchmarks/zeroth_order.py --part memory|bytes|offsite [--offsite-rounds 20]
 """
 
 from __future__ import annotations
@@ -38,7 +47,9 @@ def worker(mode: str, args: argparse.Namespace) -> None:
     cfg = LlamaConfig(vocab_size=100, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
                       num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,
                       max_position_embeddings=args.seq)
-    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=8, target_modules="all-linear"))
+    model = LlamaForCausalLM(cfg)
+    if mode != "fedkseed":
+        model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
     params = [p for p in model.parameters() if p.requires_grad]
     ids = torch.randint(4, 100, (args.batch, args.seq))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
@@ -72,12 +83,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--part", choices=["all", "memory", "bytes", "offsite"], default="all")
+    ap.add_argument("--offsite-rounds", type=int, default=20)
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args)
         return
     rows = []
-    for mode in ("inference", "zeroth-order (FedMeZO)", "backprop"):
+    if args.part in ("all", "bytes"):
+        bytes_table()
+    if args.part in ("all", "offsite"):
+        offsite_table(args.offsite_rounds)
+    if args.part not in ("all", "memory"):
+        return
+    for mode in ("inference", "zeroth-order (FedMeZO)", "fedkseed (zeroth-order, all parameters)", "backprop"):
         key = mode.split()[0]
         cmd = [sys.executable, __file__, "--worker", key, "--hidden", str(args.hidden),
                "--layers", str(args.layers), "--batch", str(args.batch), "--seq", str(args.seq)]
@@ -86,11 +105,61 @@ def main() -> None:
     first = rows[0][1]
     print(f"Llama-architecture model, {first['params'] / 1e6:.1f}M parameters, LoRA r=8 on all linear "
           f"layers ({first['trainable'] / 1e6:.2f}M trainable), batch {args.batch} × {args.seq} tokens, "
-          "CPU float32\n")
+          "CPU float32 (FedKSeed: every parameter trains, no LoRA)\n")
     print("| one local step | peak above the loaded model, MB | seconds |")
     print("|---|---:|---:|")
     for mode, r in rows:
         print(f"| {mode} | {r['peak_mb'] - r['base_mb']:.0f} | {r['seconds']:.2f} |")
+
+
+def _run(overrides: list[str]) -> dict:
+    import tempfile
+
+    import fedtune
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return fedtune.run("default", [*overrides, f"output.dir={tmp}", "output.progress=false"])
+
+
+FAST = ["federation.rounds=1", "train.local_steps=2", "eval.at_start=false", "eval.every=0",
+        "eval.clients=false", "eval.exact_match=false"]
+
+
+def bytes_table() -> None:
+    methods = [
+        ("FedAvg, LoRA r=8", []),
+        ("FedMeZO, LoRA r=8", ["federation.algorithm=fedmezo"]),
+        ("FedKSeed, K=4096, all parameters", ["federation.algorithm=fedkseed", "adapter.method=full"]),
+        ("offsite-tuning, 1+1 layers", ["federation.algorithm=offsite", "adapter.method=full"]),
+    ]
+    print("Bytes per client per round on the built-in benchmark (builtin:tiny, 0.82M parameters, 3.3 MB)\n")
+    print("| method | up / client / round | down / client / round | once per client |")
+    print("|---|---:|---:|---:|")
+    for label, overrides in methods:
+        s = _run([*FAST, *overrides])
+        up, down = s["bytes_up"] / s["clients"], s["bytes_down"] / s["clients"]
+        once = "—"
+        if "offsite" in s:
+            once = f"{s['offsite']['emulator_bytes'] / 1e3:,.0f} KB emulator"
+            down -= s["offsite"]["emulator_bytes"]
+        print(f"| {label} | {up / 1e3:,.1f} KB | {down / 1e3:,.1f} KB | {once} |")
+    print()
+
+
+def offsite_table(rounds: int) -> None:
+    s = _run(["federation.algorithm=offsite", "adapter.method=full", f"federation.rounds={rounds}",
+              "eval.every=0", "eval.clients=false"])
+    off = s["offsite"]
+    print(f"Offsite-tuning on the built-in benchmark, {rounds} rounds × 10 local steps, layers kept "
+          f"{off['emulator_layers']} of {off['full_model_layers']}, adapter = first and last layer\n")
+    print("| model | test loss | exact match |")
+    print("|---|---:|---:|")
+    print(f"| full model before tuning | {s['initial']['loss']:.3f} | {100 * s['initial']['exact_match']:.1f} % |")
+    e = off["emulator_final"]
+    print(f"| emulator + tuned adapter (what clients hold) | {e['loss']:.3f} | {100 * e['exact_match']:.1f} % |")
+    print(f"| full model + plugged-in adapter | {s['final']['loss']:.3f} | {100 * s['final']['exact_match']:.1f} % |")
+    print(f"\nfull model {off['full_model_bytes'] / 1e6:.2f} MB; emulator's frozen part "
+          f"{off['emulator_bytes'] / 1e6:.2f} MB + adapter {s['adapter_bytes'] / 1e6:.2f} MB\n")
 
 
 if __name__ == "__main__":
