@@ -170,3 +170,12 @@ def test_a_client_that_requires_secure_aggregation_refuses_a_plain_fit(tiny_reci
     keys = Message(MessageKind.SECAGG_KEYS, 1, "server", "client_0", meta={"public_keys": {}})
     reply = decode(client.handle_bytes(encode(keys)))
     assert reply.kind == MessageKind.ERROR and "no secure-aggregation round 1" in reply.meta["error"]
+
+
+def test_local_dp_sgd_budgets_are_still_reported_per_client(tiny_recipe):
+    recipe = _fast(tiny_recipe, federation__rounds=1, federation__secure_aggregation=SECURE,
+                   train__dp_sgd={"noise_multiplier": 1.0})
+    summary, _, _ = _simulate(recipe, "dp")
+    assert summary["missing_updates"] == 0
+    assert sorted(summary["dp_sgd"]["clients"]) == ["client_0", "client_1", "client_2"]
+    assert summary["dp_sgd"]["max_epsilon"] > 0
