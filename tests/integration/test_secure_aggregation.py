@@ -179,3 +179,29 @@ def test_local_dp_sgd_budgets_are_still_reported_per_client(tiny_recipe):
     assert summary["missing_updates"] == 0
     assert sorted(summary["dp_sgd"]["clients"]) == ["client_0", "client_1", "client_2"]
     assert summary["dp_sgd"]["max_epsilon"] > 0
+
+
+def test_a_malformed_masked_input_is_rejected_and_its_sender_unmasked_as_dropped(tiny_recipe):
+    recipe = load_recipe(_fast(tiny_recipe, federation__secure_aggregation=SECURE))
+    sim = Simulation(recipe)
+    initial = {k: v.clone() for k, v in sim.slot.get().items()}
+    handle = sim.clients["client_0"].handle_bytes
+
+    def tampering(data: bytes) -> bytes | None:
+        raw = handle(data)
+        reply = decode(raw) if raw is not None else None
+        if reply is None or reply.kind != MessageKind.SECAGG_MASKED:
+            return raw
+        name = sorted(reply.tensors)[0]
+        tensors = {**reply.tensors, name: reply.tensors[name].reshape(-1)[:-1].clone()}
+        return encode(Message(reply.kind, reply.round, reply.sender, reply.receiver, tensors=tensors))
+
+    sim.clients["client_0"].handle_bytes = tampering
+    run_dir = RunDir.create(recipe.output.dir, "tampered", explicit=True)
+    summary = sim.run(run_dir)
+    rounds = [e["values"] for e in _events(run_dir.path, "round")]
+    assert [r["secagg"]["dropped"] for r in rounds] == [["client_0"], ["client_0"]]
+    assert summary["rejected_replies"] == 2 and summary["missing_updates"] == 2
+    reasons = [e["values"]["reason"] for e in _events(run_dir.path, "rejected")]
+    assert all("secagg masked input of 'client_0'" in r and "shape" in r for r in reasons)
+    assert _max_diff(_checkpoint(run_dir.path), initial) > 1e-3  # the others' rounds went on
