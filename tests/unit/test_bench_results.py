@@ -214,6 +214,13 @@ def test_variants_share_the_split_and_follow_the_budget_rule():
     assert "40 in all" in rule["rule"]
 
 
+def test_baselines_drop_secure_aggregation_the_federated_runs_keep_it():
+    recipe = load_recipe(None, ["federation.secure_aggregation.enabled=true"])
+    variants = plan_variants(recipe, _data())
+    assert [v.recipe.federation.secure_aggregation.enabled for v in variants] == [
+        False, False, False, True, False]
+
+
 def test_budget_rule_with_local_epochs_scales_by_participation():
     recipe = load_recipe(None, ["train.local_steps=null", "train.local_epochs=2", "federation.clients=4",
                                 "federation.clients_per_round=2", "bench.local_only=false"])

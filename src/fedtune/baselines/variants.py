@@ -70,10 +70,11 @@ def budget_rule(recipe: Recipe) -> dict[str, Any]:
 
 def _baseline_recipe(recipe: Recipe, name: str, train: dict[str, Any]) -> Recipe:
     """A one-client recipe: plain local training (fedavg of one client is its own update), no
-    codec, no attack, no client-side evaluation (the bench evaluates every client's test part)."""
+    codec, no attack, no secure aggregation (nothing travels), no client-side evaluation (the
+    bench evaluates every client's test part)."""
     d = recipe.model_dump(mode="json")
     d["federation"].update(algorithm="fedavg", options={}, clients=1, clients_per_round=None,
-                           sample_fraction=None, compression={}, attack={})
+                           sample_fraction=None, compression={}, attack={}, secure_aggregation={})
     d["train"].update({"local_steps": None, "local_epochs": None, **train})
     d["transport"]["min_replies"] = 1
     d["eval"]["clients"] = False
