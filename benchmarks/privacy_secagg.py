@@ -39,13 +39,14 @@ def _run(overrides: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """`argv` defaults to the command line (benchmarks/privacy.py calls it with [])."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-steps", type=int, default=2)
     ap.add_argument("--clients", type=int, nargs="+", default=[3, 10])
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.worker is not None:
         worker(args.worker)
         return
