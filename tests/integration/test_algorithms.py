@@ -219,6 +219,16 @@ def test_non_finite_updates_are_always_rejected(tiny_recipe, kind):
     assert summary["final"]["loss"] == pytest.approx(clean["final"]["loss"], abs=0.5)
 
 
+def test_krum_with_too_few_valid_updates_leaves_the_round_unchanged(tiny_recipe):
+    # Krum with byzantine=0 needs 3 updates; a NaN client is rejected, so only 2 remain each round.
+    recipe = _attacked(tiny_recipe, "krum-nan", "krum", {"clients": ["client_1"], "kind": "nan"},
+                       {"byzantine": 0})
+    recipe["eval"]["at_start"] = True
+    summary = fedtune.run(recipe)
+    assert summary["rounds"] == 3 and summary["missing_updates"] == 3
+    assert summary["final"]["loss"] == summary["initial"]["loss"]  # the adapter never moved
+
+
 def test_robust_rules_resist_a_sign_flipping_client(tiny_recipe):
     # The tiny random model's loss stays near ln(vocab); the attack still shows in its ordering.
     attack = {"clients": ["client_2"], "kind": "sign_flip", "factor": 100.0}

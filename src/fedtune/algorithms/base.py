@@ -47,6 +47,11 @@ class Strategy(Protocol):
 
     def load_state_dict(self, state: State) -> None: ...
 
+    def min_updates(self) -> int:
+        """The fewest valid updates aggregate_fit can use; with fewer, the round leaves the global
+        state unchanged (as with too few replies) instead of failing the run."""
+        ...
+
 
 class ServerDefaults:
     """Defaults for the common case: every client gets the round's learning rate, nothing but
@@ -71,6 +76,9 @@ class ServerDefaults:
     def round_metrics(self) -> dict[str, Any]:
         """Figures of the last aggregation worth logging (e.g. the privacy spent so far)."""
         return {}
+
+    def min_updates(self) -> int:
+        return 1
 
 
 @dataclass

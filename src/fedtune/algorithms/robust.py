@@ -155,9 +155,14 @@ def apply_update(global_state: State, update: State) -> State:
 class RobustAggregation(ServerDefaults):
     """Strategy for one robust rule: new global = global + rule(updates); keeps no state."""
 
-    def __init__(self, config: BaseModel, rule: Callable[[list[ClientUpdate]], State]):
+    def __init__(self, config: BaseModel, rule: Callable[[list[ClientUpdate]], State],
+                 min_updates: int = 1):
         self.config = config
         self._rule = rule
+        self._min_updates = min_updates
+
+    def min_updates(self) -> int:
+        return self._min_updates
 
     def aggregate_fit(self, round_: int, global_state: State, updates: list[ClientUpdate]) -> State:
         return apply_update(global_state, self._rule(updates))
@@ -187,7 +192,8 @@ def _build_krum(c: KrumConfig, n_clients: int) -> RobustAggregation:
         return krum_aggregate([(u.tensors, w) for u, w in zip(ups, weights)],
                               byzantine=c.byzantine, multi=c.multi)
 
-    return RobustAggregation(c, rule)
+    # A round where rejected or missing clients leave fewer is skipped by the server, not fatal.
+    return RobustAggregation(c, rule, min_updates=max(2 * c.byzantine + 3, c.multi + c.byzantine))
 
 
 def _build_norm_bounding(c: NormBoundingConfig, n_clients: int) -> RobustAggregation:

@@ -174,8 +174,12 @@ class Server:
         replies = self.transport.collect(round_, chosen, timeout=self.reply_timeout)
         updates = self._accept_updates(round_, chosen, replies)
         min_replies = min(self.recipe.transport.min_replies, len(chosen))
-        if updates and len(updates) >= min_replies:
+        needed = self.strategy.min_updates()
+        if updates and len(updates) >= max(min_replies, needed):
             self.global_state = self.strategy.aggregate_fit(round_, self.global_state, updates)
+        elif updates and len(updates) < needed:
+            log.warning("round %d: %d valid update(s), fewer than the %d that %s needs; the global "
+                        "adapter is unchanged", round_, len(updates), needed, self.recipe.federation.algorithm)
         elif updates:
             log.warning("round %d: %d valid update(s), fewer than transport.min_replies=%d; "
                         "the global adapter is unchanged", round_, len(updates), min_replies)
