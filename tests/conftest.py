@@ -21,13 +21,13 @@ def make_char_tokenizer(*, bos: bool = True) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
 
 
-def make_tiny_llama(tokenizer, max_positions: int = 256):
-    """A randomly initialised (seed 0) 2-layer Llama, hidden 16, sized for `tokenizer`."""
+def make_tiny_llama(tokenizer, max_positions: int = 256, layers: int = 2):
+    """A randomly initialised (seed 0) Llama of `layers` layers, hidden 16, sized for `tokenizer`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_positions,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -52,6 +52,16 @@ def tiny_model_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = make_char_tokenizer()
     make_tiny_llama(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def four_layer_dir(tmp_path_factory) -> str:
+    """The tiny Llama with 4 layers (offsite-tuning needs adapter layers around a core), on disk."""
+    path = tmp_path_factory.mktemp("tiny-llama-4")
+    tokenizer = make_char_tokenizer()
+    make_tiny_llama(tokenizer, layers=4).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 

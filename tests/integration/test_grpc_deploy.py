@@ -144,6 +144,9 @@ def _hostile_calls(port: int, recipe: dict) -> None:
         return iter_frames([encode(Message(MessageKind.UPDATE, 1, "client_0", "server"))[:40]], 2, 1024)
 
     try:
+        with pytest.raises(grpc.RpcError) as info:  # this federation offers no download
+            conn.fetch("emulator")
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
         for frames, code in [(oversized, grpc.StatusCode.RESOURCE_EXHAUSTED),
                              (garbage, grpc.StatusCode.INVALID_ARGUMENT)]:
             for _ in range(50):  # ABORTED: the real client_0 was uploading at that moment
@@ -174,12 +177,12 @@ def test_server_and_three_clients_over_tls_match_the_simulation(tiny_recipe, tmp
     run_dir = Path(recipe["output"]["dir"]) / "deployed"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 2 and (run_dir / "final" / "adapter_config.json").exists()
-    assert summary["transport"]["refused_calls"] == 1
+    assert summary["transport"]["refused_calls"] == 2  # a wrong token, a Fetch of nothing
     assert summary["transport"]["rejected_messages"] == 2
     assert summary["transport"]["late_replies"] == 0
     log = procs.text("server")
     assert "refused a Pull call" in log and "wrong or missing token for client 'client_1'" in log
-    assert "over the limit" in log
+    assert "over the limit" in log and "refused a Fetch from 'client_0'" in log
     assert len(list((run_dir / "checkpoints").glob("round_*"))) == 2  # every round (kept: 2)
 
     simulated, expected = _simulate(recipe)
@@ -187,6 +190,64 @@ def test_server_and_three_clients_over_tls_match_the_simulation(tiny_recipe, tmp
     assert summary["final"] == simulated["final"]
     assert summary["per_client"] == simulated["per_client"]
     assert summary["bytes_down"] == simulated["bytes_down"]
+
+
+def test_offsite_clients_download_the_emulator_and_never_load_the_model(tiny_recipe, four_layer_dir,
+                                                                      tmp_path):
+    port = _free_port()
+    path, recipe = _write_recipe(
+        tiny_recipe, tmp_path, port, model={"name": four_layer_dir}, adapter={"method": "full"},
+        federation__algorithm="offsite", eval__every=0, eval__clients=True,
+        federation__options={"drop_ratio": 0.5, "distill": {"steps": 3, "batch_size": 4, "examples": 20}})
+    with Processes(tmp_path) as procs:
+        server = procs.start("server", "server", str(path), "output.name=deployed")
+        for name in CLIENTS:  # the full model is not on the clients' machines
+            procs.start(name, "client", str(path), "model.name=/nowhere/full-model", "--name", name)
+        _wait_for_port(port, server)
+        assert procs.wait("server") == 0, procs.text("server")
+        for name in CLIENTS:
+            assert procs.wait(name) == 0, procs.text(name)
+            assert f"{name}: received the emulator (3 layers" in procs.text(name)
+            assert f"{name}: finished; 2 training rounds" in procs.text(name)
+
+    run_dir = Path(recipe["output"]["dir"]) / "deployed"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    simulated, expected = _simulate(recipe)
+    _assert_same_adapter(_final_checkpoint(run_dir), expected)
+    assert summary["final"] == simulated["final"]  # plugged-in full model and emulator_* alike
+    assert summary["per_client"] == simulated["per_client"]  # evaluated on the clients' emulators
+    # Each client downloaded the emulator package once: the same bytes the simulation charges.
+    assert summary["bytes_down"] == simulated["bytes_down"]
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert summary["bytes_down"] > sum(e["values"]["down"] for e in events if e["kind"] == "fit") \
+        + 3 * summary["offsite"]["emulator_bytes"] * 0.99
+    final = load_file(str(run_dir / "final" / "model.safetensors"))
+    assert final.keys() == load_file(str(Path(four_layer_dir) / "model.safetensors")).keys()
+
+
+def test_fedkseed_over_tls_sends_only_scalars_and_matches_the_simulation(tiny_recipe, tmp_path):
+    port = _free_port()
+    path, recipe = _write_recipe(
+        tiny_recipe, tmp_path, port, adapter={"method": "full"}, federation__algorithm="fedkseed",
+        federation__options={"num_seeds": 256, "eps": 1e-3}, train__local_steps=4, train__lr=2e-4,
+        eval__every=0, eval__clients=True)
+    with Processes(tmp_path) as procs:
+        server = procs.start("server", "server", str(path), "output.name=deployed")
+        for name in CLIENTS:
+            procs.start(name, "client", str(path), "--name", name)
+        _wait_for_port(port, server)
+        assert procs.wait("server") == 0, procs.text("server")
+        for name in CLIENTS:
+            assert procs.wait(name) == 0, procs.text(name)
+
+    run_dir = Path(recipe["output"]["dir"]) / "deployed"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    simulated, expected = _simulate(recipe)
+    _assert_same_adapter(_final_checkpoint(run_dir), expected)  # the K accumulated scalars
+    assert summary["final"] == simulated["final"] and summary["per_client"] == simulated["per_client"]
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    fits = [e["values"] for e in events if e["kind"] == "fit"]
+    assert len(fits) == 6 and all(1024 < f["up"] < 2048 and 1024 < f["down"] < 2048 for f in fits)
 
 
 @pytest.mark.slow

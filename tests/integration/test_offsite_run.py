@@ -9,23 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import fedtune
-from conftest import make_char_tokenizer
-
-
-@pytest.fixture(scope="module")
-def four_layer_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("llama4")
-    tok = make_char_tokenizer()
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                                 num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2,
-                                 max_position_embeddings=256, pad_token_id=tok.pad_token_id,
-                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def test_offsite_tuning_in_simulation(tiny_recipe, four_layer_dir):
@@ -67,16 +52,3 @@ def test_offsite_needs_whole_adapter_layers():
 
     with pytest.raises(RecipeError, match="adapter.method"):
         load_recipe(None, ["federation.algorithm=offsite"])
-
-
-def test_offsite_is_refused_by_the_deployment_commands():
-    from types import SimpleNamespace
-
-    from fedtune.errors import DeploymentError
-    from fedtune.runtime.deploy_server import require_grpc
-
-    recipe = SimpleNamespace(transport=SimpleNamespace(kind="grpc"),
-                             federation=SimpleNamespace(algorithm="offsite"))
-    for command in ("server", "client"):
-        with pytest.raises(DeploymentError, match="simulation only"):
-            require_grpc(recipe, command)

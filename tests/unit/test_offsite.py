@@ -91,3 +91,74 @@ def test_distillation_moves_only_the_core_towards_the_full_model():
             assert p.requires_grad and torch.equal(p, adapter_before[n])
         else:
             assert not p.requires_grad
+
+
+# -- the emulator package a deployed client downloads ---------------------------------------------
+
+
+def _package(char_tokenizer):
+    from fedtune.models.offsite_package import emulator_package
+
+    emulator = build_emulator(_llama(6), 1, 1, 0.5)
+    meta, tensors = emulator_package(emulator, char_tokenizer)
+    return emulator, meta, tensors
+
+
+def _rebuild(meta, tensors):
+    from fedtune.models.offsite_package import emulator_from_package
+
+    return emulator_from_package(meta, tensors, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_the_package_holds_the_frozen_emulator_and_the_tokenizer_but_no_adapter_layer(char_tokenizer):
+    from fedtune.runtime.messages import Message, MessageKind
+    from fedtune.transport.codec import decode, encode
+
+    emulator, meta, tensors = _package(char_tokenizer)
+    trainable = {n for n, p in emulator.model.named_parameters() if p.requires_grad}
+    assert set(meta["trainable"]) == trainable and meta["kept"] == emulator.kept == [0, 1, 3, 5]
+    weights = {k.removeprefix("model/") for k in tensors if k.startswith("model/")}
+    assert not weights & trainable and "model.layers.1.mlp.up_proj.weight" in weights
+    assert not any(k.startswith("model/model.layers.4.") for k in tensors)  # 4 layers in the emulator
+    assert {k for k in tensors if k.startswith("tokenizer/")} >= {"tokenizer/tokenizer.json"}
+    # It is plain data for the codec, and survives the wire bit for bit.
+    wire = decode(encode(Message(MessageKind.EMULATOR, 0, "server", "client_0", tensors=tensors, meta=meta)))
+    rebuilt, tokenizer = _rebuild(wire.meta, wire.tensors)
+    original = emulator.model.state_dict()
+    for name, tensor in rebuilt.model.state_dict().items():
+        if name in trainable:
+            assert not tensor.any()  # zero until the first FIT brings the global adapter
+        else:
+            assert torch.equal(tensor, original[name]), name
+    assert {n for n, p in rebuilt.model.named_parameters() if p.requires_grad} == trainable
+    assert rebuilt.kept == emulator.kept and rebuilt.adapter_layers == emulator.adapter_layers
+    assert tokenizer("a b!").input_ids == char_tokenizer("a b!").input_ids
+    with torch.no_grad():  # with the adapter layers in place it is the same model
+        params = dict(rebuilt.model.named_parameters())
+        for name, p in emulator.model.named_parameters():
+            if p.requires_grad:
+                params[name].copy_(p)
+        ids = torch.tensor([[5, 6, 7, 8, 9]])
+        assert torch.equal(rebuilt.model(ids).logits, emulator.model(ids).logits)
+
+
+def test_a_hostile_or_broken_package_is_refused(char_tokenizer):
+    _, meta, tensors = _package(char_tokenizer)
+    cases = [
+        ({**meta, "format": 2}, tensors, "format"),
+        ({**meta, "config": {**meta["config"], "model_type": "evil_remote"}}, tensors, "remote code"),
+        (meta, {k: v for k, v in tensors.items() if k != "model/model.norm.weight"}, "missing"),
+        (meta, {**tensors, "model/model.extra": torch.zeros(2)}, "unexpected"),
+        (meta, {**tensors, "model/model.norm.weight": torch.zeros(3)}, "model.norm.weight"),
+        (meta, {**tensors, "tokenizer/../../etc/x": torch.zeros(2, dtype=torch.uint8)}, "refusing"),
+        (meta, {**tensors, "tokenizer/.bashrc": torch.zeros(2, dtype=torch.uint8)}, "refusing"),
+        ({**meta, "trainable": ["model.layers.9.nope"]}, tensors, "not in the emulator"),
+        ({**meta, "kept": "all"}, tensors, "'kept'"),
+    ]
+    for bad_meta, bad_tensors, match in cases:
+        with pytest.raises(ModelError, match=match):
+            _rebuild(bad_meta, bad_tensors)
+    # A peer's pointer to remote code in the config is dropped, never followed.
+    config = {**meta["config"], "auto_map": {"AutoModelForCausalLM": "evil.Model"}}
+    rebuilt, _ = _rebuild({**meta, "config": config}, tensors)
+    assert type(rebuilt.model).__name__ == "LlamaForCausalLM"

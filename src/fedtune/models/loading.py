@@ -53,10 +53,15 @@ def load_tokenizer(section: ModelSection):
         )
     except Exception as exc:  # transformers raises many types for a missing / unreachable model
         raise ModelError(_load_hint(section.name, path, "tokenizer", exc)) from None
+    return finish_tokenizer(tokenizer, f"model.name {section.name!r}")
+
+
+def finish_tokenizer(tokenizer, where: str):
+    """Give the tokenizer a pad token (EOS, else UNK); refuse one without EOS."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token else tokenizer.unk_token
     if tokenizer.eos_token_id is None:
-        raise ModelError(f"model.name {section.name!r}: the tokenizer has no EOS token; set one")
+        raise ModelError(f"{where}: the tokenizer has no EOS token; set one")
     return tokenizer
 
 

@@ -19,12 +19,15 @@ from fedtune.data.splitters import train_val_test_split
 from fedtune.errors import DataError, DeploymentError, MessageError
 from fedtune.runtime.client import Client
 from fedtune.runtime.deploy_server import require_grpc
+from fedtune.runtime.messages import MessageKind
 from fedtune.runtime.setup import Setup
 from fedtune.seeding import derive_seed
 from fedtune.track.report import human_bytes
 from fedtune.transport.auth import client_token, with_name
+from fedtune.transport.codec import check_message, decode
 from fedtune.transport.framing import peek_header
 from fedtune.transport.grpc_client import FATAL, Backoff, ServerConnection
+from fedtune.transport.grpc_server import SERVER_NAME
 
 log = logging.getLogger("fedtune.deploy")
 _REJECTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -73,17 +76,63 @@ def participate(recipe: Any = None, overrides: list[str] | None = None, *, name:
         raise DeploymentError(f"client '{name}' needs a token: --token-file PATH or "
                               "transport.token_file (or mutual_tls: true)")
     connection = ServerConnection(section, name, address=section.address, token=token)
+    out = Console(highlight=False, soft_wrap=True)
     try:
-        setup = Setup(loaded, console, data=own_data(loaded, name, data) if data else None)
+        base = None  # offsite-tuning: the emulator comes from the server; the model is never loaded
+        if loaded.federation.algorithm == "offsite":
+            base = fetch_emulator(connection, loaded, out)
+        setup = Setup(loaded, console, data=own_data(loaded, name, data) if data else None, base=base)
         if name not in setup.data.clients:
             raise DeploymentError(
                 f"client '{name}' is not in the recipe's split ({', '.join(setup.data.clients)}); "
                 "give one of those names, or --data PATH for your own data")
         client = setup.client(name)
         client.secagg.require(loaded.federation.secure_aggregation)  # no plain FIT if enabled
-        return _Loop(connection, client, loaded, Console(highlight=False, soft_wrap=True)).run()
+        return _Loop(connection, client, loaded, out).run()
     finally:
         connection.close()
+
+
+def fetch_emulator(connection: ServerConnection, recipe: Recipe, out: Console) -> tuple[Any, Any]:
+    """Download the offsite-tuning emulator package and rebuild (model, tokenizer) from it."""
+    from fedtune.models.loading import pick_device, pick_dtype
+    from fedtune.models.offsite_package import emulator_from_package
+
+    name = connection.name
+    backoff = Backoff(recipe.transport.retry)
+    out.print(f"{name}: downloading the offsite-tuning emulator from {connection.address}")
+    start = time.perf_counter()
+    while True:
+        try:
+            data = connection.fetch("emulator")
+            break
+        except (grpc.RpcError, MessageError) as exc:
+            reason = _reason(exc)
+            if isinstance(exc, grpc.RpcError) and exc.code() in FATAL:
+                raise DeploymentError(
+                    f"the server at {connection.address} refused the credentials of client '{name}' "
+                    f"({reason}); check transport.token_file or its certificate") from None
+            if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise DeploymentError(f"the server at {connection.address} offers no offsite emulator; "
+                                      "is it running the same recipe (federation.algorithm: offsite)?") from None
+            delay = backoff.next_delay()
+            if delay is None:
+                raise DeploymentError(f"client '{name}' could not download the emulator from "
+                                      f"{connection.address} ({reason}); see transport.retry") from None
+            out.print(f"{name}: no emulator yet ({reason}); retrying in {delay:.1f} s")
+            time.sleep(delay)
+    message = decode(data, max_bytes=recipe.transport.max_message_bytes)
+    check_message(message, kinds={MessageKind.EMULATOR}, sender=SERVER_NAME)
+    if message.receiver != name:
+        raise MessageError(f"the emulator was addressed to '{message.receiver}', not '{name}'")
+    device = pick_device(recipe.model.device)
+    emulator, tokenizer = emulator_from_package(message.meta, message.tensors, device=device,
+                                                dtype=pick_dtype(recipe.model.dtype, device))
+    if emulator.model.config.pad_token_id is None:
+        emulator.model.config.pad_token_id = tokenizer.pad_token_id
+    out.print(f"{name}: received the emulator ({len(emulator.kept)} layers, "
+              f"{human_bytes(len(data))}) in {time.perf_counter() - start:.1f} s")
+    return emulator.model, tokenizer
 
 
 class _Loop:

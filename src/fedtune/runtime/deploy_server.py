@@ -37,11 +37,6 @@ def require_grpc(recipe: Recipe, command: str) -> None:
             f"`fedtune {command}` needs transport.kind: grpc in the recipe (it is "
             f"'{recipe.transport.kind}'); set it with its TLS and token keys, see docs/deployment.md"
         )
-    if recipe.federation.algorithm == "offsite":
-        raise DeploymentError(
-            "offsite-tuning runs in simulation only for now: a deployed client would have to load the "
-            "full model to build its emulator; shipping the emulator to clients is not built yet"
-        )
 
 
 def _load(recipe: Any, overrides: list[str], resume: str | Path | None) -> tuple[Recipe, RunDir | None]:
@@ -87,8 +82,10 @@ def serve(recipe: Any = None, overrides: list[str] | None = None, *, resume: str
 
     setup = Setup(loaded, console)
     reporter = ConsoleReporter(setup.console) if loaded.output.progress else NullReporter()
+    # Offsite-tuning: clients download the emulator package (never the model) before they join.
+    downloads = {"emulator": setup.offsite.package_message} if setup.offsite is not None else {}
     transport = GrpcServerTransport(section, names, auth, credentials=credentials,
-                                    on_reply=reporter.client_done)
+                                    on_reply=reporter.client_done, downloads=downloads)
     try:
         address = transport.start()
         mode = "insecure" if section.insecure else ("mutual TLS" if section.mutual_tls else "TLS")
@@ -123,7 +120,7 @@ def serve(recipe: Any = None, overrides: list[str] | None = None, *, resume: str
             result = server.run(start)
         finally:
             reporter.close()
-        summary = setup.finish(run_dir, server, result)
+        summary = setup.finish(run_dir, server, result, emulator_counted=True)
         summary["transport"] = {"kind": "grpc", "address": address, "mode": mode, **transport.stats()}
         run_dir.write_json("summary.json", summary)
     finally:

@@ -19,6 +19,7 @@ class MessageKind(str, Enum):
     EVAL_RESULT = "eval_result"
     FINISH = "finish"
     ERROR = "error"
+    EMULATOR = "emulator"  # offsite-tuning: the emulator package a client downloads once (Fetch)
     # Secure aggregation (runtime/secure_round.py), request -> answer, in protocol order:
     SECAGG_FIT = "secagg_fit"          # global adapter + round parameters -> SECAGG_ADVERT (keys)
     SECAGG_ADVERT = "secagg_advert"

@@ -9,14 +9,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save as safetensors_bytes
 
 from fedtune.algorithms import algorithm_options
 from fedtune.config import Recipe
 from fedtune.data.prompts import TokenizedExample, collate
 from fedtune.eval.evaluator import Evaluator
 from fedtune.models.offsite import build_emulator, distill, plug_in
+from fedtune.models.offsite_package import emulator_package
+from fedtune.runtime.messages import Message, MessageKind
 from fedtune.seeding import derive_seed
+from fedtune.transport.framing import SharedEncoder
 
 log = logging.getLogger("fedtune.offsite")
 
@@ -37,11 +39,12 @@ class OffsiteServer:
         self.emulator.model.eval()
         self.full_evaluator = Evaluator(full, tokenizer, recipe.eval, template=recipe.data.template,
                                         max_length=recipe.data.max_length, device=self.device)
-        frozen = {n: p.detach().cpu().contiguous() for n, p in self.emulator.model.named_parameters()
-                  if not p.requires_grad}
-        # What a client downloads once instead of the model: the emulator's frozen weights
-        # (its adapter layers arrive with the first FIT like any adapter).
-        self.emulator_bytes = len(safetensors_bytes(frozen))
+        # What a client downloads once instead of the model: the emulator's frozen weights and the
+        # tokenizer (its adapter layers arrive with the first FIT like any adapter).
+        self.package_meta, self.package_tensors = emulator_package(self.emulator, tokenizer)
+        self._encoder = SharedEncoder()
+        self.emulator_bytes = self.package_bytes("client")
+        self._encoder.clear()  # do not hold a second copy of the emulator while training
         self.full_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
 
     def _distill(self, console) -> None:
@@ -66,6 +69,16 @@ class OffsiteServer:
         if console is not None:
             console.print(f"offsite-tuning: distilled the emulator for {d.steps} steps, loss "
                           f"{self.distill_losses[0]:.3f} → {self.distill_losses[-1]:.3f}")
+
+    def package_message(self, receiver: str) -> Message:
+        """The emulator package for `receiver` (one tensors dict for all: encoders share it)."""
+        return Message(MessageKind.EMULATOR, 0, "server", receiver, tensors=self.package_tensors,
+                       meta=self.package_meta)
+
+    def package_bytes(self, receiver: str) -> int:
+        """Bytes of the encoded package for `receiver` (what its download costs)."""
+        head, part = self._encoder.encode(self.package_message(receiver))
+        return len(head) + len(part)
 
     def plug(self, adapter: dict[str, torch.Tensor]) -> None:
         plug_in(self.full, self.emulator, adapter)

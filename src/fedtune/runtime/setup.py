@@ -34,7 +34,9 @@ log = logging.getLogger("fedtune.setup")
 
 class Setup:
     def __init__(self, recipe: Recipe, console: Console | None = None,
-                 data: FederatedData | None = None):
+                 data: FederatedData | None = None, base: tuple[Any, Any] | None = None):
+        """`base`: a (model, tokenizer) to use instead of loading `recipe.model`; a deployed
+        offsite-tuning client passes the emulator the server shipped (its trainable layers set)."""
         self.recipe = recipe
         self.console = console or Console(quiet=not recipe.output.progress)
         quiet_libraries()
@@ -43,16 +45,17 @@ class Setup:
         self.data = data or build_federated_data(recipe.data, recipe.federation.clients, recipe.seed)
         self.console.print(format_split_table(self.data))
 
-        model, self.tokenizer = load_base_model(recipe.model)
+        model, self.tokenizer = base or load_base_model(recipe.model)
         self.offsite = None
-        if recipe.federation.algorithm == "offsite":  # clients train an emulator, never the model
+        offsite = recipe.federation.algorithm == "offsite"  # clients train an emulator, never the model
+        if offsite and base is None:  # the model owner: build the emulator from the full model
             from fedtune.runtime.offsite import OffsiteServer
 
             self.offsite = OffsiteServer(model, self.tokenizer, recipe, self.console)
             model = self.offsite.emulator.model
         # The initial adapter depends only on the recipe seed: every party builds the same one.
         torch.manual_seed(derive_seed(recipe.seed, "adapter-init"))
-        self.model = model if self.offsite else attach_adapter(model, recipe.adapter)
+        self.model = model if offsite else attach_adapter(model, recipe.adapter)
         self.model.eval()
         self.slot = AdapterSlot(self.model)
         fed = recipe.federation
@@ -139,14 +142,18 @@ class Setup:
                            f"{metrics['humaneval_samples']} samples): {shown}")
         return metrics
 
-    def finish(self, run_dir: RunDir, server: Server, result: ServerResult) -> dict[str, Any]:
-        """Save the final adapter (standard PEFT directory) and summary.json; print the table."""
+    def finish(self, run_dir: RunDir, server: Server, result: ServerResult, *,
+               emulator_counted: bool = False) -> dict[str, Any]:
+        """Save the final adapter (standard PEFT directory) and summary.json; print the table.
+
+        `emulator_counted`: the transport already counted the offsite emulator's downloads (gRPC);
+        in simulation each client is charged one download of the emulator package here."""
         self.view.load(result.global_state)
         if self.offsite is not None:  # the product is the full model with the adapter layers plugged in
             self.offsite.save(result.global_state, run_dir.final_dir)
-            for client in self.data.clients:  # each client downloaded the emulator once (round 0)
+            for client in [] if emulator_counted else self.data.clients:  # one download each, round 0
                 server.transport.traffic.record(direction="down", client=client, round=0,
-                                                nbytes=self.offsite.emulator_bytes)
+                                                nbytes=self.offsite.package_bytes(client))
         else:
             self.model.save_pretrained(run_dir.final_dir)
         self.tokenizer.save_pretrained(run_dir.final_dir)

@@ -12,10 +12,17 @@ from collections.abc import Iterator
 import grpc
 
 from fedtune.config import RetrySection, TransportSection
-from fedtune.errors import DeploymentError
+from fedtune.errors import DeploymentError, MessageError
 from fedtune.transport.auth import call_metadata, channel_credentials
 from fedtune.transport.framing import Reassembler, iter_frames
-from fedtune.transport.grpc_server import FRAME_SLACK, HEARTBEAT_SECONDS, PULL, PUSH, grpc_options
+from fedtune.transport.grpc_server import (
+    FETCH,
+    FRAME_SLACK,
+    HEARTBEAT_SECONDS,
+    PULL,
+    PUSH,
+    grpc_options,
+)
 
 IDLE_SECONDS = 6 * HEARTBEAT_SECONDS  # no frame for this long: the stream is dead, reconnect
 FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
@@ -80,6 +87,7 @@ class ServerConnection:
             self.channel = grpc.secure_channel(address, creds, options=options)
         self._pull = self.channel.unary_stream(PULL, request_serializer=None, response_deserializer=None)
         self._push = self.channel.stream_unary(PUSH, request_serializer=None, response_deserializer=None)
+        self._fetch = self.channel.unary_stream(FETCH, request_serializer=None, response_deserializer=None)
         self._ids = itertools.count(1)
         self.connected = False
         self.last_receive = (0, 0.0)  # bytes and seconds from first to last frame of the last message
@@ -120,6 +128,25 @@ class ServerConnection:
         except (ValueError, KeyError, TypeError):
             raise DeploymentError(f"the server at {self.address} answered an upload with "
                                   "something unexpected") from None
+
+    def fetch(self, resource: str, idle_seconds: float = IDLE_SECONDS) -> bytes:
+        """Download the encoded message `resource` (e.g. the offsite emulator) in one call; raises
+        grpc.RpcError when the call fails, MessageError when the stream is malformed."""
+        call = self._fetch(json.dumps({"resource": resource}).encode(), metadata=self.metadata)
+        watchdog = _Watchdog(call, idle_seconds)
+        reassembler = Reassembler(self.section.max_message_bytes, self.section.chunk_bytes + FRAME_SLACK)
+        try:
+            watchdog.armed_at = time.monotonic()
+            for frame in call:
+                watchdog.armed_at = time.monotonic()
+                data = reassembler.add(frame)
+                if data is not None:
+                    return data
+            reassembler.finish()
+            raise MessageError(f"the server ended the download of {resource} early")
+        finally:
+            watchdog.stop()
+            call.cancel()
 
     def close(self) -> None:
         self.channel.close()

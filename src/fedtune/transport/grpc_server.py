@@ -1,7 +1,9 @@
 """The gRPC server transport: clients dial in, pull their messages and push their replies.
 
-Two methods on raw bytes (no protobuf): `Pull` (server-streaming) streams the frames of a
-client's outbox, with a ping when idle; `Push` (client-streaming) uploads one reply in frames.
+Three methods on raw bytes (no protobuf): `Pull` (server-streaming) streams the frames of a
+client's outbox, with a ping when idle; `Push` (client-streaming) uploads one reply in frames;
+`Fetch` (server-streaming) sends a named download a client needs before it joins (the offsite
+emulator), counted as its round-0 traffic.
 Every call is authenticated first; every reply is reassembled under the size limit, decoded
 (codec checks) and matched to its sender's identity and a pending request before the Server
 sees it. A bad call is refused with a log line; the others go on.
@@ -13,7 +15,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -39,6 +41,7 @@ log = logging.getLogger("fedtune.transport")
 SERVICE = "fedtune.Federation"
 PULL = f"/{SERVICE}/Pull"
 PUSH = f"/{SERVICE}/Push"
+FETCH = f"/{SERVICE}/Fetch"
 SERVER_NAME = "server"
 HEARTBEAT_SECONDS = 5.0
 FRAME_SLACK = 64 * 1024  # room for a frame header above chunk_bytes in gRPC's message limit
@@ -69,7 +72,9 @@ class GrpcServerTransport:
         credentials: grpc.ServerCredentials | None,
         address: str | None = None,
         on_reply: Callable[[str], None] | None = None,
+        downloads: Mapping[str, Callable[[str], Message]] | None = None,
     ):
+        """`downloads`: resource name -> the message for a given client (`Fetch`)."""
         self.section = section
         self.clients = list(clients)
         self.auth = authenticator
@@ -80,6 +85,9 @@ class GrpcServerTransport:
         self.encoder = SharedEncoder()
         self.max_chunk = section.chunk_bytes + FRAME_SLACK
         self.last_upload = (0, 0.0)  # bytes and seconds from first to last frame of the last upload
+        self.downloads = dict(downloads or {})
+        self._download_encoder = SharedEncoder()  # one copy of a download's tensors for all clients
+        self._download_lock = threading.Lock()
         self._server: grpc.Server | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -144,6 +152,7 @@ class GrpcServerTransport:
         return grpc.method_handlers_generic_handler(SERVICE, {
             "Pull": grpc.unary_stream_rpc_method_handler(self._pull),
             "Push": grpc.stream_unary_rpc_method_handler(self._push),
+            "Fetch": grpc.unary_stream_rpc_method_handler(self._fetch),
         })
 
     def _authenticate(self, context: grpc.ServicerContext, method: str) -> str:
@@ -184,6 +193,27 @@ class GrpcServerTransport:
                 del item, frame  # do not hold the message while waiting for the next one
         finally:
             self.mailbox.disconnect(client, session)
+
+    def _fetch(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        client = self._authenticate(context, "Fetch")
+        try:
+            name = json.loads(request)["resource"] if len(request) <= 1024 else None
+        except (ValueError, KeyError, TypeError):
+            name = None
+        make = self.downloads.get(name) if isinstance(name, str) else None
+        if make is None:
+            self.mailbox.count("refused")
+            log.warning("refused a Fetch from '%s' (%s): no download %r", client, context.peer(),
+                        str(name)[:40])
+            context.abort(grpc.StatusCode.NOT_FOUND, "no such download")
+        with self._download_lock:
+            head, body = self._download_encoder.encode(make(client))
+        size = len(head) + len(body)
+        log.info("sending %s (%d bytes) to '%s'", name, size, client)
+        for frame in iter_frames((head, body), 1, self.section.chunk_bytes):
+            if is_last(frame):  # handed to gRPC in full (code after the last yield may not run)
+                self.traffic.record(direction="down", client=client, round=0, nbytes=size)
+            yield frame
 
     def _push(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         client = self._authenticate(context, "Push")
