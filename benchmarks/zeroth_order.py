@@ -14,7 +14,7 @@ Part 2, bytes per client per round of FedAvg (LoRA), FedMeZO (LoRA), FedKSeed (K
 offsite-tuning on the built-in benchmark (one short round each). Part 3, offsite-tuning on the
 built-in benchmark: the emulator clients tuned versus the full model with the adapter plugged in.
 
-    python benchmarks/zeroth_order.py --part memory|bytes|offsite [--offsite-rounds 20]
+    python benchmarks/zeroth_order.py --part memory|bytes|offsite [--offsite-rounds 20] [--offsite-distill 0 200]
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--part", choices=["all", "memory", "bytes", "offsite"], default="all")
     ap.add_argument("--offsite-rounds", type=int, default=20)
+    ap.add_argument("--offsite-distill", type=int, nargs="+", default=[0, 200],
+                    help="distillation steps of each offsite run (0: none)")
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args)
@@ -93,7 +95,7 @@ def main() -> None:
     if args.part in ("all", "bytes"):
         bytes_table()
     if args.part in ("all", "offsite"):
-        offsite_table(args.offsite_rounds)
+        offsite_table(args.offsite_rounds, args.offsite_distill)
     if args.part not in ("all", "memory"):
         return
     for mode in ("inference", "zeroth-order (FedMeZO)", "fedkseed (zeroth-order, all parameters)", "backprop"):
@@ -146,20 +148,30 @@ def bytes_table() -> None:
     print()
 
 
-def offsite_table(rounds: int) -> None:
-    s = _run(["federation.algorithm=offsite", "adapter.method=full", f"federation.rounds={rounds}",
-              "eval.every=0", "eval.clients=false"])
-    off = s["offsite"]
+def offsite_table(rounds: int, distill_steps: list[int]) -> None:
+    rows = []
+    for steps in distill_steps:
+        options = f"federation.options={{distill: {{steps: {steps}, batch_size: 16}}}}"
+        rows.append((steps, _run(["federation.algorithm=offsite", "adapter.method=full", options,
+                                  f"federation.rounds={rounds}", "eval.every=0", "eval.clients=false"])))
+    off = rows[0][1]["offsite"]
     print(f"Offsite-tuning on the built-in benchmark, {rounds} rounds × 10 local steps, layers kept "
           f"{off['emulator_layers']} of {off['full_model_layers']}, adapter = first and last layer\n")
-    print("| model | test loss | exact match |")
-    print("|---|---:|---:|")
-    print(f"| full model before tuning | {s['initial']['loss']:.3f} | {100 * s['initial']['exact_match']:.1f} % |")
-    e = off["emulator_final"]
-    print(f"| emulator + tuned adapter (what clients hold) | {e['loss']:.3f} | {100 * e['exact_match']:.1f} % |")
-    print(f"| full model + plugged-in adapter | {s['final']['loss']:.3f} | {100 * s['final']['exact_match']:.1f} % |")
-    print(f"\nfull model {off['full_model_bytes'] / 1e6:.2f} MB; emulator's frozen part "
-          f"{off['emulator_bytes'] / 1e6:.2f} MB + adapter {s['adapter_bytes'] / 1e6:.2f} MB\n")
+    print("| distillation | model | test loss | exact match |")
+    print("|---|---|---:|---:|")
+    for steps, s in rows:
+        e, o = s["offsite"]["emulator_final"], s["offsite"]
+        label = f"{steps} steps" if steps else "none"
+        if o["distill_loss"]:
+            label += f" (loss {o['distill_loss'][0]:.2f} → {o['distill_loss'][1]:.2f})"
+        print(f"| {label} | full model before tuning | {s['initial']['loss']:.3f} | "
+              f"{100 * s['initial']['exact_match']:.1f} % |")
+        print(f"| {label} | emulator + tuned adapter (what clients hold) | {e['loss']:.3f} | "
+              f"{100 * e['exact_match']:.1f} % |")
+        print(f"| {label} | full model + plugged-in adapter | {s['final']['loss']:.3f} | "
+              f"{100 * s['final']['exact_match']:.1f} % |")
+    print(f"\nfull model {off['full_model_bytes'] / 1e6:.2f} MB; emulator package (frozen part and "
+          f"tokenizer) {off['emulator_bytes'] / 1e6:.2f} MB + adapter {rows[0][1]['adapter_bytes'] / 1e6:.2f} MB\n")
 
 
 if __name__ == "__main__":
