@@ -52,3 +52,33 @@ def test_offsite_needs_whole_adapter_layers():
 
     with pytest.raises(RecipeError, match="adapter.method"):
         load_recipe(None, ["federation.algorithm=offsite"])
+
+
+def test_the_distilled_core_is_kept_with_the_run_and_reused_on_resume(tiny_recipe, four_layer_dir):
+    from safetensors.torch import save_file
+
+    from fedtune.config import load_recipe
+    from fedtune.errors import RunDirError
+    from fedtune.runtime.offsite import CORE_FILE
+    from fedtune.runtime.setup import Setup
+    from fedtune.track.rundir import RunDir
+
+    recipe = tiny_recipe(output__name="keep", model={"name": four_layer_dir}, adapter={"method": "full"},
+                         federation__algorithm="offsite", federation__rounds=1, eval__every=0,
+                         federation__options={"distill": {"steps": 3, "batch_size": 4, "examples": 20}})
+    summary = fedtune.run(recipe)
+    run_dir = Path(summary["final_adapter"]).parent
+    saved = load_file(str(run_dir / CORE_FILE))
+    assert saved and all(name.startswith("model.layers.1.") for name in saved)  # the one core layer
+
+    # A resumed server uses the saved core, even where a new distillation would differ.
+    name = "model.layers.1.mlp.up_proj.weight"
+    save_file({**saved, name: saved[name] + 1.0}, str(run_dir / CORE_FILE))
+    setup = Setup(load_recipe(recipe))
+    setup.keep_emulator(RunDir.open(run_dir), resume=True)
+    params = dict(setup.model.named_parameters())
+    assert torch.equal(params[name], saved[name] + 1.0)
+    assert torch.equal(setup.offsite.package_tensors[f"model/{name}"], saved[name] + 1.0)  # what clients get
+    save_file({name: saved[name]}, str(run_dir / CORE_FILE))
+    with pytest.raises(RunDirError, match="does not fit"):
+        setup.keep_emulator(RunDir.open(run_dir), resume=True)

@@ -81,6 +81,8 @@ def serve(recipe: Any = None, overrides: list[str] | None = None, *, resume: str
     credentials = None if section.insecure else server_credentials(section.tls, section.mutual_tls)
 
     setup = Setup(loaded, console)
+    if run_dir is not None:  # resumed: clients may still hold the emulator of the first start
+        setup.keep_emulator(run_dir, resume=True)
     reporter = ConsoleReporter(setup.console) if loaded.output.progress else NullReporter()
     # Offsite-tuning: clients download the emulator package (never the model) before they join.
     downloads = {"emulator": setup.offsite.package_message} if setup.offsite is not None else {}
@@ -103,6 +105,7 @@ def serve(recipe: Any = None, overrides: list[str] | None = None, *, resume: str
             name = loaded.output.name or f"{loaded.name}-{time.strftime('%Y%m%d-%H%M%S')}"
             run_dir = RunDir.create(loaded.output.dir, name, explicit=loaded.output.name is not None)
             run_dir.write_recipe(loaded.to_yaml())
+            setup.keep_emulator(run_dir, resume=False)
         setup.write_split(run_dir)
         out.print(f"fedtune server: {len(joined)} clients joined; run directory {run_dir.path}")
         # Deployment checkpoints every round, so a restarted server loses at most one round.

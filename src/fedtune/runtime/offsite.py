@@ -9,10 +9,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from fedtune.algorithms import algorithm_options
 from fedtune.config import Recipe
 from fedtune.data.prompts import TokenizedExample, collate
+from fedtune.errors import RunDirError
 from fedtune.eval.evaluator import Evaluator
 from fedtune.models.offsite import build_emulator, distill, plug_in
 from fedtune.models.offsite_package import emulator_package
@@ -21,6 +23,7 @@ from fedtune.seeding import derive_seed
 from fedtune.transport.framing import SharedEncoder
 
 log = logging.getLogger("fedtune.offsite")
+CORE_FILE = "offsite/emulator_core.safetensors"
 
 
 class OffsiteServer:
@@ -79,6 +82,31 @@ class OffsiteServer:
         """Bytes of the encoded package for `receiver` (what its download costs)."""
         head, part = self._encoder.encode(self.package_message(receiver))
         return len(head) + len(part)
+
+    def _core(self) -> dict[str, torch.nn.Parameter]:
+        e = self.emulator
+        core = tuple(f"{e.prefix}.{i}." for i in e.core_layers())
+        return {n: p for n, p in e.model.named_parameters() if n.startswith(core)}
+
+    def keep(self, directory: Path, resume: bool) -> None:
+        """Save the distilled core in `directory`; on resume, use the saved one instead (clients
+        still hold it, and distillation on a GPU need not repeat bit for bit)."""
+        path = Path(directory) / CORE_FILE
+        if not self.options.distill.steps:
+            return  # the emulator is a deterministic function of the model
+        if not resume:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({n: p.detach().cpu().contiguous() for n, p in self._core().items()}, str(path))
+            return
+        if not path.exists():
+            log.warning("%s is missing: the resumed run uses a newly distilled emulator", path)
+            return
+        saved, core = load_file(str(path)), self._core()
+        if saved.keys() != core.keys() or any(saved[n].shape != p.shape for n, p in core.items()):
+            raise RunDirError(f"{path} does not fit this recipe's emulator core")
+        with torch.no_grad():  # in place: the package's tensors share these parameters
+            for name, param in core.items():
+                param.copy_(saved[name])
 
     def plug(self, adapter: dict[str, torch.Tensor]) -> None:
         plug_in(self.full, self.emulator, adapter)

@@ -121,6 +121,12 @@ class Setup:
                                             target=attack.target))
         return metrics
 
+    def keep_emulator(self, run_dir: RunDir, resume: bool) -> None:
+        """Offsite-tuning server: keep the distilled emulator core with the run (a resumed run
+        reuses it). Nothing to do otherwise."""
+        if self.offsite is not None:
+            self.offsite.keep(Path(run_dir.path), resume)
+
     def write_split(self, run_dir: RunDir) -> None:
         if self._test is None:
             self._test = self.tokenize("global test", self.data.test)

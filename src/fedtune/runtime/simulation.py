@@ -41,6 +41,7 @@ class Simulation:
 
     def run(self, run_dir: RunDir, resume: bool = False) -> dict[str, Any]:
         recipe, setup = self.recipe, self.setup
+        setup.keep_emulator(run_dir, resume)
         setup.write_split(run_dir)
         reporter = ConsoleReporter(setup.console) if recipe.output.progress else NullReporter()
         transport = InProcessTransport(
