@@ -120,6 +120,19 @@ def _assert_same_adapter(got: dict[str, torch.Tensor], expected: dict[str, torch
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
 
 
+def _deploy(tmp_path: Path, path: Path, port: int, *client_args: str) -> Processes:
+    """Run `fedtune server` and a `fedtune client` per name to the end; both must exit 0."""
+    with Processes(tmp_path) as procs:
+        server = procs.start("server", "server", str(path), "output.name=deployed")
+        for name in CLIENTS:  # they retry until the server listens
+            procs.start(name, "client", str(path), *client_args, "--name", name)
+        _wait_for_port(port, server)
+        assert procs.wait("server") == 0, procs.text("server")
+        for name in CLIENTS:
+            assert procs.wait(name) == 0, procs.text(name)
+    return procs
+
+
 def _hostile_calls(port: int, recipe: dict) -> None:
     """What an attacker or a broken peer might send; each must be refused without harm."""
     from fedtune.config import load_recipe
@@ -199,16 +212,10 @@ def test_offsite_clients_download_the_emulator_and_never_load_the_model(tiny_rec
         tiny_recipe, tmp_path, port, model={"name": four_layer_dir}, adapter={"method": "full"},
         federation__algorithm="offsite", eval__every=0, eval__clients=True,
         federation__options={"drop_ratio": 0.5, "distill": {"steps": 3, "batch_size": 4, "examples": 20}})
-    with Processes(tmp_path) as procs:
-        server = procs.start("server", "server", str(path), "output.name=deployed")
-        for name in CLIENTS:  # the full model is not on the clients' machines
-            procs.start(name, "client", str(path), "model.name=/nowhere/full-model", "--name", name)
-        _wait_for_port(port, server)
-        assert procs.wait("server") == 0, procs.text("server")
-        for name in CLIENTS:
-            assert procs.wait(name) == 0, procs.text(name)
-            assert f"{name}: received the emulator (3 layers" in procs.text(name)
-            assert f"{name}: finished; 2 training rounds" in procs.text(name)
+    procs = _deploy(tmp_path, path, port, "model.name=/nowhere/full-model")  # not on the clients' machines
+    for name in CLIENTS:
+        assert f"{name}: received the emulator (3 layers" in procs.text(name)
+        assert f"{name}: finished; 2 training rounds" in procs.text(name)
 
     run_dir = Path(recipe["output"]["dir"]) / "deployed"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -238,15 +245,7 @@ def test_zeroth_order_over_tls_matches_the_simulation(tiny_recipe, tmp_path, alg
     path, recipe = _write_recipe(
         tiny_recipe, tmp_path, port, federation__algorithm=algorithm, train__local_steps=4,
         eval__every=0, eval__clients=True, federation__rounds=3, **ZEROTH_ORDER[algorithm])
-    with Processes(tmp_path) as procs:
-        server = procs.start("server", "server", str(path), "output.name=deployed")
-        for name in CLIENTS:
-            procs.start(name, "client", str(path), "--name", name)
-        _wait_for_port(port, server)
-        assert procs.wait("server") == 0, procs.text("server")
-        for name in CLIENTS:
-            assert procs.wait(name) == 0, procs.text(name)
-
+    _deploy(tmp_path, path, port)
     run_dir = Path(recipe["output"]["dir"]) / "deployed"
     summary = json.loads((run_dir / "summary.json").read_text())
     simulated, expected = _simulate(recipe)
@@ -329,17 +328,11 @@ def test_secure_aggregation_over_tls_matches_the_simulation(tiny_recipe, tmp_pat
     port = _free_port()
     path, recipe = _write_recipe(tiny_recipe, tmp_path, port, eval__every=0, eval__clients=False,
                                  federation__secure_aggregation={"enabled": True})
-    with Processes(tmp_path) as procs:
-        server = procs.start("server", "server", str(path), "output.name=deployed")
-        for name in CLIENTS:
-            procs.start(name, "client", str(path), "--name", name)
-        _wait_for_port(port, server)
-        assert procs.wait("server") == 0, procs.text("server")
-        for name in CLIENTS:
-            assert procs.wait(name) == 0, procs.text(name)
-            text = procs.text(name)
-            assert f"{name}: finished; 2 training rounds" in text
-            assert "secure aggregation: reveal sent" in text
+    procs = _deploy(tmp_path, path, port)
+    for name in CLIENTS:
+        text = procs.text(name)
+        assert f"{name}: finished; 2 training rounds" in text
+        assert "secure aggregation: reveal sent" in text
 
     run_dir = Path(recipe["output"]["dir"]) / "deployed"
     summary = json.loads((run_dir / "summary.json").read_text())
