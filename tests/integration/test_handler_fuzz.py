@@ -79,3 +79,40 @@ def test_server_rejects_malformed_updates_and_keeps_going(world, replies):
     updates = server._accept_updates(1, ["client_0", "client_1"], replies)
     # Nothing here has the adapter's tensor names, so nothing may be accepted.
     assert updates == []
+
+
+@pytest.fixture(scope="module")
+def emulator_package(four_layer_dir):
+    from fedtune.config import ModelSection
+    from fedtune.models.loading import load_base_model
+    from fedtune.models.offsite import build_emulator
+    from fedtune.models.offsite_package import emulator_package
+
+    full, tokenizer = load_base_model(ModelSection(name=four_layer_dir))
+    return emulator_package(build_emulator(full, 1, 1, 0.5), tokenizer)
+
+
+json_value = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-3, 70), st.floats(-2, 2), st.text(max_size=6)),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(["format", "config", "prefix", "kept", "bottom", "top", "trainable"]),
+       value=json_value,
+       config_key=st.sampled_from(["hidden_size", "num_hidden_layers", "vocab_size", "model_type",
+                                   "num_attention_heads", "rope_parameters", "tie_word_embeddings"]),
+       config_value=json_value)
+def test_a_malformed_emulator_package_is_refused_cleanly(emulator_package, key, value, config_key,
+                                                          config_value):
+    """What a client rebuilds from a server's package: a broken one is a ModelError, never a crash."""
+    from fedtune.errors import ModelError
+    from fedtune.models.offsite_package import emulator_from_package
+
+    meta, tensors = emulator_package
+    for bad in ({**meta, key: value}, {**meta, "config": {**meta["config"], config_key: config_value}}):
+        try:
+            emulator_from_package(bad, tensors, device=torch.device("cpu"), dtype=torch.float32)
+        except ModelError:
+            pass

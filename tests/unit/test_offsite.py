@@ -162,3 +162,12 @@ def test_a_hostile_or_broken_package_is_refused(char_tokenizer):
     config = {**meta["config"], "auto_map": {"AutoModelForCausalLM": "evil.Model"}}
     rebuilt, _ = _rebuild({**meta, "config": config}, tensors)
     assert type(rebuilt.model).__name__ == "LlamaForCausalLM"
+
+
+def test_adapter_layers_larger_than_a_fit_message_are_refused_before_allocation(char_tokenizer):
+    from fedtune.models.offsite_package import emulator_from_package
+
+    _, meta, tensors = _package(char_tokenizer)
+    with pytest.raises(ModelError, match="max_message_bytes"):
+        emulator_from_package(meta, tensors, device=torch.device("cpu"), dtype=torch.float32,
+                              max_adapter_bytes=1000)

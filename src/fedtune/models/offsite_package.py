@@ -62,59 +62,88 @@ def emulator_package(emulator: Emulator, tokenizer) -> tuple[dict[str, Any], dic
     return meta, tensors
 
 
-def _field(meta: dict[str, Any], key: str, kind: type) -> Any:
+def _field(meta: dict[str, Any], key: str, kind: type, item: type | None = None) -> Any:
     value = meta.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+    if ok and item is not None:
+        ok = all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+    if ok and kind is int:
+        ok = 0 <= value < 1_000_000
+    if not ok:
         raise ModelError(f"offsite-tuning: the server's emulator package has a bad '{key}' "
                          f"({type(value).__name__}, expected {kind.__name__})")
     return value
 
 
-def emulator_from_package(meta: dict[str, Any], tensors: dict[str, torch.Tensor], *,
-                          device: torch.device, dtype: torch.dtype) -> tuple[Emulator, Any]:
-    """Rebuild the emulator (adapter layers zeroed until the first FIT) and the tokenizer."""
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _build(config, what: str) -> nn.Module:
     from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # transformers raises many types for an inconsistent config
+        raise ModelError(f"offsite-tuning: cannot build the {what} from the server's config: "
+                         f"{_first_line(exc)}") from None
+
+
+def emulator_from_package(meta: dict[str, Any], tensors: dict[str, torch.Tensor], *,
+                          device: torch.device, dtype: torch.dtype,
+                          max_adapter_bytes: int | None = None) -> tuple[Emulator, Any]:
+    """Rebuild the emulator (adapter layers zeroed until the first FIT) and the tokenizer.
+
+    Everything in the package comes from a peer: the layout is checked on a weightless (meta
+    device) copy before any memory is allocated, and the adapter layers, which are not in the
+    package, may take at most `max_adapter_bytes` (float32), the most a FIT could carry.
+    """
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if meta.get("format") != FORMAT:
         raise ModelError(f"offsite-tuning: the server's emulator package has format "
-                         f"{meta.get('format')!r}; this fedtune reads format {FORMAT}")
+                         f"{str(meta.get('format'))[:20]!r}; this fedtune reads format {FORMAT}")
     config_dict = dict(_field(meta, "config", dict))
-    kept = _field(meta, "kept", list)
+    kept = _field(meta, "kept", list, int)
     bottom, top = _field(meta, "bottom", int), _field(meta, "top", int)
     prefix = _field(meta, "prefix", str)
-    trainable = _field(meta, "trainable", list)
+    trainable = _field(meta, "trainable", list, str)
     model_type = config_dict.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        raise ModelError(f"offsite-tuning: the server's emulator is a {model_type!r} model, which this "
-                         "transformers does not ship; a shipped emulator never runs remote code")
+        raise ModelError(f"offsite-tuning: the server's emulator is a {str(model_type)[:40]!r} model, "
+                         "which this transformers does not ship; a shipped emulator never runs remote code")
     config_dict.pop("auto_map", None)  # code references from the peer are never followed
-    config = CONFIG_MAPPING[model_type].from_dict(config_dict)
     try:
-        model = AutoModelForCausalLM.from_config(config)
-    except Exception as exc:  # transformers raises many types for an inconsistent config
-        raise ModelError(f"offsite-tuning: cannot build the emulator from the server's config: "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        config = CONFIG_MAPPING[model_type].from_dict(config_dict)
+    except Exception as exc:
+        raise ModelError(f"offsite-tuning: the server's emulator config is invalid: {_first_line(exc)}") from None
     frozen = {k[len(MODEL):]: v for k, v in tensors.items() if k.startswith(MODEL)}
+    with torch.device("meta"):
+        skeleton = _build(config, "emulator")
+    _check_layout(skeleton, frozen, trainable, max_adapter_bytes)
+    found_prefix, layers = layer_list(skeleton)
+    if found_prefix != prefix or len(layers) != len(kept) or bottom + top > len(kept):
+        raise ModelError(f"offsite-tuning: the emulator's layers are {found_prefix} ({len(layers)}), "
+                         f"the server said {prefix[:40]} ({len(kept)}, {bottom} + {top} adapter layers)")
+    del skeleton
+    model = _build(config, "emulator")
     _load_frozen(model, frozen, trainable)
     model.to(device=device, dtype=dtype)
-    found_prefix, layers = layer_list(model)
-    if found_prefix != prefix or len(layers) != len(kept):
-        raise ModelError(f"offsite-tuning: the emulator's layers are {found_prefix} ({len(layers)}), "
-                         f"the server said {prefix} ({len(kept)})")
-    emulator = Emulator(model.eval(), [int(i) for i in kept], bottom, top, prefix)
+    emulator = Emulator(model.eval(), list(kept), bottom, top, prefix)
     return emulator, _tokenizer(tensors)
 
 
-@torch.no_grad()
-def _load_frozen(model: nn.Module, frozen: dict[str, torch.Tensor], trainable: list[str]) -> None:
-    params = dict(model.named_parameters())
+def _check_layout(skeleton: nn.Module, frozen: dict[str, torch.Tensor], trainable: list[str],
+                  max_adapter_bytes: int | None) -> None:
+    """Names and shapes of the package against the config's model, before allocating it."""
+    params = dict(skeleton.named_parameters())
     unknown = sorted(set(trainable) - set(params))
     if unknown:
         raise ModelError(f"offsite-tuning: adapter tensors {unknown[:3]} are not in the emulator")
-    state = model.state_dict()
+    state = skeleton.state_dict()
     expected = set(state) - set(trainable)
-    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(params)
+    aliases = {n for n, _ in skeleton.named_parameters(remove_duplicate=False)} - set(params)
     missing = sorted(expected - set(frozen) - aliases)
     extra = sorted(set(frozen) - set(state))
     if missing or extra:
@@ -124,6 +153,14 @@ def _load_frozen(model: nn.Module, frozen: dict[str, torch.Tensor], trainable: l
         if tuple(tensor.shape) != tuple(state[name].shape):
             raise ModelError(f"offsite-tuning: emulator tensor {name} is {tuple(tensor.shape)}, "
                              f"the config says {tuple(state[name].shape)}")
+    adapter_bytes = 4 * sum(params[n].numel() for n in set(trainable))
+    if max_adapter_bytes is not None and adapter_bytes > max_adapter_bytes:
+        raise ModelError(f"offsite-tuning: the emulator's adapter layers would take {adapter_bytes} "
+                         f"bytes, over transport.max_message_bytes ({max_adapter_bytes})")
+
+
+@torch.no_grad()
+def _load_frozen(model: nn.Module, frozen: dict[str, torch.Tensor], trainable: list[str]) -> None:
     model.load_state_dict(frozen, strict=False)
     wanted = set(trainable)
     for name, param in model.named_parameters():
@@ -155,5 +192,5 @@ def _tokenizer(tensors: dict[str, torch.Tensor]):
         tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
     except Exception as exc:
         raise ModelError(f"offsite-tuning: cannot load the tokenizer the server sent: "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                         f"{_first_line(exc)}") from None
     return finish_tokenizer(tokenizer, "the server's emulator")

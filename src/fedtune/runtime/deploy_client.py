@@ -126,8 +126,9 @@ def fetch_emulator(connection: ServerConnection, recipe: Recipe, out: Console) -
     if message.receiver != name:
         raise MessageError(f"the emulator was addressed to '{message.receiver}', not '{name}'")
     device = pick_device(recipe.model.device)
-    emulator, tokenizer = emulator_from_package(message.meta, message.tensors, device=device,
-                                                dtype=pick_dtype(recipe.model.dtype, device))
+    emulator, tokenizer = emulator_from_package(
+        message.meta, message.tensors, device=device, dtype=pick_dtype(recipe.model.dtype, device),
+        max_adapter_bytes=recipe.transport.max_message_bytes)
     if emulator.model.config.pad_token_id is None:
         emulator.model.config.pad_token_id = tokenizer.pad_token_id
     out.print(f"{name}: received the emulator ({len(emulator.kept)} layers, "
