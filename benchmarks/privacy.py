@@ -119,6 +119,8 @@ def section_attacks(args) -> None:
           + (" | backdoor success |" if has_backdoor else " |"))
     print("|---|" + "---:|" * (len(attacks) + has_backdoor))
     for agg, agg_extra in AGGREGATORS:
+        if args.aggregators and not any(w in agg for w in args.aggregators):
+            continue
         cells, asr = [], None
         for attack, attack_extra in attacks:
             r = run(args, [*base, f"federation.algorithm={agg.split()[0]}", *agg_extra, *attack_extra])
@@ -151,6 +153,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="local steps; default 8 (dp), 6 (attacks)")
     ap.add_argument("--only", nargs="*", default=None,
                     help="only configurations (dp) or attacks whose label contains one of these")
+    ap.add_argument("--aggregators", nargs="*", default=None,
+                    help="attacks section: only aggregators whose label contains one of these")
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
