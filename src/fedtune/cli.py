@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with optional key.path=value overrides.")
     p.add_argument("items", nargs="*", metavar="RECIPE|KEY=VALUE")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
-    p.set_defaults(func=_cmd_run)
+    p.set_defaults(func=_cmd_run, interrupted="interrupted; continue with `fedtune run --resume RUN_DIR`")
     p = sub.add_parser("bench", help="compare local-only, federated and centralised training",
                        description="Run, on the same split and budget, each client alone, the "
                                    "federated algorithms of the recipe's bench section (default: "
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True)
         return 2
     except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted; continue with `fedtune run --resume RUN_DIR`")
+        Console(stderr=True).print(getattr(args, "interrupted", "interrupted"))
         return 130
 
 
