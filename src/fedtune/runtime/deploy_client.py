@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from fedtune.config import Recipe, load_recipe
 from fedtune.data.federated import ClientData, FederatedData
@@ -104,7 +106,8 @@ def fetch_emulator(connection: ServerConnection, recipe: Recipe, out: Console) -
     start = time.perf_counter()
     while True:
         try:
-            data = connection.fetch("emulator")
+            with _download_bar(out, recipe.output.progress) as on_progress:
+                data = connection.fetch("emulator", on_progress=on_progress)
             break
         except (grpc.RpcError, MessageError) as exc:
             reason = _reason(exc)
@@ -134,6 +137,18 @@ def fetch_emulator(connection: ServerConnection, recipe: Recipe, out: Console) -
     out.print(f"{name}: received the emulator ({len(emulator.kept)} layers, "
               f"{human_bytes(len(data))}) in {time.perf_counter() - start:.1f} s")
     return emulator.model, tokenizer
+
+
+@contextmanager
+def _download_bar(out: Console, show: bool):
+    """A byte progress bar for a download (rich draws it only on a terminal)."""
+    if not show:
+        yield None
+        return
+    with Progress(TextColumn("emulator"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  console=out, transient=True) as progress:
+        task = progress.add_task("download", total=None)
+        yield lambda received, total: progress.update(task, completed=received, total=total)
 
 
 class _Loop:

@@ -92,6 +92,11 @@ class Reassembler:
     def in_progress(self) -> bool:
         return self._id is not None
 
+    @property
+    def received(self) -> tuple[int, int]:
+        """Bytes received of the message in progress, and its declared size."""
+        return self._received, self._total
+
     def add(self, frame: Buffer) -> bytes | None:
         """The complete message when `frame` is its last one, otherwise None."""
         if len(frame) < FRAME.size:

@@ -7,7 +7,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -129,9 +129,11 @@ class ServerConnection:
             raise DeploymentError(f"the server at {self.address} answered an upload with "
                                   "something unexpected") from None
 
-    def fetch(self, resource: str, idle_seconds: float = IDLE_SECONDS) -> bytes:
+    def fetch(self, resource: str, idle_seconds: float = IDLE_SECONDS,
+              on_progress: Callable[[int, int], None] | None = None) -> bytes:
         """Download the encoded message `resource` (e.g. the offsite emulator) in one call; raises
-        grpc.RpcError when the call fails, MessageError when the stream is malformed."""
+        grpc.RpcError when the call fails, MessageError when the stream is malformed.
+        `on_progress(received, total)` is called after every chunk."""
         call = self._fetch(json.dumps({"resource": resource}).encode(), metadata=self.metadata)
         watchdog = _Watchdog(call, idle_seconds)
         reassembler = Reassembler(self.section.max_message_bytes, self.section.chunk_bytes + FRAME_SLACK)
@@ -140,6 +142,8 @@ class ServerConnection:
             for frame in call:
                 watchdog.armed_at = time.monotonic()
                 data = reassembler.add(frame)
+                if on_progress is not None:
+                    on_progress(*(reassembler.received if data is None else (len(data), len(data))))
                 if data is not None:
                     return data
             reassembler.finish()
