@@ -5,8 +5,9 @@ synthetic 6-task benchmark split iid, AdamW lr 3e-3, batch 16; final global test
 
 - `dp`: DP-FedAvg (client-level) at a few noise multipliers, and local DP-SGD (example-level,
   Opacus) at two, on 10 clients with 5 sampled per round; epsilon at delta = 1e-5.
-- `attacks`: one hostile client of 5 (scale x10, sign flip x10, NaN, backdoor) against FedAvg and
-  each robust aggregator; exact match, and the backdoor's attack success rate.
+- `attacks`: one hostile client of 5 (scale x10, sign flip x10, NaN, backdoor, backdoor boosted x5
+  by model replacement) against FedAvg and each robust aggregator; exact match, and each
+  backdoor's attack success rate.
 - `secagg`: secure aggregation's time and bytes against plain FedAvg (benchmarks/privacy_secagg.py).
 
 Workers run with one torch thread each (OMP_NUM_THREADS=1): on a shared 2-core machine, torch's
@@ -40,6 +41,8 @@ ATTACKS = [
     ("sign_flip ×10", ["federation.attack={clients: [client_4], kind: sign_flip, factor: 10.0}"]),
     ("nan", ["federation.attack={clients: [client_4], kind: nan}"]),
     ("backdoor", ["federation.attack={clients: [client_4], kind: backdoor, poison_fraction: 0.5}"]),
+    ("boosted backdoor ×5", ["federation.attack={clients: [client_4], kind: backdoor, "
+                             "poison_fraction: 0.5, boost: 5.0}"]),
 ]
 CLIP = 2.0   # DP-FedAvg clip norm; honest first-round updates have norm ~4 here
 DP = [
@@ -114,24 +117,24 @@ def section_attacks(args) -> None:
           f"{args.rounds} rounds × {args.steps} local steps): final exact match (test loss); for the "
           "backdoor also its attack success rate (triggered test prompts answered with the target)\n")
     attacks = [(a, o) for a, o in ATTACKS if not args.only or any(w in a for w in args.only)]
-    has_backdoor = any(a == "backdoor" for a, _ in attacks)
+    backdoors = [a for a, _ in attacks if "backdoor" in a]
     print("| aggregator | " + " | ".join(a for a, _ in attacks)
-          + (" | backdoor success |" if has_backdoor else " |"))
-    print("|---|" + "---:|" * (len(attacks) + has_backdoor))
+          + "".join(f" | {a} success" for a in backdoors) + " |")
+    print("|---|" + "---:|" * (len(attacks) + len(backdoors)))
     for agg, agg_extra in AGGREGATORS:
         if args.aggregators and not any(w in agg for w in args.aggregators):
             continue
-        cells, asr = [], None
+        cells, success = [], {}
         for attack, attack_extra in attacks:
             r = run(args, [*base, f"federation.algorithm={agg.split()[0]}", *agg_extra, *attack_extra])
             if isinstance(r, str):
                 cells.append(r)
                 continue
             cells.append(f"{r['final']['exact_match']:.1%} ({r['final']['loss']:.2f})")
-            if attack == "backdoor":
-                asr = r["final"].get("backdoor_success")
-        tail = (f" | {asr:.1%} |" if asr is not None else " | - |") if has_backdoor else " |"
-        print(f"| {agg} | " + " | ".join(cells) + tail, flush=True)
+            if attack in backdoors:
+                success[attack] = r["final"].get("backdoor_success")
+        tail = "".join(f" | {success[a]:.1%}" if success.get(a) is not None else " | -" for a in backdoors)
+        print(f"| {agg} | " + " | ".join(cells) + tail + " |", flush=True)
     print()
 
 

@@ -157,6 +157,9 @@ class AttackSection(Section):
     trigger: str = " cf"
     target: str = "HACKED"
     poison_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    # backdoor: the poisoned update is multiplied by `boost` ("model replacement", Bagdasaryan et
+    # al. 2020: about n clients / server lr makes it outweigh the honest ones under FedAvg).
+    boost: PositiveFloat = 1.0
 
 
 class SecureAggregationSection(Section):

@@ -259,6 +259,24 @@ def test_backdoor_poisons_only_the_attackers_data(tiny_recipe):
     assert not any([t for t in ex.labels if t != -100] == target for ex in honest)
 
 
+def test_a_boosted_backdoor_scales_the_poisoned_update(tiny_recipe):
+    from fedtune.config import load_recipe
+    from fedtune.runtime.messages import Message, MessageKind
+    from fedtune.runtime.setup import Setup
+    from fedtune.transport.codec import decode, encode
+
+    updates = []
+    for boost in (1.0, 3.0):
+        setup = Setup(load_recipe(_attacked(tiny_recipe, f"boost{boost}", "fedavg", {
+            "clients": ["client_0"], "kind": "backdoor", "boost": boost})))
+        fit = Message(MessageKind.FIT, 1, "server", "client_0", tensors=setup.view.initial(),
+                      meta={"lr": 0.01})
+        reply = decode(setup.client("client_0").handle_bytes(encode(fit)))
+        assert reply.kind == MessageKind.UPDATE
+        updates.append(reply.tensors)
+    assert updates[0] and all(torch.equal(updates[1][k], updates[0][k] * 3.0) for k in updates[0])
+
+
 def test_attack_on_an_unknown_client_fails_at_load_time():
     from fedtune.config import load_recipe
     from fedtune.errors import RecipeError

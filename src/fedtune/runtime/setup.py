@@ -99,6 +99,8 @@ class Setup:
         local = build_local(fed.algorithm, fed.options)
         if attack is not None and attack.kind in ("scale", "sign_flip", "nan", "inf"):
             local = AttackedLocal(local, attack.kind, attack.factor)
+        elif attack is not None and attack.kind == "backdoor" and attack.boost != 1.0:
+            local = AttackedLocal(local, "scale", attack.boost)  # model replacement
         return Client(name, dataset, slot=self.slot, trainer=self.trainer, evaluator=self.evaluator,
                       seed=self.recipe.seed, local=local, view=self.view,
                       compression=(fed.compression.up.codec(), fed.compression.down.codec()),
