@@ -88,6 +88,7 @@ class GrpcServerTransport:
         self.downloads = dict(downloads or {})
         self._download_encoder = SharedEncoder()  # one copy of a download's tensors for all clients
         self._download_lock = threading.Lock()
+        self._downloaded: set[str] = set()
         self._server: grpc.Server | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -213,6 +214,10 @@ class GrpcServerTransport:
         for frame in iter_frames((head, body), 1, self.section.chunk_bytes):
             if is_last(frame):  # handed to gRPC in full (code after the last yield may not run)
                 self.traffic.record(direction="down", client=client, round=0, nbytes=size)
+                with self._download_lock:  # everyone has it: drop the shared encoding (a client
+                    self._downloaded.add(client)  # that restarts later gets a new one)
+                    if self._downloaded >= set(self.clients):
+                        self._download_encoder.clear()
             yield frame
 
     def _push(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
