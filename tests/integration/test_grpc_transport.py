@@ -308,3 +308,43 @@ def test_insecure_mode_warns_and_still_checks_tokens(certs, caplog):
         wrong.close()
     finally:
         server.close()
+
+
+def test_fetch_sends_a_download_in_chunks_counts_it_and_refuses_strangers(certs):
+    section = _section(certs)
+    tokens = load_tokens(section.tokens)
+    shared = {"w": torch.arange(3000, dtype=torch.float32)}  # ~12 KB: a dozen 1 KB chunks
+    made = []
+
+    def package(client):
+        made.append(client)
+        return Message(MessageKind.EMULATOR, 0, "server", client, tensors=shared, meta={"format": 1})
+
+    server = GrpcServerTransport(section, CLIENTS, Authenticator(CLIENTS, tokens, False),
+                                 credentials=server_credentials(section.tls, False),
+                                 downloads={"emulator": package})
+    address = server.start()
+    conns = {name: _connect(section, address, name) for name in CLIENTS}
+    stranger = _connect(section, address, "client_1", token="wrong-token-" * 4)
+    try:
+        progress = []
+        data = conns["client_0"].fetch("emulator", on_progress=lambda got, total: progress.append(got))
+        msg = decode(data)
+        assert msg.kind == MessageKind.EMULATOR and msg.receiver == "client_0"
+        assert torch.equal(msg.tensors["w"], shared["w"]) and msg.meta == {"format": 1}
+        assert len(progress) > 10 and progress[-1] == len(data)
+        assert server.traffic.total("down") == len(data)  # round-0 traffic of client_0
+        assert server._download_encoder._tensors is shared  # kept for the others
+        conns["client_1"].fetch("emulator")
+        assert server._download_encoder._tensors is None  # everyone has it: dropped
+        assert made == CLIENTS
+        for conn, resource, code in [(conns["client_0"], "model", grpc.StatusCode.NOT_FOUND),
+                                     (stranger, "emulator", grpc.StatusCode.UNAUTHENTICATED)]:
+            with pytest.raises(grpc.RpcError) as info:
+                conn.fetch(resource)
+            assert info.value.code() == code
+        assert server.stats()["refused_calls"] == 2
+    finally:
+        for conn in [*conns.values(), stranger]:
+            conn.close()
+        server.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -112,7 +114,5 @@ def test_a_malformed_emulator_package_is_refused_cleanly(emulator_package, key, 
 
     meta, tensors = emulator_package
     for bad in ({**meta, key: value}, {**meta, "config": {**meta["config"], config_key: config_value}}):
-        try:
+        with contextlib.suppress(ModelError):
             emulator_from_package(bad, tensors, device=torch.device("cpu"), dtype=torch.float32)
-        except ModelError:
-            pass
