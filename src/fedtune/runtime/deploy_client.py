@@ -129,6 +129,9 @@ def fetch_emulator(connection: ServerConnection, recipe: Recipe, out: Console) -
     if message.receiver != name:
         raise MessageError(f"the emulator was addressed to '{message.receiver}', not '{name}'")
     device = pick_device(recipe.model.device)
+    if recipe.model.quantization != "none":
+        log.warning("model.quantization=%s is not applied to the shipped emulator; it runs in %s",
+                    recipe.model.quantization, pick_dtype(recipe.model.dtype, device))
     emulator, tokenizer = emulator_from_package(
         message.meta, message.tensors, device=device, dtype=pick_dtype(recipe.model.dtype, device),
         max_adapter_bytes=recipe.transport.max_message_bytes)
