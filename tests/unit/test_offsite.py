@@ -171,3 +171,24 @@ def test_adapter_layers_larger_than_a_fit_message_are_refused_before_allocation(
     with pytest.raises(ModelError, match="max_message_bytes"):
         emulator_from_package(meta, tensors, device=torch.device("cpu"), dtype=torch.float32,
                               max_adapter_bytes=1000)
+
+
+def test_a_gpt2_emulator_round_trips_through_its_package(char_tokenizer):
+    """Another layout (transformer.h, Conv1D, tied head, non-persistent buffers)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fedtune.models.offsite_package import emulator_package
+
+    torch.manual_seed(0)
+    full = GPT2LMHeadModel(GPT2Config(vocab_size=len(char_tokenizer), n_embd=16, n_layer=5, n_head=2,
+                                      n_positions=64, bos_token_id=2, eos_token_id=3)).eval()
+    emulator = build_emulator(full, 1, 1, 0.5)
+    rebuilt, _ = _rebuild(*emulator_package(emulator, char_tokenizer))
+    assert rebuilt.prefix == "transformer.h" and rebuilt.kept == [0, 1, 2, 4]
+    with torch.no_grad():
+        params = dict(rebuilt.model.named_parameters())
+        for name, p in emulator.model.named_parameters():
+            if p.requires_grad:
+                params[name].copy_(p)
+        ids = torch.tensor([[5, 6, 7, 8]])
+        assert torch.equal(rebuilt.model(ids).logits, emulator.model(ids).logits)
