@@ -76,3 +76,26 @@ def test_fedkseed_pro_resumes_exactly(tiny_recipe):
     assert torch.equal(a.global_state[POOL], b.global_state[POOL])
     assert all(torch.equal(a.strategy_state[k], b.strategy_state[k]) for k in a.strategy_state)
     assert resumed["final"]["loss"] == whole["final"]["loss"]
+
+
+def test_fedkseed_with_secure_aggregation_equals_the_plain_run(tiny_recipe):
+    import pytest
+
+    from fedtune.errors import RecipeError
+
+    plain = fedtune.run(_recipe(tiny_recipe, "plain", federation__rounds=2))
+    masked = fedtune.run(_recipe(tiny_recipe, "masked", federation__rounds=2,
+                                 federation__secure_aggregation={"enabled": True}))
+    pools = [load_file(str(sorted((Path(s["final_adapter"]).parent / "checkpoints").glob("round_*"))[-1]
+                           / "global.safetensors"))[POOL] for s in (plain, masked)]
+    assert pools[0].abs().max() > 0
+    torch.testing.assert_close(pools[1], pools[0], rtol=0, atol=1e-6)  # fixed point: 2^-24 per value
+    assert masked["final"]["loss"] == pytest.approx(plain["final"]["loss"], abs=1e-4)
+    rounds = [json.loads(e)["values"] for e in
+              (Path(masked["final_adapter"]).parent / "metrics.jsonl").read_text().splitlines()
+              if json.loads(e)["kind"] == "round"]
+    assert all(r["secagg"]["survivors"] == 3 for r in rounds)  # the masked protocol ran
+    assert masked["bytes_up"] > plain["bytes_up"]
+    with pytest.raises(RecipeError, match="FedKSeed-Pro"):
+        load_recipe(_recipe(tiny_recipe, "pro", options={"pro": True},
+                            federation__secure_aggregation={"enabled": True}))

@@ -231,6 +231,10 @@ def check_recipe(config: FedKSeedConfig, recipe) -> None:
         if codec.method != "none":
             raise ValueError(f"federation.compression.{direction}: fedkseed sends K scalars, not adapter "
                              "tensors; compression does not apply (use none)")
+    if fed.secure_aggregation.enabled and config.pro:
+        raise ValueError("federation.secure_aggregation.enabled: FedKSeed-Pro (options.pro) learns its "
+                         "seed probabilities from each client's own scalars, which secure aggregation "
+                         "hides; use pro: false (plain FedKSeed needs only their sum)")
 
 
 SPEC = register(AlgorithmSpec(
@@ -241,4 +245,5 @@ SPEC = register(AlgorithmSpec(
     local=KSeedLocal,
     view=KSeedView,
     check=check_recipe,
+    sum_only=True,  # the pool moves by the weighted mean of the clients' K scalars (not with pro)
 ))
