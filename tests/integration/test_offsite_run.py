@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import load_file
 
 import fedtune
+from fedtune.track.report import closing_table
 
 
 def test_offsite_tuning_in_simulation(tiny_recipe, four_layer_dir):
@@ -21,6 +23,11 @@ def test_offsite_tuning_in_simulation(tiny_recipe, four_layer_dir):
                          eval__every=0, eval__clients=True)
     summary = fedtune.run(recipe)
     off = summary["offsite"]
+    console = Console(record=True, width=200)
+    console.print(closing_table(summary))
+    shown = console.export_text()
+    assert "plugged-in" in shown and f"{off['emulator_final']['loss']:.4f}" in shown  # both models
+    assert "client_0 test │ emulator" in shown  # clients evaluate the emulator they hold
     assert off["emulator_layers"] == [0, 1, 3] and off["adapter_layers"] == {"0": 0, "2": 3}
     assert off["emulator_bytes"] < off["full_model_bytes"]
     assert off["distill_loss"] is not None and set(off["emulator_final"]) >= {"loss", "exact_match"}

@@ -87,12 +87,17 @@ def closing_table(summary: dict[str, Any]) -> Table:
     if summary.get("initial"):
         init = summary["initial"]
         table.add_row("global test", "base", *_cells(init), str(init.get("n_examples", "")))
+    offsite = summary.get("offsite")  # the full model with the plugged-in layers; clients hold the emulator
+    final_label, client_label = ("plugged-in", "emulator") if offsite else ("federated", "federated")
     if summary.get("final"):
         fin = summary["final"]
-        table.add_row("global test", "federated", *_cells(fin), str(fin.get("n_examples", "")),
+        table.add_row("global test", final_label, *_cells(fin), str(fin.get("n_examples", "")),
                       style="bold")
+        if offsite and offsite.get("emulator_final"):
+            table.add_row("global test", "emulator", *_cells(offsite["emulator_final"]),
+                          str(fin.get("n_examples", "")))
     for client, m in summary.get("per_client", {}).items():
-        table.add_row(f"{client} test", "federated", *_cells(m), str((m or {}).get("n_examples", "")))
+        table.add_row(f"{client} test", client_label, *_cells(m), str((m or {}).get("n_examples", "")))
     table.caption = (
         f"sent down {human_bytes(summary['bytes_down'])}, up {human_bytes(summary['bytes_up'])}; "
         f"adapter {summary['adapter_parameters']:,} parameters ({human_bytes(summary['adapter_bytes'])}); "
