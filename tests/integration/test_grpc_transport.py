@@ -7,6 +7,7 @@ import logging
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -45,12 +46,25 @@ def _section(certs, **transport):
     return load_recipe({"federation": {"clients": 2}, "transport": base}).transport
 
 
-def _start(section):
+def _start(section, **server_options):
     tokens = load_tokens(section.tokens) if section.tokens else None
     auth = Authenticator(CLIENTS, tokens, section.mutual_tls)
     creds = None if section.insecure else server_credentials(section.tls, section.mutual_tls)
-    server = GrpcServerTransport(section, CLIENTS, auth, credentials=creds)
+    server = GrpcServerTransport(section, CLIENTS, auth, credentials=creds, **server_options)
     return server, server.start()
+
+
+@contextmanager
+def _serving(section, **server_options):
+    """A started server, its address, and a list for client connections: all closed at the end."""
+    server, address = _start(section, **server_options)
+    conns: list[ServerConnection] = []
+    try:
+        yield server, address, conns
+    finally:
+        server.close()
+        for conn in conns:
+            conn.close()
 
 
 def _connect(section, address, name, token="own"):
@@ -102,9 +116,8 @@ def _finish(server, round_):
 
 def test_messages_larger_than_a_chunk_cross_both_ways_and_bytes_are_counted(certs):
     section = _section(certs)
-    server, address = _start(section)
-    conns = [_connect(section, address, c) for c in CLIENTS]
-    try:
+    with _serving(section) as (server, address, conns):
+        conns += [_connect(section, address, c) for c in CLIENTS]
         threads = [_echo(conn) for conn in conns]
         assert server.wait_for_clients(10) == CLIENTS
         tensors = {"w": torch.randn(100, 100), "b": torch.arange(10)}  # ~40 KB, 40 chunks
@@ -123,10 +136,6 @@ def test_messages_larger_than_a_chunk_cross_both_ways_and_bytes_are_counted(cert
         for c in CLIENTS:  # the last message of a stream is counted too
             assert server.traffic.by_client(1)[c]["down"] == len(sent) + finish
         assert server.stats()["dropped_messages"] == 0
-    finally:
-        server.close()
-        for conn in conns:
-            conn.close()
 
 
 def test_wrong_or_unknown_credentials_are_refused_and_logged(certs, caplog):
@@ -163,11 +172,9 @@ def _push_frames(section, address, frames, name="client_0"):
 
 def test_garbage_and_oversized_uploads_leave_the_server_serving(certs, caplog):
     section = _section(certs, max_message_bytes=200_000)
-    server, address = _start(section)
-    host, port = address.rsplit(":", 1)
     caplog.set_level(logging.WARNING, logger="fedtune.transport")
-    conns = []
-    try:
+    with _serving(section) as (server, address, conns):
+        host, port = address.rsplit(":", 1)
         for garbage in (b"\x00\xff" * 5000, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x07" * 999):
             with socket.create_connection((host, int(port)), timeout=5) as raw:
                 raw.sendall(garbage)
@@ -194,7 +201,7 @@ def test_garbage_and_oversized_uploads_leave_the_server_serving(certs, caplog):
         assert server.stats()["rejected_messages"] >= 4
         assert "over the limit" in caplog.text and "is not the caller 'client_0'" in caplog.text
 
-        conns = [_connect(section, address, c) for c in CLIENTS]
+        conns += [_connect(section, address, c) for c in CLIENTS]
         threads = [_echo(conn) for conn in conns]
         assert server.wait_for_clients(10) == CLIENTS
         replies = _round(server, 1, {"w": torch.ones(3)})
@@ -202,17 +209,12 @@ def test_garbage_and_oversized_uploads_leave_the_server_serving(certs, caplog):
         _finish(server, 1)
         for t in threads:
             t.join(10)
-    finally:
-        server.close()
-        for conn in conns:
-            conn.close()
 
 
 def test_late_replies_are_discarded_and_counted(certs):
     section = _section(certs)
-    server, address = _start(section)
-    conns = [_connect(section, address, c) for c in CLIENTS]
-    try:
+    with _serving(section) as (server, address, conns):
+        conns += [_connect(section, address, c) for c in CLIENTS]
         _echo(conns[0])
         _echo(conns[1], delay=1.5)
         assert server.wait_for_clients(10) == CLIENTS
@@ -225,10 +227,6 @@ def test_late_replies_are_discarded_and_counted(certs):
         assert server.stats()["late_replies"] == 1
         assert set(server.traffic.by_client(1)["client_1"]) == {"up", "down"}
         assert server.traffic.by_client(1)["client_1"]["up"] == 0  # late bytes are not the round's
-    finally:
-        server.close()
-        for conn in conns:
-            conn.close()
 
 
 def test_a_client_that_drops_and_comes_back_gets_the_next_messages_only(certs):
@@ -264,10 +262,8 @@ def test_a_client_that_drops_and_comes_back_gets_the_next_messages_only(certs):
 
 def test_mutual_tls_identity_is_the_certificate_name(certs, caplog):
     section = _section(certs, mutual_tls=True, tokens=None, token_file=None)
-    server, address = _start(section)
     caplog.set_level(logging.WARNING, logger="fedtune.transport")
-    conns = []
-    try:
+    with _serving(section) as (server, address, conns):
         impostor = _connect(section, address, "client_1")
         impostor.metadata = call_metadata("client_0", None)  # client_1's certificate, client_0's name
         conns.append(impostor)
@@ -285,10 +281,6 @@ def test_mutual_tls_identity_is_the_certificate_name(certs, caplog):
         _echo(good)
         _wait_connected(server, ["client_0"])
         assert list(_round(server, 1, {"w": torch.ones(2)}, clients=["client_0"])) == ["client_0"]
-    finally:
-        server.close()
-        for conn in conns:
-            conn.close()
 
 
 def test_insecure_mode_warns_and_still_checks_tokens(certs, caplog):
@@ -312,7 +304,6 @@ def test_insecure_mode_warns_and_still_checks_tokens(certs, caplog):
 
 def test_fetch_sends_a_download_in_chunks_counts_it_and_refuses_strangers(certs):
     section = _section(certs)
-    tokens = load_tokens(section.tokens)
     shared = {"w": torch.arange(3000, dtype=torch.float32)}  # ~12 KB: a dozen 1 KB chunks
     made = []
 
@@ -320,13 +311,10 @@ def test_fetch_sends_a_download_in_chunks_counts_it_and_refuses_strangers(certs)
         made.append(client)
         return Message(MessageKind.EMULATOR, 0, "server", client, tensors=shared, meta={"format": 1})
 
-    server = GrpcServerTransport(section, CLIENTS, Authenticator(CLIENTS, tokens, False),
-                                 credentials=server_credentials(section.tls, False),
-                                 downloads={"emulator": package})
-    address = server.start()
-    conns = {name: _connect(section, address, name) for name in CLIENTS}
-    stranger = _connect(section, address, "client_1", token="wrong-token-" * 4)
-    try:
+    with _serving(section, downloads={"emulator": package}) as (server, address, opened):
+        conns = {name: _connect(section, address, name) for name in CLIENTS}
+        stranger = _connect(section, address, "client_1", token="wrong-token-" * 4)
+        opened += [*conns.values(), stranger]
         progress = []
         data = conns["client_0"].fetch("emulator", on_progress=lambda got, total: progress.append(got))
         msg = decode(data)
@@ -344,7 +332,3 @@ def test_fetch_sends_a_download_in_chunks_counts_it_and_refuses_strangers(certs)
                 conn.fetch(resource)
             assert info.value.code() == code
         assert server.stats()["refused_calls"] == 2
-    finally:
-        for conn in [*conns.values(), stranger]:
-            conn.close()
-        server.close()
