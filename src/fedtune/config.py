@@ -148,6 +148,15 @@ class CompressionSection(Section):
         return v
 
 
+def known_algorithm(name: str) -> str:
+    """`name` if an algorithm is registered under it (the message lists those that are)."""
+    from fedtune.algorithms import available_algorithms
+
+    if name not in available_algorithms():
+        raise ValueError(f"unknown algorithm {name!r}; allowed: {', '.join(available_algorithms())}")
+    return name
+
+
 class AttackSection(Section):
     """Hostile clients, for robustness experiments (docs/algorithms.md, "Hostile clients")."""
 
@@ -209,11 +218,7 @@ class FederationSection(Section):
     @field_validator("algorithm")
     @classmethod
     def _algorithm(cls, v: str) -> str:
-        from fedtune.algorithms import available_algorithms
-
-        if v not in available_algorithms():
-            raise ValueError(f"unknown algorithm {v!r}; allowed: {', '.join(available_algorithms())}")
-        return v
+        return known_algorithm(v)
 
     @model_validator(mode="after")
     def _check(self) -> FederationSection:
@@ -445,11 +450,7 @@ class BenchAlgorithm(Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        from fedtune.algorithms import available_algorithms
-
-        if v not in available_algorithms():
-            raise ValueError(f"unknown algorithm {v!r}; allowed: {', '.join(available_algorithms())}")
-        return v
+        return known_algorithm(v)
 
     @field_validator("label")
     @classmethod
