@@ -214,6 +214,11 @@ class FederationSection(Section):
     compression: CompressionSection = Field(default_factory=CompressionSection)
     attack: AttackSection = Field(default_factory=AttackSection)
     secure_aggregation: SecureAggregationSection = Field(default_factory=SecureAggregationSection)
+    # How far the server trusts the number of examples a client claims (docs/recipes.md):
+    # `examples` weighs each update by its claim, refused above the client's partition size
+    # (simulation) or above max_examples_per_client (deployment); `uniform` weighs each by 1.
+    weighting: Literal["examples", "uniform"] = "examples"
+    max_examples_per_client: PositiveInt = 1_000_000
 
     @field_validator("algorithm")
     @classmethod
