@@ -55,6 +55,7 @@ class Simulation:
             transport=transport, clients=list(self.clients), global_state=setup.view.initial(),
             run_dir=run_dir, evaluate_global=setup.evaluate_global, reporter=reporter,
             client_state=SimulatedClientStates(self.clients),
+            example_counts={name: len(c.data.train) for name, c in self.clients.items()},
         )
         start_round = resume_server(server, run_dir, setup.console) if resume else 1
         try:

@@ -51,7 +51,8 @@ class RunDir:
     # -- creation and opening -------------------------------------------------------------------
 
     @classmethod
-    def create(cls, root: str | Path, name: str, *, explicit: bool = False) -> RunDir:
+    def create(cls, root: str | Path, name: str, *, explicit: bool = False,
+               resume_with: str = "fedtune run --resume") -> RunDir:
         """A new, empty run directory. An existing one is never reused silently.
 
         With `explicit` (the user named the directory) an existing non-empty directory is an
@@ -60,7 +61,7 @@ class RunDir:
         root = Path(root)
         path = root / name
         if explicit:
-            cls.check_free(path)
+            cls.check_free(path, resume_with=resume_with)
         else:
             n = 1
             while path.exists():
@@ -73,11 +74,13 @@ class RunDir:
         return cls(path)
 
     @staticmethod
-    def check_free(path: Path) -> None:
+    def check_free(path: Path, *, resume_with: str = "fedtune run --resume") -> None:
+        """Refuse an existing non-empty directory; the message says how to continue that run
+        (`resume_with`: the command of the process that refuses, e.g. `fedtune server --resume`)."""
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise RunDirError(
                 f"run directory {path} already exists and is not empty; choose another "
-                f"output.name, or continue it with `fedtune run --resume {path}`"
+                f"output.name, or continue it with `{resume_with} {path}`"
             )
 
     @classmethod
