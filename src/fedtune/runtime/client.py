@@ -63,6 +63,7 @@ class Client:
         self.seed = seed
         self.server = server
         self.max_message_bytes = max_message_bytes
+        self.rejected = 0  # messages from the server refused (undecodable, or a bad value)
         self.secagg = SecAggParticipant(name)  # secure-aggregation rounds (runtime/secure_client.py)
         self.view = view or ModelView(slot)  # how the global state becomes the model's tensors
         self._specs = specs_of(self.view.initial())
@@ -87,11 +88,13 @@ class Client:
         try:
             msg = decode(data, max_bytes=self.max_message_bytes)
         except MessageError as exc:
+            self.rejected += 1
             log.warning("%s: rejected a message: %s", self.name, exc)
             return None
         try:
             reply = self.handle(msg)
         except FedtuneError as exc:
+            self.rejected += 1
             log.warning("%s: cannot handle %s of round %d: %s", self.name, msg.kind.value, msg.round, exc)
             reply = Message(MessageKind.ERROR, msg.round, self.name, self.server,
                             meta={"error": str(exc)[:500]})

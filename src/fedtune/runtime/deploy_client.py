@@ -262,8 +262,10 @@ class _Loop:
         self.out.print(
             f"{self.name}: finished; {s.fits} training rounds, {s.evaluations} evaluations, "
             f"received {human_bytes(s.bytes_down)}, sent {human_bytes(s.bytes_up)}, "
-            f"{s.late} late replies, {s.reconnects} reconnects, {seconds:.0f} s")
-        return {"client": self.name, **s.__dict__, "seconds": seconds}
+            f"{s.late} late replies, {s.reconnects} reconnects, "
+            f"{self.client.rejected} rejected messages, {seconds:.0f} s")
+        return {"client": self.name, **s.__dict__, "rejected_messages": self.client.rejected,
+                "seconds": seconds}
 
 
 class _StreamEnded(Exception):
