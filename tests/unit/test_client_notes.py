@@ -40,6 +40,7 @@ class _Connection:
 
 class _Client:
     name = "client_0"
+    rejected = 0
 
     def handle_bytes(self, data: bytes) -> bytes:
         return encode(Message(MessageKind.UPDATE, 3, "client_0", "server",
@@ -72,3 +73,4 @@ def test_a_header_the_client_cannot_read_is_rejected_not_fatal():
     loop = _Loop(_Connection("accepted"), _Client(), recipe, plain_console(file=out, width=300))
     assert loop._handle(b"garbage, not a message") is False
     assert "a message from the server was rejected" in out.getvalue()
+    assert loop.client.rejected == 1

@@ -200,6 +200,7 @@ class _Loop:
         try:
             header = peek_header(data)
         except (MessageError, RecursionError, ValueError) as exc:  # a broken or hostile server
+            self.client.rejected += 1
             log.warning("%s: rejected a message from the server: %s", self.name, str(exc)[:200])
             self.out.print(f"{self.name}: a message from the server was rejected (see log)")
             return False
