@@ -72,7 +72,7 @@ def _sane(values: dict) -> bool:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
-        if abs(value) > 1e15 or not math.isfinite(value):
+        if abs(value) > 1e30 or not math.isfinite(value):
             return False
     return True
 

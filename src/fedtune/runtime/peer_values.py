@@ -14,7 +14,7 @@ from fedtune.errors import MessageError
 MAX_METRICS = 64            # entries in one message's metrics
 MAX_KEY_CHARS = 64          # characters of a metric name
 MAX_TEXT_CHARS = 200        # characters of a text metric (e.g. "attack": "scale")
-MAX_ABS_NUMBER = 1e15       # larger magnitudes are no metric of a real run (and overflow sums)
+MAX_ABS_NUMBER = 1e30       # above any real metric (a perplexity reaches e^50 ≈ 5e21); sums stay finite
 MAX_LR = 100.0              # the most a server may ask as a local learning rate
 MAX_ERROR_CHARS = 300       # of a peer's error text kept in logs
 
