@@ -213,7 +213,7 @@ def _client_case(client_world, case) -> None:
             assert isinstance(meta_.get("generate", False), bool)
 
 
-@_settings(150)
+@_settings(200)
 @given(case=client_messages)
 def test_client_handler_survives_any_message(client_world, case):
     _client_case(client_world, case)
