@@ -125,6 +125,7 @@ def _no_takeover(result, initial):
 @pytest.mark.parametrize("update_meta, reason", [
     ({"n_examples": 4, "metrics": {"train_loss": "much"}}, "train_loss must be a number"),
     ({"n_examples": 10**400, "metrics": {"train_loss": 1.0}}, "n_examples must be in"),
+    ({"n_examples": 10**15, "metrics": {"train_loss": 1.0}}, "n_examples must be in"),  # a takeover
 ])
 def test_a_hostile_update_is_rejected_and_the_run_finishes(world, update_meta, reason):
     eval_meta = {"n_examples": 3, "metrics": {"loss": "low", "perplexity": 2.0}}  # a string loss too
