@@ -93,3 +93,24 @@ def test_the_closing_table_shows_a_dash_for_any_value_it_cannot_format():
     assert rows["client_1 test"] == ["federated", "-", "-", "-", ""]
     assert rows["client_2 test"] == ["federated", "0.2500", "-", "50.0%", "3"]
     assert rows["global test"] == ["federated", "1.5000", "4.48", "-", "8"]
+
+
+def test_a_checkpoint_with_hostile_counters_restores_with_defaults(tmp_path):
+    import torch
+
+    from fedtune.algorithms import build_strategy
+    from fedtune.config import load_recipe
+    from fedtune.runtime.server import Server
+    from fedtune.track.rundir import Checkpoint, RunDir
+    from fedtune.transport.inprocess import InProcessTransport
+
+    recipe = load_recipe({"federation": {"clients": 1, "rounds": 3},
+                          "output": {"dir": str(tmp_path), "progress": False}})
+    server = Server(recipe, strategy=build_strategy("fedavg", {}, 1), transport=InProcessTransport({}),
+                    clients=["A"], global_state={"w": torch.zeros(2)}, run_dir=RunDir.create(tmp_path, "r"))
+    info = {"rejected": "x", "missing": 10**400, "train_seconds": math.nan, "eval_seconds": 10**400,
+            "wall_seconds": 3.5, "initial": [1, 2]}
+    start = server.restore(Checkpoint(1, {"w": torch.ones(2)}, {}, info))
+    assert start == 2 and server.rejected == 0 and server.missing == 0 and server.initial is None
+    assert server.timings.train == 0.0 and server.timings.eval == 0.0 and server.timings.wall_before == 3.5
+    assert torch.equal(server.global_state["w"], torch.ones(2))
