@@ -109,7 +109,7 @@ def test_a_checkpoint_with_hostile_counters_restores_with_defaults(tmp_path):
     server = Server(recipe, strategy=build_strategy("fedavg", {}, 1), transport=InProcessTransport({}),
                     clients=["A"], global_state={"w": torch.zeros(2)}, run_dir=RunDir.create(tmp_path, "r"))
     info = {"rejected": "x", "missing": 10**400, "train_seconds": math.nan, "eval_seconds": 10**400,
-            "wall_seconds": 3.5, "initial": [1, 2]}
+            "wall_seconds": 3.5, "initial": [1, 2], "traffic": server.transport.traffic.state()}
     start = server.restore(Checkpoint(1, {"w": torch.ones(2)}, {}, info))
     assert start == 2 and server.rejected == 0 and server.missing == 0 and server.initial is None
     assert server.timings.train == 0.0 and server.timings.eval == 0.0 and server.timings.wall_before == 3.5
