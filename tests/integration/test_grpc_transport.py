@@ -186,7 +186,7 @@ def test_garbage_and_oversized_uploads_leave_the_server_serving(certs, caplog):
                 yield FRAME.pack(FRAME_MAGIC, 1, index, 0, 10 * 1024**3) + b"x" * 1024
 
         for frames, code in [
-            (huge(), grpc.StatusCode.RESOURCE_EXHAUSTED),
+            (huge(), grpc.StatusCode.INVALID_ARGUMENT),  # "too large: ...", not gRPC's busy code
             ([b"not a frame at all"], grpc.StatusCode.INVALID_ARGUMENT),
             (list(iter_frames([b"valid frames, not a message"], 1, 1024)), grpc.StatusCode.INVALID_ARGUMENT),
             # a frame over gRPC's message limit (chunk_bytes + slack)
@@ -198,6 +198,7 @@ def test_garbage_and_oversized_uploads_leave_the_server_serving(certs, caplog):
                 _push_frames(section, address, frames)
             assert info.value.code() == code, info.value.details()
         assert len(consumed) < 100  # refused early, not after reading 10 GB
+        assert "too large: message of 10737418240 bytes is over the limit of 200000" in caplog.text
         assert server.stats()["rejected_messages"] >= 4
         assert "over the limit" in caplog.text and "is not the caller 'client_0'" in caplog.text
 

@@ -168,6 +168,8 @@ class Server:
             return self.secure.run_round(self, round_, chosen, lr, instructions, start)
         tensors = {**self.down.pack(self.global_state),
                    **self.strategy.fit_tensors(round_, self.global_state)}
+        self.transport.expect(round_, MessageKind.UPDATE, chosen,  # anything else is refused early
+                              {**self.up.wire, **self.strategy.update_specs(self.specs)})
         for client in chosen:
             self.transport.send(Message(MessageKind.FIT, round_, SERVER, client,
                                         tensors=tensors, meta=instructions[client]))

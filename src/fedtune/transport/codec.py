@@ -213,10 +213,11 @@ def read_header(data: Buffer) -> dict[str, Any]:
 
 
 def read_head(data: Buffer, *, max_tensors: int = MAX_TENSORS,
-              max_index_bytes: int = MAX_INDEX_BYTES) -> Head:
-    """Parse and check the header and tensor index at the start of `data` (tensor bytes unread)."""
+              max_index_bytes: int = MAX_INDEX_BYTES, header: dict[str, Any] | None = None) -> Head:
+    """Parse and check the header and tensor index at the start of `data` (tensor bytes unread);
+    `header`: what `read_header` already returned for these bytes."""
     view = memoryview(data).cast("B")
-    header = read_header(view)
+    header = read_header(view) if header is None else header
     needed = head_size(view, max_index_bytes=max_index_bytes)
     if needed is None or needed > len(view):
         raise MessageError("tensor part is not valid safetensors (truncated index)")

@@ -32,7 +32,8 @@ class FrameError(MessageError):
     """A stream of frames is malformed; `too_large` when it breaks the size limit."""
 
     def __init__(self, reason: str, *, too_large: bool = False):
-        super().__init__(reason)
+        prefix = "too large: " if too_large and not reason.startswith("too large") else ""
+        super().__init__(prefix + reason)
         self.too_large = too_large
 
 

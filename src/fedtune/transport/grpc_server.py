@@ -4,9 +4,10 @@ Three methods on raw bytes (no protobuf): `Pull` (server-streaming) streams the 
 client's outbox, with a ping when idle; `Push` (client-streaming) uploads one reply in frames;
 `Fetch` (server-streaming) sends a named download a client needs before it joins (the offsite
 emulator), counted as its round-0 traffic.
-Every call is authenticated first; every reply is reassembled under the size limit, decoded
-(codec checks) and matched to its sender's identity and a pending request before the Server
-sees it. A bad call is refused with a log line; the others go on.
+Every call is authenticated first; every reply is reassembled under the size its pending request
+allows (transport/upload.py: refused at the first frame when larger, at its index when it names
+other tensors), decoded in place and matched to its sender's identity and a pending request
+before the Server sees it. A bad call is refused and counted; the others go on.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import grpc
 
 from fedtune.config import TransportSection
 from fedtune.errors import DeploymentError, MessageError
-from fedtune.runtime.messages import Message
+from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.auth import Authenticator, AuthError
 from fedtune.transport.base import TrafficCounter
-from fedtune.transport.codec import decode
+from fedtune.transport.codec import TensorSpec
 from fedtune.transport.framing import (
     FrameError,
     Reassembler,
@@ -35,6 +36,8 @@ from fedtune.transport.framing import (
     ping_frame,
 )
 from fedtune.transport.mailbox import CLOSED, Mailbox, Outgoing
+from fedtune.transport.upload import SERVER_NAME as SERVER_NAME  # re-exported for clients
+from fedtune.transport.upload import LateUpload, Upload
 
 log = logging.getLogger("fedtune.transport")
 
@@ -42,7 +45,6 @@ SERVICE = "fedtune.Federation"
 PULL = f"/{SERVICE}/Pull"
 PUSH = f"/{SERVICE}/Push"
 FETCH = f"/{SERVICE}/Fetch"
-SERVER_NAME = "server"
 HEARTBEAT_SECONDS = 5.0
 FRAME_SLACK = 64 * 1024  # room for a frame header above chunk_bytes in gRPC's message limit
 
@@ -143,6 +145,12 @@ class GrpcServerTransport:
         head, body = self.encoder.encode(message)
         self.mailbox.put(message.receiver, message.round, message.kind, head, body)
 
+    def expect(self, round: int, answer: MessageKind, clients: Collection[str],
+               specs: Mapping[str, TensorSpec] | None) -> None:
+        """Replies of `answer` kind from `clients` in `round` must carry exactly `specs`: larger
+        uploads are refused at their first frame, other tensor names before their bytes arrive."""
+        self.mailbox.expect(round, answer, clients, None if specs is None else dict(specs))
+
     def collect(self, round: int, expected: Collection[str], timeout: float | None = None) -> list[Message]:
         self.encoder.clear()
         return self.mailbox.collect(round, expected, self.section.round_timeout if timeout is None else timeout)
@@ -228,8 +236,10 @@ class GrpcServerTransport:
         watchdog = threading.Timer(self.section.round_timeout, context.cancel)
         watchdog.daemon = True
         watchdog.start()
+        upload = Upload(client, self.mailbox, self.section.max_message_bytes)
         try:
-            reassembler = Reassembler(self.section.max_message_bytes, self.max_chunk)
+            reassembler = Reassembler(self.section.max_message_bytes, self.max_chunk,
+                                      on_start=upload.start, on_data=upload.data)
             data, first = None, 0.0
             for frame in frames:
                 first = first or time.perf_counter()
@@ -240,17 +250,16 @@ class GrpcServerTransport:
                 reassembler.finish()
                 raise FrameError("empty upload")
             self.last_upload = (len(data), time.perf_counter() - first)
-            message = decode(data, max_bytes=self.section.max_message_bytes)
-            if message.sender != client:
-                raise MessageError(f"sender '{message.sender}' is not the caller '{client}'")
-            if message.receiver != SERVER_NAME:
-                raise MessageError(f"receiver '{message.receiver}' is not '{SERVER_NAME}'")
+            message = upload.message(data)
             accepted = self.mailbox.accept(message, len(data))
             return json.dumps({"status": "accepted" if accepted else "late"}).encode()
-        except MessageError as exc:
-            too_large = isinstance(exc, FrameError) and exc.too_large
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if too_large else grpc.StatusCode.INVALID_ARGUMENT
-            self._refuse(client, context, code, str(exc)[:200])
+        except LateUpload as exc:
+            self.mailbox.count("late", reassembler.received[0])
+            log.warning("discarded a late upload from '%s': %s", client, str(exc)[:200])
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)[:200])
+            raise  # not reached
+        except MessageError as exc:  # too large: INVALID_ARGUMENT with a detail saying so
+            self._refuse(client, context, grpc.StatusCode.INVALID_ARGUMENT, str(exc)[:200])
             raise  # not reached
         finally:
             watchdog.cancel()
