@@ -119,6 +119,8 @@ class Server:
         self.global_state = ckpt.global_state
         self.strategy.load_state_dict(ckpt.strategy_state)
         self.transport.traffic.load_state(ckpt.info.get("traffic", {}))
+        if hasattr(self.transport, "load_counter_state"):  # refused calls, late replies... go on
+            self.transport.load_counter_state(ckpt.info.get("transport", {}))
         self.timings = Timings(train=ckpt.info.get("train_seconds", 0.0),
                                eval=ckpt.info.get("eval_seconds", 0.0),
                                wall_before=ckpt.info.get("wall_seconds", 0.0))
@@ -273,6 +275,8 @@ class Server:
     def checkpoint(self, round_: int) -> None:
         info = {"traffic": self.transport.traffic.state(), "wall_seconds": self._wall(),
                 "initial": self.initial, "rejected": self.rejected, "missing": self.missing, **self.timings.state()}
+        if hasattr(self.transport, "counter_state"):
+            info["transport"] = self.transport.counter_state()
         state = {k: v.contiguous() for k, v in self.strategy.state_dict().items()}
         clients = self.client_state.state_dict() if self.client_state is not None else {}
         self.run_dir.save_checkpoint(

@@ -35,6 +35,7 @@ from fedtune.transport.framing import (
     iter_frames,
     ping_frame,
 )
+from fedtune.transport.gate import Gate, RefusalLog, TokenBucket, peer_address
 from fedtune.transport.mailbox import CLOSED, Mailbox, Outgoing
 from fedtune.transport.upload import SERVER_NAME as SERVER_NAME  # re-exported for clients
 from fedtune.transport.upload import LateUpload, Upload
@@ -47,6 +48,9 @@ PUSH = f"/{SERVICE}/Push"
 FETCH = f"/{SERVICE}/Fetch"
 HEARTBEAT_SECONDS = 5.0
 FRAME_SLACK = 64 * 1024  # room for a frame header above chunk_bytes in gRPC's message limit
+REFUSAL_SLOTS = 4  # worker slots refusals of strangers may take at once (burst of the budget)
+REFUSALS_PER_SECOND = 50.0  # refusals answered UNAUTHENTICATED on a worker; beyond, shed unread
+REFUSAL_LOG_SECONDS = 10.0  # one summary line per address and interval
 
 
 def grpc_options(chunk_bytes: int) -> list[tuple[str, int]]:
@@ -91,16 +95,25 @@ class GrpcServerTransport:
         self._download_encoder = SharedEncoder()  # one copy of a download's tensors for all clients
         self._download_lock = threading.Lock()
         self._downloaded: set[str] = set()
+        self.refusals = RefusalLog(REFUSAL_LOG_SECONDS)
         self._server: grpc.Server | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
 
     def start(self) -> str:
         """Bind and serve; returns the bound address (the port filled in when 0 was asked)."""
-        workers = 2 * len(self.clients) + 8
+        # Slots for the parties' own calls (a stream, an upload and a download each, and a
+        # reconnecting stream), plus a few for cheap refusals; strangers are kept out of them by
+        # the gate, which refuses a wrong token before a call takes a slot (transport/gate.py).
+        workers = 3 * len(self.clients) + REFUSAL_SLOTS + 8
+        gate = Gate(self.auth.check_token, {
+            PULL: (grpc.unary_stream_rpc_method_handler(self._pull), self._refusal(streaming_request=False)),
+            PUSH: (grpc.stream_unary_rpc_method_handler(self._push), self._refusal(streaming_request=True)),
+            FETCH: (grpc.unary_stream_rpc_method_handler(self._fetch), self._refusal(streaming_request=False)),
+        }, self.refusals, TokenBucket(REFUSALS_PER_SECOND, REFUSAL_SLOTS), on_shed=self._shed)
         server = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedtune-grpc"),
-            handlers=[self._handlers()],
+            handlers=[gate],
             options=[*grpc_options(self.section.chunk_bytes), ("grpc.so_reuseport", 0),
                      ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000)],
             maximum_concurrent_rpcs=workers,
@@ -131,11 +144,20 @@ class GrpcServerTransport:
         if self._server is not None:
             self._server.stop(grace=2.0).wait(5.0)
             self._server = None
+        self.refusals.flush()
 
     def stats(self) -> dict[str, int]:
         c = self.mailbox.counts
         return {"late_replies": c.late, "late_bytes": c.late_bytes, "rejected_messages": c.rejected,
-                "refused_calls": c.refused, "dropped_messages": c.dropped, "rejoins": c.rejoined}
+                "refused_calls": c.refused, "shed_calls": c.shed, "dropped_messages": c.dropped,
+                "rejoins": c.rejoined}
+
+    def counter_state(self) -> dict[str, int]:
+        """The counts behind `stats()`, for a checkpoint (a resumed server continues them)."""
+        return self.mailbox.counts.state()
+
+    def load_counter_state(self, state: object) -> None:
+        self.mailbox.counts.load_state(state)
 
     # -- ServerTransport ------------------------------------------------------------------------
 
@@ -157,12 +179,27 @@ class GrpcServerTransport:
 
     # -- handlers -------------------------------------------------------------------------------
 
-    def _handlers(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(SERVICE, {
-            "Pull": grpc.unary_stream_rpc_method_handler(self._pull),
-            "Push": grpc.stream_unary_rpc_method_handler(self._push),
-            "Fetch": grpc.unary_stream_rpc_method_handler(self._fetch),
-        })
+    def _refusal(self, *, streaming_request: bool) -> Callable[[str], grpc.RpcMethodHandler]:
+        """A handler that refuses a call whose token the gate refused (it runs on a worker only
+        while the refusal budget allows; it logs through the per-address summary)."""
+        def make(reason: str) -> grpc.RpcMethodHandler:
+            def refuse(request: object, context: grpc.ServicerContext) -> None:
+                self._refused(context, reason)
+            if streaming_request:
+                return grpc.stream_unary_rpc_method_handler(refuse)
+            return grpc.unary_stream_rpc_method_handler(refuse)
+        return make
+
+    def _refused(self, context: grpc.ServicerContext, reason: str) -> None:
+        self.mailbox.count("refused")
+        address = peer_address(context.peer())
+        limited = self.refusals.limited(address)
+        self.refusals.refused(address, "over the per-address limit of refused calls" if limited else reason)
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "credentials refused")
+
+    def _shed(self) -> None:
+        self.mailbox.count("refused")
+        self.mailbox.count("shed")
 
     def _authenticate(self, context: grpc.ServicerContext, method: str) -> str:
         try:
@@ -170,9 +207,7 @@ class GrpcServerTransport:
             cert_names = [n.decode("utf-8", "replace") for n in names]
             return self.auth.identify(context.invocation_metadata() or (), cert_names)
         except AuthError as exc:
-            self.mailbox.count("refused")
-            log.warning("refused a %s call from %s: %s", method, context.peer(), exc)
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "credentials refused")
+            self._refused(context, f"{method}: {exc}")
             raise  # not reached: abort raises
 
     def _pull(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:

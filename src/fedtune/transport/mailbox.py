@@ -61,6 +61,7 @@ class Counts:
     late_bytes: int = 0
     rejected: int = 0
     refused: int = 0
+    shed: int = 0
     dropped: int = 0
     rejoined: int = 0
 
