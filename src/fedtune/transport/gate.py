@@ -70,8 +70,9 @@ class RefusalLog:
             now = self.clock()
             entry = self._addresses.get(address)
             if entry is not None and now - entry.since >= self.interval:
-                lines += self._summary(address, entry, now)
-                entry = None
+                summary = self._summary(address, entry, now)
+                lines += summary  # a new interval: summarised too, unless the address was quiet
+                entry = self._addresses[address] = _Address(since=now, logged=bool(summary))
             if entry is None:
                 entry = self._addresses[address] = _Address(since=now)
                 if len(self._addresses) > 4096:  # forget the quietest addresses, bounded memory
