@@ -115,3 +115,32 @@ def test_counts_round_trip_and_ignore_malformed_values(caplog):
     assert restored.refused == 1500
     assert peer_address("ipv4:127.0.0.1:5555") == "127.0.0.1"
     assert peer_address("ipv6:[::1]:5555") == "[::1]" and SHED.startswith("(")
+
+
+def test_transport_counts_are_checkpointed_and_restored_on_resume(tmp_path):
+    import torch
+
+    from fedtune.algorithms import build_strategy
+    from fedtune.config import load_recipe
+    from fedtune.runtime.server import Server
+    from fedtune.track.rundir import RunDir
+    from fedtune.transport.grpc_server import GrpcServerTransport
+
+    recipe = load_recipe({"federation": {"clients": 2}, "transport": {
+        "kind": "grpc", "insecure": True, "tokens": "t.json", "token_file": "t.token"}})
+    run_dir = RunDir.create(tmp_path, "run")
+
+    def server():
+        transport = GrpcServerTransport(recipe.transport, list(TOKENS),
+                                        Authenticator(list(TOKENS), TOKENS, False), credentials=None)
+        made = Server(recipe, strategy=build_strategy("fedavg", {}, 2), transport=transport,
+                      clients=list(TOKENS), global_state={"w": torch.zeros(2)}, run_dir=run_dir)
+        made._wall = lambda: 0.0
+        return made, transport
+
+    first, transport = server()
+    transport.mailbox.counts.refused, transport.mailbox.counts.late = 1234, 5
+    first.checkpoint(1)
+    second, transport = server()
+    assert second.restore(run_dir.latest_checkpoint()) == 2
+    assert transport.stats()["refused_calls"] == 1234 and transport.stats()["late_replies"] == 5
