@@ -109,3 +109,13 @@ def test_the_deployed_client_refuses_a_deeply_nested_header_and_counts_it():
     assert loop._handle(data) is False  # not FINISH: the loop goes on with the next message
     assert loop.stats.rejected == 1
     assert "c: rejected a message from the server: header is not JSON (nested deeper than 32" in out.getvalue()
+
+
+def test_decoded_views_do_not_count_as_shared_memory(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    msg = decode(encode(_message(a=torch.ones(4), b=torch.zeros(2, 2), e=torch.zeros(0))))
+    save_file(msg.tensors, str(tmp_path / "x.safetensors"))  # refuses tensors sharing storage
+    loaded = load_file(str(tmp_path / "x.safetensors"))
+    assert loaded["a"].tolist() == [1.0] * 4 and loaded["e"].shape == (0,)
+    assert decode(encode(msg)).tensors["b"].tolist() == [[0.0, 0.0], [0.0, 0.0]]

@@ -301,15 +301,18 @@ def decode(data: Buffer, *, max_bytes: int | None = None) -> Message:
 
 def tensors_of(buffer: bytearray, head: Head) -> dict[str, torch.Tensor]:
     """The tensors `head` describes, as views of `buffer` (copied only when misaligned); values
-    checked: floats finite, bools 0 or 1."""
-    whole = torch.frombuffer(buffer, dtype=torch.uint8) if len(buffer) else torch.empty(0, dtype=torch.uint8)
+    checked: floats finite, bools 0 or 1. Each view has its own storage object over its own bytes,
+    so they do not count as shared memory (safetensors would refuse to save them together)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, entry in head.tensors.items():
-        raw = whole[head.data_start + entry.start: head.data_start + entry.end]
-        size = torch.empty((), dtype=entry.dtype).element_size()
-        if (head.data_start + entry.start) % size:
+        at, nbytes = head.data_start + entry.start, entry.end - entry.start
+        if nbytes == 0:
+            tensors[name] = torch.empty(entry.shape, dtype=entry.dtype)
+            continue
+        raw = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=at)
+        if at % torch.empty((), dtype=entry.dtype).element_size():
             raw = raw.clone()
-        if entry.dtype == torch.bool and raw.numel() and int(raw.max()) > 1:
+        if entry.dtype == torch.bool and int(raw.max()) > 1:
             raise MessageError(f"tensor '{name}' has bool bytes other than 0 and 1")
         tensor = raw.view(entry.dtype).reshape(entry.shape)
         if entry.dtype in FLOAT_DTYPES and not bool(torch.isfinite(tensor).all()):
