@@ -158,9 +158,10 @@ class Run:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.procs["server"].wait(timeout=RUN_TIMEOUT)
         self._sampling.set()
-        for proc in self.procs.values():
+        deadline = time.monotonic() + 30  # clients end within seconds of FINISH; if the server
+        for proc in self.procs.values():  # died they would retry for minutes: stop them
             try:
-                proc.wait(timeout=60)
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=30)
@@ -284,7 +285,9 @@ def participant(mode: str, recipe: str, name: str) -> None:
             for data in conn.messages():
                 msg = decode(data)
                 if msg.kind == MessageKind.FINISH:
-                    return
+                    print(name, "finished", flush=True)
+                    conn.close()
+                    os._exit(0)  # do not wait for gRPC's threads at interpreter exit
                 reply = _hostile_reply(mode, msg, name)
                 try:
                     print(name, msg.kind.value, msg.round, conn.push(encode(reply), timeout=60), flush=True)

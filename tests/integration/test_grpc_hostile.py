@@ -85,8 +85,22 @@ def test_uploads_are_refused_by_what_the_server_expects_before_their_bytes(certs
             raise AssertionError("a many-tensor upload was accepted")
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert "too many tensors" in exc.details() or "3001 tensors, over the limit of 1" in exc.details()
+            assert exc.details().startswith("tensor index of ")  # refused at its length field
+            assert exc.details().endswith("bytes is over the limit of 133")  # the bound for 'w' + 8
         assert sum(consumed) < len(many) // 2
+
+        # 2b. one tensor of the right size under another name, followed by 600 kB more: refused at
+        # the index (names), before the rest
+        other = encode(Message(MessageKind.UPDATE, 1, "client_0", "server",
+                               tensors={"x": torch.zeros(150_000)}, meta={"n_examples": 1}))
+        consumed = []
+        try:
+            _push(hostile, _counted(iter_frames([other], 12, 1024), consumed))
+            raise AssertionError("an upload of other tensors was accepted")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "tensor names differ; missing 1: ['w']; unexpected 1: ['x']" in exc.details()
+        assert sum(consumed) < len(other) // 2
 
         # 3. the right tensors: accepted; the round completes with both updates
         good = Message(MessageKind.UPDATE, 1, "client_0", "server", tensors={"w": torch.full((3,), 5.0)},
@@ -110,7 +124,7 @@ def test_uploads_are_refused_by_what_the_server_expects_before_their_bytes(certs
         assert len(consumed) < 200
         assert hostile.push(encode(Message(MessageKind.EVAL_RESULT, 1, "client_0", "server")), 10) == "late"
         stats = server.stats()
-        assert stats["rejected_messages"] == 2 and stats["late_replies"] == 2
+        assert stats["rejected_messages"] == 3 and stats["late_replies"] == 2
         _finish(server, 1)
         honest.join(10)
 

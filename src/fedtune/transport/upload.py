@@ -62,12 +62,15 @@ class Upload:
                 return
             self.header = read_header(buffer)
             self._match(self.header)
-        needed = head_size(buffer, max_index_bytes=self.limit)
+        specs = self.expectation.specs if self.expectation is not None else None
+        # the index of exactly the expected tensors has a known bound: a longer one is refused
+        # at its length field, before it is parsed
+        max_index = self.limit if specs is None else self.expectation.index_bytes + 8
+        needed = head_size(buffer, max_index_bytes=max_index)
         if needed is None or len(buffer) < needed:
             return
-        specs = self.expectation.specs if self.expectation is not None else None
         head = read_head(buffer, max_tensors=MAX_TENSORS if specs is None else len(specs),
-                         max_index_bytes=self.limit, header=self.header)
+                         max_index_bytes=max_index, header=self.header)
         if specs is not None:
             check_tensor_specs(head.tensors, specs)
         if head.size != self.declared:
