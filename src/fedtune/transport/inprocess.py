@@ -9,7 +9,7 @@ from collections.abc import Callable, Collection, Mapping
 from fedtune.errors import MessageError
 from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.base import TrafficCounter
-from fedtune.transport.codec import TensorSpec, check_tensor_specs, decode, encode
+from fedtune.transport.codec import TensorSpec, decode, encode
 from fedtune.transport.expect import ANSWERS, NO_TENSORS, Expectation, default_expectation
 
 logger = logging.getLogger("fedtune.transport")
@@ -41,8 +41,9 @@ class InProcessTransport:
 
     def expect(self, round: int, answer: MessageKind, clients: Collection[str],
                specs: Mapping[str, TensorSpec] | None) -> None:
-        """As the gRPC transport: replies larger than these tensors allow, or naming others, are
-        rejected before they are decoded."""
+        """As the gRPC transport, replies larger than these tensors allow are rejected before they
+        are decoded; their names, shapes and dtypes are left to the Server's checks (the bytes are
+        in memory already, and the Server logs and counts what it rejects)."""
         for client in clients:
             self._expected[(client, round, answer)] = Expectation(None if specs is None else dict(specs))
 
@@ -90,8 +91,6 @@ class InProcessTransport:
             try:
                 reply = decode(reply_bytes, max_bytes=expectation.max_bytes(self.max_message_bytes))
                 _check_reply(reply, client=client, round=round, expected=expected_set)
-                if expectation.specs is not None and reply.kind != MessageKind.ERROR:
-                    check_tensor_specs(reply.tensors, expectation.specs)
             except MessageError as error:
                 self._reject(client, str(error))
                 continue
