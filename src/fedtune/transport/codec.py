@@ -174,6 +174,20 @@ def _check_json_value(value: Any, path: str, depth: int) -> None:
 # ---------------------------------------------------------------- the head: header and index
 
 
+def header_size(data: Buffer) -> int | None:
+    """How many leading bytes `read_header` needs, or None while the prefix is incomplete; checks
+    the magic and the header length limit as soon as they are there."""
+    view = memoryview(data).cast("B")
+    if bytes(view[: len(MAGIC)]) != MAGIC[: min(len(view), len(MAGIC))]:
+        raise MessageError("bad magic (not an encoded message)")
+    if len(view) < PREFIX_BYTES:
+        return None
+    (header_len,) = _LENGTH.unpack_from(view, len(MAGIC))
+    if header_len > MAX_HEADER_BYTES:
+        raise MessageError(f"header length {header_len} is over the limit of {MAX_HEADER_BYTES}")
+    return PREFIX_BYTES + header_len
+
+
 def head_size(data: Buffer, *, max_index_bytes: int = MAX_INDEX_BYTES) -> int | None:
     """How many leading bytes `read_head` needs, or None while fewer than that can be known.
 

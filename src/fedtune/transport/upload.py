@@ -7,10 +7,10 @@ from fedtune.errors import MessageError
 from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.codec import (
     MAX_TENSORS,
-    PREFIX_BYTES,
     Head,
     check_tensor_specs,
     head_size,
+    header_size,
     read_head,
     read_header,
     tensors_of,
@@ -53,12 +53,8 @@ class Upload:
         if self.head is not None:
             return
         if self.header is None:
-            if len(buffer) < PREFIX_BYTES:
-                head_size(buffer)  # the magic, early
-                return
-            header_end = PREFIX_BYTES + int.from_bytes(buffer[4:PREFIX_BYTES], "little")
-            head_size(buffer[:PREFIX_BYTES])  # the header length limit
-            if len(buffer) < header_end:
+            header_end = header_size(buffer)  # checks the magic and header length at once
+            if header_end is None or len(buffer) < header_end:
                 return
             self.header = read_header(buffer)
             self._match(self.header)
