@@ -101,3 +101,10 @@ def test_decoded_views_do_not_count_as_shared_memory(tmp_path):
     loaded = load_file(str(tmp_path / "x.safetensors"))
     assert loaded["a"].tolist() == [1.0] * 4 and loaded["e"].shape == (0,)
     assert decode(encode(msg)).tensors["b"].tolist() == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_a_non_finite_value_past_the_first_chunk_is_found():
+    values = torch.zeros((1 << 20) + 10)
+    values[(1 << 20) + 7] = float("inf")
+    with pytest.raises(MessageError, match="tensor 'v' has non-finite values"):
+        decode(encode(_message(v=values)))
