@@ -118,9 +118,9 @@ class Server:
         """Continue from a checkpoint; returns the next round to run."""
         self.global_state = ckpt.global_state
         self.strategy.load_state_dict(ckpt.strategy_state)
-        self.transport.traffic.load_state(ckpt.info.get("traffic", {}))
         if hasattr(self.transport, "load_counter_state"):  # refused calls, late replies... go on
             self.transport.load_counter_state(ckpt.info.get("transport", {}))
+        self.transport.traffic.load_state(ckpt.info.get("traffic", {}))
         self.timings = Timings(train=ckpt.info.get("train_seconds", 0.0),
                                eval=ckpt.info.get("eval_seconds", 0.0),
                                wall_before=ckpt.info.get("wall_seconds", 0.0))
