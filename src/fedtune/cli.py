@@ -62,14 +62,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_algorithms(args: argparse.Namespace) -> int:
-    from fedtune.algorithms.base import registry
+    from fedtune.algorithms.catalog import CATALOG
     from fedtune.config import FEDTUNE_METHODS
 
     table = Table(title="federated algorithms (federation.algorithm, federation.options)")
     table.add_column("name")
     table.add_column("options (defaults)")
     table.add_column("what it does")
-    for name, spec in sorted(registry().items()):
+    for name, spec in sorted(CATALOG.items()):
         fields = spec.config.model_fields
         opts = ", ".join(f"{k}={'required' if f.is_required() else _shown_default(f)}" for k, f in fields.items())
         table.add_row(name, opts or "-", spec.summary)

@@ -110,10 +110,10 @@ class AdapterSection(Section):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        from peft import PeftType
+        from fedtune.models.peft_names import peft_method_names
 
         name = v.strip().lower().replace("-", "_")
-        allowed = sorted([*(t.lower() for t in PeftType.__members__), *FEDTUNE_METHODS])
+        allowed = sorted([*peft_method_names(), *FEDTUNE_METHODS])
         if name not in allowed:
             raise ValueError(f"unknown peft method {v!r}; allowed: {', '.join(allowed)}")
         return name
@@ -150,7 +150,7 @@ class CompressionSection(Section):
 
 def known_algorithm(name: str) -> str:
     """`name` if an algorithm is registered under it (the message lists those that are)."""
-    from fedtune.algorithms import available_algorithms
+    from fedtune.algorithms.catalog import available_algorithms
 
     if name not in available_algorithms():
         raise ValueError(f"unknown algorithm {name!r}; allowed: {', '.join(available_algorithms())}")
@@ -247,12 +247,12 @@ class FederationSection(Section):
         """Refuse what cannot work with secure aggregation: the server sees only the sum."""
         if not self.secure_aggregation.enabled:
             return self
-        from fedtune.algorithms import registry
+        from fedtune.algorithms.catalog import CATALOG
         from fedtune.privacy.secagg_wire import check_threshold
 
         key = "secure_aggregation"
-        if not registry()[self.algorithm].sum_only:
-            works = ", ".join(sorted(n for n, s in registry().items() if s.sum_only))
+        if not CATALOG[self.algorithm].sum_only:
+            works = ", ".join(sorted(n for n, s in CATALOG.items() if s.sum_only))
             raise ValueError(
                 f"{key}.enabled: algorithm {self.algorithm!r} needs each client's own update (or "
                 f"per-client tensors) on the server, which secure aggregation hides; it works with "
