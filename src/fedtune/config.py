@@ -608,15 +608,15 @@ def split_recipe_args(items: list[str]) -> tuple[str | None, list[str]]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`federation.rounds=3` -> (['federation', 'rounds'], 3); values are parsed as YAML."""
     if "=" not in text:
-        raise RecipeError(f"override {text!r}: expected KEY.PATH=VALUE, e.g. federation.rounds=5")
+        raise RecipeError(f"command line: {text}: expected KEY.PATH=VALUE, e.g. federation.rounds=5")
     key, raw = text.split("=", 1)
     path = [p for p in key.strip().split(".") if p]
     if not path:
-        raise RecipeError(f"override {text!r}: empty key path")
+        raise RecipeError(f"command line: {text}: empty key path")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise RecipeError(f"override {text!r}: value is not valid YAML ({exc})") from None
+        raise RecipeError(f"command line: {text}: the value is not valid YAML ({exc})") from None
     return path, value
 
 
@@ -626,7 +626,7 @@ def _apply_override(data: dict, path: list[str], value: Any, text: str) -> None:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             where = ".".join(path[: i + 1])
-            raise RecipeError(f"override {text!r}: {where} is a value, not a section")
+            raise RecipeError(f"command line: {text}: {where} is a value, not a section")
         node = child
     node[path[-1]] = value
 
@@ -643,22 +643,30 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
+def _where(loc: tuple[str, ...], origin: str, lines: dict[tuple[str, ...], int],
+           overrides: dict[str, str]) -> str:
+    """Where an error at key path `loc` comes from: the override that set it (as typed on the
+    command line), else the recipe file's line, naming any overrides below `loc` as well."""
+    key = ".".join(loc)
+    for path, text in reversed(overrides.items()):  # the last override of a key is the one used
+        if key == path or key.startswith(path + "."):
+            return f"command line: {text}"
+    in_file = next((f"{origin}, line {lines[loc[:n]]}" for n in range(len(loc), 0, -1)
+                    if loc[:n] in lines), origin)
+    below = [text for path, text in overrides.items() if not key or path.startswith(key + ".")]
+    if below:
+        return f"command line: {', '.join(below)} (with {in_file})"
+    return in_file
+
+
 def _format_errors(
-    exc: ValidationError, origin: str, lines: dict[tuple[str, ...], int], overrides: set[str]
+    exc: ValidationError, origin: str, lines: dict[tuple[str, ...], int], overrides: dict[str, str]
 ) -> str:
     out = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
         key = ".".join(loc) or "(top level)"
-        where = origin
-        given = [k for k in overrides if key == k or key.startswith(k + ".")]
-        if given:
-            where = f"override {given[0]}=..."
-        else:
-            for n in range(len(loc), 0, -1):
-                if loc[:n] in lines:
-                    where = f"{origin}, line {lines[loc[:n]]}"
-                    break
+        where = _where(loc, origin, lines, overrides)
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(tuple(err["loc"][:-1]))
             msg = f"unknown key; allowed here: {', '.join(allowed)}"
@@ -691,11 +699,12 @@ def load_recipe(
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
         lines = _line_map(text)
-    override_keys = set()
+    override_keys: dict[str, str] = {}   # key path -> the argument as typed
     for text in overrides:
         keypath, value = parse_override(text)
         _apply_override(data, keypath, value, text)
-        override_keys.add(".".join(keypath))
+        override_keys.pop(".".join(keypath), None)
+        override_keys[".".join(keypath)] = text
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
