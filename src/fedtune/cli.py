@@ -25,8 +25,10 @@ PIPED_WIDTH = 200   # console columns when stdout is a pipe or a file (COLUMNS o
 
 
 def check_early(recipe: str | None, overrides: list[str], resume: str | None = None) -> None:
-    """Report a recipe error or an unreachable hub id now, before torch loads (seconds)."""
+    """Report a recipe error, a missing data file or an unreachable hub id now, before torch
+    loads (seconds)."""
     from fedtune.config import load_recipe
+    from fedtune.data.records import check_local_source
     from fedtune.models.hub import hub_access
 
     if resume is not None:
@@ -36,6 +38,9 @@ def check_early(recipe: str | None, overrides: list[str], resume: str | None = N
         loaded = load_recipe(path)
     else:
         loaded = load_recipe(recipe, overrides)
+    for source in (loaded.data.source, loaded.data.test_source):
+        if source is not None:
+            check_local_source(source)
     hub_access(loaded.model)
 
 
