@@ -242,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
             Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True)
             return 2
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
-            Console(stderr=True, highlight=False).print(
+            Console(stderr=True, highlight=False).print(  # soft_wrap: a path is never broken
                 args.interrupted(args, exc) if hasattr(args, "interrupted") else "interrupted",
-                markup=False)
+                markup=False, soft_wrap=True)
             return 143 if isinstance(exc, Terminated) else 130
 
 
