@@ -187,6 +187,8 @@ class SecureAggregationSection(Section):
 
     @model_validator(mode="after")
     def _codec(self) -> SecureAggregationSection:
+        if not self.enabled and not self.model_fields_set & {"frac_bits", "clip", "max_weight"}:
+            return self  # the defaults fit; not importing the codec keeps numpy out of start-up
         try:
             self.codec()
         except RecipeError as exc:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from fedtune.algorithms.catalog import CATALOG
 from fedtune.models.peft_names import _standalone_peft_type, peft_method_names
 
@@ -32,7 +34,7 @@ def test_loading_recipes_and_the_light_commands_import_no_torch():
                                 "adapter.method=ia3", "bench.algorithms=[fedavg, krum]",
                                 "federation.compression.up.method=int8"])
         load_recipe("default", ["federation.algorithm=offsite", "adapter.method=full"])
-        after_load = sorted(m for m in ("torch", "transformers", "peft") if m in sys.modules)
+        after_load = sorted(m for m in ("torch", "transformers", "peft", "numpy") if m in sys.modules)
         from fedtune.cli import main
         codes = [main(["recipes"]), main(["algorithms"]), main(["run", "default", "no.such=1"]),
                  main(["run", "default", "model.name=builtin:tiny", "train.lr=abc"])]
@@ -85,3 +87,18 @@ def test_columns_from_the_environment_win():
     out = _python("import sys; from fedtune.cli import main; sys.exit(main(['algorithms']))",
                   COLUMNS="100")
     assert out.returncode == 0 and max(len(line) for line in out.stdout.splitlines()) == 100
+
+
+def test_the_secure_aggregation_defaults_skipped_at_load_are_valid():
+    # Without secure aggregation and with its default codec settings the codec is not built at
+    # load (that would import numpy); so the defaults themselves must make a valid codec.
+    from fedtune.config import SecureAggregationSection, load_recipe
+    from fedtune.errors import RecipeError
+    from fedtune.privacy.fixedpoint import FixedPointCodec
+
+    d = SecureAggregationSection()
+    codec = FixedPointCodec(frac_bits=d.frac_bits, clip=d.clip, max_weight=d.max_weight)
+    codec.check_capacity(3)
+    with pytest.raises(RecipeError, match="exceeds 2"):  # a setting given is checked, even when off
+        load_recipe("default", ["federation.secure_aggregation.frac_bits=40",
+                                "federation.secure_aggregation.clip=1000"])
