@@ -74,11 +74,16 @@ def test_an_unreachable_hub_with_a_cached_copy_uses_it(closed_endpoint, monkeypa
 
 
 def test_offline_mode_never_asks_the_hub(monkeypatch):
+    import huggingface_hub
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "is_offline_mode", lambda: True)
     monkeypatch.setattr(hub, "_ask_hub", lambda *a: pytest.fail("asked the hub while offline"))
-    assert hub_access(ModelSection(name=MISSING)) == {}
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set and no copy of this model is cached"):
+        hub_access(ModelSection(name=MISSING))
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: "/c/config.json")
+    assert hub_access(ModelSection(name="org/cached")) == {}
 
 
 def test_built_in_models_and_directories_are_not_looked_up(tmp_path, monkeypatch):

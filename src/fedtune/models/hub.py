@@ -43,7 +43,7 @@ def hub_access(section: ModelSection) -> dict[str, Any]:
     timeout: if the hub answers, loading goes on as usual; if it says the id does not exist, or
     cannot be reached and no copy is cached, a ModelError says so at once; if it cannot be
     reached but a copy is cached, that copy is used (`local_files_only`). With HF_HUB_OFFLINE=1
-    the hub is never asked.
+    the hub is never asked; a model that is not cached then fails at once.
     """
     name = section.name
     path = resolve_model_path(name)
@@ -56,7 +56,13 @@ def hub_access(section: ModelSection) -> dict[str, Any]:
 
     offline = getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)()
     if offline:
-        return {}
+        if isinstance(try_to_load_from_cache(name, "config.json", revision=section.revision), str):
+            return {}
+        raise ModelError(
+            f"model.name {name!r}: HF_HUB_OFFLINE is set and no copy of this model is cached "
+            "(HF_HOME). Download it once with network (HF_HUB_OFFLINE unset), or point model.name "
+            "at a local directory (a save_pretrained copy of the model and tokenizer)."
+        )
     key = (name, section.revision)
     if key in _ANSWERS:  # asked already by this process (the command line asks before loading)
         return dict(_ANSWERS[key])
