@@ -67,8 +67,9 @@ _ROWS = [
                   "personalised client learning rates (arXiv 2402.05926).", o.FedMeZOConfig),
     AlgorithmInfo("fedkseed", "fedkseed", "Zeroth-order full-parameter tuning over K shared seeds; "
                   "only K scalars travel (arXiv 2312.06353; pro: FedKSeed-Pro).", o.FedKSeedConfig,
-                  check=o.check_fedkseed,
-                  sum_only=True),  # the pool moves by the weighted mean of the clients' K scalars
+                  # the pool moves by the weighted mean of the clients' K scalars (FedKSeed-Pro
+                  # needs each client's own: check_fedkseed refuses it with secure aggregation)
+                  check=o.check_fedkseed, sum_only=True),
     AlgorithmInfo("offsite", "offsite", "Offsite-tuning: clients tune the end layers of a "
                   "layer-dropped emulator, the server plugs them into the full model.",
                   o.OffsiteConfig, check=o.check_offsite, sum_only=True),
