@@ -17,9 +17,13 @@ MISSING = "fedtune-tests/no-such-model-7f3a"
 
 
 @pytest.fixture(autouse=True)
-def fresh_answers(monkeypatch):
+def online_and_fresh(monkeypatch):
+    """Online mode (whatever the environment says) and no answers remembered from other tests."""
+    from huggingface_hub import constants
+
     monkeypatch.setattr(hub, "_ANSWERS", {})
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False, raising=False)
 
 
 @pytest.fixture
