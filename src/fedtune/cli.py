@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("algorithms", help="list the federated algorithms, adapter methods and codecs")
     p.set_defaults(func=_cmd_algorithms)
     add_deploy_commands(sub)
+    for command in sub.choices.values():  # -v after the command too (absent: the top level's)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="debug logging")
     return parser
 
 

@@ -98,6 +98,12 @@ def test_overrides_keep_their_order_around_options():
     assert args.items == ["train.lr=1", "train.lr=2", "train.lr=3"] and args.resume == "r"
 
 
+def test_verbose_before_or_after_the_command():
+    assert parse_args(["-v", "run", "default"]).verbose is True
+    assert parse_args(["run", "default", "-v", "train.lr=1"]).verbose is True
+    assert parse_args(["run", "default"]).verbose is False
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["run", "default", "--bogus"], "fedtune run: error: unrecognized arguments: --bogus"),
     (["server", "d.yaml", "--address", "h:1", "--nope", "x=1"], "unrecognized arguments: --nope"),
