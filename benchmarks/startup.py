@@ -2,8 +2,9 @@
 
 Four commands that need no model: `--help`, `recipes`, `algorithms`, and a recipe error (an
 unknown key given as an override). Each runs `--repeat` times (default 3) in a new interpreter;
-the table shows the median and the fastest wall time, and whether torch was imported (a command
-that imports torch, transformers or peft pays several seconds before it can answer). A plain
+the table shows the median and the fastest wall time, the median CPU time (user + system; less
+sensitive to other work on a shared machine than wall time) and whether torch was imported (a
+command that imports torch, transformers or peft pays seconds before it can answer). A plain
 `python -c pass` is measured the same way, as the floor of this machine at this moment.
 
     python benchmarks/startup.py
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,36 +43,45 @@ sys.exit(code)
 """
 
 
-def _time(argv: list[str]) -> tuple[float, str]:
+def _time(argv: list[str]) -> tuple[float, float, str]:
+    """Wall seconds, CPU seconds (user + system) of the child, and its stderr."""
     env = {**os.environ, "COLUMNS": "120"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     out = subprocess.run(argv, capture_output=True, text=True, env=env)
     elapsed = time.perf_counter() - start
-    return elapsed, out.stderr
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return elapsed, cpu, out.stderr
 
 
-def measure(args: list[str], expected: int, repeat: int) -> tuple[float, float, bool]:
-    times, torch = [], False
+def measure(args: list[str], expected: int, repeat: int) -> tuple[float, float, float, bool]:
+    """Median and best wall seconds, median CPU seconds, and whether torch was imported."""
+    times, cpus, torch = [], [], False
     for _ in range(repeat):
-        elapsed, err = _time([sys.executable, "-c", _PROBE, *args])
+        elapsed, cpu, err = _time([sys.executable, "-c", _PROBE, *args])
         tail = err.rsplit("@@", 1)[-1]
         if f"code={expected}" not in tail:
             raise SystemExit(f"fedtune {' '.join(args)} exited unexpectedly:\n{err[-2000:]}")
         torch = torch or "torch=True" in tail
         times.append(elapsed)
-    return statistics.median(times), min(times), torch
+        cpus.append(cpu)
+    return statistics.median(times), min(times), statistics.median(cpus), torch
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs per command (median shown)")
     opts = parser.parse_args()
-    floor = statistics.median(_time([sys.executable, "-c", "pass"])[0] for _ in range(opts.repeat))
-    print(f"{'command':<48} {'median s':>9} {'best s':>7}  torch imported")
-    print(f"{'python -c pass (interpreter start)':<48} {floor:>9.2f} {'':>7}")
+    floor = [_time([sys.executable, "-c", "pass"]) for _ in range(opts.repeat)]
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"{'command':<48} {'median s':>9} {'best s':>7} {'cpu s':>6}  torch imported")
+    print(f"{'python -c pass (interpreter start)':<48} "
+          f"{statistics.median(t for t, _, _ in floor):>9.2f} {'':>7} "
+          f"{statistics.median(c for _, c, _ in floor):>6.2f}")
     for label, args, expected in COMMANDS:
-        median, best, torch = measure(args, expected, opts.repeat)
-        print(f"{label:<48} {median:>9.2f} {best:>7.2f}  {'yes' if torch else 'no'}")
+        median, best, cpu, torch = measure(args, expected, opts.repeat)
+        print(f"{label:<48} {median:>9.2f} {best:>7.2f} {cpu:>6.2f}  {'yes' if torch else 'no'}")
 
 
 if __name__ == "__main__":
