@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,17 @@ from safetensors.torch import load_file, save_file
 from fedtune.errors import RunDirError
 
 State = dict[str, torch.Tensor]
+
+
+@contextmanager
+def naming_on_interrupt(run_dir: RunDir) -> Iterator[None]:
+    """A KeyboardInterrupt (Ctrl-C, SIGTERM) raised inside carries `run_dir` as `.run_dir`, so the
+    command can say which directory `--resume` continues."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        exc.run_dir = run_dir.path  # type: ignore[attr-defined]
+        raise
 
 
 @dataclass
