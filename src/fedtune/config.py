@@ -118,6 +118,13 @@ class AdapterSection(Section):
             raise ValueError(f"unknown peft method {v!r}; allowed: {', '.join(allowed)}")
         return name
 
+    @model_validator(mode="after")
+    def _runnable(self) -> AdapterSection:
+        from fedtune.models.adapter_methods import check_method
+
+        check_method(self.method, self.options)  # refused methods fail here, not mid-run
+        return self
+
 
 class CodecSection(Section):
     """A lossy codec for adapter tensors on the wire (docs/recipes.md, `federation.compression`)."""

@@ -110,9 +110,11 @@ def test_bitfit_full_and_lora_on_gpt2_through_a_round(tiny_recipe, tiny_gpt2_dir
         assert summary["adapter_parameters"] == n_all
     else:  # peft's default LoRA targets for GPT-2: c_attn, r=8: 2 layers × (16·8 + 8·48)
         assert summary["adapter_parameters"] == 2 * (16 * 8 + 8 * 48)
-    if method != "lora":  # a whole model directory, loadable as is
+    if method == "full":  # a whole model directory, loadable as is
         final = AutoModelForCausalLM.from_pretrained(summary["final_adapter"])
         assert sum(p.numel() for p in final.parameters()) == n_all
+    if method == "bitfit":  # the biases only (tests/integration/test_adapter_methods.py)
+        assert (Path(summary["final_adapter"]) / "bitfit.safetensors").is_file()
 
 
 def test_bitfit_on_a_model_without_biases_is_a_clear_error(tiny_recipe):
