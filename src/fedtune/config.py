@@ -52,9 +52,9 @@ class ModelSection(Section):
 class SplitSection(Section):
     """How examples are spread over clients."""
 
-    method: Literal["iid", "dirichlet", "meta"] = "iid"
-    alpha: PositiveFloat = 0.5
-    by: Literal["category"] = "category"
+    method: Literal["iid", "dirichlet", "meta", "quantity"] = "iid"
+    alpha: PositiveFloat = 0.5    # Dirichlet concentration (dirichlet, quantity): smaller, more skewed
+    by: str = Field("category", min_length=1)   # the label dirichlet/meta group by: category or a column
 
 
 class SyntheticSection(Section):

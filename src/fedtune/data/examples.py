@@ -10,6 +10,8 @@ class Example:
     """One instruction-following example.
 
     `origin` says where it came from ("data/train.jsonl:12"), for error messages and reports.
+    `split_value` is the example's value of the column `data.split.by` names (when that is not
+    `category`), the label the dirichlet and meta splits group by.
     """
 
     instruction: str
@@ -17,3 +19,4 @@ class Example:
     input: str = ""
     category: str | None = None
     origin: str = ""
+    split_value: str | None = None

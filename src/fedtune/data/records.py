@@ -292,8 +292,13 @@ def rewrite_gsm8k_answer(answer: str) -> str:
     return answer
 
 
-def to_examples(rows: list[Row], *, format: str, fields: dict[str, str]) -> list[Example]:
-    """Map rows to Examples with a built-in format (`auto` detects it from the first row) or `custom`."""
+def to_examples(
+    rows: list[Row], *, format: str, fields: dict[str, str], split_by: str | None = None
+) -> list[Example]:
+    """Map rows to Examples with a built-in format (`auto` detects it from the first row) or `custom`.
+
+    `split_by`: a column whose value each example keeps as `split_value` (`data.split.by`).
+    """
     if not rows:
         return []
     if format == "auto":
@@ -310,15 +315,29 @@ def to_examples(rows: list[Row], *, format: str, fields: dict[str, str]) -> list
         category = _text(row, origin, mapping.get("category"), required=False) or None
         if format == "codealpaca" and category is None:
             category = code_language(instruction, input_text, output)
+        split_value = _split_value(row, origin, split_by) if split_by else None
         examples.append(
             Example(instruction=instruction, output=output, input=input_text, category=category,
-                    origin=origin)
+                    origin=origin, split_value=split_value)
         )
     return examples
 
 
+def _split_value(row: dict, origin: str, column: str) -> str | None:
+    """The row's value of the `data.split.by` column as text (None when missing or null)."""
+    value = row.get(column)
+    if value is None:
+        return None
+    if isinstance(value, (str, int, float, bool)):
+        return str(value)
+    raise DataError(f"{origin}: column {column!r} (data.split.by) must be a string or a number, "
+                    f"got {type(value).__name__}")
+
+
 def load_examples(
-    source: str, *, format: str, fields: dict[str, str], limit: int | None = None
+    source: str, *, format: str, fields: dict[str, str], limit: int | None = None,
+    split_by: str | None = None,
 ) -> list[Example]:
     """Read `source` and map its rows to Examples."""
-    return to_examples(read_rows(source, limit=limit), format=format, fields=fields)
+    return to_examples(read_rows(source, limit=limit), format=format, fields=fields,
+                       split_by=split_by)
