@@ -13,6 +13,7 @@ from rich.table import Table
 
 from fedtune import __version__
 from fedtune.cli_deploy import add_deploy_commands
+from fedtune.cli_export import add_export_command
 from fedtune.errors import FedtuneError
 from fedtune.track.reporter import quiet_libraries
 
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("algorithms", help="list the federated algorithms, adapter methods and codecs")
     p.set_defaults(func=_cmd_algorithms)
     add_deploy_commands(sub)
+    add_export_command(sub)
     return parser
 
 
