@@ -436,12 +436,32 @@ class TransportSection(Section):
         return self
 
 
+class MlflowSection(Section):
+    """Where `output.loggers: [mlflow]` logs: a tracking URI (default: a local file store in
+    output.dir/mlruns) and an experiment name."""
+
+    tracking_uri: str | None = None
+    experiment: str = Field("fedtune", min_length=1)
+
+
 class OutputSection(Section):
     dir: str = "runs"
     name: str | None = None
     checkpoint_every: NonNegativeInt = 5
     keep_checkpoints: PositiveInt = 2
     progress: bool = True
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
+    mlflow: MlflowSection = Field(default_factory=MlflowSection)
+
+    @field_validator("loggers")
+    @classmethod
+    def _installed(cls, v: list[str]) -> list[str]:
+        import importlib.util
+
+        missing = [name for name in v if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} not installed: pip install 'fedtune[track]'")
+        return list(dict.fromkeys(v))
 
 
 _LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+-")
