@@ -67,7 +67,7 @@ class SyntheticSection(Section):
 class DataSection(Section):
     source: str = "synthetic"
     test_source: str | None = None
-    format: Literal["auto", "alpaca", "dolly", "gsm8k", "codealpaca", "custom"] = "auto"
+    format: Literal["auto", "alpaca", "dolly", "gsm8k", "codealpaca", "messages", "custom"] = "auto"
     fields: dict[str, str] = Field(default_factory=dict)
     template: str = "alpaca"
     max_length: PositiveInt = 512
@@ -86,7 +86,7 @@ class DataSection(Section):
                 raise ValueError(
                     f"format 'custom' needs data.fields to map {sorted(missing)} to column names"
                 )
-        allowed = {"instruction", "input", "output", "category"}
+        allowed = {"instruction", "input", "output", "category", "messages"}
         extra = set(self.fields) - allowed
         if extra:
             raise ValueError(f"data.fields keys {sorted(extra)} unknown; allowed: {sorted(allowed)}")
