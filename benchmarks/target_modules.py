@@ -38,6 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
+    ap.add_argument("--only", help="run only the configurations whose label contains this")
     ap.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
@@ -50,6 +51,8 @@ def main() -> None:
     print("| target modules | seed | exact match | loss | trainable params | wall s |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, overrides in CONFIGS:
+        if args.only and args.only not in label:
+            continue
         for seed in args.seeds:
             proc = subprocess.run([sys.executable, __file__, "--worker", *common, *overrides,
                                    f"seed={seed}"], capture_output=True, text=True)

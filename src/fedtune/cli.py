@@ -77,7 +77,8 @@ def _cmd_algorithms(args: argparse.Namespace) -> int:
     console = Console()
     console.print(table)
     console.print("adapter methods (adapter.method): every peft method by name (lora, ia3, "
-                  "prefix_tuning, prompt_tuning, p_tuning, loha, lokr, adalora, ...) and "
+                  "prefix_tuning, prompt_tuning, p_tuning, loha, lokr, vera, ...; adalora and a few "
+                  "others are refused, docs/algorithms.md) and "
                   f"{', '.join(FEDTUNE_METHODS)}; codecs (federation.compression.up/down.method): "
                   "none, fp16, bf16, int8, topk (up only)")
     return 0

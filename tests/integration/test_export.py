@@ -72,3 +72,32 @@ def test_unmergeable_method_is_a_clear_error(tiny_model_dir, tmp_path, capsys, m
     assert main(["export", str(final), str(tmp_path / "m"), "--merge"]) == 2
     err = capsys.readouterr().err
     assert "cannot be merged" in err and "PROMPT_TUNING" in err
+
+
+def test_merged_bitfit_is_the_base_with_the_trained_biases(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import make_char_tokenizer
+    from fedtune.config import AdapterSection
+    from fedtune.models.adapters import attach_adapter, save_adapter
+
+    base_dir, run = tmp_path / "gpt2", tmp_path / "run"
+    tok = make_char_tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=32,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+                    ).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    run.mkdir()
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name": str(base_dir), "device": "cpu"}}))
+    model = attach_adapter(AutoModelForCausalLM.from_pretrained(base_dir).requires_grad_(False),
+                           AdapterSection(method="bitfit"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.add_(0.25)
+    save_adapter(model, AdapterSection(method="bitfit"), run / "final")
+    assert main(["export", str(run / "final"), str(tmp_path / "merged"), "--merge"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=IDS).logits, model(input_ids=IDS).logits)
