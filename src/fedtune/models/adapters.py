@@ -54,7 +54,7 @@ def build_peft_config(section: AdapterSection, model=None):
 
 
 def default_options(method: str, model=None) -> dict:
-    """fedtune's defaults for options a method has no usable default for in peft (docs/recipes.md)."""
+    """fedtune's defaults for options a method has no usable default for in peft (docs/algorithms.md)."""
     if method in PROMPT_METHODS:
         return {"num_virtual_tokens": DEFAULT_VIRTUAL_TOKENS}
     if method == "adaption_prompt" and model is not None:
