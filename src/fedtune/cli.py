@@ -19,6 +19,7 @@ from rich.table import Table
 
 from fedtune import __version__
 from fedtune.cli_deploy import add_deploy_commands
+from fedtune.cli_export import add_export_command
 from fedtune.errors import FedtuneError
 
 PIPED_WIDTH = 200   # console columns when stdout is a pipe or a file (COLUMNS overrides)
@@ -114,7 +115,8 @@ def _cmd_algorithms(args: argparse.Namespace) -> int:
     console = Console()
     console.print(table)
     console.print("adapter methods (adapter.method): every peft method by name (lora, ia3, "
-                  "prefix_tuning, prompt_tuning, p_tuning, loha, lokr, adalora, ...) and "
+                  "prefix_tuning, prompt_tuning, p_tuning, loha, lokr, vera, ...; adalora and a few "
+                  "others are refused, docs/algorithms.md) and "
                   f"{', '.join(FEDTUNE_METHODS)}; codecs (federation.compression.up/down.method): "
                   "none, fp16, bf16, int8, topk (up only)")
     return 0
@@ -176,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("algorithms", help="list the federated algorithms, adapter methods and codecs")
     p.set_defaults(func=_cmd_algorithms)
     add_deploy_commands(sub)
+    add_export_command(sub)
     for command in sub.choices.values():  # -v after the command too (absent: the top level's)
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="debug logging")

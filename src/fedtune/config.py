@@ -52,9 +52,9 @@ class ModelSection(Section):
 class SplitSection(Section):
     """How examples are spread over clients."""
 
-    method: Literal["iid", "dirichlet", "meta"] = "iid"
-    alpha: PositiveFloat = 0.5
-    by: Literal["category"] = "category"
+    method: Literal["iid", "dirichlet", "meta", "quantity"] = "iid"
+    alpha: PositiveFloat = 0.5    # Dirichlet concentration (dirichlet, quantity): smaller, more skewed
+    by: str = Field("category", min_length=1)   # the label dirichlet/meta group by: category or a column
 
 
 class SyntheticSection(Section):
@@ -67,7 +67,7 @@ class SyntheticSection(Section):
 class DataSection(Section):
     source: str = "synthetic"
     test_source: str | None = None
-    format: Literal["auto", "alpaca", "dolly", "gsm8k", "codealpaca", "custom"] = "auto"
+    format: Literal["auto", "alpaca", "dolly", "gsm8k", "codealpaca", "messages", "custom"] = "auto"
     fields: dict[str, str] = Field(default_factory=dict)
     template: str = "alpaca"
     max_length: PositiveInt = 512
@@ -86,7 +86,7 @@ class DataSection(Section):
                 raise ValueError(
                     f"format 'custom' needs data.fields to map {sorted(missing)} to column names"
                 )
-        allowed = {"instruction", "input", "output", "category"}
+        allowed = {"instruction", "input", "output", "category", "messages"}
         extra = set(self.fields) - allowed
         if extra:
             raise ValueError(f"data.fields keys {sorted(extra)} unknown; allowed: {sorted(allowed)}")
@@ -104,7 +104,9 @@ class AdapterSection(Section):
     r: PositiveInt = 8
     alpha: PositiveFloat = 16.0
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["auto", "all-linear"] = "auto"
+    # all-linear by default: on the built-in benchmark it learns where q/v only does not, even
+    # at the same number of parameters (docs/algorithms.md, "Which layers LoRA adapts")
+    target_modules: list[str] | Literal["auto", "all-linear"] = "all-linear"
     options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("method")
@@ -117,6 +119,13 @@ class AdapterSection(Section):
         if name not in allowed:
             raise ValueError(f"unknown peft method {v!r}; allowed: {', '.join(allowed)}")
         return name
+
+    @model_validator(mode="after")
+    def _runnable(self) -> AdapterSection:
+        from fedtune.models.adapter_methods import check_method
+
+        check_method(self.method, self.options)  # refused methods fail here, not mid-run
+        return self
 
 
 class CodecSection(Section):
@@ -436,12 +445,32 @@ class TransportSection(Section):
         return self
 
 
+class MlflowSection(Section):
+    """Where `output.loggers: [mlflow]` logs: a tracking URI (default: a local file store in
+    output.dir/mlruns) and an experiment name."""
+
+    tracking_uri: str | None = None
+    experiment: str = Field("fedtune", min_length=1)
+
+
 class OutputSection(Section):
     dir: str = "runs"
     name: str | None = None
     checkpoint_every: NonNegativeInt = 5
     keep_checkpoints: PositiveInt = 2
     progress: bool = True
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
+    mlflow: MlflowSection = Field(default_factory=MlflowSection)
+
+    @field_validator("loggers")
+    @classmethod
+    def _installed(cls, v: list[str]) -> list[str]:
+        import importlib.util
+
+        missing = [name for name in v if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} not installed: pip install 'fedtune[track]'")
+        return list(dict.fromkeys(v))
 
 
 _LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+-")
