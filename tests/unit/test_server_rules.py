@@ -1,0 +1,274 @@
+"""The server's rules, each on a case where breaking it changes the numbers: min_replies, duplicate,
+late and malformed replies (rejected and counted), seeded client sampling, and client evaluation
+with generation (exact match on a case whose greedy answer is worked out independently)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from tiny_federation import LogitModel, federation, recipe
+
+from fedtune.runtime.messages import Message, MessageKind
+from fedtune.runtime.server import sample_clients
+from fedtune.seeding import derive_seed
+
+THREE_ONES = [(0, 1)] * 3   # client_0: Δ = (0.5, 0) at lr 1
+ONE_ZERO = [(1, 0)]         # client_1: Δ = (0, −0.5)
+TWO_ZEROS = [(0, 0)] * 2    # client_2: Δ = (−0.5, 0)
+
+
+def toks(pairs):
+    from fedtune.data.prompts import TokenizedExample
+
+    return [TokenizedExample([t, y], [-100, y]) for t, y in pairs]
+
+
+class Tampering:
+    """The in-process transport with each round's replies passed through `edit(round, replies)`."""
+
+    def __init__(self, inner, edit):
+        self.inner, self.edit, self.traffic = inner, edit, inner.traffic
+        self.seen: dict[int, list[Message]] = {}
+
+    def send(self, message: Message) -> None:
+        self.inner.send(message)
+
+    def collect(self, round, expected, timeout=None):
+        replies = self.inner.collect(round, expected, timeout)
+        self.seen.setdefault(round, []).extend(replies)
+        return self.edit(round, replies)
+
+
+def build(tmp_path, data, *, edit=None, endpoints=None, **kw):
+    names = [f"client_{i}" for i in range(len(data))]
+    fed = federation(recipe("fedavg", len(data), tmp=tmp_path, **kw), LogitModel([0.0, 0.0]),
+                     dict(zip(names, map(toks, data))), tmp=tmp_path, endpoints=endpoints)
+    if edit is not None:
+        fed.server.transport = Tampering(fed.transport, edit)
+    return fed
+
+
+def state(fed):
+    return fed.server.global_state["w"].tolist()
+
+
+# -- min_replies ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("min_replies,expected", [
+    (2, [3 * 0.5 / 4, -0.5 / 4]),  # the two replies are averaged
+    (3, [0.0, 0.0]),               # too few: the global adapter stays as it was
+])
+def test_min_replies_with_a_client_that_never_answers(tmp_path, min_replies, expected):
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO, TWO_ZEROS], endpoints={"client_2": lambda data: None},
+                transport={"min_replies": min_replies})
+    fed.round(1)
+    assert state(fed) == pytest.approx(expected)
+    assert fed.server.missing == 1 and fed.server.rejected == 0
+    assert [e["client"] for e in fed.events("no_update")] == ["client_2"]
+    (summary,) = fed.events("round")
+    assert summary["values"]["updates"] == 2 and summary["values"]["clients"] == 3
+
+
+def test_min_replies_of_one_aggregates_a_lone_reply(tmp_path):
+    silent = {"client_1": lambda data: None, "client_2": lambda data: None}
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO, TWO_ZEROS], endpoints=silent)
+    fed.round(1)
+    assert state(fed) == pytest.approx([0.5, 0.0])
+    assert fed.server.missing == 2
+
+
+def test_a_strategy_needing_more_updates_than_arrived_skips_the_round(tmp_path):
+    names = ["client_0", "client_1", "client_2", "client_3"]
+    data = [THREE_ONES, ONE_ZERO, TWO_ZEROS, THREE_ONES]
+    fed = federation(recipe("krum", 4, tmp=tmp_path, options={"byzantine": 1}),
+                     LogitModel([0.0, 0.0]), dict(zip(names, map(toks, data))), tmp=tmp_path)
+    fed.round(1)  # krum with f = 1 needs 5 updates; 4 came
+    assert state(fed) == [0.0, 0.0]
+    assert fed.server.missing == 0  # every client answered; the round was skipped, not failed
+
+
+# -- duplicate, late and foreign replies --------------------------------------------------------------
+
+
+def _with_w(msg: Message, value: list[float]) -> Message:
+    return dataclasses.replace(msg, tensors={"w": torch.tensor(value)})
+
+
+def test_a_second_reply_from_the_same_client_is_rejected_and_the_first_kept(tmp_path):
+    def edit(round_, replies):
+        first = next(m for m in replies if m.sender == "client_0")
+        return replies + [_with_w(first, [100.0, 100.0])]
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], edit=edit)
+    fed.round(1)
+    assert state(fed) == pytest.approx([3 * 0.5 / 4, -0.5 / 4])
+    assert fed.server.rejected == 1 and fed.server.missing == 0
+    (event,) = fed.events("rejected")
+    assert event["client"] == "client_0" and "twice" in event["values"]["reason"]
+
+
+def test_a_late_reply_from_an_earlier_round_is_rejected(tmp_path):
+    kept: dict[str, Message] = {}
+
+    def edit(round_, replies):
+        if round_ == 1:
+            kept.update({m.sender: m for m in replies})
+            return [m for m in replies if m.sender == "client_0"]  # client_1's reply is "late"
+        return [_with_w(kept["client_1"], [0.0, -7.0])] + replies
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], edit=edit)
+    fed.round(1)
+    after_one = state(fed)
+    assert after_one == pytest.approx([0.5, 0.0])
+    fed.round(2)
+    assert fed.server.rejected == 1
+    (event,) = fed.events("rejected")
+    assert event["round"] == 2 and "round 1" in event["values"]["reason"]
+    assert state(fed)[1] > -1.0  # the stale −7 never reached the average
+
+
+def test_a_reply_from_a_client_not_chosen_this_round_is_rejected(tmp_path):
+    chosen = sample_clients(["client_0", "client_1"], 1, 5, 1)
+    other = "client_1" if chosen == ["client_0"] else "client_0"
+
+    def edit(round_, replies):
+        forged = dataclasses.replace(replies[0], sender=other, tensors={"w": torch.tensor([9.0, 9.0])})
+        return replies + [forged]
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], edit=edit, federation={"clients_per_round": 1})
+    fed.round(1)
+    assert fed.server.rejected == 1
+    assert max(abs(v) for v in state(fed)) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"meta": {"n_examples": 0, "metrics": {}}}, "n_examples"),
+    ({"meta": {"n_examples": -3, "metrics": {}}}, "n_examples"),
+    ({"meta": {"n_examples": True, "metrics": {}}}, "n_examples"),
+    ({"meta": {"n_examples": 2.5, "metrics": {}}}, "n_examples"),
+    ({"meta": {"n_examples": "3", "metrics": {}}}, "n_examples"),
+    ({"meta": {"metrics": {}}}, "n_examples"),
+    ({"meta": {"n_examples": 3, "metrics": [1, 2]}}, "metrics"),
+    ({"tensors": {"w": torch.zeros(3)}}, "shape"),
+    ({"tensors": {"w": torch.zeros(2, dtype=torch.float64)}}, "dtype"),
+    ({"tensors": {"v": torch.zeros(2)}}, "tensor names"),
+    ({"kind": MessageKind.ERROR, "meta": {"error": "out of memory"}}, "out of memory"),
+    ({"kind": MessageKind.EVAL_RESULT}, "kind"),
+])
+def test_a_malformed_update_is_rejected_counted_and_left_out(tmp_path, change, reason):
+    def edit(round_, replies):
+        return [dataclasses.replace(m, **change) if m.sender == "client_1" else m for m in replies]
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], edit=edit)
+    fed.round(1)
+    assert fed.server.rejected == 1 and fed.server.missing == 1
+    assert state(fed) == pytest.approx([0.5, 0.0])  # client_0's update alone
+    (event,) = fed.events("rejected")
+    assert event["client"] == "client_1" and reason in event["values"]["reason"]
+
+
+def test_a_reply_that_does_not_decode_counts_as_missing(tmp_path):
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], endpoints={"client_1": lambda data: b"junk"})
+    fed.round(1)
+    assert state(fed) == pytest.approx([0.5, 0.0])
+    assert fed.server.missing == 1
+    assert fed.transport.rejected and fed.transport.rejected[0][0] == "client_1"
+
+
+def test_round_summary_weights_train_loss_by_examples(tmp_path):
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], lr=1.0, steps=1)
+    fed.round(1)
+    fed.round(2)
+    import math
+
+    # Round 2 starts at (0.375, −0.125): client losses log(1+e^w) − f·w at their own coordinate.
+    l0 = math.log1p(math.exp(0.375)) - 0.375
+    l1 = math.log1p(math.exp(-0.125))
+    summary = fed.events("round")[1]["values"]
+    assert summary["train_loss"] == pytest.approx((3 * l0 + l1) / 4, rel=1e-5)
+    assert summary["updates"] == 2 and summary["bytes_up"] > 0 and summary["bytes_down"] > 0
+
+
+# -- sampling -----------------------------------------------------------------------------------------
+
+
+def test_sampling_is_the_seeded_choice_in_registration_order():
+    clients = [f"c{i}" for i in range(6)]
+    for round_ in (1, 2, 3):
+        rng = np.random.default_rng(derive_seed(7, "sample", round_))
+        picked = sorted(rng.choice(6, size=3, replace=False).tolist())
+        assert sample_clients(clients, 3, 7, round_) == [clients[i] for i in picked]
+    assert sample_clients(clients, 6, 7, 1) == clients
+    assert sample_clients(clients, 9, 7, 1) == clients
+    rounds = {tuple(sample_clients(clients, 3, 7, r)) for r in range(1, 9)}
+    assert len(rounds) > 1  # the choice changes with the round
+
+
+def test_only_the_sampled_clients_train_in_a_round(tmp_path):
+    data = [THREE_ONES, ONE_ZERO, TWO_ZEROS, ONE_ZERO]
+    fed = build(tmp_path, data, federation={"clients_per_round": 2})
+    names = list(fed.clients)
+    for round_ in (1, 2, 3):
+        fed.round(round_)
+        trained = [e["client"] for e in fed.events("fit") if e["round"] == round_]
+        assert trained == sample_clients(names, 2, 5, round_)
+        down = fed.transport.traffic.by_client(round_)
+        assert sorted(down) == sorted(trained)
+
+
+# -- client evaluation with generation ------------------------------------------------------------------
+
+
+def _greedy(model, ids: list[int], steps: int, eos: int) -> list[int]:
+    """Greedy decoding by hand: append the argmax of the last position's logits."""
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=torch.tensor([ids + out])).logits[0, -1]
+            nxt = int(logits.argmax())
+            if nxt == eos:
+                break
+            out.append(nxt)
+    return out
+
+
+def test_client_evaluation_generates_and_scores_exact_match(tmp_path, char_tokenizer):
+    from conftest import make_tiny_llama
+    from fedtune.config import EvalSection
+    from fedtune.data.examples import Example
+    from fedtune.data.prompts import render_prompt, tokenize_examples
+    from fedtune.eval.evaluator import Evaluator
+
+    tok = char_tokenizer
+    model = make_tiny_llama(tok)
+    model.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(True)  # the "adapter": what travels
+    section = EvalSection(max_new_tokens=4, batch_size=8)
+    prompts = [Example("Say A", "?"), Example("Name B", "?")]
+    expected = []
+    for ex in prompts:
+        ids = [tok.bos_token_id] + tok.encode(render_prompt(ex, "compact"), add_special_tokens=False)
+        expected.append(tok.decode(_greedy(model, ids, 4, tok.eos_token_id),
+                                   skip_special_tokens=True).strip())
+    assert all(expected)
+    # One right answer, one wrong: exact match 0.5 on generation; none without it.
+    raw = [Example("Say A", expected[0]), Example("Name B", expected[1] + "zz")]
+    test, _ = tokenize_examples(raw, tok, template="compact", max_length=64)
+    evaluator = Evaluator(model, tok, section, template="compact", max_length=64,
+                          device=torch.device("cpu"))
+    r = recipe("fedavg", 1, tmp=tmp_path, eval={"clients": True, "max_new_tokens": 4, "batch_size": 8})
+    fed = federation(r, model, {"client_0": test}, tmp=tmp_path, evaluator=evaluator,
+                     test={"client_0": (test, raw)})
+    fed.server._wall = lambda: 0.0
+    fed.server.evaluate(1, final=False)
+    assert "exact_match" not in fed.server.client_eval["client_0"]
+    fed.server.evaluate(2, final=True)
+    metrics = fed.server.client_eval["client_0"]
+    assert metrics["exact_match"] == 0.5 and metrics["n_generated"] == 2
+    assert metrics["n_examples"] == 2 and metrics["loss"] > 0
+    logged = [e for e in fed.events("eval") if e["round"] == 2]
+    assert logged and logged[0]["values"]["exact_match"] == 0.5
