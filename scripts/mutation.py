@@ -99,7 +99,7 @@ def prepare(module: str) -> Path:
         "source_paths": ["src"],
         "only_mutate": files,
         "pytest_add_cli_args_test_selection": tests,
-        "pytest_add_cli_args": ["-q", "-p", "no:cacheprovider", "-m", "not slow"],
+        "pytest_add_cli_args": ["-x", "-q", "-p", "no:cacheprovider", "-m", "not slow"],
         "do_not_mutate_patterns": [r"^\s*log\.(debug|info|warning|error)\("],
         "process_isolation": "forkserver",
         "use_git_change_detection": False,
