@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -168,18 +169,16 @@ def _build_fedavgm(c: FedAvgMConfig, n_clients: int) -> ServerOptimizer:
 
 
 def _build_adaptive(
-    rule: Callable[..., tuple[State, State, State]]
-) -> Callable[[Any, int], ServerOptimizer]:
-    def build(c: Any, n_clients: int) -> ServerOptimizer:
-        hyper = c.model_dump(exclude={"server_lr", "weighting"})
+    rule: Callable[..., tuple[State, State, State]], c: Any, n_clients: int
+) -> ServerOptimizer:
+    """The strategy of an adaptive rule (bound with functools.partial when registered)."""
+    hyper = c.model_dump(exclude={"server_lr", "weighting"})
 
-        def step(g: State, d: State, s: dict[str, State]) -> tuple[State, dict[str, State]]:
-            new, m, v = rule(g, d, s["m"], s["v"], lr=c.server_lr, **hyper)
-            return new, {"m": m, "v": v}
+    def step(g: State, d: State, s: dict[str, State]) -> tuple[State, dict[str, State]]:
+        new, m, v = rule(g, d, s["m"], s["v"], lr=c.server_lr, **hyper)
+        return new, {"m": m, "v": v}
 
-        return ServerOptimizer(c, ("m", "v"), step)
-
-    return build
+    return ServerOptimizer(c, ("m", "v"), step)
 
 
 FEDAVGM = register(AlgorithmSpec(
@@ -193,20 +192,20 @@ FEDADAM = register(AlgorithmSpec(
     name="fedadam",
     summary="Adam as the server optimizer on the mean client update (Reddi et al. 2021, Adaptive Federated Optimization).",
     config=FedAdamConfig,
-    build=_build_adaptive(fedadam_step),
+    build=partial(_build_adaptive, fedadam_step),
     sum_only=True,
 ))
 FEDYOGI = register(AlgorithmSpec(
     name="fedyogi",
     summary="Yogi as the server optimizer on the mean client update (Reddi et al. 2021, Adaptive Federated Optimization).",
     config=FedAdamConfig,
-    build=_build_adaptive(fedyogi_step),
+    build=partial(_build_adaptive, fedyogi_step),
     sum_only=True,
 ))
 FEDADAGRAD = register(AlgorithmSpec(
     name="fedadagrad",
     summary="Adagrad with momentum as the server optimizer (Reddi et al. 2021, Adaptive Federated Optimization).",
     config=FedAdagradConfig,
-    build=_build_adaptive(fedadagrad_step),
+    build=partial(_build_adaptive, fedadagrad_step),
     sum_only=True,
 ))
