@@ -272,3 +272,123 @@ def test_client_evaluation_generates_and_scores_exact_match(tmp_path, char_token
     assert metrics["n_examples"] == 2 and metrics["loss"] > 0
     logged = [e for e in fed.events("eval") if e["round"] == 2]
     assert logged and logged[0]["values"]["exact_match"] == 0.5
+
+
+# -- the whole run: evaluation schedule, checkpoints, resume, finish ------------------------------------
+
+
+def _recording(fed):
+    """Wrap every client's endpoint to record the kinds of message it receives."""
+    from fedtune.transport.codec import decode
+
+    seen = {name: [] for name in fed.clients}
+    for name, client in fed.clients.items():
+        def endpoint(data, name=name, client=client):
+            seen[name].append((decode(data).kind.value, decode(data).round))
+            return client.handle_bytes(data)
+        fed.transport.endpoints[name] = endpoint
+    return seen
+
+
+def _hand_fedavgm(rounds, lr=1.0, momentum=0.5):
+    from test_algorithm_rounds import sgd, wmean
+
+    x, v = [0.0, 0.0], [0.0, 0.0]
+    for _ in range(rounds):
+        mean = wmean([sgd(x, THREE_ONES, lr), sgd(x, ONE_ZERO, lr)], [3, 1])
+        v = [momentum * a + (b - c) for a, b, c in zip(v, mean, x)]
+        x = [a + b for a, b in zip(x, v)]
+    return x
+
+
+def _run_fed(tmp_path, *, rounds, every=0, at_start=True, checkpoint_every=1, run_dir=None):
+    r = recipe("fedavgm", 2, tmp=tmp_path, options={"momentum": 0.5},
+               federation={"rounds": rounds},
+               eval={"at_start": at_start, "every": every, "clients": True},
+               output={"checkpoint_every": checkpoint_every, "keep_checkpoints": 2})
+    calls = []
+
+    def evaluate_global(state, generate):
+        calls.append(generate)
+        return {"w0": float(state["w"][0]), "w1": float(state["w"][1])}
+
+    fed = federation(r, LogitModel([0.0, 0.0]), {"client_0": toks(THREE_ONES), "client_1": toks(ONE_ZERO)},
+                     tmp=tmp_path, evaluate_global=evaluate_global, run_dir=run_dir)
+    return fed, calls
+
+
+def test_a_whole_run_evaluates_on_schedule_and_finishes_every_client(tmp_path):
+    fed, calls = _run_fed(tmp_path, rounds=3, every=2, checkpoint_every=2)
+    seen = _recording(fed)
+    result = fed.server.run()
+    x = _hand_fedavgm(3)
+    assert fed.server.global_state["w"].tolist() == pytest.approx(x)
+    assert result.rounds == 3 and result.initial == {"w0": 0.0, "w1": 0.0}
+    assert result.final == pytest.approx({"w0": x[0], "w1": x[1]})
+    assert calls == [True, True, True]  # at start, round 2 (every 2), the end
+    kinds = [k for k, _ in seen["client_0"]]
+    assert kinds == ["evaluate", "fit", "fit", "evaluate", "fit", "evaluate", "finish"]
+    assert seen["client_1"][-1] == ("finish", 3)
+    evaluate_meta = [e for e in fed.events("eval") if e["client"] is None]
+    assert [e["round"] for e in evaluate_meta] == [0, 2, 3]
+    ckpts = sorted(p.name for p in (fed.run_dir.path / "checkpoints").glob("round_*"))
+    assert ckpts == ["round_000002", "round_000003"]  # every 2 rounds and the last
+    assert result.timings.train > 0 and result.rejected == 0 and result.missing == 0
+
+
+def test_no_evaluation_at_start_when_switched_off(tmp_path):
+    fed, calls = _run_fed(tmp_path, rounds=2, at_start=False)
+    result = fed.server.run()
+    assert result.initial is None and calls == [True]
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    whole, _ = _run_fed(tmp_path / "a", rounds=3)
+    expected = whole.server.run()
+    first, _ = _run_fed(tmp_path / "b", rounds=3)
+    first.server.initial = first.server.evaluate(0, final=False)  # what run() does first
+    first.server.run_round(1)
+    first.server.checkpoint(1)
+    first.server.rejected, first.server.missing = 4, 5
+    first.server.checkpoint(1)
+    again, _ = _run_fed(tmp_path / "c", rounds=3, run_dir=first.run_dir)
+    start = again.server.restore(first.run_dir.latest_checkpoint())
+    assert start == 2
+    assert again.server.rejected == 4 and again.server.missing == 5
+    assert again.server.initial == {"w0": 0.0, "w1": 0.0}  # kept from the first session
+    result = again.server.run(start)
+    torch.testing.assert_close(result.global_state["w"], expected.global_state["w"])
+    assert again.server.strategy.state_dict()["v/w"].tolist() == pytest.approx(
+        whole.server.strategy.state_dict()["v/w"].tolist())
+    assert result.rejected == 4 and result.missing == 5
+
+
+def test_local_dp_figures_and_train_seconds_are_taken_from_the_updates(tmp_path):
+    def edit(round_, replies):
+        out = []
+        for m in replies:
+            metrics = {**m.meta["metrics"], "train_seconds": 2.5}
+            if m.sender == "client_1":
+                metrics.update(dp_epsilon=1.5, dp_delta=1e-5)
+            out.append(dataclasses.replace(m, meta={**m.meta, "metrics": metrics}))
+        return out
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], edit=edit)
+    fed.round(1)
+    assert fed.server.local_dp == {"client_1": {"epsilon": 1.5, "delta": 1e-5}}
+    assert fed.server.timings.train == pytest.approx(5.0)
+    fits = {e["client"]: e["values"] for e in fed.events("fit")}
+    assert fits["client_1"]["dp_epsilon"] == 1.5 and fits["client_0"]["train_seconds"] == 2.5
+    assert fits["client_0"]["up"] > 0 and fits["client_0"]["down"] > 0
+
+
+def test_a_malformed_evaluation_reply_is_ignored(tmp_path):
+    def edit(round_, replies):
+        return [dataclasses.replace(m, round=round_ + 1) if m.sender == "client_1" else
+                dataclasses.replace(m, meta={**m.meta, "metrics": {"loss": 0.25}}) for m in replies]
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], edit=edit, eval={"clients": True})
+    fed.server.evaluate(1, final=False)
+    assert fed.server.client_eval == {"client_0": {"loss": 0.25}}
+    logged = [(e["client"], e["values"]) for e in fed.events("eval")]
+    assert logged == [("client_0", {"scope": "client", "loss": 0.25})]

@@ -125,7 +125,8 @@ def recipe(algorithm: str, n_clients: int, *, options: dict | None = None, lr: f
 
 def federation(recipe_: Recipe, model: torch.nn.Module, train: dict[str, list[TokenizedExample]],
                *, tmp: Path, evaluator: Any = None, test: dict[str, tuple[list, list]] | None = None,
-               endpoints: dict[str, Any] | None = None) -> Federation:
+               endpoints: dict[str, Any] | None = None, evaluate_global: Any = None,
+               run_dir: RunDir | None = None) -> Federation:
     """The real server and clients of `recipe_` on `model`; `train` maps client name -> examples.
 
     `endpoints` replaces a client's transport endpoint (bytes -> bytes | None), e.g. to misbehave.
@@ -145,11 +146,11 @@ def federation(recipe_: Recipe, model: torch.nn.Module, train: dict[str, list[To
     handlers = {name: c.handle_bytes for name, c in clients.items()}
     handlers.update(endpoints or {})
     transport = InProcessTransport(handlers)
-    run_dir = RunDir.create(tmp, "run")
+    run_dir = run_dir or RunDir.create(tmp, "run")
     server = Server(
         recipe_, strategy=build_strategy(fed.algorithm, fed.options, fed.clients),
         transport=transport, clients=list(clients), global_state=view.initial(), run_dir=run_dir,
-        client_state=SimulatedClientStates(clients),
+        client_state=SimulatedClientStates(clients), evaluate_global=evaluate_global,
     )
     server._wall = lambda: 0.0
     return Federation(server, clients, model, slot, transport, run_dir)
