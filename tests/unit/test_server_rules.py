@@ -32,11 +32,13 @@ class Tampering:
     def __init__(self, inner, edit):
         self.inner, self.edit, self.traffic = inner, edit, inner.traffic
         self.seen: dict[int, list[Message]] = {}
+        self.timeouts: list[float | None] = []
 
     def send(self, message: Message) -> None:
         self.inner.send(message)
 
     def collect(self, round, expected, timeout=None):
+        self.timeouts.append(timeout)
         replies = self.inner.collect(round, expected, timeout)
         self.seen.setdefault(round, []).extend(replies)
         return self.edit(round, replies)
@@ -68,9 +70,12 @@ def test_min_replies_with_a_client_that_never_answers(tmp_path, min_replies, exp
     fed.round(1)
     assert state(fed) == pytest.approx(expected)
     assert fed.server.missing == 1 and fed.server.rejected == 0
-    assert [e["client"] for e in fed.events("no_update")] == ["client_2"]
+    (event,) = fed.events("no_update")
+    assert (event["round"], event["client"]) == (1, "client_2")
+    assert event["values"] == {"reason": "no valid update this round"}
     (summary,) = fed.events("round")
     assert summary["values"]["updates"] == 2 and summary["values"]["clients"] == 3
+    assert summary["values"]["lr"] == 1.0
 
 
 def test_min_replies_of_one_aggregates_a_lone_reply(tmp_path):
@@ -392,3 +397,71 @@ def test_a_malformed_evaluation_reply_is_ignored(tmp_path):
     assert fed.server.client_eval == {"client_0": {"loss": 0.25}}
     logged = [(e["client"], e["values"]) for e in fed.events("eval")]
     assert logged == [("client_0", {"scope": "client", "loss": 0.25})]
+
+
+def test_why_a_round_left_the_adapter_unchanged_is_logged(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="fedtune.server")
+    silent = {"client_1": lambda data: None, "client_2": lambda data: None}
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO, TWO_ZEROS], endpoints=silent,
+                transport={"min_replies": 2})
+    fed.round(1)
+    assert "1 valid update(s), fewer than transport.min_replies=2" in caplog.text
+    caplog.clear()
+    fed.transport.endpoints["client_0"] = lambda data: None
+    fed.round(2)
+    assert "no valid update arrived" in caplog.text
+    summary = fed.events("round")[-1]["values"]
+    assert summary["updates"] == 0 and summary["train_loss"] is None
+    caplog.clear()
+    names = ["client_0", "client_1", "client_2", "client_3"]
+    data = [THREE_ONES, ONE_ZERO, TWO_ZEROS, THREE_ONES]
+    krum = federation(recipe("krum", 4, tmp=tmp_path / "k", options={"byzantine": 1}),
+                      LogitModel([0.0, 0.0]), dict(zip(names, map(toks, data))), tmp=tmp_path / "k")
+    krum.round(1)
+    assert "4 valid update(s), fewer than the 5 that krum needs" in caplog.text
+    assert "min_replies" not in caplog.text
+
+
+def test_the_reporter_and_the_reply_timeout_see_each_round(tmp_path):
+    calls = []
+
+    class Recorder:
+        def round_begin(self, round_, rounds, n_clients):
+            calls.append(("begin", round_, rounds, n_clients))
+
+        def round_end(self, round_, summary):
+            calls.append(("end", round_, summary["updates"]))
+
+        def eval_result(self, round_, metrics):
+            calls.append(("eval", round_, metrics))
+
+        def status(self, text):
+            calls.append(("status", text))
+
+        def client_done(self, client):
+            pass
+
+        def close(self):
+            pass
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], edit=lambda r, replies: replies,
+                federation={"rounds": 2})
+    fed.server.reporter = Recorder()
+    fed.server.reply_timeout = 7.5
+    fed.server.evaluate_global = lambda state, generate: {"g": generate}
+    fed.server.run()
+    assert calls == [("begin", 1, 2, 2), ("end", 1, 2), ("begin", 2, 2, 2), ("end", 2, 2),
+                     ("status", "round 2: evaluating"), ("eval", 2, {"g": True})]
+    assert fed.server.transport.timeouts == [7.5, 7.5, 7.5]  # two rounds and the finish
+
+
+def test_a_round_under_secure_aggregation_gives_the_weighted_mean(tmp_path):
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO, TWO_ZEROS],
+                federation={"secure_aggregation": {"enabled": True}})
+    fed.round(1)
+    # Δ: client_0 (0.5, 0) ×3, client_1 (0, −0.5) ×1, client_2 (−0.5, 0) ×2 -> mean over 6 examples
+    assert state(fed) == pytest.approx([(1.5 - 1.0) / 6, -0.5 / 6], abs=1e-6)
+    (summary,) = fed.events("round")
+    assert summary["values"]["updates"] == 3 and summary["values"]["secagg"]["survivors"] == 3
