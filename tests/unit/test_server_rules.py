@@ -465,3 +465,47 @@ def test_a_round_under_secure_aggregation_gives_the_weighted_mean(tmp_path):
     assert state(fed) == pytest.approx([(1.5 - 1.0) / 6, -0.5 / 6], abs=1e-6)
     (summary,) = fed.events("round")
     assert summary["values"]["updates"] == 3 and summary["values"]["secagg"]["survivors"] == 3
+
+
+def test_restore_takes_every_figure_from_the_checkpoint(tmp_path):
+    from fedtune.track.rundir import Checkpoint
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO])
+    traffic = {"rounds": {"1": {"client_0": {"up": 10, "down": 20}}}}
+    info = {"traffic": traffic, "train_seconds": 2.0, "eval_seconds": 3.0, "wall_seconds": 1000.0,
+            "initial": {"loss": 9.0}, "rejected": 4, "missing": 5}
+    ci = {"client_0/scaffold/ci/w": torch.tensor([0.5, -0.5])}
+    start = fed.server.restore(Checkpoint(6, {"w": torch.tensor([1.0, 2.0])}, {}, info, client_state=ci))
+    s = fed.server
+    assert start == 7 and s.global_state["w"].tolist() == [1.0, 2.0]
+    assert (s.timings.train, s.timings.eval, s.timings.wall_before) == (2.0, 3.0, 1000.0)
+    assert s.initial == {"loss": 9.0} and (s.rejected, s.missing) == (4, 5)
+    assert s.transport.traffic.total("up") == 10 and s.transport.traffic.total("down") == 20
+    assert fed.clients["client_0"].state["scaffold/ci/w"].tolist() == [0.5, -0.5]
+    assert fed.clients["client_1"].state == {}
+
+    bare = build(tmp_path / "bare", [THREE_ONES, ONE_ZERO])
+    bare.server.client_state = None  # a deployed server holds no client state
+    bare.server.restore(Checkpoint(1, {"w": torch.zeros(2)}, {}, {"traffic": {"rounds": {}}},
+                                   client_state=ci))
+    t = bare.server
+    assert (t.timings.train, t.timings.eval, t.timings.wall_before) == (0.0, 0.0, 0.0)
+    assert (t.rejected, t.missing, t.initial) == (0, 0, None)
+    assert t.transport.traffic.total("up") == 0
+    assert bare.clients["client_0"].state == {}
+
+
+def test_wall_seconds_continue_from_the_earlier_sessions(tmp_path):
+    from fedtune.track.rundir import Checkpoint
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], federation={"rounds": 2})
+    fed.server.restore(Checkpoint(1, {"w": torch.zeros(2)}, {},
+                                  {"wall_seconds": 1000.0, "traffic": {"rounds": {}}}))
+    fed.server.run(2)
+    assert 1000.0 < fed.server.wall_seconds() < 1000.0 + 600
+    fresh = build(tmp_path / "fresh", [THREE_ONES, ONE_ZERO], federation={"rounds": 1})
+    fresh.server.run()
+    assert 0.0 < fresh.server.wall_seconds() < 600
+    ckpt = fresh.run_dir.latest_checkpoint()
+    assert ckpt.round == 1 and 0.0 < ckpt.info["wall_seconds"] < 600
+    assert ckpt.info["train_seconds"] == fresh.server.timings.train > 0
