@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -137,21 +138,19 @@ def _build_fedavgm(c: FedAvgMConfig, n_clients: int) -> ServerOptimizer:
 
 
 def _build_adaptive(
-    rule: Callable[..., tuple[State, State, State]]
-) -> Callable[[Any, int], ServerOptimizer]:
-    def build(c: Any, n_clients: int) -> ServerOptimizer:
-        hyper = c.model_dump(exclude={"server_lr", "weighting"})
+    rule: Callable[..., tuple[State, State, State]], c: Any, n_clients: int
+) -> ServerOptimizer:
+    """The strategy of an adaptive rule (bound with functools.partial when registered)."""
+    hyper = c.model_dump(exclude={"server_lr", "weighting"})
 
-        def step(g: State, d: State, s: dict[str, State]) -> tuple[State, dict[str, State]]:
-            new, m, v = rule(g, d, s["m"], s["v"], lr=c.server_lr, **hyper)
-            return new, {"m": m, "v": v}
+    def step(g: State, d: State, s: dict[str, State]) -> tuple[State, dict[str, State]]:
+        new, m, v = rule(g, d, s["m"], s["v"], lr=c.server_lr, **hyper)
+        return new, {"m": m, "v": v}
 
-        return ServerOptimizer(c, ("m", "v"), step)
-
-    return build
+    return ServerOptimizer(c, ("m", "v"), step)
 
 
 FEDAVGM = register("fedavgm", _build_fedavgm)
-FEDADAM = register("fedadam", _build_adaptive(fedadam_step))
-FEDYOGI = register("fedyogi", _build_adaptive(fedyogi_step))
-FEDADAGRAD = register("fedadagrad", _build_adaptive(fedadagrad_step))
+FEDADAM = register("fedadam", partial(_build_adaptive, fedadam_step))
+FEDYOGI = register("fedyogi", partial(_build_adaptive, fedyogi_step))
+FEDADAGRAD = register("fedadagrad", partial(_build_adaptive, fedadagrad_step))
