@@ -25,8 +25,10 @@ def test_every_algorithm_is_registered_once_and_listed_sorted():
     assert available_algorithms() == ALL
     spec = registry()["fedavg"]
     with pytest.raises(ValueError, match="'fedavg' is registered twice"):
-        register(spec)
-    assert registry()["fedavg"] is spec
+        register("fedavg", spec.build)
+    with pytest.raises(ValueError, match="'fedavg2' is not in fedtune.algorithms.catalog"):
+        register("fedavg2", spec.build)
+    assert registry()["fedavg"] is spec and "fedavg2" not in registry()
 
 
 def test_sum_only_is_set_for_exactly_the_algorithms_that_use_only_the_weighted_mean():
