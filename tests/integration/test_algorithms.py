@@ -109,11 +109,14 @@ def test_bitfit_full_and_lora_on_gpt2_through_a_round(tiny_recipe, tiny_gpt2_dir
         assert summary["adapter_parameters"] == n_bias
     elif method == "full":
         assert summary["adapter_parameters"] == n_all
-    else:  # peft's default LoRA targets for GPT-2: c_attn, r=8: 2 layers × (16·8 + 8·48)
-        assert summary["adapter_parameters"] == 2 * (16 * 8 + 8 * 48)
-    if method != "lora":  # a whole model directory, loadable as is
+    else:  # LoRA r=8 on every linear layer (the default): c_attn 16->48, attn c_proj 16->16,
+        # mlp c_fc 16->64 and c_proj 64->16, in each of 2 layers
+        assert summary["adapter_parameters"] == 2 * 8 * ((16 + 48) + (16 + 16) + (16 + 64) + (64 + 16))
+    if method == "full":  # a whole model directory, loadable as is
         final = AutoModelForCausalLM.from_pretrained(summary["final_adapter"])
         assert sum(p.numel() for p in final.parameters()) == n_all
+    if method == "bitfit":  # the biases only (tests/integration/test_adapter_methods.py)
+        assert (Path(summary["final_adapter"]) / "bitfit.safetensors").is_file()
 
 
 def test_bitfit_on_a_model_without_biases_is_a_clear_error(tiny_recipe):
