@@ -25,7 +25,9 @@ def test_every_algorithm_is_registered_once_and_listed_sorted():
     assert available_algorithms() == ALL
     spec = registry()["fedavg"]
     with pytest.raises(ValueError, match="'fedavg' is registered twice"):
-        register(spec)
+        register("fedavg", spec.build)
+    with pytest.raises(ValueError, match="'nope' is not in fedtune.algorithms.catalog"):
+        register("nope", spec.build)
     assert registry()["fedavg"] is spec
 
 

@@ -445,7 +445,7 @@ def test_fedkseed_pro_learns_candidate_probabilities(tmp_path):
 
 
 def test_offsite_round_is_fedavg_of_the_trained_layers(tmp_path):
-    from fedtune.algorithms.offsite import OffsiteConfig, check_recipe
+    from fedtune.algorithms.options import OffsiteConfig, check_offsite
 
     fed_state = build_strategy("offsite", {"weighting": "examples"}, 2)
     g = {"layer": torch.tensor([1.0, 1.0])}
@@ -454,7 +454,7 @@ def test_offsite_round_is_fedavg_of_the_trained_layers(tmp_path):
         ClientUpdate("b", {"layer": torch.tensor([0.0, 4.0])}, 1)])
     close(out["layer"], [1.75, 2.0])
     with pytest.raises(ValueError, match="adapter_bottom"):
-        check_recipe(OffsiteConfig(adapter_bottom=0, adapter_top=0), None)
+        check_offsite(OffsiteConfig(adapter_bottom=0, adapter_top=0), None)
 
 
 # -- codecs in the flow --------------------------------------------------------------------------------
