@@ -512,3 +512,29 @@ def test_wall_seconds_continue_from_the_earlier_sessions(tmp_path):
     ckpt = fresh.run_dir.latest_checkpoint()
     assert ckpt.round == 1 and 0.0 < ckpt.info["wall_seconds"] < 600
     assert ckpt.info["train_seconds"] == fresh.server.timings.train > 0
+
+
+# -- federation.weighting and the cap on claimed example counts -----------------------------------------
+
+
+@pytest.mark.parametrize("algorithm,options", [("fedavg", {}), ("fedavgm", {"momentum": 0.0}),
+                                               ("fedprox", {"mu": 0.0})])
+def test_federation_weighting_uniform_counts_each_client_once(tmp_path, algorithm, options):
+    names = ["client_0", "client_1"]
+    r = recipe(algorithm, 2, tmp=tmp_path, options=options, federation={"weighting": "uniform"})
+    fed = federation(r, LogitModel([0.0, 0.0]), dict(zip(names, map(toks, [THREE_ONES, ONE_ZERO]))),
+                     tmp=tmp_path)
+    fed.round(1)
+    assert state(fed) == pytest.approx([0.25, -0.25])  # not (0.375, −0.125)
+
+
+def test_a_claim_above_the_cap_is_rejected(tmp_path):
+    def edit(round_, replies):
+        return [dataclasses.replace(m, meta={**m.meta, "n_examples": 1000})
+                if m.sender == "client_0" else m for m in replies]
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], edit=edit,
+                federation={"max_examples_per_client": 999})
+    fed.round(1)
+    assert fed.server.rejected == 1
+    assert state(fed) == pytest.approx([0.0, -0.5])  # client_1 alone
