@@ -292,7 +292,8 @@ def _recording(fed):
     seen = {name: [] for name in fed.clients}
     for name, client in fed.clients.items():
         def endpoint(data, name=name, client=client):
-            seen[name].append((decode(data).kind.value, decode(data).round))
+            msg = decode(data)
+            seen[name].append((msg.kind.value, msg.round, msg.meta.get("generate")))
             return client.handle_bytes(data)
         fed.transport.endpoints[name] = endpoint
     return seen
@@ -334,9 +335,13 @@ def test_a_whole_run_evaluates_on_schedule_and_finishes_every_client(tmp_path):
     assert result.rounds == 3 and result.initial == {"w0": 0.0, "w1": 0.0}
     assert result.final == pytest.approx({"w0": x[0], "w1": x[1]})
     assert calls == [True, True, True]  # at start, round 2 (every 2), the end
-    kinds = [k for k, _ in seen["client_0"]]
+    kinds = [k for k, _, _ in seen["client_0"]]
     assert kinds == ["evaluate", "fit", "fit", "evaluate", "fit", "evaluate", "finish"]
-    assert seen["client_1"][-1] == ("finish", 3)
+    # clients generate answers only in the final evaluation
+    assert [(r, g) for k, r, g in seen["client_0"] if k == "evaluate"] == [
+        (0, False), (2, False), (3, True)]
+    assert seen["client_1"][-1] == ("finish", 3, None)
+    assert result.strategy_metrics == {} and result.clients == {}
     evaluate_meta = [e for e in fed.events("eval") if e["client"] is None]
     assert [e["round"] for e in evaluate_meta] == [0, 2, 3]
     ckpts = sorted(p.name for p in (fed.run_dir.path / "checkpoints").glob("round_*"))
@@ -512,6 +517,7 @@ def test_wall_seconds_continue_from_the_earlier_sessions(tmp_path):
     ckpt = fresh.run_dir.latest_checkpoint()
     assert ckpt.round == 1 and 0.0 < ckpt.info["wall_seconds"] < 600
     assert ckpt.info["train_seconds"] == fresh.server.timings.train > 0
+    assert ckpt.info["eval_seconds"] == fresh.server.timings.eval
 
 
 # -- federation.weighting and the cap on claimed example counts -----------------------------------------
