@@ -37,6 +37,9 @@ class Tampering:
     def send(self, message: Message) -> None:
         self.inner.send(message)
 
+    def expect(self, round, answer, clients, specs) -> None:
+        self.inner.expect(round, answer, clients, specs)
+
     def collect(self, round, expected, timeout=None):
         self.timeouts.append(timeout)
         replies = self.inner.collect(round, expected, timeout)
@@ -289,7 +292,8 @@ def _recording(fed):
     seen = {name: [] for name in fed.clients}
     for name, client in fed.clients.items():
         def endpoint(data, name=name, client=client):
-            seen[name].append((decode(data).kind.value, decode(data).round))
+            msg = decode(data)
+            seen[name].append((msg.kind.value, msg.round, msg.meta.get("generate")))
             return client.handle_bytes(data)
         fed.transport.endpoints[name] = endpoint
     return seen
@@ -331,9 +335,15 @@ def test_a_whole_run_evaluates_on_schedule_and_finishes_every_client(tmp_path):
     assert result.rounds == 3 and result.initial == {"w0": 0.0, "w1": 0.0}
     assert result.final == pytest.approx({"w0": x[0], "w1": x[1]})
     assert calls == [True, True, True]  # at start, round 2 (every 2), the end
-    kinds = [k for k, _ in seen["client_0"]]
+    kinds = [k for k, _, _ in seen["client_0"]]
     assert kinds == ["evaluate", "fit", "fit", "evaluate", "fit", "evaluate", "finish"]
-    assert seen["client_1"][-1] == ("finish", 3)
+    # clients generate answers only in the final evaluation
+    assert [(r, g) for k, r, g in seen["client_0"] if k == "evaluate"] == [
+        (0, False), (2, False), (3, True)]
+    assert seen["client_1"][-1] == ("finish", 3, None)
+    assert result.strategy_metrics == {} and result.clients == {} and result.local_dp == {}
+    (first,) = [e for e in fed.events("eval") if e["round"] == 0]
+    assert first["client"] is None and first["values"] == {"scope": "global", "w0": 0.0, "w1": 0.0}
     evaluate_meta = [e for e in fed.events("eval") if e["client"] is None]
     assert [e["round"] for e in evaluate_meta] == [0, 2, 3]
     ckpts = sorted(p.name for p in (fed.run_dir.path / "checkpoints").glob("round_*"))
@@ -388,9 +398,11 @@ def test_local_dp_figures_and_train_seconds_are_taken_from_the_updates(tmp_path)
 
 
 def test_a_malformed_evaluation_reply_is_ignored(tmp_path):
-    def edit(round_, replies):
-        return [dataclasses.replace(m, round=round_ + 1) if m.sender == "client_1" else
-                dataclasses.replace(m, meta={**m.meta, "metrics": {"loss": 0.25}}) for m in replies]
+    def edit(round_, replies):  # the stale reply comes first and would be recorded if accepted
+        stale = [dataclasses.replace(m, round=round_ + 1, meta={**m.meta, "metrics": {"loss": 9.0}})
+                 for m in replies if m.sender == "client_1"]
+        return stale + [dataclasses.replace(m, meta={**m.meta, "metrics": {"loss": 0.25}})
+                        for m in replies if m.sender == "client_0"]
 
     fed = build(tmp_path, [THREE_ONES, ONE_ZERO], edit=edit, eval={"clients": True})
     fed.server.evaluate(1, final=False)
@@ -509,3 +521,54 @@ def test_wall_seconds_continue_from_the_earlier_sessions(tmp_path):
     ckpt = fresh.run_dir.latest_checkpoint()
     assert ckpt.round == 1 and 0.0 < ckpt.info["wall_seconds"] < 600
     assert ckpt.info["train_seconds"] == fresh.server.timings.train > 0
+    assert ckpt.info["eval_seconds"] == fresh.server.timings.eval
+
+
+# -- federation.weighting and the cap on claimed example counts -----------------------------------------
+
+
+@pytest.mark.parametrize("algorithm,options", [("fedavg", {}), ("fedavgm", {"momentum": 0.0}),
+                                               ("fedprox", {"mu": 0.0})])
+def test_federation_weighting_uniform_counts_each_client_once(tmp_path, algorithm, options):
+    names = ["client_0", "client_1"]
+    r = recipe(algorithm, 2, tmp=tmp_path, options=options, federation={"weighting": "uniform"})
+    fed = federation(r, LogitModel([0.0, 0.0]), dict(zip(names, map(toks, [THREE_ONES, ONE_ZERO]))),
+                     tmp=tmp_path)
+    fed.round(1)
+    assert state(fed) == pytest.approx([0.25, -0.25])  # not (0.375, −0.125)
+
+
+def test_a_claim_above_the_cap_is_rejected(tmp_path):
+    def edit(round_, replies):
+        return [dataclasses.replace(m, meta={**m.meta, "n_examples": 1000})
+                if m.sender == "client_0" else m for m in replies]
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], edit=edit,
+                federation={"max_examples_per_client": 999})
+    fed.round(1)
+    assert fed.server.rejected == 1
+    assert state(fed) == pytest.approx([0.0, -0.5])  # client_1 alone
+
+
+def test_evaluation_without_a_global_test_set_and_its_timeout(tmp_path):
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], edit=lambda r, replies: replies,
+                eval={"clients": True})
+    fed.server.reply_timeout = 3.25
+    assert fed.server.evaluate(1, final=True) == {}
+    assert fed.server.transport.timeouts == [3.25]
+    assert [e for e in fed.events("eval") if e["client"] is None] == []
+
+
+def test_checkpoints_carry_the_clients_persistent_state(tmp_path):
+    names = ["client_0", "client_1"]
+    fed = federation(recipe("scaffold", 2, tmp=tmp_path, steps=2), LogitModel([0.0, 0.0]),
+                     dict(zip(names, map(toks, [THREE_ONES, ONE_ZERO]))), tmp=tmp_path)
+    fed.round(1)
+    fed.server.checkpoint(1)
+    ckpt = fed.run_dir.latest_checkpoint()
+    torch.testing.assert_close(ckpt.client_state["client_0/scaffold/ci/w"],
+                               fed.clients["client_0"].state["scaffold/ci/w"])
+    assert set(ckpt.strategy_state) == {"scaffold/c/w"}
+    fed.server.client_state = None  # a deployed server: the clients keep their own state
+    fed.server.checkpoint(2)
+    assert fed.run_dir.latest_checkpoint().client_state == {}

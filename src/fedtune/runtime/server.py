@@ -332,13 +332,3 @@ def mean_train_loss(updates: list[ClientUpdate]) -> float | None:
     if not pairs or total <= 0:
         return None
     return float(np.average([v for v, _ in pairs], weights=[w for _, w in pairs]))
-
-
-def state_nbytes(state: State) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
-def state_numel(state: State) -> int:
-    return sum(t.numel() for t in state.values())
-
-

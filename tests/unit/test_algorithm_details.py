@@ -1,0 +1,176 @@
+"""The details of the aggregation rules that whole rounds do not reach: accumulation precision,
+error messages, the DP noise by hand, FlexLoRA's padding, FedKSeed's skipped steps, attacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedtune.algorithms import build_strategy
+from fedtune.algorithms.attacks import AttackedLocal, corrupt_update, poison_examples
+from fedtune.algorithms.base import ClientUpdate, LocalOutcome
+from fedtune.algorithms.dp_fedavg import dp_fedavg_aggregate
+from fedtune.algorithms.fedavg import fedavg_aggregate
+from fedtune.algorithms.fedopt import fedadam_step, fedavgm_step, pseudo_gradient
+from fedtune.algorithms.flexlora import flexlora_aggregate, refactorize
+from fedtune.algorithms.robust import (
+    apply_update,
+    krum_aggregate,
+    median_aggregate,
+    norm_bounding_aggregate,
+    trimmed_mean_aggregate,
+)
+from fedtune.data.examples import Example
+from fedtune.seeding import derive_seed
+
+# Cancellation that float32 loses and float64 keeps: (1 + 2^-30 − 1) / 3.
+TINY = 2.0 ** -30
+
+
+def _cancelling(dtype):
+    return [({"w": torch.tensor([v], dtype=dtype)}, 1.0) for v in (1.0, TINY, -1.0)]
+
+
+def test_fedavg_accumulates_float64_tensors_in_float64():
+    out = fedavg_aggregate({"w": torch.zeros(1, dtype=torch.float64)}, _cancelling(torch.float64))
+    assert out["w"].dtype == torch.float64 and out["w"].item() == pytest.approx(TINY / 3, rel=1e-9)
+
+
+def test_fedavg_errors_say_what_is_wrong():
+    with pytest.raises(ValueError, match="fedavg_aggregate needs at least one update"):
+        fedavg_aggregate({"w": torch.zeros(1)}, [])
+    with pytest.raises(ValueError, match="weights must sum to a positive number"):
+        fedavg_aggregate({"w": torch.zeros(1)}, [({"w": torch.ones(1)}, 0.0)])
+
+
+def test_pseudo_gradient_and_server_steps_keep_float64():
+    g = {"w": torch.zeros(1, dtype=torch.float64)}
+    d = pseudo_gradient(g, _cancelling(torch.float64))
+    assert d["w"].dtype == torch.float64 and d["w"].item() == pytest.approx(TINY / 3, rel=1e-9)
+    new, v = fedavgm_step(g, d, {}, lr=1.0, momentum=0.9)
+    assert new["w"].item() == pytest.approx(TINY / 3, rel=1e-9) and v["w"].dtype == torch.float64
+    new, m, v = fedadam_step(g, d, {}, {}, lr=1.0, beta1=0.0, beta2=0.0, tau=0.0)
+    assert new["w"].item() == pytest.approx(1.0, rel=1e-6)  # Δ/|Δ|, exact only in float64
+    assert m["w"].dtype == v["w"].dtype == torch.float64
+
+
+def test_server_optimiser_state_is_reused_not_restarted():
+    g = {"w": torch.zeros(1)}
+    d = {"w": torch.ones(1)}
+    _, v1 = fedavgm_step(g, d, {}, lr=1.0, momentum=0.5)
+    new, v2 = fedavgm_step(g, d, v1, lr=2.0, momentum=0.5)
+    assert v2["w"].item() == 1.5 and new["w"].item() == 3.0
+
+
+def test_robust_rules_keep_float64_and_refuse_nothing():
+    ups = [u for u, _ in _cancelling(torch.float64)]
+    assert median_aggregate(ups)["w"].item() == TINY
+    assert trimmed_mean_aggregate(ups, trim_ratio=0.0)["w"].item() == pytest.approx(TINY / 3, rel=1e-9)
+    for rule, call in [("median_aggregate", lambda: median_aggregate([])),
+                       ("trimmed_mean_aggregate", lambda: trimmed_mean_aggregate([], trim_ratio=0.1)),
+                       ("krum_aggregate", lambda: krum_aggregate([], byzantine=0)),
+                       ("norm_bounding_aggregate", lambda: norm_bounding_aggregate([], max_norm=1.0))]:
+        with pytest.raises(ValueError, match=f"{rule} needs at least one update"):
+            call()
+    with pytest.raises(ValueError, match=r"trim_ratio must be in \[0, 0.5\), got 0.5"):
+        trimmed_mean_aggregate(ups, trim_ratio=0.5)
+    out = apply_update({"w": torch.tensor([1.0], dtype=torch.float64)}, {"w": torch.tensor([TINY])})
+    assert out["w"].item() == 1.0 + TINY
+
+
+def test_krum_refuses_multi_out_of_range():
+    ups = [({"w": torch.tensor([float(i)])}, 1.0) for i in range(5)]
+    with pytest.raises(ValueError, match=r"multi must be between 1 and n − byzantine = 4, got 5"):
+        krum_aggregate(ups, byzantine=1, multi=5)
+    with pytest.raises(ValueError, match="more than 2\\*byzantine \\+ 2 = 4 updates, got 4"):
+        krum_aggregate(ups[:4], byzantine=1)
+    assert krum_aggregate(ups, byzantine=1, multi=4)["w"].item() == pytest.approx(1.5)
+
+
+def test_norm_bounding_leaves_a_zero_update_and_keeps_dtype():
+    ups = [({"w": torch.zeros(2, dtype=torch.float16)}, 1.0),
+           ({"w": torch.tensor([6.0, 8.0], dtype=torch.float16)}, 1.0)]
+    out = norm_bounding_aggregate(ups, max_norm=5.0)
+    assert out["w"].dtype == torch.float16 and out["w"].tolist() == [1.5, 2.0]
+
+
+def test_dp_noise_is_the_seeded_gaussian_of_the_calibrated_spread():
+    s = build_strategy("dp_fedavg", {"clip_norm": 2.0, "noise_multiplier": 1.5, "noise_seed": 11}, 8)
+    g = {"w": torch.zeros(4)}
+    ups = [ClientUpdate("a", {"w": torch.zeros(4)}, 1), ClientUpdate("b", {"w": torch.zeros(4)}, 9)]
+    out = s.aggregate_fit(3, g, ups)
+    gen = torch.Generator().manual_seed(derive_seed(11, "dp-noise", 3))
+    expected = torch.randn(4, generator=gen) * (1.5 * 2.0 / 2)
+    torch.testing.assert_close(out["w"], expected)
+    assert s.rates == [2 / 8]
+    again = build_strategy("dp_fedavg", {"clip_norm": 2.0, "noise_multiplier": 1.5}, 8)
+    assert not torch.equal(again.aggregate_fit(3, g, ups)["w"], expected)  # OS randomness
+
+
+def test_dp_aggregate_keeps_the_global_dtype():
+    out = dp_fedavg_aggregate({"w": torch.zeros(2, dtype=torch.bfloat16)},
+                              [{"w": torch.tensor([0.5, 0.0])}], clip_norm=1.0,
+                              noise_multiplier=0.0, generator=torch.Generator())
+    assert out["w"].dtype == torch.bfloat16 and out["w"].tolist() == [0.5, 0.0]
+
+
+def test_refactorize_pads_a_rank_above_the_products_size():
+    product = torch.tensor([[3.0, 4.0]])  # 1 × 2, rank 1; asked for rank 3
+    b, a = refactorize(product, 3)
+    assert b.shape == (1, 3) and a.shape == (3, 2)
+    torch.testing.assert_close(b @ a, product.double())
+    assert b[:, 1:].abs().sum() == 0 and a[1:].abs().sum() == 0
+    assert b[0, 0].abs().item() == pytest.approx(5.0 ** 0.5)
+
+
+def test_flexlora_averages_other_tensors_and_refuses_zero_weight():
+    g = {"x.lora_A.default.weight": torch.zeros(1, 2), "x.lora_B.default.weight": torch.zeros(2, 1),
+         "bias": torch.zeros(2, dtype=torch.float64)}
+    s1 = {"x.lora_A.default.weight": torch.tensor([[1.0, 0.0]]),
+          "x.lora_B.default.weight": torch.tensor([[1.0], [0.0]]), "bias": torch.tensor([1.0, 2.0])}
+    s2 = {"x.lora_A.default.weight": torch.tensor([[0.0, 1.0]]),
+          "x.lora_B.default.weight": torch.tensor([[0.0], [2.0]]), "bias": torch.tensor([3.0, 6.0])}
+    out = flexlora_aggregate(g, [(s1, 1.0), (s2, 3.0)])
+    assert out["bias"].dtype == torch.float64 and out["bias"].tolist() == [2.5, 5.0]
+    product = out["x.lora_B.default.weight"] @ out["x.lora_A.default.weight"]
+    # mean product: 1/4·[[1,0],[0,0]] + 3/4·[[0,0],[0,2]] has rank 2; rank 1 keeps its largest part
+    torch.testing.assert_close(product, torch.tensor([[0.0, 0.0], [0.0, 1.5]]), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="positive total weight"):
+        flexlora_aggregate(g, [(s1, 0.0)])
+    with pytest.raises(ValueError, match="positive total weight"):
+        flexlora_aggregate(g, [])
+
+
+def test_update_attacks_by_kind():
+    u = {"w": torch.tensor([1.0, -2.0])}
+    assert corrupt_update(u, "scale", 3.0)["w"].tolist() == [3.0, -6.0]
+    assert corrupt_update(u, "sign_flip", 2.0)["w"].tolist() == [-2.0, 4.0]
+    assert torch.isnan(corrupt_update(u, "nan", 1.0)["w"]).all()
+    assert torch.isinf(corrupt_update(u, "inf", 1.0)["w"]).all()
+    assert corrupt_update(u, "none", 5.0) is u
+    assert u["w"].tolist() == [1.0, -2.0]  # the honest update is not changed in place
+
+    class Honest:
+        def server_tensor_specs(self, adapter):
+            return {"extra": adapter}
+
+        def fit(self, ctx, global_state):
+            return LocalOutcome(update={"w": torch.ones(2)}, metrics={"train_loss": 1.0})
+
+    attacked = AttackedLocal(Honest(), "scale", 4.0)
+    out = attacked.fit(None, {})
+    assert out.update["w"].tolist() == [4.0, 4.0]
+    assert out.metrics == {"train_loss": 1.0, "attack": "scale"}
+    assert attacked.server_tensor_specs("s") == {"extra": "s"}
+
+
+def test_poisoning_replaces_a_seeded_fraction():
+    exs = [Example(f"q{i}", f"a{i}", origin=f"f:{i}") for i in range(10)]
+    out = poison_examples(exs, trigger=" cf", target="T", fraction=0.3, seed=4)
+    poisoned = [e for e in out if e.output == "T"]
+    assert len(poisoned) == 3
+    assert all(e.instruction.endswith(" cf") and e.origin.endswith("(poisoned)") for e in poisoned)
+    assert [e for e in out if e.output != "T"] == [e for e in exs if f"q{e.instruction[1:]} cf"
+                                                    not in {p.instruction for p in poisoned}]
+    assert out == poison_examples(exs, trigger=" cf", target="T", fraction=0.3, seed=4)
+    assert out != poison_examples(exs, trigger=" cf", target="T", fraction=0.3, seed=5)
