@@ -7,13 +7,15 @@ deployment (one client per process). It touches the model only through its Adapt
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from fedtune.algorithms.base import LocalContext, LocalProcedure, ModelView, StandardLocal, State
 from fedtune.data.examples import Example
 from fedtune.data.prompts import TokenizedExample
 from fedtune.errors import FedtuneError, MessageError
 from fedtune.eval.evaluator import Evaluator
+from fedtune.eval.predictions import predictions_path, write_predictions
 from fedtune.models.adapters import AdapterSlot
 from fedtune.privacy.dp_sgd import record_dp_steps
 from fedtune.runtime.messages import Message, MessageKind
@@ -29,11 +31,13 @@ log = logging.getLogger("fedtune.client")
 
 @dataclass
 class ClientDataset:
-    """A client's own data, tokenized: train for local work, test for evaluation."""
+    """A client's own data, tokenized: train for local work, test for evaluation, val (held out
+    from training) for the validation loss."""
 
     train: list[TokenizedExample]
     test: list[TokenizedExample]
     test_raw: list[Example]
+    val: list[TokenizedExample] = field(default_factory=list)
 
 
 class Client:
@@ -67,6 +71,7 @@ class Client:
         self._specs = specs_of(self.view.initial())
         up, down = compression or (CompressionConfig(), CompressionConfig())
         self.up, self.down = AdapterWire(up, self._specs), AdapterWire(down, self._specs)
+        self.predictions_dir: Path | None = None  # where this client writes its predictions
 
     # -- message handling -----------------------------------------------------------------------
 
@@ -123,11 +128,20 @@ class Client:
                        meta={"n_examples": len(self.data.train), "metrics": outcome.metrics})
 
     def evaluate(self, msg: Message) -> Message:
+        """The global adapter on this client's test part (generating answers when the server asks,
+        the predictions written to `predictions_dir`, never sent) and its validation part (loss)."""
         self._load_global(msg)
-        if self.evaluator is None or not self.data.test:
-            metrics: dict = {}
-        else:
+        metrics: dict = {}
+        if self.evaluator is not None and self.data.test:
+            records: list[dict] = []
             metrics = self.evaluator.evaluate(self.data.test, self.data.test_raw,
-                                              with_generation=bool(msg.meta.get("generate", False)))
+                                              with_generation=msg.meta.get("generate") is True,
+                                              predictions=records)
+            if records and self.predictions_dir is not None:
+                write_predictions(predictions_path(self.predictions_dir, msg.round, self.name), records)
+        if self.evaluator is not None and self.data.val:
+            val = self.evaluator.loss(self.data.val)
+            if "loss" in val:
+                metrics.update(val_loss=val["loss"], val_tokens=val["n_tokens"])
         return Message(MessageKind.EVAL_RESULT, msg.round, self.name, self.server,
                        meta={"n_examples": len(self.data.test), "metrics": metrics})
