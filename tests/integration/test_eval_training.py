@@ -56,13 +56,11 @@ def test_metrics_predictions_validation_and_best_adapter(tiny_recipe, tmp_path):
                    and e["values"]["scope"] == "client"]
         expected = (sum(c["val_loss"] * c["val_tokens"] for c in clients)
                     / sum(c["val_tokens"] for c in clients))
-        pooled = next(e["values"] for e in events if e["round"] == round_ and e["kind"] == "eval"
-                      and e["values"]["scope"] == "validation")
+        pooled = next(e["values"] for e in events if e["round"] == round_ and e["kind"] == "validation")
         assert pooled["val_loss"] == pytest.approx(expected)
         if round_ == 3:
             assert summary["final"]["val_loss"] == pytest.approx(expected)
-    by_round = {e["round"]: e["values"]["val_loss"] for e in events
-                if e["kind"] == "eval" and e["values"]["scope"] == "validation"}
+    by_round = {e["round"]: e["values"]["val_loss"] for e in events if e["kind"] == "validation"}
     best_round = min(by_round, key=lambda r: (by_round[r], r))
     assert summary["best"]["round"] == best_round
     assert summary["best"]["value"] == pytest.approx(by_round[best_round])

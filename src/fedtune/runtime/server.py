@@ -291,7 +291,7 @@ class Server:
                         "number >= 0, val_tokens a positive integer)", round_, client)
             self.run_dir.log(round_, client, "rejected", {"reason": "bad validation figures"})
         if pooled:
-            self.run_dir.log(round_, None, "eval", {"scope": "validation", **pooled})
+            self.run_dir.log(round_, None, "validation", pooled)
         return pooled
 
     # -- checkpoints and the end ----------------------------------------------------------------

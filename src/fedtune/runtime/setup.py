@@ -218,7 +218,8 @@ class Setup:
         shown = self.recipe.eval.show_predictions
         if shown and self.last_predictions is not None:
             self.console.print(predictions_table(read_predictions(self.last_predictions, shown),
-                                                 title=f"first {shown} of {self.last_predictions}"))
+                                                 title=f"first {shown} answers in predictions/"
+                                                       f"{self.last_predictions.name}"))
         self.console.print(f"run directory: {run_dir.path}")
         return summary
 
