@@ -131,3 +131,10 @@ def test_empty_test_set_shows_no_loss_and_dp_epsilon_is_on_the_console():
     assert "0.0000" not in text and "1.00" not in text
     assert "ε = 3.50" in text and "δ = 1e-05" in text
     assert "base + random virtual tokens" in text
+
+
+def test_closing_table_shows_a_dash_for_what_is_not_a_finite_number():
+    text = _text(closing_table(_summary(
+        final={"loss": float("nan"), "perplexity": 10**400, "gsm8k": "0.5", "n_examples": 4})))
+    row = next(line for line in text.splitlines() if "federated" in line)
+    assert row.count("-") >= 3 and "nan" not in row.lower()

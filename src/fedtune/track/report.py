@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,15 @@ def human_bytes(n: float) -> str:
 
 
 def _cell(key: str, value: Any) -> str:
+    """One figure of the closing table; "-" for anything but a finite number (values may come
+    from peers)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "-"
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float range
+        return "-"
+    if not math.isfinite(value):
         return "-"
     if key in ("loss", "val_loss"):
         return f"{value:.4f}"
