@@ -159,3 +159,21 @@ def test_a_client_generates_when_asked(tiny_recipe, tmp_path):
     quiet = client.handle(dataclasses.replace(ask, round=8, meta={"generate": False}))
     assert "exact_match" not in quiet.meta["metrics"]
     assert not (tmp_path / "party" / "round_0008_client_0.jsonl").exists()
+
+
+def test_multiple_choice_during_training_agrees_with_fedtune_eval(tiny_recipe, tmp_path):
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps(item) + "\n" for item in [
+        {"question": "2+2?", "choices": ["3", "4", "5", "6"], "answer": "B"},
+        {"question": "Capital letters of ab?", "choices": ["AB", "ab", "Ab", "aB"], "answer": "A"},
+        {"question": "Largest of 1 9 4?", "choices": ["1", "4", "9", "0"], "answer": "C"}]))
+    summary = fedtune.run(tiny_recipe(federation__rounds=1, eval__clients=False,
+                                      eval__metrics=["mc_accuracy"], eval__mc=str(mc)))
+    run_dir = Path(summary["final_adapter"]).parent
+    assert summary["final"]["mc_accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    assert "mc_accuracy" in summary["initial"]
+    assert not (run_dir / "predictions").exists()  # no generation metric: nothing generated
+    # `fedtune eval` takes eval.mc from the run's recipe and scores the same items the same way
+    after = evaluate_adapter(summary["final_adapter"])
+    assert after["mc_accuracy"] == pytest.approx(summary["final"]["mc_accuracy"])
+    assert after["n_items"] == 3 and "exact_match" not in after
