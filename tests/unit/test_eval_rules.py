@@ -131,6 +131,8 @@ def test_empty_test_set_shows_no_loss_and_dp_epsilon_is_on_the_console():
     assert "0.0000" not in text and "1.00" not in text
     assert "ε = 3.50" in text and "δ = 1e-05" in text
     assert "base + random virtual tokens" in text
+    local = _text(closing_table(_summary(dp_sgd={"max_epsilon": 8.0, "delta": 1e-5, "clients": {}})))
+    assert "DP-SGD (clients): ε ≤ 8.00, δ = 1e-05" in local
 
 
 def test_closing_table_shows_a_dash_for_what_is_not_a_finite_number():

@@ -130,7 +130,9 @@ def evaluate_adapter(adapter: str | Path, recipe: str | None = None, overrides: 
     d = loaded.data
     evaluator = Evaluator(model, tokenizer, loaded.eval, template=d.template,
                           max_length=d.max_length, device=device)
-    shown = (data or "recipe test set") if test_set else ("HumanEval" if humaneval else "-")
+    standalone = recipe is None and not (adapter.parent / "recipe.yaml").is_file()
+    test_name = "the default recipe's test set (synthetic; give --data)" if standalone else "recipe test set"
+    shown = (data or test_name) if test_set else ("HumanEval" if humaneval else "-")
     result: dict[str, Any] = {"adapter": str(adapter), "data": shown}
     if test_set:
         where = Path(predictions_path) if predictions_path else (
