@@ -183,7 +183,11 @@ def _test_set_metrics(evaluator: Evaluator, loaded: Recipe, data: str | None, me
     if records:
         from fedtune.eval.humaneval_run import free_path
 
-        result["predictions_file"] = str(write_predictions(free_path(predictions), records))
+        try:
+            result["predictions_file"] = str(write_predictions(free_path(predictions), records))
+        except OSError as exc:
+            raise EvalError(f"cannot write the predictions to {predictions}: {exc}; "
+                            "give --output FILE to write them beside it") from None
     return result
 
 

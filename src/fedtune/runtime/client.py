@@ -138,7 +138,11 @@ class Client:
                                               with_generation=msg.meta.get("generate") is True,
                                               predictions=records)
             if records and self.predictions_dir is not None:
-                write_predictions(predictions_path(self.predictions_dir, msg.round, self.name), records)
+                path = predictions_path(self.predictions_dir, msg.round, self.name)
+                try:
+                    write_predictions(path, records)
+                except OSError as exc:  # the figures still go to the server
+                    log.warning("%s: could not write its predictions to %s: %s", self.name, path, exc)
         if self.evaluator is not None and self.data.val:
             val = self.evaluator.loss(self.data.val)
             if "loss" in val:
