@@ -137,6 +137,12 @@ def test_early_stopping_without_a_test_set(tiny_recipe):
     # No test set: no loss or perplexity is reported (not 0.0 / 1.0), but a validation loss is.
     assert "loss" not in summary["final"] and "perplexity" not in summary["final"]
     assert summary["final"]["n_examples"] == 0 and summary["final"]["val_loss"] > 0
+    # Interrupted after its last checkpoint (no summary yet), it resumes as stopped: no more rounds.
+    (run_dir / "summary.json").unlink()
+    resumed = fedtune.run(resume=run_dir)
+    assert resumed["rounds"] == 2 and resumed["final"] == summary["final"]
+    assert resumed["early_stopping"] == summary["early_stopping"]
+    assert sorted(e["round"] for e in _events(run_dir) if e["kind"] == "round") == [1, 2]
 
 
 def test_a_client_generates_when_asked(tiny_recipe, tmp_path):
@@ -177,3 +183,15 @@ def test_multiple_choice_during_training_agrees_with_fedtune_eval(tiny_recipe, t
     after = evaluate_adapter(summary["final_adapter"])
     assert after["mc_accuracy"] == pytest.approx(summary["final"]["mc_accuracy"])
     assert after["n_items"] == 3 and "exact_match" not in after
+
+
+def test_an_early_stopped_run_ends_with_the_clients_answers(tiny_recipe):
+    summary = fedtune.run(tiny_recipe(
+        federation__rounds=4, data__val_fraction=0.2,
+        eval={"every": 1, "max_new_tokens": 2, "early_stopping": {"patience": 1, "min_delta": 100.0}}))
+    run_dir = Path(summary["final_adapter"]).parent
+    assert summary["rounds"] == 1 and summary["stopped_early"] is True
+    for client, figures in summary["per_client"].items():
+        assert "exact_match" in figures, client
+        assert (run_dir / "predictions" / f"round_0001_{client}.jsonl").is_file()
+    assert not list((run_dir / "predictions").glob("round_0000_client_*"))  # round 0 could not stop

@@ -68,6 +68,20 @@ def test_early_stopping_counts_evaluations_without_improvement():
     assert sel.stopped_at == 5 and sel.stop_round == 3 and sel.stop_best == 0.3
 
 
+def test_may_stop_says_when_an_evaluation_may_be_the_last():
+    sel = Selection(early=EarlyStoppingSection(patience=2, metric="loss"))
+    assert not sel.may_stop()
+    sel.observe(0, {"loss": 1.0}, _state(0))
+    assert not sel.may_stop()  # one evaluation without gain leaves one more to go
+    sel.observe(1, {"loss": 1.5}, _state(1))
+    assert sel.may_stop()  # the next one stops unless it improves
+    assert not Selection(keep_best="loss").may_stop()
+    one = Selection(early=EarlyStoppingSection(patience=1, metric="loss"))
+    assert not one.may_stop()  # nothing to improve on yet
+    one.observe(0, {"loss": 1.0}, _state(0))
+    assert one.may_stop()
+
+
 def test_selection_state_round_trips_for_resume():
     sel = Selection(keep_best="loss", early=EarlyStoppingSection(patience=3, metric="loss"))
     sel.observe(0, {"loss": 2.0}, _state(7.0))

@@ -92,6 +92,12 @@ class Selection:
             return True
         return False
 
+    def may_stop(self) -> bool:
+        """Whether the next evaluation stops training unless it improves (so it may be the last)."""
+        if self.early is None or self.stop_best is None:  # the first evaluation always improves
+            return False
+        return self.stale + 1 >= self.early.patience
+
     def state(self) -> dict[str, Any]:
         """For the checkpoint (JSON); the best adapter's tensors travel separately."""
         return {"best_round": self.best_round, "best_value": self.best_value,

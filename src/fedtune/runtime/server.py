@@ -265,7 +265,7 @@ class Server:
             tensors = self.down.pack(self.global_state)
             for client in self.clients:
                 self.transport.send(Message(MessageKind.EVALUATE, round_, SERVER, client,
-                                            tensors=tensors, meta={"generate": final}))
+                                            tensors=tensors, meta={"generate": final or self.selection.may_stop()}))
             for msg in self.transport.collect(round_, self.clients, timeout=self.reply_timeout):
                 try:
                     check_message(msg, kinds={MessageKind.EVAL_RESULT}, round=round_)
