@@ -70,6 +70,7 @@ def load_adapted_model(adapter: Path, recipe: Recipe):
     """The base model of the recipe with the adapter applied (or a whole saved model)."""
     from peft import PeftModel
 
+    from fedtune.models.adapters import apply_bitfit, is_bitfit_dir
     from fedtune.models.loading import load_base_model
 
     if not adapter.exists():
@@ -87,7 +88,10 @@ def load_adapted_model(adapter: Path, recipe: Recipe):
                 f"--adapter {adapter} does not fit the recipe's model {recipe.model.name!r}"
                 + (f" (it was made for {made_for!r})" if made_for else "")
                 + f": {reason}; give the recipe it was trained with, or model.name=...") from None
-    elif (adapter / "config.json").is_file():  # bitfit / full fine-tuning save whole models
+    elif is_bitfit_dir(adapter):  # bitfit saves the trained biases only
+        model, tokenizer = load_base_model(recipe.model)
+        apply_bitfit(model, adapter)
+    elif (adapter / "config.json").is_file():  # full fine-tuning saves a whole model
         model, tokenizer = load_base_model(recipe.model.model_copy(update={"name": str(adapter)}))
     else:
         raise ModelError(f"--adapter {adapter}: neither a PEFT adapter nor a model directory")

@@ -26,7 +26,7 @@ from fedtune.eval.predictions import (
     write_predictions,
 )
 from fedtune.eval.text_metrics import RULES
-from fedtune.models.adapters import AdapterSlot, attach_adapter
+from fedtune.models.adapters import AdapterSlot, attach_adapter, save_adapter
 from fedtune.models.loading import load_base_model
 from fedtune.runtime.client import Client, ClientDataset
 from fedtune.runtime.server import Server, ServerResult
@@ -224,13 +224,14 @@ class Setup:
         return summary
 
     def save_adapter(self, state, directory: Path) -> None:
-        """The global adapter `state` as a standard PEFT directory with the tokenizer (offsite: the
-        full model with the adapter layers plugged in); the slot holds `state` afterwards."""
+        """The global adapter `state` as a standard PEFT directory with the tokenizer (BitFit: its
+        biases; offsite: the full model with the adapter layers plugged in); the slot holds `state`
+        afterwards."""
         self.view.load(state)
         if self.offsite is not None:
             self.offsite.save(state, directory)
         else:
-            self.model.save_pretrained(directory)
+            save_adapter(self.model, self.recipe.adapter, directory)
         self.tokenizer.save_pretrained(directory)
 
     def _selection_summary(self, run_dir: RunDir, result: ServerResult) -> dict[str, Any]:

@@ -118,6 +118,10 @@ def _caption_dp(summary: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _count(value: Any) -> str:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**15 else ""
+
+
 def closing_table(summary: dict[str, Any]) -> Table:
     table = Table(title=f"{summary['recipe']}: {summary['algorithm']} + {summary['adapter']}, "
                         f"{summary['rounds']} rounds, {summary['clients']} clients")
@@ -144,7 +148,7 @@ def closing_table(summary: dict[str, Any]) -> Table:
             table.add_row("global test", "emulator", *_cells(offsite["emulator_final"]),
                           str(fin.get("n_examples", "")))
     for client, m in summary.get("per_client", {}).items():
-        table.add_row(f"{client} test", client_label, *_cells(m), str((m or {}).get("n_examples", "")))
+        table.add_row(f"{client} test", client_label, *_cells(m), _count((m or {}).get("n_examples")))
     table.caption = (
         f"sent down {human_bytes(summary['bytes_down'])}, up {human_bytes(summary['bytes_up'])}; "
         f"adapter {summary['adapter_parameters']:,} parameters ({human_bytes(summary['adapter_bytes'])}); "
