@@ -79,7 +79,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from fedtune.eval.runner import evaluate_adapter, print_result, write_result
 
     recipe, overrides = split_recipe_args(args.items)
-    humaneval = samples_path = None
+    humaneval = samples_path = predictions_path = None
+    if args.output:  # the per-example answers go beside the figures
+        predictions_path = Path(args.output).with_name(f"{Path(args.output).stem}.predictions.jsonl")
     if args.humaneval:
         given = {"samples": args.samples, "temperature": args.temperature, "limit": args.limit,
                  "max_new_tokens": args.max_new_tokens, "problems": args.problems,
@@ -91,9 +93,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # With --humaneval alone, the test set is evaluated only when asked for (--data / --metrics).
     test_set = not args.humaneval or args.data is not None or args.metrics is not None
     result = evaluate_adapter(args.adapter, recipe, overrides, data=args.data,
-                              metrics=(args.metrics or "exact_match").split(","), mc=args.mc,
+                              metrics=args.metrics.split(",") if args.metrics else None, mc=args.mc,
                               limit=args.limit, humaneval=humaneval, test_set=test_set,
-                              samples_path=samples_path)
+                              samples_path=samples_path, predictions_path=predictions_path)
     print_result(result)
     if args.output:
         write_result(result, args.output)
@@ -162,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="RECIPE|KEY=VALUE")
     p.add_argument("--adapter", required=True, metavar="DIR")
     p.add_argument("--data", metavar="FILE", help="test examples (default: the recipe's global test set)")
-    p.add_argument("--metrics", help="comma-separated: exact_match,rouge_l,gsm8k (default exact_match)")
+    p.add_argument("--metrics", help="comma-separated: exact_match,rouge_l,gsm8k "
+                   "(default: the recipe's eval.metrics)")
     p.add_argument("--mc", metavar="FILE", help="multiple-choice items (MMLU layout) to score")
     p.add_argument("--limit", type=int, help="evaluate at most this many examples / HumanEval problems")
     p.add_argument("--output", metavar="FILE", help="also write the figures as JSON")

@@ -367,16 +367,60 @@ class HumanEvalSection(Section):
         return self
 
 
+# Generation metrics `eval.metrics` may name (fedtune.eval.text_metrics holds their rules);
+# mc_accuracy scores the multiple-choice file `eval.mc` by next-token logits.
+EVAL_METRICS = ("exact_match", "gsm8k", "rouge_l", "mc_accuracy")
+# What `output.keep_best` / `eval.early_stopping.metric` may watch besides EVAL_METRICS.
+LOSS_METRICS = ("loss", "perplexity", "val_loss")
+
+
+class EarlyStoppingSection(Section):
+    """Stop once `metric` has not improved by more than `min_delta` for `patience` evaluations."""
+
+    patience: PositiveInt = 3
+    metric: str = "val_loss"
+    min_delta: float = Field(0.0, ge=0.0)
+
+
 class EvalSection(Section):
     every: NonNegativeInt = 0
     at_start: bool = True
-    exact_match: bool = True
-    answer: Literal["full", "last_number"] = "full"
+    metrics: list[Literal["exact_match", "gsm8k", "rouge_l", "mc_accuracy"]] = Field(
+        default_factory=lambda: ["exact_match"])
+    mc: str | None = None                      # MMLU-layout file for mc_accuracy
+    show_predictions: NonNegativeInt = 0       # closing table: the first N global predictions
+    early_stopping: EarlyStoppingSection | None = None
     max_new_tokens: PositiveInt = 32
     batch_size: PositiveInt = 16
     clients: bool = True
     max_examples: PositiveInt | None = None
     humaneval: HumanEvalSection | None = None   # run at the end of training on the server
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        """Recipes written before `eval.metrics`: `exact_match: false` and `answer: last_number`."""
+        if not isinstance(data, dict) or not {"exact_match", "answer"} & set(data):
+            return data
+        data = dict(data)
+        em, answer = data.pop("exact_match", True), data.pop("answer", "full")
+        if "metrics" in data:
+            raise ValueError("eval.exact_match and eval.answer are replaced by eval.metrics; "
+                             "remove them (e.g. metrics: [gsm8k] instead of answer: last_number)")
+        if answer not in ("full", "last_number") or not isinstance(em, bool):
+            raise ValueError("eval.answer (full or last_number) and eval.exact_match (true/false) "
+                             "are replaced by eval.metrics: write metrics: [exact_match], [gsm8k] or []")
+        data["metrics"] = [] if not em else ["gsm8k"] if answer == "last_number" else ["exact_match"]
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalSection:
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(f"eval.metrics lists a metric twice: {self.metrics}")
+        if "mc_accuracy" in self.metrics and self.mc is None:
+            raise ValueError("eval.metrics has mc_accuracy: give eval.mc, a multiple-choice file "
+                             "(MMLU layout: question, A-D, answer)")
+        return self
 
 
 class TlsSection(Section):
@@ -459,6 +503,7 @@ class OutputSection(Section):
     checkpoint_every: NonNegativeInt = 5
     keep_checkpoints: PositiveInt = 2
     progress: bool = True
+    keep_best: str | None = None   # a metric (val_loss, loss, exact_match, ...): best adapter in best/
     loggers: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
     mlflow: MlflowSection = Field(default_factory=MlflowSection)
 
@@ -592,6 +637,29 @@ class Recipe(Section):
                 f"train.dp_sgd privatises backprop gradients; federation.algorithm "
                 f"{self.federation.algorithm!r} trains by zeroth-order steps (remove train.dp_sgd)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _selection(self) -> Recipe:
+        watched = [("output.keep_best", self.output.keep_best)]
+        if self.eval.early_stopping is not None:
+            watched.append(("eval.early_stopping.metric", self.eval.early_stopping.metric))
+            if self.eval.every == 0:
+                raise ValueError("eval.early_stopping needs evaluations during training: "
+                                 "set eval.every (e.g. 1)")
+        no_test = self.data.test_fraction == 0 and self.data.test_source is None
+        for key, metric in watched:
+            if metric is None:
+                continue
+            if metric not in (*LOSS_METRICS, *self.eval.metrics):
+                raise ValueError(f"{key}: {metric!r} is not measured; choose one of "
+                                 f"{', '.join((*LOSS_METRICS, *self.eval.metrics))} (eval.metrics)")
+            if metric == "val_loss" and (not self.eval.clients or self.data.val_fraction == 0):
+                raise ValueError(f"{key}: val_loss is the clients' loss on their validation part; "
+                                 "it needs eval.clients: true and data.val_fraction > 0")
+            if no_test and metric not in ("val_loss", "mc_accuracy"):
+                raise ValueError(f"{key}: {metric} is measured on the global test set, and "
+                                 "data.test_fraction is 0 with no data.test_source; watch val_loss")
         return self
 
     def to_yaml(self) -> str:

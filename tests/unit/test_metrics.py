@@ -24,8 +24,7 @@ def test_last_number(text, expected):
     assert last_number(text) == expected
 
 
-def test_exact_match_modes():
+def test_exact_match_compares_whole_normalised_answers():
     assert exact_match("Lomat.", "lomat")
     assert not exact_match("lomat x", "lomat")
-    assert exact_match("so it is 12", "The answer is 12.", answer="last_number")
-    assert not exact_match("no number", "The answer is 12.", answer="last_number")
+    assert not exact_match("so it is 12", "The answer is 12.")  # numbers are the gsm8k metric's job

@@ -317,7 +317,7 @@ def _run_fed(tmp_path, *, rounds, every=0, at_start=True, checkpoint_every=1, ru
                output={"checkpoint_every": checkpoint_every, "keep_checkpoints": 2})
     calls = []
 
-    def evaluate_global(state, generate):
+    def evaluate_global(state, generate, round_=None):  # the round names the predictions file
         calls.append(generate)
         return {"w0": float(state["w"][0]), "w1": float(state["w"][1])}
 

@@ -1,10 +1,12 @@
-"""Evaluate the model as it stands: loss / perplexity on labelled examples, greedy exact match,
-and raw-prompt completions (sampled or greedy, cut at stop strings) for code benchmarks."""
+"""Evaluate the model as it stands: loss / perplexity on labelled examples, greedy answers scored
+by the metrics of `eval.metrics` (one rule per metric, fedtune.eval.text_metrics), and raw-prompt
+completions (sampled or greedy, cut at stop strings) for code benchmarks."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -13,7 +15,7 @@ from fedtune.config import EvalSection
 from fedtune.data.examples import Example
 from fedtune.data.prompts import TokenizedExample, collate, render_prompt
 from fedtune.eval.humaneval import truncate_completion
-from fedtune.eval.metrics import exact_match
+from fedtune.eval.text_metrics import METRICS
 from fedtune.seeding import derive_seed
 from fedtune.train.loss import token_loss_sum
 
@@ -39,8 +41,11 @@ class Evaluator:
             loss_sum, n = token_loss_sum(self.model, {k: v.to(self.device) for k, v in batch.items()})
             total += loss_sum.item()
             tokens += n
-        mean = total / max(1, tokens)
-        return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "n_examples": len(examples)}
+        if tokens == 0:  # no examples (e.g. data.test_fraction 0): nothing measured, not a loss of 0
+            return {"n_examples": len(examples)}
+        mean = total / tokens
+        return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "n_examples": len(examples),
+                "n_tokens": tokens}
 
     def _prompt_ids(self, text: str, budget: int) -> tuple[list[int], bool]:
         """BOS + the last `budget` tokens of `text`, and whether it was cut."""
@@ -115,16 +120,37 @@ class Evaluator:
                 progress(len(chunk))
         return texts, sum(cut for _, cut in encoded)
 
-    def exact_match(self, examples: list[Example]) -> dict[str, float]:
-        predictions = self.generate(examples)
-        hits = [exact_match(p, ex.output, self.section.answer) for p, ex in zip(predictions, examples)]
-        return {"exact_match": sum(hits) / max(1, len(hits)), "n_generated": len(hits)}
+    def predict(self, examples: list[Example]) -> list[dict[str, str]]:
+        """Per example: the rendered prompt, the reference answer and the greedy output."""
+        outputs = self.generate(examples)
+        return [{"prompt": render_prompt(ex, self.template), "reference": ex.output, "output": out}
+                for ex, out in zip(examples, outputs)]
 
-    def evaluate(self, tokenized: list[TokenizedExample], raw: list[Example],
-                 with_generation: bool) -> dict[str, float]:
+    def generation_metrics(self, examples: list[Example], names: Sequence[str] | None = None,
+                           ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """The mean of each text metric (`eval.metrics` by default) over greedy answers, and the
+        per-example records (prompt, reference, output, one score per metric)."""
+        wanted = [n for n in (self.section.metrics if names is None else names) if n in METRICS]
+        if not wanted or not examples:
+            return {}, []
+        records: list[dict[str, Any]] = list(self.predict(examples))
+        for record in records:
+            for name in wanted:
+                record[name] = float(METRICS[name](record["output"], record["reference"]))
+        metrics = {name: sum(r[name] for r in records) / len(records) for name in wanted}
+        metrics["n_generated"] = len(records)
+        return metrics, records
+
+    def evaluate(self, tokenized: list[TokenizedExample], raw: list[Example], with_generation: bool,
+                 predictions: list[dict[str, Any]] | None = None) -> dict[str, float]:
+        """Loss and perplexity; with `with_generation` the text metrics too, their per-example
+        records appended to `predictions` when given."""
         metrics = self.loss(tokenized)
-        if with_generation and self.section.exact_match and raw:
-            metrics.update(self.exact_match(raw))
+        if with_generation and raw:
+            scores, records = self.generation_metrics(raw)
+            metrics.update(scores)
+            if predictions is not None:
+                predictions.extend(records)
         return metrics
 
 

@@ -28,9 +28,6 @@ def last_number(text: str) -> str | None:
     return value
 
 
-def exact_match(prediction: str, reference: str, answer: str = "full") -> bool:
-    """Normalised equality; with answer="last_number" the last numbers are compared."""
-    if answer == "last_number":
-        pred = last_number(prediction)
-        return pred is not None and pred == last_number(reference)
+def exact_match(prediction: str, reference: str) -> bool:
+    """Equality of the normalised texts (see `normalize_answer`); the one rule of `exact_match`."""
     return normalize_answer(prediction) == normalize_answer(reference)

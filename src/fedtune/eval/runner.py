@@ -1,9 +1,12 @@
 """`fedtune eval`: evaluate a saved adapter (or model) on a test set, after training.
 
 The adapter directory is a run's `final/` (or any PEFT adapter / model directory). The recipe comes
-from the run directory next to it unless one is given; the test set is the recipe's global test
-set, or `--data FILE` in any input format fedtune reads. `--humaneval` adds HumanEval pass@k
-(completions tested in the sandbox only).
+from the run directory next to it unless one is given; a standalone adapter without one gets the
+built-in default recipe on the base model its adapter_config.json names. The test set is the
+recipe's global test set, or `--data FILE` in any input format fedtune reads; the metrics are the
+recipe's `eval.metrics` (the same rules as during training) unless `--metrics` names others, and the
+answers go to a predictions JSONL. `--humaneval` adds HumanEval pass@k (completions tested in the
+sandbox only).
 """
 
 from __future__ import annotations
@@ -21,17 +24,46 @@ from fedtune.config import HumanEvalSection, Recipe, load_recipe
 from fedtune.errors import ModelError
 from fedtune.eval.errors import EvalError
 from fedtune.eval.evaluator import Evaluator
-from fedtune.eval.text_metrics import METRICS, mean_metric
+from fedtune.eval.predictions import write_predictions
+from fedtune.eval.text_metrics import METRICS
+
+
+def adapter_base_model(adapter: Path) -> str | None:
+    """`base_model_name_or_path` of the adapter's adapter_config.json (None if absent)."""
+    path = adapter / "adapter_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: not readable JSON ({exc})") from None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return base if isinstance(base, str) and base.strip() else None
 
 
 def recipe_for(adapter: Path, recipe: str | None, overrides: list[str]) -> Recipe:
-    """The given recipe, else the one saved in the run directory that holds `adapter`."""
-    if recipe is None:
-        saved = adapter.parent / "recipe.yaml"
-        if not saved.is_file():
-            raise ModelError(f"{adapter}: no recipe.yaml next to it; give the recipe the model was trained with")
-        recipe = str(saved)
-    return load_recipe(recipe, overrides)
+    """The given recipe, else the one saved in the run directory that holds `adapter`, else (a
+    standalone adapter) the built-in default recipe on the base model its adapter_config.json names
+    (or `model.name=` from the overrides)."""
+    if not adapter.exists():
+        raise ModelError(f"--adapter {adapter}: not found")
+    if not adapter.is_dir():
+        raise ModelError(f"--adapter {adapter}: not a directory")
+    if recipe is not None:
+        return load_recipe(recipe, overrides)
+    saved = adapter.parent / "recipe.yaml"
+    if saved.is_file():
+        return load_recipe(str(saved), overrides)
+    if any(o.split("=", 1)[0].strip() == "model.name" for o in overrides):
+        return load_recipe(None, overrides)
+    if (adapter / "config.json").is_file() and not (adapter / "adapter_config.json").is_file():
+        return load_recipe(None, overrides)  # a whole model: it is its own base
+    base = adapter_base_model(adapter)
+    if base is None:
+        raise ModelError(f"--adapter {adapter}: no recipe.yaml next to it and no base model named in "
+                         "its adapter_config.json; add model.name=PATH_OR_HUB_ID (or give the recipe "
+                         "it was trained with)")
+    return load_recipe({"model": {"name": base}}, overrides)
 
 
 def load_adapted_model(adapter: Path, recipe: Recipe):
@@ -41,11 +73,21 @@ def load_adapted_model(adapter: Path, recipe: Recipe):
     from fedtune.models.adapters import apply_bitfit, is_bitfit_dir
     from fedtune.models.loading import load_base_model
 
+    if not adapter.exists():
+        raise ModelError(f"--adapter {adapter}: not found")
     if not adapter.is_dir():
         raise ModelError(f"--adapter {adapter}: not a directory")
     if (adapter / "adapter_config.json").is_file():
         model, tokenizer = load_base_model(recipe.model)
-        model = PeftModel.from_pretrained(model, str(adapter))
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter))
+        except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            made_for = adapter_base_model(adapter)
+            raise ModelError(
+                f"--adapter {adapter} does not fit the recipe's model {recipe.model.name!r}"
+                + (f" (it was made for {made_for!r})" if made_for else "")
+                + f": {reason}; give the recipe it was trained with, or model.name=...") from None
     elif is_bitfit_dir(adapter):  # bitfit saves the trained biases only
         model, tokenizer = load_base_model(recipe.model)
         apply_bitfit(model, adapter)
@@ -61,18 +103,26 @@ def evaluate_adapter(adapter: str | Path, recipe: str | None = None, overrides: 
                      mc: str | None = None, limit: int | None = None,
                      humaneval: dict[str, Any] | None = None, test_set: bool = True,
                      samples_path: str | Path | None = None,
+                     predictions_path: str | Path | None = None,
                      console: Console | None = None) -> dict[str, Any]:
-    """Test-set metrics (unless `test_set` is False), multiple choice with `mc`, and HumanEval
+    """Test-set metrics (unless `test_set` is False; `metrics` default to the recipe's
+    `eval.metrics`, the answers written to `predictions_path`, default
+    `predictions/eval_<adapter>.jsonl` beside the adapter, never over an existing file), multiple
+    choice with `mc` (default the recipe's `eval.mc` when it measures mc_accuracy), and HumanEval
     pass@k with `humaneval` (options over the recipe's `eval.humaneval`, `{}` for those alone; the
     per-sample JSONL at `samples_path`, default beside the adapter, never over an existing file)."""
     from fedtune.eval.multiple_choice import load_mc_items, mc_accuracy
 
     adapter = Path(adapter)
     loaded = recipe_for(adapter, recipe, list(overrides or []))
-    metrics = metrics or ["exact_match"]
+    if metrics is None:
+        metrics = [m for m in loaded.eval.metrics if m != "mc_accuracy"]
+        if mc is None and "mc_accuracy" in loaded.eval.metrics:
+            mc = loaded.eval.mc
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
-        raise ModelError(f"--metrics: unknown {unknown}; known: {', '.join(METRICS)}")
+        hint = "; multiple choice is --mc FILE" if "mc_accuracy" in unknown else ""
+        raise ModelError(f"--metrics: unknown {unknown}; known: {', '.join(METRICS)}{hint}")
     section = problems = None
     if humaneval is not None:  # bad options or problems fail before the model is loaded
         from fedtune.eval.humaneval import load_problems
@@ -84,10 +134,14 @@ def evaluate_adapter(adapter: str | Path, recipe: str | None = None, overrides: 
     d = loaded.data
     evaluator = Evaluator(model, tokenizer, loaded.eval, template=d.template,
                           max_length=d.max_length, device=device)
-    shown = (data or "recipe test set") if test_set else ("HumanEval" if humaneval else "-")
+    standalone = recipe is None and not (adapter.parent / "recipe.yaml").is_file()
+    test_name = "the default recipe's test set (synthetic; give --data)" if standalone else "recipe test set"
+    shown = (data or test_name) if test_set else ("HumanEval" if humaneval else "-")
     result: dict[str, Any] = {"adapter": str(adapter), "data": shown}
     if test_set:
-        result.update(_test_set_metrics(evaluator, loaded, data, metrics, limit))
+        where = Path(predictions_path) if predictions_path else (
+            adapter.parent / "predictions" / f"eval_{adapter.name}.jsonl")
+        result.update(_test_set_metrics(evaluator, loaded, data, metrics, limit, where))
     if mc is not None:
         with torch.no_grad():
             result.update(mc_accuracy(model, tokenizer, load_mc_items(mc), device))
@@ -114,7 +168,7 @@ def humaneval_options(recipe: Recipe, given: dict[str, Any]) -> HumanEvalSection
 
 
 def _test_set_metrics(evaluator: Evaluator, loaded: Recipe, data: str | None, metrics: list[str],
-                      limit: int | None) -> dict[str, Any]:
+                      limit: int | None, predictions: Path) -> dict[str, Any]:
     from fedtune.data.federated import build_federated_data
     from fedtune.data.prompts import tokenize_examples
     from fedtune.data.records import load_examples
@@ -128,9 +182,16 @@ def _test_set_metrics(evaluator: Evaluator, loaded: Recipe, data: str | None, me
     tokenized, _ = tokenize_examples(examples, evaluator.tokenizer, template=d.template,
                                      max_length=d.max_length, truncation=d.truncation)
     result: dict[str, Any] = evaluator.loss(tokenized)
-    predictions = evaluator.generate(examples)
-    for name in metrics:
-        result[name] = mean_metric(name, predictions, [ex.output for ex in examples])
+    scores, records = evaluator.generation_metrics(examples, metrics)
+    result.update(scores)
+    if records:
+        from fedtune.eval.humaneval_run import free_path
+
+        try:
+            result["predictions_file"] = str(write_predictions(free_path(predictions), records))
+        except OSError as exc:
+            raise EvalError(f"cannot write the predictions to {predictions}: {exc}; "
+                            "give --output FILE to write them beside it") from None
     return result
 
 

@@ -68,6 +68,16 @@ METRICS: dict[str, MetricFn] = {
 }
 
 
+# The rule each metric applies (summary.json `eval_metrics`, `fedtune eval` output).
+RULES = {
+    "exact_match": "normalised texts equal (lower case, no punctuation or articles)",
+    "gsm8k": "number after the last '####', else after 'The answer is', else the last number; "
+             "compared numerically",
+    "rouge_l": "Rouge-L F-measure (rouge-score)",
+    "mc_accuracy": "multiple choice: the option letter with the highest next-token logit",
+}
+
+
 def get_metric(name: str) -> MetricFn:
     """The metric called `name`, or EvalError listing the known ones."""
     try:

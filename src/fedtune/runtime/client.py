@@ -7,13 +7,15 @@ deployment (one client per process). It touches the model only through its Adapt
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from fedtune.algorithms.base import LocalContext, LocalProcedure, ModelView, StandardLocal, State
 from fedtune.data.examples import Example
 from fedtune.data.prompts import TokenizedExample
 from fedtune.errors import FedtuneError, MessageError
 from fedtune.eval.evaluator import Evaluator
+from fedtune.eval.predictions import predictions_path, write_predictions
 from fedtune.models.adapters import AdapterSlot
 from fedtune.privacy.dp_sgd import record_dp_steps
 from fedtune.runtime import peer_values
@@ -30,11 +32,13 @@ log = logging.getLogger("fedtune.client")
 
 @dataclass
 class ClientDataset:
-    """A client's own data, tokenized: train for local work, test for evaluation."""
+    """A client's own data, tokenized: train for local work, test for evaluation, val (held out
+    from training) for the validation loss."""
 
     train: list[TokenizedExample]
     test: list[TokenizedExample]
     test_raw: list[Example]
+    val: list[TokenizedExample] = field(default_factory=list)
 
 
 class Client:
@@ -69,6 +73,7 @@ class Client:
         self._specs = specs_of(self.view.initial())
         up, down = compression or (CompressionConfig(), CompressionConfig())
         self.up, self.down = AdapterWire(up, self._specs), AdapterWire(down, self._specs)
+        self.predictions_dir: Path | None = None  # where this client writes its predictions
 
     # -- message handling -----------------------------------------------------------------------
 
@@ -127,12 +132,24 @@ class Client:
                        meta={"n_examples": len(self.data.train), "metrics": outcome.metrics})
 
     def evaluate(self, msg: Message) -> Message:
+        """The global adapter on this client's test part (generating answers when the server asks,
+        the predictions written to `predictions_dir`, never sent) and its validation part (loss)."""
         generate = peer_values.flag(msg.meta.get("generate", False), "evaluate message: meta.generate")
         self._load_global(msg)
-        if self.evaluator is None or not self.data.test:
-            metrics: dict = {}
-        else:
+        metrics: dict = {}
+        if self.evaluator is not None and self.data.test:
+            records: list[dict] = []
             metrics = self.evaluator.evaluate(self.data.test, self.data.test_raw,
-                                              with_generation=generate)
+                                              with_generation=generate, predictions=records)
+            if records and self.predictions_dir is not None:
+                path = predictions_path(self.predictions_dir, msg.round, self.name)
+                try:
+                    write_predictions(path, records)
+                except OSError as exc:  # the figures still go to the server
+                    log.warning("%s: could not write its predictions to %s: %s", self.name, path, exc)
+        if self.evaluator is not None and self.data.val:
+            val = self.evaluator.loss(self.data.val)
+            if "loss" in val:
+                metrics.update(val_loss=val["loss"], val_tokens=val["n_tokens"])
         return Message(MessageKind.EVAL_RESULT, msg.round, self.name, self.server,
                        meta={"n_examples": len(self.data.test), "metrics": metrics})

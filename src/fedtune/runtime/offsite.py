@@ -111,10 +111,12 @@ class OffsiteServer:
     def plug(self, adapter: dict[str, torch.Tensor]) -> None:
         plug_in(self.full, self.emulator, adapter)
 
-    def evaluate(self, adapter, emulator_metrics: dict[str, Any], tokenized, raw, generate: bool) -> dict[str, Any]:
+    def evaluate(self, adapter, emulator_metrics: dict[str, Any], tokenized, raw, generate: bool,
+                 predictions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The plugged-in full model's metrics, with the emulator's as `emulator_<metric>`."""
         self.plug(adapter)
-        metrics = self.full_evaluator.evaluate(tokenized, raw, with_generation=generate)
+        metrics = self.full_evaluator.evaluate(tokenized, raw, with_generation=generate,
+                                               predictions=predictions)
         return {**metrics, **{f"emulator_{k}": v for k, v in emulator_metrics.items() if k != "n_examples"}}
 
     def save(self, adapter, directory: Path) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 from fedtune.algorithms.base import ClientUpdate, State, Strategy
 from fedtune.config import Recipe
 from fedtune.errors import MessageError
+from fedtune.eval.selection import Selection, pooled_val_loss
 from fedtune.runtime import peer_values
 from fedtune.runtime.messages import Message, MessageKind
 from fedtune.runtime.secure_round import SecureAggregation
@@ -73,6 +74,7 @@ class ServerResult:
     strategy_metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     local_dp: dict[str, dict[str, Any]] = field(default_factory=dict)  # DP-SGD (ε, δ) per client
+    selection: Selection | None = None  # output.keep_best and eval.early_stopping
 
 
 class Server:
@@ -85,7 +87,7 @@ class Server:
         clients: list[str],
         global_state: State,
         run_dir: RunDir,
-        evaluate_global: Callable[[State, bool], dict[str, Any]] | None = None,
+        evaluate_global: Callable[[State, bool, int], dict[str, Any]] | None = None,
         reporter: Reporter | None = None,
         reply_timeout: float | None = None,
         client_state: ClientStateStore | None = None,
@@ -118,6 +120,7 @@ class Server:
         self.last_eval: dict[str, Any] = {}
         self.client_eval: dict[str, dict[str, Any]] = {}
         self.local_dp: dict[str, dict[str, Any]] = {}
+        self.selection = Selection(recipe.output.keep_best, recipe.eval.early_stopping)
 
     # -- resume ---------------------------------------------------------------------------------
 
@@ -140,6 +143,11 @@ class Server:
             self.client_state.load_state_dict(ckpt.client_state)
         self.rejected = peer_values.stored_count(ckpt.info.get("rejected"))
         self.missing = peer_values.stored_count(ckpt.info.get("missing"))
+        last_eval, client_eval = ckpt.info.get("last_eval"), ckpt.info.get("client_eval")
+        self.last_eval = last_eval if isinstance(last_eval, dict) else {}
+        self.client_eval = client_eval if isinstance(client_eval, dict) else {}
+        selection = ckpt.info.get("selection")
+        self.selection.load(selection if isinstance(selection, dict) else {}, ckpt.best_state)
         return ckpt.round + 1
 
     # -- the run --------------------------------------------------------------------------------
@@ -150,24 +158,31 @@ class Server:
         self._wall = lambda: self.timings.wall_before + time.perf_counter() - started
         if start_round == 1 and self.recipe.eval.at_start:
             self.initial = self.evaluate(0, final=False)
-        for round_ in range(start_round, fed.rounds + 1):
+            self.selection.observe(0, self.initial, self.global_state)
+        end = self.selection.stopped_at or fed.rounds  # a resumed run that had stopped early
+        for round_ in range(start_round, end + 1):
             self.run_round(round_)
             last = round_ == fed.rounds
             every = self.recipe.eval.every
-            if last:
-                self.last_eval = self.evaluate(round_, final=True)
-            elif every and round_ % every == 0:
-                self.last_eval = self.evaluate(round_, final=False)
+            stop = False
+            if last or (every and round_ % every == 0):
+                self.last_eval = self.evaluate(round_, final=last)
+                stop = self.selection.observe(round_, self.last_eval, self.global_state) and not last
             ckpt_every = self.recipe.output.checkpoint_every
-            if last or (ckpt_every and round_ % ckpt_every == 0):
+            if last or stop or (ckpt_every and round_ % ckpt_every == 0):
                 self.checkpoint(round_)
+            if stop:
+                end = round_
+                self.reporter.status(f"round {round_}: early stopping ({self.recipe.eval.early_stopping.metric} "
+                                     f"has not improved for {self.selection.stale} evaluations)")
+                break
         self.privacy = self.strategy.round_metrics()
-        self.finish(fed.rounds)
+        self.finish(end)
         return ServerResult(
-            rounds=fed.rounds, global_state=self.global_state, initial=self.initial,
+            rounds=end, global_state=self.global_state, initial=self.initial,
             final=self.last_eval, clients=self.client_eval, timings=self.timings,
             rejected=self.rejected, missing=self.missing, strategy_metrics=self.privacy,
-            local_dp=self.local_dp,
+            local_dp=self.local_dp, selection=self.selection,
         )
 
     def run_round(self, round_: int) -> None:
@@ -272,13 +287,14 @@ class Server:
         self.reporter.status(f"round {round_}: evaluating")
         metrics: dict[str, Any] = {}
         if self.evaluate_global is not None:
-            metrics = self.evaluate_global(self.global_state, True)
+            metrics = self.evaluate_global(self.global_state, True, round_)
             self.run_dir.log(round_, None, "eval", {"scope": "global", **metrics})
         if self.recipe.eval.clients:
+            reports: dict[str, dict[str, Any]] = {}
             tensors = self.down.pack(self.global_state)
             for client in self.clients:
                 self.transport.send(Message(MessageKind.EVALUATE, round_, SERVER, client,
-                                            tensors=tensors, meta={"generate": final}))
+                                            tensors=tensors, meta={"generate": final or self.selection.may_stop()}))
             answered: set[str] = set()
             for msg in self.transport.collect(round_, self.clients, timeout=self.reply_timeout):
                 try:
@@ -295,23 +311,37 @@ class Server:
                 answered.add(msg.sender)
                 if values:
                     self.client_eval[msg.sender] = values
+                    reports[msg.sender] = values
                     self.run_dir.log(round_, msg.sender, "eval", {"scope": "client", **values})
+            metrics = {**metrics, **self._validation(round_, reports)}
         self.timings.eval += time.perf_counter() - start
         self.reporter.eval_result(round_, metrics)
         return metrics
+
+    def _validation(self, round_: int, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The clients' validation losses pooled per token (`val_loss`); bad values are refused."""
+        pooled, bad = pooled_val_loss(reports)
+        for client in bad:
+            self._reject(round_, client, "validation figures", MessageError(
+                "val_loss must be a finite number >= 0 and val_tokens a positive integer"))
+        if pooled:
+            self.run_dir.log(round_, None, "validation", pooled)
+        return pooled
 
     # -- checkpoints and the end ----------------------------------------------------------------
 
     def checkpoint(self, round_: int) -> None:
         info = {"traffic": self.transport.traffic.state(), "wall_seconds": self._wall(),
-                "initial": self.initial, "rejected": self.rejected, "missing": self.missing, **self.timings.state()}
+                "initial": self.initial, "rejected": self.rejected, "missing": self.missing,
+                "last_eval": self.last_eval, "client_eval": self.client_eval,
+                "selection": self.selection.state(), **self.timings.state()}
         if hasattr(self.transport, "counter_state"):
             info["transport"] = self.transport.counter_state()
         state = {k: v.contiguous() for k, v in self.strategy.state_dict().items()}
         clients = self.client_state.state_dict() if self.client_state is not None else {}
         self.run_dir.save_checkpoint(
             Checkpoint(round_, {k: v.contiguous() for k, v in self.global_state.items()}, state, info,
-                       client_state=clients),
+                       client_state=clients, best_state=self.selection.best_state or {}),
             keep=self.recipe.output.keep_checkpoints,
         )
 

@@ -19,6 +19,13 @@ from fedtune.data.examples import Example
 from fedtune.data.federated import FederatedData, build_federated_data, format_split_table
 from fedtune.data.prompts import TokenizedExample, tokenize_examples
 from fedtune.eval.evaluator import Evaluator
+from fedtune.eval.predictions import (
+    predictions_path,
+    predictions_table,
+    read_predictions,
+    write_predictions,
+)
+from fedtune.eval.text_metrics import RULES
 from fedtune.models.adapters import AdapterSlot, attach_adapter, save_adapter
 from fedtune.models.loading import load_base_model
 from fedtune.runtime.client import Client, ClientDataset
@@ -68,6 +75,13 @@ class Setup:
         )
         self.trainer = LocalTrainer(self.model, recipe.train, self.tokenizer.pad_token_id, self.device)
         self._test: list[TokenizedExample] | None = None
+        self.predictions_dir: Path | None = None   # the run directory's predictions/ (server side)
+        self.last_predictions: Path | None = None  # the latest global predictions file
+        self._mc_items: list | None = None
+        if "rouge_l" in recipe.eval.metrics:  # a missing package fails now, not after training
+            from fedtune.eval.errors import require_module
+
+            require_module("rouge_score.rouge_scorer", "rouge-score", "the rouge_l metric")
 
     def tokenize(self, label: str, examples: list[Example]) -> list[TokenizedExample]:
         d = self.recipe.data
@@ -95,6 +109,7 @@ class Setup:
             train=self.tokenize(f"{name} train", train),
             test=self.tokenize(f"{name} test", part.test),
             test_raw=part.test,
+            val=self.tokenize(f"{name} val", part.val),
         )
         local = build_local(fed.algorithm, fed.options)
         if attack is not None and attack.kind in ("scale", "sign_flip", "nan", "inf"):
@@ -106,22 +121,46 @@ class Setup:
                       compression=(fed.compression.up.codec(), fed.compression.down.codec()),
                       max_message_bytes=self.recipe.transport.max_message_bytes)
 
-    def evaluate_global(self, state, generate: bool) -> dict[str, Any]:
-        """Evaluate a global adapter on the global test set (the server's job)."""
+    def evaluate_global(self, state, generate: bool, round_: int | None = None) -> dict[str, Any]:
+        """Evaluate a global adapter on the global test set (the server's job); the answers go to
+        predictions/round_NNNN_global.jsonl, multiple choice (`mc_accuracy`) on `eval.mc`."""
         if self._test is None:
             self._test = self.tokenize("global test", self.data.test)
         self.view.load(state)
         cap = self.recipe.eval.max_examples
         tokenized = self._test[:cap] if cap else self._test
         raw = self.data.test[:cap] if cap else self.data.test
-        metrics = self.evaluator.evaluate(tokenized, raw, with_generation=generate)
+        records: list[dict[str, Any]] = []
+        metrics = self.evaluator.evaluate(tokenized, raw, with_generation=generate, predictions=records)
         if self.offsite is not None:  # the plugged-in full model, and the emulator as emulator_*
-            metrics = self.offsite.evaluate(state, metrics, tokenized, raw, generate)
+            self._write_predictions(round_, "global_emulator", records)
+            records = []
+            metrics = self.offsite.evaluate(state, metrics, tokenized, raw, generate, predictions=records)
+        path = self._write_predictions(round_, "global", records)
+        self.last_predictions = path or self.last_predictions
+        if "mc_accuracy" in self.recipe.eval.metrics:
+            metrics.update(self.mc_accuracy())
         attack = self.recipe.federation.attack
         if generate and attack.kind == "backdoor" and attack.clients:
             metrics.update(backdoor_metrics(self.evaluator.generate, raw, trigger=attack.trigger,
                                             target=attack.target))
         return metrics
+
+    def _write_predictions(self, round_: int | None, scope: str, records: list[dict[str, Any]]) -> Path | None:
+        if not records or self.predictions_dir is None or round_ is None:
+            return None
+        return write_predictions(predictions_path(self.predictions_dir, round_, scope), records)
+
+    def mc_accuracy(self) -> dict[str, Any]:
+        """Multiple choice on `eval.mc` with the adapter in the slot (the full model's, offsite)."""
+        from fedtune.eval.multiple_choice import load_mc_items, mc_accuracy
+
+        if self._mc_items is None:
+            self._mc_items = load_mc_items(self.recipe.eval.mc)
+        model = self.offsite.full if self.offsite is not None else self.model
+        with torch.no_grad():
+            found = mc_accuracy(model, self.tokenizer, self._mc_items, self.device)
+        return {"mc_accuracy": found["mc_accuracy"]} if found.get("n_items") else {}
 
     def keep_emulator(self, run_dir: RunDir, resume: bool) -> None:
         """Offsite-tuning server: keep the distilled emulator core with the run (a resumed run
@@ -130,6 +169,8 @@ class Setup:
             self.offsite.keep(Path(run_dir.path), resume)
 
     def write_split(self, run_dir: RunDir) -> None:
+        """split.json in the run directory, which also becomes where predictions are written."""
+        self.predictions_dir = Path(run_dir.path) / "predictions"
         if self._test is None:
             self._test = self.tokenize("global test", self.data.test)
         run_dir.write_json("split.json", {**self.data.summary(), "tokenization": self.tokenize_report})
@@ -156,15 +197,11 @@ class Setup:
 
         `emulator_counted`: the transport already counted the offsite emulator's downloads (gRPC);
         in simulation each client is charged one download of the emulator package here."""
-        self.view.load(result.global_state)
-        if self.offsite is not None:  # the product is the full model with the adapter layers plugged in
-            self.offsite.save(result.global_state, run_dir.final_dir)
+        self.save_adapter(result.global_state, run_dir.final_dir)
+        if self.offsite is not None:
             for client in [] if emulator_counted else self.data.clients:  # one download each, round 0
                 server.transport.traffic.record(direction="down", client=client, round=0,
                                                 nbytes=self.offsite.package_bytes(client))
-        else:
-            save_adapter(self.model, self.recipe.adapter, run_dir.final_dir)
-        self.tokenizer.save_pretrained(run_dir.final_dir)
         summary = make_summary(
             self.recipe, result, traffic=server.transport.traffic, wall_seconds=server.wall_seconds(),
             adapter_parameters=self.slot.num_parameters(),
@@ -175,7 +212,42 @@ class Setup:
                 k.removeprefix("emulator_"): v for k, v in (result.final or {}).items() if k.startswith("emulator_")}}
         if self.recipe.eval.humaneval is not None:
             summary["humaneval"] = self.humaneval(run_dir, result.rounds)
+        summary.update(self._selection_summary(run_dir, result))
         run_dir.write_json("summary.json", summary)
         self.console.print(closing_table(summary))
+        shown = self.recipe.eval.show_predictions
+        if shown and self.last_predictions is not None:
+            self.console.print(predictions_table(read_predictions(self.last_predictions, shown),
+                                                 title=f"first {shown} answers in predictions/"
+                                                       f"{self.last_predictions.name}"))
         self.console.print(f"run directory: {run_dir.path}")
         return summary
+
+    def save_adapter(self, state, directory: Path) -> None:
+        """The global adapter `state` as a standard PEFT directory with the tokenizer (BitFit: its
+        biases; offsite: the full model with the adapter layers plugged in); the slot holds `state`
+        afterwards."""
+        self.view.load(state)
+        if self.offsite is not None:
+            self.offsite.save(state, directory)
+        else:
+            save_adapter(self.model, self.recipe.adapter, directory)
+        self.tokenizer.save_pretrained(directory)
+
+    def _selection_summary(self, run_dir: RunDir, result: ServerResult) -> dict[str, Any]:
+        """best/ (output.keep_best), the early-stopping figures, what the metrics measured and where
+        the predictions are, for summary.json."""
+        out: dict[str, Any] = {"eval_metrics": {m: RULES[m] for m in self.recipe.eval.metrics}}
+        selection = result.selection
+        if selection is not None:
+            out.update(selection.summary())
+            if selection.best_state:
+                best = Path(run_dir.path) / "best"
+                self.save_adapter(selection.best_state, best)
+                self.view.load(result.global_state)
+                out["best"]["adapter"] = str(best)
+            stopped = selection.stopped_at
+            out["stopped_early"] = stopped is not None and stopped < self.recipe.federation.rounds
+        if self.predictions_dir is not None and self.predictions_dir.is_dir():
+            out["predictions"] = str(self.predictions_dir)
+        return out

@@ -43,6 +43,8 @@ class Simulation:
         recipe, setup = self.recipe, self.setup
         setup.keep_emulator(run_dir, resume)
         setup.write_split(run_dir)
+        for client in self.clients.values():  # simulated clients write their predictions here too
+            client.predictions_dir = Path(run_dir.path) / "predictions"
         reporter = ConsoleReporter(setup.console) if recipe.output.progress else NullReporter()
         transport = InProcessTransport(
             {name: c.handle_bytes for name, c in self.clients.items()},

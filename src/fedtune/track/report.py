@@ -11,7 +11,14 @@ from rich.table import Table
 from fedtune.config import Recipe
 from fedtune.transport.base import TrafficCounter
 
-_METRICS = ("loss", "perplexity", "exact_match", "backdoor_success")
+# Figures kept in summary.json, in the closing table's column order (generation metrics by name).
+_METRICS = ("loss", "perplexity", "val_loss", "exact_match", "gsm8k", "rouge_l", "mc_accuracy",
+            "backdoor_success")
+_LABELS = {"loss": "loss", "perplexity": "perplexity", "val_loss": "val loss",
+           "exact_match": "exact match", "gsm8k": "GSM8K acc", "rouge_l": "Rouge-L",
+           "mc_accuracy": "MC acc", "backdoor_success": "backdoor"}
+# peft methods whose untrained adapter is randomly initialised virtual tokens in front of the input
+_PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning", "multitask_prompt_tuning", "cpt")
 
 
 def _pick(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -69,35 +76,68 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def _number(value: Any, spec: str) -> str:
-    """A finite number formatted by `spec`; "-" for anything else (a value may come from a peer)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _cell(key: str, value: Any) -> str:
+    """One figure of the closing table; "-" for anything but a finite number (values may come
+    from peers)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
         return "-"
     try:
-        return format(float(value), spec) if math.isfinite(value) else "-"
+        value = float(value)
     except OverflowError:  # an int beyond float range
         return "-"
+    if not math.isfinite(value):
+        return "-"
+    if key in ("loss", "val_loss"):
+        return f"{value:.4f}"
+    if key in ("perplexity", "rouge_l"):
+        return f"{value:.2f}" if key == "perplexity" else f"{value:.3f}"
+    return f"{value:.1%}"
+
+
+def _columns(summary: dict[str, Any]) -> list[str]:
+    """The figures some row has (loss and perplexity always), in _METRICS order."""
+    rows = [summary.get("initial"), summary.get("final"), *summary.get("per_client", {}).values(),
+            (summary.get("offsite") or {}).get("emulator_final")]
+    present = {k for m in rows if isinstance(m, dict) for k in m}
+    return [k for k in _METRICS if k in ("loss", "perplexity") or k in present]
+
+
+def _caption_dp(summary: dict[str, Any]) -> str:
+    """The differential-privacy guarantee, when the run had one (server DP or local DP-SGD)."""
+    parts = []
+    strategy = summary.get("strategy") or {}
+    if "epsilon" in strategy:
+        eps = strategy["epsilon"]
+        eps_text = f"{eps:.2f}" if isinstance(eps, (int, float)) else "∞ (no noise)"
+        parts.append(f"DP (server): ε = {eps_text}, δ = {strategy.get('delta')}")
+    local = summary.get("dp_sgd") or {}
+    if local:
+        eps = local.get("max_epsilon")
+        eps_text = f"{eps:.2f}" if isinstance(eps, (int, float)) else "∞ (no noise)"
+        parts.append(f"DP-SGD (clients): ε ≤ {eps_text}, δ = {local.get('delta')}")
+    return "; ".join(parts)
 
 
 def _count(value: Any) -> str:
     return str(value) if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**15 else ""
 
 
-def _cells(m: dict[str, Any] | None) -> list[str]:
-    if not m:
-        return ["-", "-", "-"]
-    return [_number(m.get("loss"), ".4f"), _number(m.get("perplexity"), ".2f"),
-            _number(m.get("exact_match"), ".1%")]
-
-
 def closing_table(summary: dict[str, Any]) -> Table:
     table = Table(title=f"{summary['recipe']}: {summary['algorithm']} + {summary['adapter']}, "
                         f"{summary['rounds']} rounds, {summary['clients']} clients")
-    for col in ("evaluated on", "model", "loss", "perplexity", "exact match", "examples"):
-        table.add_column(col, justify="left" if col in ("evaluated on", "model") else "right")
+    columns = _columns(summary)
+    table.add_column("evaluated on")
+    table.add_column("model")
+    for key in (*columns, "examples"):
+        table.add_column(_LABELS.get(key, key), justify="right")
+
+    def _cells(m: dict[str, Any] | None) -> list[str]:
+        return [_cell(k, (m or {}).get(k)) for k in columns]
+
     if summary.get("initial"):
         init = summary["initial"]
-        table.add_row("global test", "base", *_cells(init), str(init.get("n_examples", "")))
+        base = ("base + random virtual tokens" if summary.get("adapter") in _PROMPT_METHODS else "base")
+        table.add_row("global test", base, *_cells(init), str(init.get("n_examples", "")))
     offsite = summary.get("offsite")  # the full model with the plugged-in layers; clients hold the emulator
     final_label, client_label = ("plugged-in", "emulator") if offsite else ("federated", "federated")
     if summary.get("final"):
@@ -115,4 +155,14 @@ def closing_table(summary: dict[str, Any]) -> Table:
         f"{summary['wall_seconds']:.0f} s wall, {summary['train_seconds']:.0f} s training, "
         f"{summary['eval_seconds']:.0f} s evaluation"
     )
+    extra = [_caption_dp(summary)]
+    best = summary.get("best")
+    if isinstance(best, dict) and best.get("round") is not None:
+        extra.append(f"best by {best['metric']}: round {best['round']} ({best['value']:.4f}) in best/")
+    early = summary.get("early_stopping")
+    if isinstance(early, dict) and summary.get("stopped_early"):
+        extra.append(f"stopped early at round {early['stopped_at']} ({early['metric']} not better "
+                     f"than {early['best_value']:.4f} of round {early['best_round']} "
+                     f"for {early['patience']} evaluations)")
+    table.caption += "".join(f"\n{line}" for line in extra if line)
     return table

@@ -35,9 +35,10 @@ class NullReporter:
 
 def _fmt(metrics: dict[str, Any]) -> str:
     parts = []
-    for key in ("loss", "perplexity", "exact_match"):
-        if isinstance(metrics.get(key), (int, float)):
-            parts.append(f"{key} {metrics[key]:.4f}" if key != "exact_match" else f"EM {metrics[key]:.1%}")
+    for key in ("loss", "perplexity", "val_loss", "exact_match", "gsm8k", "rouge_l", "mc_accuracy"):
+        if isinstance(metrics.get(key), (int, float)):  # each generation metric by its own name
+            parts.append(f"{key} {metrics[key]:.1%}" if key in ("exact_match", "gsm8k", "mc_accuracy")
+                         else f"{key} {metrics[key]:.4f}")
     return "  ".join(parts)
 
 

@@ -6,6 +6,8 @@ Layout:
     metrics.jsonl       one JSON object per event: {"round", "client", "kind", "values", "time"}
     checkpoints/round_000005/{global,strategy,clients}.safetensors, state.json
     final/              the final global adapter as a standard PEFT directory, with the tokenizer
+    best/               output.keep_best: the best global adapter by the chosen metric (same layout)
+    predictions/        round_0040_global.jsonl, ...: prompt, reference and output per example
     summary.json        the closing figures
     tensorboard/, mlflow.json   with `output.loggers` (every logged event also goes there)
 """
@@ -50,6 +52,7 @@ class Checkpoint:
     strategy_state: State
     info: dict[str, Any]
     client_state: State = field(default_factory=dict)  # simulated clients' persistent state
+    best_state: State = field(default_factory=dict)    # output.keep_best: the best global adapter so far
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -186,6 +189,8 @@ class RunDir:
         save_file(ckpt.strategy_state, str(tmp / "strategy.safetensors"))
         if ckpt.client_state:
             save_file(ckpt.client_state, str(tmp / "clients.safetensors"))
+        if ckpt.best_state:
+            save_file(ckpt.best_state, str(tmp / "best.safetensors"))
         _write_json(tmp / "state.json", {"round": ckpt.round, **ckpt.info})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -201,13 +206,14 @@ class RunDir:
         path = found[-1]
         try:
             info = json.loads((path / "state.json").read_text())
-            clients = path / "clients.safetensors"
+            clients, best = path / "clients.safetensors", path / "best.safetensors"
             return Checkpoint(
                 round=int(info.pop("round")),
                 global_state=load_file(str(path / "global.safetensors")),
                 strategy_state=load_file(str(path / "strategy.safetensors")),
                 info=info,
                 client_state=load_file(str(clients)) if clients.exists() else {},
+                best_state=load_file(str(best)) if best.exists() else {},
             )
         except (OSError, ValueError, KeyError, SafetensorError) as exc:
             raise RunDirError(f"checkpoint {path} is unreadable: {exc}") from None
