@@ -119,6 +119,7 @@ server_replies = st.builds(
 def _server_case(server_world, reply: Message, phase: str) -> None:
     server, script, transport = server_world
     script.reply = reply
+    server.global_state = {"w": torch.zeros(3)}  # each case starts afresh (finite sums stay finite)
     before, dropped = server.rejected, len(transport.rejected)
     events_before = len(server.run_dir.events())
     if phase == "fit":
