@@ -30,11 +30,10 @@ from fedtune.track.reporter import plain_console
 from fedtune.transport.auth import client_token, with_name
 from fedtune.transport.codec import check_message, decode
 from fedtune.transport.framing import peek_header
-from fedtune.transport.grpc_client import FATAL, Backoff, ServerConnection
+from fedtune.transport.grpc_client import FATAL, Backoff, ServerConnection, is_rejection
 from fedtune.transport.grpc_server import SERVER_NAME
 
 log = logging.getLogger("fedtune.deploy")
-_REJECTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 _PUSH_ATTEMPTS = 5
 
 
@@ -248,7 +247,7 @@ class _Loop:
             except grpc.RpcError as exc:
                 if exc.code() in FATAL:
                     raise
-                if exc.code() in _REJECTED:
+                if is_rejection(exc):  # too large or malformed; gRPC's busy refusal is retried
                     log.warning("%s: the server rejected a reply: %s", self.name, _reason(exc))
                     return "rejected"
                 delay = backoff.next_delay()

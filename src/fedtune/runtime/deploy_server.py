@@ -128,6 +128,10 @@ def serve(recipe: Any = None, overrides: list[str] | None = None, *, resume: str
         summary = setup.finish(run_dir, server, result, emulator_counted=True)
         summary["transport"] = {"kind": "grpc", "address": address, "mode": mode, **transport.stats()}
         run_dir.write_json("summary.json", summary)
+    except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: the CLI names the directory to resume
+        if run_dir is not None:
+            exc.run_dir = run_dir.path  # type: ignore[attr-defined]
+        raise
     finally:
         transport.close()
     out.print(_closing_line(summary))

@@ -144,6 +144,8 @@ class SecureAggregation:
 
         routes = {c: self._request(MessageKind.SECAGG_ROUTED, state, c, {"shares": routed[c]})
                   for c in routed}
+        server.transport.expect(round_, MessageKind.SECAGG_MASKED, list(routes),  # refused early if not
+                                {n: TensorSpec(tuple(shape), torch.int64) for n, shape in agg.layout})
         masked = self._step(server, state, "masked", routes, MessageKind.SECAGG_MASKED,
                             lambda c, m: _masked(agg, c, m))
         if len(masked) < min(self.min_replies, len(state.chosen)):

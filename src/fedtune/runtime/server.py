@@ -125,6 +125,8 @@ class Server:
         """Continue from a checkpoint; returns the next round to run."""
         self.global_state = ckpt.global_state
         self.strategy.load_state_dict(ckpt.strategy_state)
+        if hasattr(self.transport, "load_counter_state"):  # refused calls, late replies... go on
+            self.transport.load_counter_state(ckpt.info.get("transport", {}))
         self.transport.traffic.load_state(ckpt.info.get("traffic", {}))
         self.timings = Timings(train=peer_values.stored_seconds(ckpt.info.get("train_seconds")),
                                eval=peer_values.stored_seconds(ckpt.info.get("eval_seconds")),
@@ -176,6 +178,8 @@ class Server:
             return self.secure.run_round(self, round_, chosen, lr, instructions, start)
         tensors = {**self.down.pack(self.global_state),
                    **self.strategy.fit_tensors(round_, self.global_state)}
+        self.transport.expect(round_, MessageKind.UPDATE, chosen,  # anything else is refused early
+                              {**self.up.wire, **self.strategy.update_specs(self.specs)})
         for client in chosen:
             self.transport.send(Message(MessageKind.FIT, round_, SERVER, client,
                                         tensors=tensors, meta=instructions[client]))
@@ -298,6 +302,8 @@ class Server:
     def checkpoint(self, round_: int) -> None:
         info = {"traffic": self.transport.traffic.state(), "wall_seconds": self._wall(),
                 "initial": self.initial, "rejected": self.rejected, "missing": self.missing, **self.timings.state()}
+        if hasattr(self.transport, "counter_state"):
+            info["transport"] = self.transport.counter_state()
         state = {k: v.contiguous() for k, v in self.strategy.state_dict().items()}
         clients = self.client_state.state_dict() if self.client_state is not None else {}
         self.run_dir.save_checkpoint(
