@@ -37,6 +37,9 @@ class Tampering:
     def send(self, message: Message) -> None:
         self.inner.send(message)
 
+    def expect(self, *args, **kwargs):
+        return self.inner.expect(*args, **kwargs)
+
     def collect(self, round, expected, timeout=None):
         self.timeouts.append(timeout)
         replies = self.inner.collect(round, expected, timeout)
