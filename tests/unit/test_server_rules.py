@@ -462,7 +462,7 @@ def test_the_reporter_and_the_reply_timeout_see_each_round(tmp_path):
                 federation={"rounds": 2})
     fed.server.reporter = Recorder()
     fed.server.reply_timeout = 7.5
-    fed.server.evaluate_global = lambda state, generate: {"g": generate}
+    fed.server.evaluate_global = lambda state, generate, round_=None: {"g": generate}
     fed.server.run()
     assert calls == [("begin", 1, 2, 2), ("end", 1, 2), ("begin", 2, 2, 2), ("end", 2, 2),
                      ("status", "round 2: evaluating"), ("eval", 2, {"g": True})]
