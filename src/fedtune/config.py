@@ -52,9 +52,9 @@ class ModelSection(Section):
 class SplitSection(Section):
     """How examples are spread over clients."""
 
-    method: Literal["iid", "dirichlet", "meta"] = "iid"
-    alpha: PositiveFloat = 0.5
-    by: Literal["category"] = "category"
+    method: Literal["iid", "dirichlet", "meta", "quantity"] = "iid"
+    alpha: PositiveFloat = 0.5    # Dirichlet concentration (dirichlet, quantity): smaller, more skewed
+    by: str = Field("category", min_length=1)   # the label dirichlet/meta group by: category or a column
 
 
 class SyntheticSection(Section):
@@ -67,7 +67,7 @@ class SyntheticSection(Section):
 class DataSection(Section):
     source: str = "synthetic"
     test_source: str | None = None
-    format: Literal["auto", "alpaca", "dolly", "gsm8k", "codealpaca", "custom"] = "auto"
+    format: Literal["auto", "alpaca", "dolly", "gsm8k", "codealpaca", "messages", "custom"] = "auto"
     fields: dict[str, str] = Field(default_factory=dict)
     template: str = "alpaca"
     max_length: PositiveInt = 512
@@ -86,7 +86,7 @@ class DataSection(Section):
                 raise ValueError(
                     f"format 'custom' needs data.fields to map {sorted(missing)} to column names"
                 )
-        allowed = {"instruction", "input", "output", "category"}
+        allowed = {"instruction", "input", "output", "category", "messages"}
         extra = set(self.fields) - allowed
         if extra:
             raise ValueError(f"data.fields keys {sorted(extra)} unknown; allowed: {sorted(allowed)}")
@@ -104,19 +104,28 @@ class AdapterSection(Section):
     r: PositiveInt = 8
     alpha: PositiveFloat = 16.0
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["auto", "all-linear"] = "auto"
+    # all-linear by default: on the built-in benchmark it learns where q/v only does not, even
+    # at the same number of parameters (docs/algorithms.md, "Which layers LoRA adapts")
+    target_modules: list[str] | Literal["auto", "all-linear"] = "all-linear"
     options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        from peft import PeftType
+        from fedtune.models.peft_names import peft_method_names
 
         name = v.strip().lower().replace("-", "_")
-        allowed = sorted([*(t.lower() for t in PeftType.__members__), *FEDTUNE_METHODS])
+        allowed = sorted([*peft_method_names(), *FEDTUNE_METHODS])
         if name not in allowed:
             raise ValueError(f"unknown peft method {v!r}; allowed: {', '.join(allowed)}")
         return name
+
+    @model_validator(mode="after")
+    def _runnable(self) -> AdapterSection:
+        from fedtune.models.adapter_methods import check_method
+
+        check_method(self.method, self.options)  # refused methods fail here, not mid-run
+        return self
 
 
 class CodecSection(Section):
@@ -150,7 +159,7 @@ class CompressionSection(Section):
 
 def known_algorithm(name: str) -> str:
     """`name` if an algorithm is registered under it (the message lists those that are)."""
-    from fedtune.algorithms import available_algorithms
+    from fedtune.algorithms.catalog import available_algorithms
 
     if name not in available_algorithms():
         raise ValueError(f"unknown algorithm {name!r}; allowed: {', '.join(available_algorithms())}")
@@ -187,6 +196,8 @@ class SecureAggregationSection(Section):
 
     @model_validator(mode="after")
     def _codec(self) -> SecureAggregationSection:
+        if not self.enabled and not self.model_fields_set & {"frac_bits", "clip", "max_weight"}:
+            return self  # the defaults fit; not importing the codec keeps numpy out of start-up
         try:
             self.codec()
         except RecipeError as exc:
@@ -214,6 +225,11 @@ class FederationSection(Section):
     compression: CompressionSection = Field(default_factory=CompressionSection)
     attack: AttackSection = Field(default_factory=AttackSection)
     secure_aggregation: SecureAggregationSection = Field(default_factory=SecureAggregationSection)
+    # How far the server trusts the number of examples a client claims (docs/recipes.md):
+    # `examples` weighs each update by its claim, refused above the client's partition size
+    # (simulation) or above max_examples_per_client (deployment); `uniform` weighs each by 1.
+    weighting: Literal["examples", "uniform"] = "examples"
+    max_examples_per_client: PositiveInt = 1_000_000
 
     @field_validator("algorithm")
     @classmethod
@@ -247,12 +263,12 @@ class FederationSection(Section):
         """Refuse what cannot work with secure aggregation: the server sees only the sum."""
         if not self.secure_aggregation.enabled:
             return self
-        from fedtune.algorithms import registry
+        from fedtune.algorithms.catalog import CATALOG
         from fedtune.privacy.secagg_wire import check_threshold
 
         key = "secure_aggregation"
-        if not registry()[self.algorithm].sum_only:
-            works = ", ".join(sorted(n for n, s in registry().items() if s.sum_only))
+        if not CATALOG[self.algorithm].sum_only:
+            works = ", ".join(sorted(n for n, s in CATALOG.items() if s.sum_only))
             raise ValueError(
                 f"{key}.enabled: algorithm {self.algorithm!r} needs each client's own update (or "
                 f"per-client tensors) on the server, which secure aggregation hides; it works with "
@@ -429,12 +445,32 @@ class TransportSection(Section):
         return self
 
 
+class MlflowSection(Section):
+    """Where `output.loggers: [mlflow]` logs: a tracking URI (default: a local file store in
+    output.dir/mlruns) and an experiment name."""
+
+    tracking_uri: str | None = None
+    experiment: str = Field("fedtune", min_length=1)
+
+
 class OutputSection(Section):
     dir: str = "runs"
     name: str | None = None
     checkpoint_every: NonNegativeInt = 5
     keep_checkpoints: PositiveInt = 2
     progress: bool = True
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(default_factory=list)
+    mlflow: MlflowSection = Field(default_factory=MlflowSection)
+
+    @field_validator("loggers")
+    @classmethod
+    def _installed(cls, v: list[str]) -> list[str]:
+        import importlib.util
+
+        missing = [name for name in v if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} not installed: pip install 'fedtune[track]'")
+        return list(dict.fromkeys(v))
 
 
 _LABEL_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.+-")
@@ -608,15 +644,15 @@ def split_recipe_args(items: list[str]) -> tuple[str | None, list[str]]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`federation.rounds=3` -> (['federation', 'rounds'], 3); values are parsed as YAML."""
     if "=" not in text:
-        raise RecipeError(f"override {text!r}: expected KEY.PATH=VALUE, e.g. federation.rounds=5")
+        raise RecipeError(f"command line: {text}: expected KEY.PATH=VALUE, e.g. federation.rounds=5")
     key, raw = text.split("=", 1)
     path = [p for p in key.strip().split(".") if p]
     if not path:
-        raise RecipeError(f"override {text!r}: empty key path")
+        raise RecipeError(f"command line: {text}: empty key path")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise RecipeError(f"override {text!r}: value is not valid YAML ({exc})") from None
+        raise RecipeError(f"command line: {text}: the value is not valid YAML ({exc})") from None
     return path, value
 
 
@@ -626,7 +662,7 @@ def _apply_override(data: dict, path: list[str], value: Any, text: str) -> None:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             where = ".".join(path[: i + 1])
-            raise RecipeError(f"override {text!r}: {where} is a value, not a section")
+            raise RecipeError(f"command line: {text}: {where} is a value, not a section")
         node = child
     node[path[-1]] = value
 
@@ -643,22 +679,30 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
+def _where(loc: tuple[str, ...], origin: str, lines: dict[tuple[str, ...], int],
+           overrides: dict[str, str]) -> str:
+    """Where an error at key path `loc` comes from: the override that set it (as typed on the
+    command line), else the recipe file's line, naming any overrides below `loc` as well."""
+    key = ".".join(loc)
+    for path, text in reversed(overrides.items()):  # the last override of a key is the one used
+        if key == path or key.startswith(path + "."):
+            return f"command line: {text}"
+    in_file = next((f"{origin}, line {lines[loc[:n]]}" for n in range(len(loc), 0, -1)
+                    if loc[:n] in lines), origin)
+    below = [text for path, text in overrides.items() if not key or path.startswith(key + ".")]
+    if below:
+        return f"command line: {', '.join(below)} (with {in_file})"
+    return in_file
+
+
 def _format_errors(
-    exc: ValidationError, origin: str, lines: dict[tuple[str, ...], int], overrides: set[str]
+    exc: ValidationError, origin: str, lines: dict[tuple[str, ...], int], overrides: dict[str, str]
 ) -> str:
     out = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
         key = ".".join(loc) or "(top level)"
-        where = origin
-        given = [k for k in overrides if key == k or key.startswith(k + ".")]
-        if given:
-            where = f"override {given[0]}=..."
-        else:
-            for n in range(len(loc), 0, -1):
-                if loc[:n] in lines:
-                    where = f"{origin}, line {lines[loc[:n]]}"
-                    break
+        where = _where(loc, origin, lines, overrides)
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(tuple(err["loc"][:-1]))
             msg = f"unknown key; allowed here: {', '.join(allowed)}"
@@ -691,11 +735,12 @@ def load_recipe(
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
         lines = _line_map(text)
-    override_keys = set()
+    override_keys: dict[str, str] = {}   # key path -> the argument as typed
     for text in overrides:
         keypath, value = parse_override(text)
         _apply_override(data, keypath, value, text)
-        override_keys.add(".".join(keypath))
+        override_keys.pop(".".join(keypath), None)
+        override_keys[".".join(keypath)] = text
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -108,11 +109,14 @@ def test_bitfit_full_and_lora_on_gpt2_through_a_round(tiny_recipe, tiny_gpt2_dir
         assert summary["adapter_parameters"] == n_bias
     elif method == "full":
         assert summary["adapter_parameters"] == n_all
-    else:  # peft's default LoRA targets for GPT-2: c_attn, r=8: 2 layers × (16·8 + 8·48)
-        assert summary["adapter_parameters"] == 2 * (16 * 8 + 8 * 48)
-    if method != "lora":  # a whole model directory, loadable as is
+    else:  # LoRA r=8 on every linear layer (the default): c_attn 16->48, attn c_proj 16->16,
+        # mlp c_fc 16->64 and c_proj 64->16, in each of 2 layers
+        assert summary["adapter_parameters"] == 2 * 8 * ((16 + 48) + (16 + 16) + (16 + 64) + (64 + 16))
+    if method == "full":  # a whole model directory, loadable as is
         final = AutoModelForCausalLM.from_pretrained(summary["final_adapter"])
         assert sum(p.numel() for p in final.parameters()) == n_all
+    if method == "bitfit":  # the biases only (tests/integration/test_adapter_methods.py)
+        assert (Path(summary["final_adapter"]) / "bitfit.safetensors").is_file()
 
 
 def test_bitfit_on_a_model_without_biases_is_a_clear_error(tiny_recipe):
@@ -183,10 +187,21 @@ def test_every_registered_algorithm_runs_two_rounds(tiny_recipe):
     for name in available_algorithms():
         if name == "offsite":  # needs whole layers and a deeper model: tests/integration/test_offsite_run.py
             continue
-        summary = fedtune.run(_fast(tiny_recipe, output__name=name, federation__algorithm=name,
-                                    federation__options=options.get(name, {})))
+        recipe = _fast(tiny_recipe, output__name=name, federation__algorithm=name,
+                       federation__options=options.get(name, {}))
+        recipe["eval"]["at_start"] = True
+        summary = fedtune.run(recipe)
         assert summary["rounds"] == 2 and summary["algorithm"] == name
-        assert summary["final"]["loss"] == summary["final"]["loss"]  # finite, not NaN
+        initial, final = summary["initial"]["loss"], summary["final"]["loss"]
+        assert math.isfinite(initial) and math.isfinite(final), name
+        assert final != initial, f"{name}: two rounds left the global model unchanged"
+        assert abs(final - initial) < 1.0, f"{name}: the loss jumped from {initial} to {final}"
+        assert summary["missing_updates"] == 0, name
+        run_dir = Path(summary["final_adapter"]).parent
+        events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rounds = [e["values"] for e in events if e["kind"] == "round"]
+        assert [r["updates"] for r in rounds] == [3, 3], name
+        assert all(math.isfinite(r["train_loss"]) and r["bytes_up"] > 0 for r in rounds), name
 
 
 def test_fedmezo_trains_without_backward_and_personalises_rates(tiny_recipe):

@@ -99,7 +99,7 @@ def test_markdown_table_and_the_comparison_with_local_only():
     header = next(line for line in lines if line.startswith("| variant"))
     assert "global EM" in header and "client_0 EM" in header and "bytes up" in header
     fed = next(line for line in lines if line.startswith("| fedavg"))
-    assert "| 1.5000 | 50.0 % | 50.0 % | 50.0 % | 200 B | 300 B | 25 |" in fed
+    assert "| 1.5000 | 50.0 % | 50.0 % | 1.4000 | 50.0 % | 1.6000 | 200 B | 300 B | 25 |" in fed
     [line] = comparison(synthetic_results())
     assert "fedavg" in line and "local-only mean 30.0 %" in line and "+20.0 points: beats" in line
     assert "centralised reference 70.0 %" in line
@@ -140,11 +140,53 @@ def test_figures_draw_exactly_the_series():
     assert {line.get_label() for line in train_loss_ax.get_lines()} == set(series["train_loss"])
     [acc_ax] = figs["accuracy"].axes
     assert {line.get_label() for line in acc_ax.get_lines()} == set(series["global_exact_match"])
-    [bar_ax] = figs["per_client"].axes
-    heights = {c.get_label(): [p.get_height() for p in c.patches] for c in bar_ax.containers}
+    em_ax, loss_ax = figs["per_client"].axes  # exact match, and the loss beside it
+    heights = {c.get_label(): [p.get_height() for p in c.patches] for c in em_ax.containers}
     assert heights == series["per_client"]["bars"]
-    [bytes_ax] = figs["bytes"].axes
-    assert {line.get_label() for line in bytes_ax.get_lines()} == {"fedavg up", "fedavg down"}
+    heights = {c.get_label(): [p.get_height() for p in c.patches] for c in loss_ax.containers}
+    assert heights["fedavg"] == [1.4, 1.6, 1.5] and heights == series["per_client"]["loss_bars"]
+    # up and down on axes of their own, so equal byte counts cannot hide one line under the other
+    down_ax, up_ax = figs["bytes"].axes
+    [down] = down_ax.get_lines()
+    [up] = up_ax.get_lines()
+    assert (down.get_label(), list(down.get_ydata())) == ("fedavg down", [150.0, 150.0])
+    assert (up.get_label(), list(up.get_ydata())) == ("fedavg up", [100.0, 100.0])
+
+
+def test_per_client_plot_with_every_exact_match_zero_still_shows_the_losses():
+    results = synthetic_results()
+    for r in results:
+        r.global_metrics["exact_match"] = 0.0
+        for scores in r.per_client.values():
+            scores["exact_match"] = 0.0
+    series = plot_series(results)
+    em_ax, loss_ax = make_figures(series, {r.variant: r.kind for r in results})["per_client"].axes
+    assert all(p.get_height() == 0 for c in em_ax.containers for p in c.patches)
+    assert "every exact match is 0" in " ".join(t.get_text() for t in em_ax.texts)
+    centralised = next(c for c in loss_ax.containers if c.get_label() == "centralised")
+    assert [p.get_height() for p in centralised.patches] == [1.1, 0.9, 1.0]
+
+
+def test_markdown_has_each_clients_loss_beside_its_exact_match():
+    text = to_markdown(synthetic_results(), title="t", budget="b")
+    header = next(line for line in text.splitlines() if line.startswith("| variant"))
+    assert "| client_0 EM | client_0 loss | client_1 EM | client_1 loss |" in header
+    fed = next(line for line in text.splitlines() if line.startswith("| fedavg"))
+    assert "| 50.0 % | 1.4000 | 50.0 % | 1.6000 |" in fed
+
+
+def test_comparison_on_a_tied_metric_is_decided_by_the_loss():
+    results = synthetic_results()
+    results[2].global_metrics["exact_match"] = 0.0   # local-only mean: loss 2.5
+    results[3].global_metrics["exact_match"] = 0.0   # fedavg: loss 1.5
+    line = comparison(results)[0]
+    assert "(+0.0 points: ties); on loss 1.5000 vs 2.5000 (-1.0000: beats local-only)" in line
+    assert "does NOT" not in line
+    results[3].global_metrics["loss"] = 3.0
+    assert "on loss 3.0000 vs 2.5000 (+0.5000: does NOT beat local-only)" in comparison(results)[0]
+    results[3].global_metrics["loss"] = 2.5
+    line = comparison(results)[0]
+    assert "on loss 2.5000 vs 2.5000 (+0.0000: ties)" in line and "beat" not in line
 
 
 def test_report_writes_pngs_series_and_a_self_contained_html(tmp_path):
@@ -250,7 +292,7 @@ def test_default_federated_variant_is_the_recipes_algorithm():
 def test_bad_bench_section_names_the_key(override, message):
     with pytest.raises(RecipeError) as err:
         load_recipe(None, [override])
-    assert message in str(err.value) and f"override {override.split('=')[0]}" in str(err.value)
+    assert message in str(err.value) and f"command line: {override}: " in str(err.value)
 
 
 def test_bench_algorithms_accept_names_and_entries():

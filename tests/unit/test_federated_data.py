@@ -196,3 +196,40 @@ def test_split_table_renders_totals():
     text = console.export_text()
     assert "add:3, reverse:1" in text
     assert "total" in text and "2 categories" in text
+
+
+def test_split_by_any_column_groups_by_its_values(tmp_path):
+    rows = [{"instruction": f"q{i}", "output": "a", "user": ["ann", "bob", "cy", "dee"][i % 4],
+             "level": i % 2} for i in range(40)]
+    path = tmp_path / "users.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = build_federated_data(
+        DataSection(source=str(path), split={"method": "meta", "by": "user"}, val_fraction=0,
+                    test_fraction=0), 2, seed=0)
+    users = [{rows[int(ex.origin.rsplit(":", 1)[1]) - 1]["user"] for ex in c.train}
+             for c in data.clients.values()]
+    assert sorted(len(u) for u in users) == [2, 2] and not users[0] & users[1]
+    # a numeric column works too (its values are compared as text)
+    data = build_federated_data(
+        DataSection(source=str(path), split={"method": "meta", "by": "level"}, val_fraction=0,
+                    test_fraction=0), 2, seed=0)
+    assert sorted({ex.split_value for ex in c.train} for c in data.clients.values()) == [{"0"}, {"1"}]
+
+
+def test_split_by_a_missing_column_names_it(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"q{i}", "output": "a"}) + "\n"
+                            for i in range(20)))
+    with pytest.raises(DataError, match="column 'user' \\(data.split.by\\)"):
+        build_federated_data(DataSection(source=str(path), split={"method": "dirichlet", "by": "user"}),
+                             2, seed=0)
+    with pytest.raises(DataError, match="synthetic benchmark has only"):
+        build_federated_data(DataSection(split={"method": "meta", "by": "user"}), 2, seed=0)
+
+
+def test_quantity_skew_gives_clients_different_sizes(source):
+    data = build_federated_data(section(source, split={"method": "quantity", "alpha": 0.3},
+                                        val_fraction=0, test_fraction=0), 4, seed=1)
+    sizes = [len(c.train) for c in data.clients.values()]
+    assert sum(sizes) == 200 and min(sizes) >= 1 and max(sizes) > 2 * min(sizes)
+    assert len({ex.origin for ex in all_parts(data)}) == 200

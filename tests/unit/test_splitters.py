@@ -10,10 +10,12 @@ import pytest
 from fedtune.data.splitters import (
     assign_categories,
     dirichlet_proportions,
+    quantity_sizes,
     split_by_proportions,
     split_dirichlet,
     split_iid,
     split_meta,
+    split_quantity,
     train_val_test_split,
 )
 from fedtune.errors import DataError
@@ -38,16 +40,16 @@ def test_iid_deterministic_by_seed():
 
 def test_dirichlet_covers_every_index_once():
     labels = ["a"] * 37 + ["b"] * 21 + ["c"] * 5
-    parts = split_dirichlet(labels, 4, alpha=0.5, seed=3)
+    parts = split_dirichlet({"train": labels}, 4, alpha=0.5, seed=3)["train"]
     assert len(parts) == 4
     assert flat(parts) == list(range(len(labels)))
-    assert parts == split_dirichlet(labels, 4, alpha=0.5, seed=3)
-    assert parts != split_dirichlet(labels, 4, alpha=0.5, seed=4)
+    assert parts == split_dirichlet({"train": labels}, 4, alpha=0.5, seed=3)["train"]
+    assert parts != split_dirichlet({"train": labels}, 4, alpha=0.5, seed=4)["train"]
 
 
 def _label_share_spread(alpha: float) -> float:
     labels = [f"c{k}" for k in range(8) for _ in range(200)]
-    parts = split_dirichlet(labels, 4, alpha=alpha, seed=1)
+    parts = split_dirichlet({"train": labels}, 4, alpha=alpha, seed=1)["train"]
     # for each label, the largest fraction of it that lands on one client
     per_label = []
     for k in range(8):
@@ -76,7 +78,7 @@ def test_same_proportions_apply_to_each_split():
 
 def test_dirichlet_needs_categories():
     with pytest.raises(DataError, match="data.split.method: iid"):
-        split_dirichlet(["a", None, "b"], 2, alpha=1.0, seed=0)
+        split_dirichlet({"train": ["a", None, "b"]}, 2, alpha=1.0, seed=0)
 
 
 def test_assign_categories_balances_by_size():
@@ -106,7 +108,7 @@ def test_assign_categories_tie_break_depends_on_seed():
 
 def test_split_meta_disjoint_categories():
     categories = ["a"] * 5 + ["b"] * 4 + ["c"] * 3 + ["d"] * 2
-    parts = split_meta(categories, 2, seed=0)
+    parts = split_meta({"train": categories}, 2, seed=0)["train"]
     assert flat(parts) == list(range(14))
     per_client = [{categories[i] for i in p} for p in parts]
     assert not per_client[0] & per_client[1]
@@ -114,13 +116,13 @@ def test_split_meta_disjoint_categories():
 
 def test_meta_needs_enough_categories():
     with pytest.raises(DataError) as info:
-        split_meta(["a", "a", "b"], 3, seed=0)
+        split_meta({"train": ["a", "a", "b"]}, 3, seed=0)
     assert "federation.clients" in str(info.value) and "data.split.method" in str(info.value)
 
 
 def test_meta_needs_categories():
     with pytest.raises(DataError, match="no category column"):
-        split_meta(["a", None], 1, seed=0)
+        split_meta({"train": ["a", None]}, 1, seed=0)
 
 
 def test_train_val_test_split_stratified():
@@ -139,3 +141,51 @@ def test_train_val_test_split_totals_with_many_small_labels():
     train, val, test = train_val_test_split(labels, 0.1, 0.1, seed=0)
     assert (len(train), len(val), len(test)) == (16, 2, 2)
     assert sorted(train + val + test) == list(range(20))
+
+
+def test_meta_by_another_column_names_it():
+    with pytest.raises(DataError, match="column 'user'.*data.split.by"):
+        split_meta({"train": ["a", None]}, 1, seed=0, by="user")
+
+
+def test_dirichlet_and_meta_use_one_map_for_every_part():
+    labels = {"train": ["a"] * 6 + ["b"] * 6 + ["c"] * 6, "test": ["a", "b", "c"] * 2}
+    meta = split_meta(labels, 3, seed=1)
+    for client in range(3):  # each client holds the same single label in train and test
+        train_labels = {labels["train"][i] for i in meta["train"][client]}
+        test_labels = {labels["test"][i] for i in meta["test"][client]}
+        assert len(train_labels) == 1 and train_labels == test_labels
+
+
+def test_quantity_sizes_by_hand():
+    assert quantity_sizes(10, [0.5, 0.3, 0.2]) == [5, 3, 2]
+    # quotas 3.5, 3.5, 3.0 -> floors 3, 3, 3 and one left for the lower client of the tie
+    assert quantity_sizes(10, [0.35, 0.35, 0.30]) == [4, 3, 3]
+    # one each first, then 7 by shares: 6.3, 0.7, 0.0 -> 6, 1, 0 -> 7, 2, 1
+    assert quantity_sizes(10, [0.9, 0.1, 0.0], minimum=1) == [7, 2, 1]
+    # fewer examples than clients: no minimum
+    assert quantity_sizes(2, [0.9, 0.1, 0.0], minimum=1) == [2, 0, 0]
+
+
+def test_quantity_split_follows_one_dirichlet_draw():
+    from fedtune.seeding import derive_seed
+
+    parts = split_quantity({"train": 100, "test": 20}, 3, alpha=0.5, seed=7)
+    shares = np.random.default_rng(derive_seed(7, "data", "quantity")).dirichlet([0.5] * 3)
+    assert [len(p) for p in parts["train"]] == quantity_sizes(100, shares, minimum=1)
+    assert [len(p) for p in parts["test"]] == quantity_sizes(20, shares, minimum=1)
+    assert flat(parts["train"]) == list(range(100)) and flat(parts["test"]) == list(range(20))
+    assert min(len(p) for p in parts["train"]) >= 1
+    # the biggest client is the same in train and test (one draw for both)
+    big = int(np.argmax(shares))
+    assert max(range(3), key=lambda c: len(parts["train"][c])) == big
+    assert parts == split_quantity({"train": 100, "test": 20}, 3, alpha=0.5, seed=7)
+
+
+def test_quantity_alpha_sets_the_skew():
+    def biggest_share(alpha: float) -> float:
+        parts = split_quantity({"train": 1000}, 4, alpha=alpha, seed=3)["train"]
+        return max(len(p) for p in parts) / 1000
+
+    assert biggest_share(1000.0) < 0.30   # near 1/4 each
+    assert biggest_share(0.05) > 0.80     # one client holds most

@@ -56,11 +56,15 @@ def plot_series(results: list[VariantResult]) -> dict[str, Any]:
                 if line is not None:
                     series[key][r.variant] = line
     clients = client_names(results)
-    series["per_client"] = {
-        "metric": metric, "groups": [*clients, "global"],
-        "bars": {r.variant: [r.per_client.get(c, {}).get(metric) for c in clients]
-                 + [r.global_metrics.get(metric)] for r in results},
-    }
+
+    def bars(key: str) -> dict[str, list[float | None]]:
+        return {r.variant: [r.per_client.get(c, {}).get(key) for c in clients]
+                + [r.global_metrics.get(key)] for r in results}
+
+    # The primary metric's bars and, beside them, the loss's (an all-zero exact match still
+    # shows how the variants differ).
+    series["per_client"] = {"metric": metric, "groups": [*clients, "global"], "bars": bars(metric),
+                            "loss_bars": bars("loss") if metric != "loss" else {}}
     return series
 
 
@@ -103,6 +107,25 @@ def _lines(ax, lines: Series, kinds: dict[str, str], title: str, ylabel: str) ->
         ax.legend(fontsize=7)
 
 
+def _bars(ax, groups: list[str], bars: dict[str, list[float | None]], metric: str,
+          kinds: dict[str, str]) -> None:
+    width, colours = 0.8 / max(1, len(bars)), _colours(kinds)
+    for i, (label, values) in enumerate(bars.items()):
+        xs = [g + (i - (len(bars) - 1) / 2) * width for g in range(len(groups))]
+        ax.bar(xs, [v if v is not None else float("nan") for v in values], width, label=label,
+               color=colours.get(label))
+    name = metric.replace("_", " ")
+    if metric == "exact_match":
+        ax.set_ylim(0, 1)
+        if all(not v for values in bars.values() for v in values):
+            ax.text(0.5, 0.5, f"every {name} is 0 (see the loss)", ha="center",
+                    transform=ax.transAxes)
+    ax.set_xticks(range(len(groups)), [f"{g} test" for g in groups])
+    ax.set_ylabel(name)
+    ax.set_title(f"{name} of each variant's final adapter")
+    ax.legend(fontsize=7, ncols=2)
+
+
 def make_figures(series: dict[str, Any], kinds: dict[str, str]) -> dict[str, Figure]:
     """Plot name -> matplotlib Figure (no pyplot: no global state, no display needed)."""
     figs: dict[str, Figure] = {}
@@ -118,33 +141,27 @@ def make_figures(series: dict[str, Any], kinds: dict[str, str]) -> dict[str, Fig
         ax.set_ylim(0, 1)
         figs["accuracy"] = fig
     per = series["per_client"]
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    ax = fig.subplots()
-    groups, bars = per["groups"], per["bars"]
-    width, colours = 0.8 / max(1, len(bars)), _colours(kinds)
-    for i, (label, values) in enumerate(bars.items()):
-        xs = [g + (i - (len(bars) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, [v if v is not None else float("nan") for v in values], width, label=label,
-               color=colours.get(label))
-    if per["metric"] == "exact_match":
-        ax.set_ylim(0, 1)
-    ax.set_xticks(range(len(groups)), [f"{g} test" for g in groups])
-    ax.set_ylabel(per["metric"].replace("_", " "))
-    ax.set_title(f"{per['metric'].replace('_', ' ')} of each variant's final adapter")
-    ax.legend(fontsize=7, ncols=2)
+    panels = [(per["metric"], per["bars"])] + ([("loss", per["loss_bars"])] if per["loss_bars"] else [])
+    fig = Figure(figsize=(11, 4 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, (metric, bars) in zip(axes, panels):
+        _bars(ax, per["groups"], bars, metric, kinds)
     figs["per_client"] = fig
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.subplots()
+    # Up and down in panels of their own: with equal sizes one line would hide the other.
+    fig = Figure(figsize=(11, 4), layout="constrained")
     colours = _colours(kinds)
-    for key, style in (("bytes_down", "-"), ("bytes_up", "--")):
+    for ax, key, what in zip(fig.subplots(1, 2), ("bytes_down", "bytes_up"),
+                             ("down (server to clients)", "up (clients to server)")):
         for label, line in series[key].items():
-            ax.plot(line["x"], line["y"], style, label=f"{label} {key.split('_')[1]}",
-                    color=colours.get(label))
-    _rounds_axis(ax, "adapter bytes per round, all clients\n(local-only and centralised send none)",
-                 "bytes")
-    ax.set_ylim(bottom=0)
-    if series["bytes_up"] or series["bytes_down"]:
-        ax.legend(fontsize=7)
+            ax.plot(line["x"], line["y"], "-", marker="o", markersize=3,
+                    label=f"{label} {key.split('_')[1]}", color=colours.get(label))
+        _rounds_axis(ax, f"adapter bytes {what}, all clients", "bytes")
+        ax.set_ylim(bottom=0)
+        if series[key]:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no federated variant", ha="center", transform=ax.transAxes)
+    fig.suptitle("local-only and centralised send no adapter bytes", fontsize=9)
     figs["bytes"] = fig
     return figs
 

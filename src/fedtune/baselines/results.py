@@ -114,26 +114,50 @@ def _fmt(metric: str, value: float | None, compact: bool = False) -> str:
 
 
 def table_cells(results: list[VariantResult], compact: bool = False) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the human table (markdown, HTML; `compact` for the console)."""
+    """Header and rows of the human table (markdown, HTML; `compact` for the console).
+
+    Per client: the primary metric and, when that is exact match, the loss too (not on the
+    console, where the width is short)."""
     clients, metric = client_names(results), primary_metric(results)
     label = "" if compact else " EM" if metric == "exact_match" else " loss"
+    per_client = [(c, metric) for c in clients]
+    if metric == "exact_match" and not compact:
+        per_client = [(c, k) for c in clients for k in (metric, "loss")]
     header = ["variant", "kind", "global loss"]
     if metric == "exact_match":
         header.append("global EM")
-    header += [f"{c}{label}" for c in clients] + ["bytes up", "bytes down", "wall s"]
+    header += [f"{c}{label if k == metric else ' loss'}" for c, k in per_client]
+    header += ["bytes up", "bytes down", "wall s"]
     rows = []
     for r in results:
         row = [r.variant, r.kind, _fmt("loss", r.global_metrics.get("loss"), compact)]
         if metric == "exact_match":
             row.append(_fmt(metric, r.global_metrics.get(metric), compact))
-        row += [_fmt(metric, r.per_client.get(c, {}).get(metric), compact) for c in clients]
+        row += [_fmt(k, r.per_client.get(c, {}).get(k), compact) for c, k in per_client]
         row += [human_bytes(r.bytes_up), human_bytes(r.bytes_down), f"{r.wall_seconds:.0f}"]
         rows.append(row)
     return header, rows
 
 
+# Closer than this counts as a tie: exact match is a fraction of the same test set (equal or
+# not); a loss is shown to 4 decimals.
+_TIE = {"exact_match": 1e-9, "loss": 5e-5}
+
+
+def _versus(metric: str, value: float, base: float) -> tuple[str, str]:
+    """(difference as text, 'beats' / 'does NOT beat' / 'ties') of `value` against `base`."""
+    diff = (f"{(value - base) * 100:+.1f} points" if metric == "exact_match"
+            else f"{value - base:+.4f}")
+    if abs(value - base) <= _TIE.get(metric, 1e-9):
+        return diff, "ties"
+    better = value > base if metric == "exact_match" else value < base
+    return diff, "beats" if better else "does NOT beat"
+
+
 def comparison(results: list[VariantResult]) -> list[str]:
-    """Sentences: each federated variant against the local-only mean, centralised as reference."""
+    """Sentences: each federated variant against the local-only mean, centralised as reference.
+
+    When the primary metric ties (0.0 % against 0.0 % is common early on), the loss decides."""
     metric = primary_metric(results)
     mean = next((r for r in results if r.kind == LOCAL_MEAN), None)
     central = next((r for r in results if r.kind == CENTRALISED), None)
@@ -145,11 +169,16 @@ def comparison(results: list[VariantResult]) -> list[str]:
         text = f"{r.variant}: global test {metric} {_fmt(metric, value)}"
         if mean is not None:
             base = mean.global_metrics[metric]
-            better = value > base if metric == "exact_match" else value < base
-            diff = (f"{(value - base) * 100:+.1f} points" if metric == "exact_match"
-                    else f"{value - base:+.4f}")
-            text += (f" vs local-only mean {_fmt(metric, base)} ({diff}: "
-                     f"{'beats' if better else 'does NOT beat'} local-only)")
+            diff, verdict = _versus(metric, value, base)
+            loss, base_loss = r.global_metrics.get("loss"), mean.global_metrics.get("loss")
+            if verdict == "ties" and metric != "loss" and loss is not None and base_loss is not None:
+                loss_diff, verdict = _versus("loss", loss, base_loss)
+                text += (f" vs local-only mean {_fmt(metric, base)} ({diff}: ties); on loss "
+                         f"{_fmt('loss', loss)} vs {_fmt('loss', base_loss)} ({loss_diff}: "
+                         f"{verdict}{'' if verdict == 'ties' else ' local-only'})")
+            else:
+                text += (f" vs local-only mean {_fmt(metric, base)} ({diff}: "
+                         f"{verdict}{'' if verdict == 'ties' else ' local-only'})")
         if central is not None:
             text += f"; centralised reference {_fmt(metric, central.global_metrics[metric])}"
         lines.append(text)
@@ -163,8 +192,9 @@ def to_markdown(results: list[VariantResult], *, title: str, budget: str) -> str
              "| " + " | ".join(header) + " |",
              "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", "Global columns: the global test set (every client's test part). Client columns: "
-              "the variant's final adapter on that client's test part; for the local-only mean, "
+    lines += ["", "Global columns: the global test set (every client's test part). Client columns "
+              "(EM and loss): the variant's final adapter on that client's test part; for the "
+              "local-only mean, "
               "each client's own model on its own part. Bytes: adapter traffic of the federation "
               "(none for local-only; centralised pools the raw data instead).", ""]
     lines += [f"- {line}" for line in comparison(results)]

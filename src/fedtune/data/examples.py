@@ -10,6 +10,10 @@ class Example:
     """One instruction-following example.
 
     `origin` says where it came from ("data/train.jsonl:12"), for error messages and reports.
+    `messages` holds a chat conversation (`data.format: messages`): its (role, content) turns,
+    the last one the assistant's answer (also in `output`; `instruction` is the last user turn).
+    `split_value` is the example's value of the column `data.split.by` names (when that is not
+    `category`), the label the dirichlet and meta splits group by.
     """
 
     instruction: str
@@ -17,3 +21,5 @@ class Example:
     input: str = ""
     category: str | None = None
     origin: str = ""
+    split_value: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None

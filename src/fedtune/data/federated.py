@@ -13,12 +13,10 @@ from fedtune.config import DataSection
 from fedtune.data.examples import Example
 from fedtune.data.records import load_examples
 from fedtune.data.splitters import (
-    assign_categories,
-    dirichlet_proportions,
-    require_categories,
-    split_by_assignment,
-    split_by_proportions,
+    split_dirichlet,
     split_iid,
+    split_meta,
+    split_quantity,
     train_val_test_split,
 )
 from fedtune.errors import DataError
@@ -72,6 +70,10 @@ class FederatedData:
 
 
 def _load_source(section: DataSection, seed: int) -> list[Example]:
+    by = None if section.split.by == "category" else section.split.by
+    if section.source == "synthetic" and by is not None:
+        raise DataError(f"data.split.by {by!r}: the synthetic benchmark has only the `category` "
+                        "column to split by")
     if section.source == "synthetic":
         from fedtune.data.synthetic import generate_examples
 
@@ -82,7 +84,8 @@ def _load_source(section: DataSection, seed: int) -> list[Example]:
             examples = [examples[i] for i in keep]
         return examples
     return load_examples(
-        section.source, format=section.format, fields=section.fields, limit=section.max_examples
+        section.source, format=section.format, fields=section.fields, limit=section.max_examples,
+        split_by=by,
     )
 
 
@@ -90,7 +93,9 @@ def _split_parts(section: DataSection, seed: int) -> dict[str, list[Example]]:
     examples = _load_source(section, seed)
     labels = [ex.category for ex in examples]
     if section.test_source is not None:
-        test = load_examples(section.test_source, format=section.format, fields=section.fields)
+        by = None if section.split.by == "category" else section.split.by
+        test = load_examples(section.test_source, format=section.format, fields=section.fields,
+                             split_by=by)
         train_idx, val_idx, _ = train_val_test_split(
             labels, section.val_fraction, 0.0, derive_seed(seed, "data", "holdout")
         )
@@ -113,31 +118,26 @@ def _client_indices(
     parts: dict[str, list[Example]], section: DataSection, n_clients: int, seed: int
 ) -> dict[str, list[list[int]]]:
     """Part -> per-client index lists, with ONE proportion/category map shared by all parts."""
-    method = section.split.method
-    if method == "iid":
+    split = section.split
+    if split.method == "iid":
         return {
             part: split_iid(len(exs), n_clients, derive_seed(seed, "data", "iid", part))
             for part, exs in parts.items()
         }
-    labels = {part: [ex.category for ex in exs] for part, exs in parts.items()}
-    all_labels: list[Any] = [label for part in PARTS for label in labels[part]]
-    require_categories(all_labels, method)
-    if method == "dirichlet":
-        proportions = dirichlet_proportions(
-            all_labels, n_clients, section.split.alpha, derive_seed(seed, "data", "dirichlet")
-        )
-        return {
-            part: split_by_proportions(
-                labels[part], proportions, derive_seed(seed, "data", "dirichlet", part)
-            )
-            for part in PARTS
-        }
-    if method == "meta":
-        assignment = assign_categories(
-            dict(Counter(all_labels)), n_clients, derive_seed(seed, "data", "meta")
-        )
-        return {part: split_by_assignment(labels[part], assignment, n_clients) for part in PARTS}
-    raise DataError(f"unknown data.split.method {method!r}; allowed: iid, dirichlet, meta")
+    if split.method == "quantity":
+        return split_quantity({part: len(exs) for part, exs in parts.items()}, n_clients,
+                              split.alpha, seed)
+    labels = {part: [split_label(ex, split.by) for ex in parts[part]] for part in PARTS}
+    if split.method == "dirichlet":
+        return split_dirichlet(labels, n_clients, split.alpha, seed, by=split.by)
+    if split.method == "meta":
+        return split_meta(labels, n_clients, seed, by=split.by)
+    raise DataError(f"unknown data.split.method {split.method!r}; allowed: iid, dirichlet, meta, quantity")
+
+
+def split_label(example: Example, by: str) -> str | None:
+    """The label `data.split.by` names: the example's category, or its value of that column."""
+    return example.category if by == "category" else example.split_value
 
 
 def build_federated_data(section: DataSection, n_clients: int, seed: int) -> FederatedData:
@@ -150,7 +150,8 @@ def build_federated_data(section: DataSection, n_clients: int, seed: int) -> Fed
         clients[name] = ClientData(name=name, **chosen)
     for name, client in clients.items():
         if not client.train:
-            hint = " or a larger data.split.alpha" if section.split.method == "dirichlet" else ""
+            hint = (" or a larger data.split.alpha"
+                    if section.split.method in ("dirichlet", "quantity") else "")
             raise DataError(
                 f"{name} has no training examples ({len(parts['train'])} training examples over "
                 f"{n_clients} clients, data.split.method '{section.split.method}'); "

@@ -61,8 +61,16 @@ def resolve_template(template: str | PromptTemplate) -> PromptTemplate:
     return PromptTemplate(with_input=template, without_input=template)
 
 
-def render_prompt(example: Example, template: str | PromptTemplate) -> str:
-    """The prompt text for `example` (everything before the response)."""
+def render_prompt(example: Example, template: str | PromptTemplate, tokenizer: Any = None) -> str:
+    """The prompt text for `example` (everything before the response).
+
+    A chat example is rendered with `tokenizer`'s chat template (the fallback layout without
+    one, or without a tokenizer), up to the cue for the last assistant turn.
+    """
+    if example.messages is not None:
+        from fedtune.data.chat import chat_prompt
+
+        return chat_prompt(example.messages, tokenizer)
     resolved = resolve_template(template)
     text = resolved.with_input if example.input else resolved.without_input
     if example.input and "{input}" not in text:
@@ -137,15 +145,28 @@ def tokenize_examples(
     if not examples:
         return [], TokenizeReport(total=0, kept=0, truncated=0, dropped=0)
 
-    prompts = [render_prompt(ex, resolved) for ex in examples]
-    responses = [ex.output for ex in examples]
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    plain = [ex for ex in examples if ex.messages is None]
+    prompts = [render_prompt(ex, resolved) for ex in plain]
+    responses = [ex.output for ex in plain]
+    prompt_ids = iter(tokenizer(prompts, add_special_tokens=False)["input_ids"] if plain else [])
+    response_ids = iter(tokenizer(responses, add_special_tokens=False)["input_ids"] if plain else [])
 
     out: list[TokenizedExample] = []
     reasons: Counter[str] = Counter()
     truncated = 0
-    for prompt, response in zip(prompt_ids, response_ids, strict=True):
+    for example in examples:
+        if example.messages is not None:
+            from fedtune.data.chat import tokenize_chat
+
+            input_ids, labels, reason, cut = tokenize_chat(example.messages, tokenizer,
+                                                           max_length, truncation)
+            truncated += cut
+            if reason is not None:
+                reasons[reason] += 1
+            else:
+                out.append(TokenizedExample(input_ids=input_ids, labels=labels))
+            continue
+        prompt, response = next(prompt_ids), next(response_ids)
         if not response:
             reasons["empty response"] += 1
             continue

@@ -42,17 +42,25 @@ _GSM8K_FINAL = re.compile(r"^\s*####\s*(.*?)\s*$")
 def read_rows(source: str, *, limit: int | None = None) -> list[Row]:
     """(origin, row) pairs from a file, a saved `datasets` directory or a hub dataset name."""
     path = Path(source).expanduser()
+    check_local_source(source)
     if path.is_dir():
         rows = _take(_read_saved_dataset(path), limit)
     elif path.is_file():
         rows = _take(_read_file(path), limit)
-    elif path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
-        raise DataError(f"data file not found: {source}")
     else:
         rows = _read_hub_dataset(source, limit)
     if not rows:
         raise DataError(f"{source}: no rows found (the file or dataset is empty)")
     return rows
+
+
+def check_local_source(source: str) -> None:
+    """DataError when `source` names a local file (by its suffix or path) that does not exist."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return
+    if path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
+        raise DataError(f"data file not found: {source}")
 
 
 def _take(rows: Iterator[Row], limit: int | None) -> list[Row]:
@@ -226,9 +234,12 @@ def _read_hub_dataset(name: str, limit: int | None) -> list[Row]:
 
 
 def detect_format(columns: Iterable[str], fields: dict[str, str] | None = None) -> str:
-    """The first built-in format whose required columns are all in `columns`."""
+    """`messages` when the chat column is there, else the first built-in format whose required
+    columns are all in `columns`."""
     present = set(columns)
     fields = fields or {}
+    if fields.get("messages", "messages") in present:
+        return "messages"
     for name, mapping in FORMATS.items():
         merged = {**mapping, **fields}
         if all(merged[key] in present for key in REQUIRED):
@@ -249,6 +260,8 @@ def detect_format(columns: Iterable[str], fields: dict[str, str] | None = None) 
 
 def column_mapping(format: str, fields: dict[str, str]) -> dict[str, str]:
     """Our field name -> column name for `format`, with `fields` overriding the built-in names."""
+    if format == "messages":
+        return {"messages": "messages", **fields}
     if format == "custom":
         missing = [key for key in REQUIRED if key not in fields]
         if missing:
@@ -256,7 +269,7 @@ def column_mapping(format: str, fields: dict[str, str]) -> dict[str, str]:
         return dict(fields)
     if format not in FORMATS:
         raise DataError(
-            f"unknown data.format {format!r}; allowed: auto, custom, {', '.join(FORMATS)}"
+            f"unknown data.format {format!r}; allowed: auto, custom, messages, {', '.join(FORMATS)}"
         )
     return {**FORMATS[format], **fields}
 
@@ -292,13 +305,20 @@ def rewrite_gsm8k_answer(answer: str) -> str:
     return answer
 
 
-def to_examples(rows: list[Row], *, format: str, fields: dict[str, str]) -> list[Example]:
-    """Map rows to Examples with a built-in format (`auto` detects it from the first row) or `custom`."""
+def to_examples(
+    rows: list[Row], *, format: str, fields: dict[str, str], split_by: str | None = None
+) -> list[Example]:
+    """Map rows to Examples with a built-in format (`auto` detects it from the first row) or `custom`.
+
+    `split_by`: a column whose value each example keeps as `split_value` (`data.split.by`).
+    """
     if not rows:
         return []
     if format == "auto":
         format = detect_format(rows[0][1], fields)
     mapping = column_mapping(format, fields)
+    if format == "messages":
+        return [_chat_example(origin, row, mapping, split_by) for origin, row in rows]
     examples = []
     for origin, row in rows:
         instruction = _text(row, origin, mapping["instruction"], required=True)
@@ -310,15 +330,45 @@ def to_examples(rows: list[Row], *, format: str, fields: dict[str, str]) -> list
         category = _text(row, origin, mapping.get("category"), required=False) or None
         if format == "codealpaca" and category is None:
             category = code_language(instruction, input_text, output)
+        split_value = _split_value(row, origin, split_by) if split_by else None
         examples.append(
             Example(instruction=instruction, output=output, input=input_text, category=category,
-                    origin=origin)
+                    origin=origin, split_value=split_value)
         )
     return examples
 
 
+def _chat_example(origin: str, row: dict, mapping: dict[str, str], split_by: str | None) -> Example:
+    """A conversation row: its turns, the last assistant turn as the reference answer."""
+    from fedtune.data.chat import parse_messages
+
+    column = mapping["messages"]
+    if column not in row:
+        raise DataError(f"{origin}: missing column {column!r} (data.format messages); row has "
+                        f"{sorted(row)}; name the column with data.fields.messages")
+    turns = parse_messages(row[column], origin, column)
+    users = [content for role, content in turns if role == "user"]
+    category = _text(row, origin, mapping.get("category"), required=False) or None
+    return Example(instruction=users[-1] if users else "", output=turns[-1][1], category=category,
+                   origin=origin, messages=turns,
+                   split_value=_split_value(row, origin, split_by) if split_by else None)
+
+
+def _split_value(row: dict, origin: str, column: str) -> str | None:
+    """The row's value of the `data.split.by` column as text (None when missing or null)."""
+    value = row.get(column)
+    if value is None:
+        return None
+    if isinstance(value, (str, int, float, bool)):
+        return str(value)
+    raise DataError(f"{origin}: column {column!r} (data.split.by) must be a string or a number, "
+                    f"got {type(value).__name__}")
+
+
 def load_examples(
-    source: str, *, format: str, fields: dict[str, str], limit: int | None = None
+    source: str, *, format: str, fields: dict[str, str], limit: int | None = None,
+    split_by: str | None = None,
 ) -> list[Example]:
     """Read `source` and map its rows to Examples."""
-    return to_examples(read_rows(source, limit=limit), format=format, fields=fields)
+    return to_examples(read_rows(source, limit=limit), format=format, fields=fields,
+                       split_by=split_by)

@@ -1,14 +1,22 @@
-"""Pure, seeded ways to spread example indices over clients (iid, dirichlet, meta) and into splits."""
+"""Pure, seeded ways to spread example indices over clients (iid, dirichlet, meta, quantity) and into splits.
+
+`split_dirichlet`, `split_meta` and `split_quantity` take the labels (or sizes) of every part
+(train, val, test) at once and draw ONE map for all of them, so a client's share of a label (or
+of the data) is the same in each part.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
 import numpy as np
 
 from fedtune.errors import DataError
+from fedtune.seeding import derive_seed
+
+Parts = dict[str, list[list[int]]]
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -28,15 +36,23 @@ def _groups(labels: Sequence[object]) -> dict[object, list[int]]:
     return dict(sorted(groups.items(), key=lambda item: (item[0] is not None, str(item[0]))))
 
 
-def require_categories(labels: Sequence[str | None], method: str) -> None:
-    """Raise a DataError when some example has no category (dirichlet and meta need one)."""
+def require_categories(labels: Sequence[str | None], method: str, by: str = "category") -> None:
+    """Raise a DataError when some example has no label (dirichlet and meta need one)."""
     missing = sum(label is None for label in labels)
-    if missing:
+    if not missing:
+        return
+    if by == "category":
         raise DataError(
             f"data.split.method '{method}' needs a category on every example, but {missing} of "
             f"{len(labels)} have none (the data has no category column); use "
-            "`data.split.method: iid`, or map a category column with `data.fields.category`"
+            "`data.split.method: iid`, or map a category column with `data.fields.category`, "
+            "or split by another column with `data.split.by`"
         )
+    raise DataError(
+        f"data.split.method '{method}' splits by column {by!r} (data.split.by), but {missing} of "
+        f"{len(labels)} examples have no value there (missing or null); fill it in, or choose "
+        "another data.split.by"
+    )
 
 
 def split_iid(n: int, n_clients: int, seed: int) -> list[list[int]]:
@@ -93,12 +109,50 @@ def _unknown_label(label: object) -> NoReturn:
 
 
 def split_dirichlet(
-    labels: Sequence[str], n_clients: int, alpha: float, seed: int
-) -> list[list[int]]:
-    """Label-skewed split: each label's examples spread over clients by Dirichlet(alpha) shares."""
-    require_categories(labels, "dirichlet")
-    proportions = dirichlet_proportions(labels, n_clients, alpha, seed)
-    return split_by_proportions(labels, proportions, seed)
+    labels: Mapping[str, Sequence[str | None]], n_clients: int, alpha: float, seed: int,
+    *, by: str = "category",
+) -> Parts:
+    """Label-skewed split of every part: each label's examples spread over clients by one
+    Dirichlet(alpha) draw of shares, the same shares in every part."""
+    all_labels = [label for part in labels.values() for label in part]
+    require_categories(all_labels, "dirichlet", by)
+    proportions = dirichlet_proportions(all_labels, n_clients, alpha,
+                                        derive_seed(seed, "data", "dirichlet"))
+    return {part: split_by_proportions(part_labels, proportions,
+                                       derive_seed(seed, "data", "dirichlet", part))
+            for part, part_labels in labels.items()}
+
+
+def quantity_sizes(n: int, shares: Sequence[float], minimum: int = 0) -> list[int]:
+    """`n` split by `shares` (largest remainder; ties to the lower client), `minimum` each first."""
+    k = len(shares)
+    if n < minimum * k:
+        minimum = 0
+    rest = n - minimum * k
+    quotas = [float(s) * rest for s in shares]
+    sizes = [int(q) for q in quotas]
+    order = sorted(range(k), key=lambda c: (-(quotas[c] - sizes[c]), c))
+    for c in order[: rest - sum(sizes)]:
+        sizes[c] += 1
+    return [size + minimum for size in sizes]
+
+
+def split_quantity(sizes: Mapping[str, int], n_clients: int, alpha: float, seed: int) -> Parts:
+    """Quantity skew: clients get different numbers of examples, labels aside.
+
+    One draw of client shares from Dirichlet(alpha, ..., alpha) sets every part's sizes (each
+    client gets at least one example of a part when it has as many as there are clients); the
+    examples of each part are shuffled and dealt out in those sizes. Large alpha: near-equal
+    sizes; alpha 0.5: a few clients hold most of the data.
+    """
+    _check_clients(n_clients)
+    shares = dirichlet_proportions(["all"], n_clients, alpha, derive_seed(seed, "data", "quantity"))["all"]
+    out: Parts = {}
+    for part, n in sizes.items():
+        order = _rng(derive_seed(seed, "data", "quantity", part)).permutation(n)
+        cuts = np.cumsum(quantity_sizes(n, shares, minimum=1))[:-1]
+        out[part] = [sorted(int(i) for i in chunk) for chunk in np.split(order, cuts)]
+    return out
 
 
 def assign_categories(category_sizes: dict[str, int], n_clients: int, seed: int) -> dict[str, int]:
@@ -142,11 +196,16 @@ def split_by_assignment(
     return parts
 
 
-def split_meta(categories: Sequence[str], n_clients: int, seed: int) -> list[list[int]]:
-    """Split by whole categories, balancing the number of examples per client."""
-    require_categories(categories, "meta")
-    assignment = assign_categories(dict(Counter(categories)), n_clients, seed)
-    return split_by_assignment(categories, assignment, n_clients)
+def split_meta(
+    labels: Mapping[str, Sequence[str | None]], n_clients: int, seed: int, *, by: str = "category"
+) -> Parts:
+    """Split every part by whole labels (one label -> client map), balancing examples per client."""
+    all_labels = [label for part in labels.values() for label in part]
+    require_categories(all_labels, "meta", by)
+    assignment = assign_categories(dict(Counter(all_labels)), n_clients,
+                                   derive_seed(seed, "data", "meta"))
+    return {part: split_by_assignment(part_labels, assignment, n_clients)
+            for part, part_labels in labels.items()}
 
 
 def _allocate(

@@ -64,7 +64,7 @@ class Evaluator:
         self.model.eval()
         tok = self.tokenizer
         budget = max(1, self.max_length - self.section.max_new_tokens)
-        prompts = [self._prompt_ids(render_prompt(ex, self.template), budget)[0] for ex in examples]
+        prompts = [self._prompt_ids(render_prompt(ex, self.template, tok), budget)[0] for ex in examples]
         answers: list[str] = []
         size = self.section.batch_size
         for start in range(0, len(prompts), size):

@@ -38,6 +38,7 @@ def load_adapted_model(adapter: Path, recipe: Recipe):
     """The base model of the recipe with the adapter applied (or a whole saved model)."""
     from peft import PeftModel
 
+    from fedtune.models.adapters import apply_bitfit, is_bitfit_dir
     from fedtune.models.loading import load_base_model
 
     if not adapter.is_dir():
@@ -45,7 +46,10 @@ def load_adapted_model(adapter: Path, recipe: Recipe):
     if (adapter / "adapter_config.json").is_file():
         model, tokenizer = load_base_model(recipe.model)
         model = PeftModel.from_pretrained(model, str(adapter))
-    elif (adapter / "config.json").is_file():  # bitfit / full fine-tuning save whole models
+    elif is_bitfit_dir(adapter):  # bitfit saves the trained biases only
+        model, tokenizer = load_base_model(recipe.model)
+        apply_bitfit(model, adapter)
+    elif (adapter / "config.json").is_file():  # full fine-tuning saves a whole model
         model, tokenizer = load_base_model(recipe.model.model_copy(update={"name": str(adapter)}))
     else:
         raise ModelError(f"--adapter {adapter}: neither a PEFT adapter nor a model directory")

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_config, get_peft_model
+from safetensors.torch import load_file, save_file
 
 from fedtune.config import AdapterSection
 from fedtune.errors import ModelError
+from fedtune.models.adapter_methods import (
+    DEFAULT_ADAPTER_LEN,
+    DEFAULT_VIRTUAL_TOKENS,
+    PROMPT_METHODS,
+    check_method,
+)
 
 log = logging.getLogger("fedtune.models")
 
@@ -17,8 +27,16 @@ LORA_LIKE = {"lora": ("r", "lora_alpha", "lora_dropout")}
 
 
 def build_peft_config(section: AdapterSection, model=None):
-    """The peft config for `adapter.method`; `adapter.options` pass through to peft."""
-    options = dict(section.options)
+    """The peft config for `adapter.method`; `adapter.options` pass through to peft.
+
+    Methods peft cannot build without some option get fedtune's documented default for it
+    (`default_options`); what the recipe gives always wins.
+    """
+    try:
+        check_method(section.method, section.options)
+    except ValueError as exc:
+        raise ModelError(f"adapter.method: {exc}") from None
+    options = {**default_options(section.method, model), **section.options}
     try:
         if section.method in ("lora", "qlora"):
             target = None if section.target_modules == "auto" else section.target_modules
@@ -35,6 +53,28 @@ def build_peft_config(section: AdapterSection, model=None):
         raise ModelError(f"adapter.options for {section.method!r}: {exc}") from None
 
 
+def default_options(method: str, model=None) -> dict:
+    """fedtune's defaults for options a method has no usable default for in peft (docs/algorithms.md)."""
+    if method in PROMPT_METHODS:
+        return {"num_virtual_tokens": DEFAULT_VIRTUAL_TOKENS}
+    if method == "adaption_prompt" and model is not None:
+        layers = getattr(model.config, "num_hidden_layers", None)
+        return {"adapter_len": DEFAULT_ADAPTER_LEN, **({"adapter_layers": layers} if layers else {})}
+    if method in ("c3a", "vblora") and model is not None:
+        # c3a's block_size / vblora's vector_length must divide the sizes of the layers they
+        # adapt (peft: 256 for both); the largest divisor of every linear layer's sizes, at most 256.
+        size = _common_linear_divisor(model, cap=256)
+        return {"block_size": size} if method == "c3a" else {"vector_length": size}
+    return {}
+
+
+def _common_linear_divisor(model, cap: int) -> int:
+    sizes = [s for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+             and not name.endswith("lm_head") for s in (m.in_features, m.out_features)]
+    divisor = math.gcd(*sizes) if sizes else cap
+    return max(d for d in range(1, min(divisor, cap) + 1) if divisor % d == 0)
+
+
 def _peft_knows(model) -> bool:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as known
 
@@ -45,7 +85,7 @@ def attach_adapter(model, section: AdapterSection) -> PeftModel | torch.nn.Modul
     """Wrap the frozen base with a fresh adapter (its initial values depend on torch's seed).
 
     `full` trains every parameter and `bitfit` only the biases (Ben Zaken et al. 2022); both
-    return the model itself, saved as a whole model directory at the end.
+    return the model itself; `save_adapter` saves a whole model for `full`, the biases for `bitfit`.
     """
     if section.method == "full":
         return model.requires_grad_(True)
@@ -66,8 +106,55 @@ def attach_adapter(model, section: AdapterSection) -> PeftModel | torch.nn.Modul
     config = build_peft_config(section, model)
     try:
         return get_peft_model(model, config)
-    except (TypeError, ValueError, KeyError) as exc:
+    except (TypeError, ValueError, KeyError, AttributeError, ImportError) as exc:
         raise ModelError(f"adapter: cannot apply {section.method!r} to this model: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading what trained
+
+BITFIT_FILE = "bitfit.safetensors"
+BITFIT_CONFIG = "bitfit_config.json"
+
+
+def save_adapter(model, section: AdapterSection, directory: str | Path) -> None:
+    """Save what trained: a PEFT directory, BitFit's bias tensors only, or a whole model (`full`)."""
+    directory = Path(directory)
+    if section.method != "bitfit":
+        model.save_pretrained(directory)
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    biases = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters()
+              if p.requires_grad}
+    save_file(biases, str(directory / BITFIT_FILE), metadata={"format": "pt"})
+    base = getattr(model.config, "_name_or_path", "") or ""
+    (directory / BITFIT_CONFIG).write_text(json.dumps(
+        {"method": "bitfit", "base_model": base, "tensors": len(biases)}, indent=2) + "\n")
+
+
+def is_bitfit_dir(directory: str | Path) -> bool:
+    return (Path(directory) / BITFIT_FILE).is_file()
+
+
+@torch.no_grad()
+def apply_bitfit(model, directory: str | Path):
+    """Copy the bias tensors saved by `save_adapter` into `model` (the base it was trained on)."""
+    path = Path(directory) / BITFIT_FILE
+    try:
+        biases = load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise ModelError(f"{path}: not a readable BitFit file ({exc})") from None
+    params = dict(model.named_parameters())
+    unknown = sorted(set(biases) - set(params))[:3]
+    if unknown:
+        raise ModelError(f"{path}: tensors {unknown} are not parameters of this base model; "
+                         "load the BitFit biases into the model they were trained on")
+    for name, tensor in biases.items():
+        if params[name].shape != tensor.shape:
+            raise ModelError(f"{path}: {name} has shape {tuple(tensor.shape)}, the base model's "
+                             f"{tuple(params[name].shape)}")
+        params[name].copy_(tensor.to(params[name].dtype))
+    return model
 
 
 class AdapterSlot:

@@ -19,7 +19,7 @@ from fedtune.data.examples import Example
 from fedtune.data.federated import FederatedData, build_federated_data, format_split_table
 from fedtune.data.prompts import TokenizedExample, tokenize_examples
 from fedtune.eval.evaluator import Evaluator
-from fedtune.models.adapters import AdapterSlot, attach_adapter
+from fedtune.models.adapters import AdapterSlot, attach_adapter, save_adapter
 from fedtune.models.loading import load_base_model
 from fedtune.runtime.client import Client, ClientDataset
 from fedtune.runtime.server import Server, ServerResult
@@ -163,7 +163,7 @@ class Setup:
                 server.transport.traffic.record(direction="down", client=client, round=0,
                                                 nbytes=self.offsite.package_bytes(client))
         else:
-            self.model.save_pretrained(run_dir.final_dir)
+            save_adapter(self.model, self.recipe.adapter, run_dir.final_dir)
         self.tokenizer.save_pretrained(run_dir.final_dir)
         summary = make_summary(
             self.recipe, result, traffic=server.transport.traffic, wall_seconds=server.wall_seconds(),

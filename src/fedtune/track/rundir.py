@@ -7,6 +7,7 @@ Layout:
     checkpoints/round_000005/{global,strategy,clients}.safetensors, state.json
     final/              the final global adapter as a standard PEFT directory, with the tokenizer
     summary.json        the closing figures
+    tensorboard/, mlflow.json   with `output.loggers` (every logged event also goes there)
 """
 
 from __future__ import annotations
@@ -15,17 +16,31 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedtune.errors import RunDirError
 
 State = dict[str, torch.Tensor]
+
+
+@contextmanager
+def naming_on_interrupt(run_dir: RunDir) -> Iterator[None]:
+    """A KeyboardInterrupt (Ctrl-C, SIGTERM) raised inside carries `run_dir` as `.run_dir`, so the
+    command can say which directory `--resume` continues."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        exc.run_dir = run_dir.path  # type: ignore[attr-defined]
+        raise
 
 
 @dataclass
@@ -47,11 +62,14 @@ def _write_json(path: Path, obj: Any) -> None:
 class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._trackers: Any = None      # fedtune.track.loggers.Trackers, opened at the first event
+        self._trackers_checked = False
 
     # -- creation and opening -------------------------------------------------------------------
 
     @classmethod
-    def create(cls, root: str | Path, name: str, *, explicit: bool = False) -> RunDir:
+    def create(cls, root: str | Path, name: str, *, explicit: bool = False,
+               resume_with: str = "fedtune run --resume") -> RunDir:
         """A new, empty run directory. An existing one is never reused silently.
 
         With `explicit` (the user named the directory) an existing non-empty directory is an
@@ -60,7 +78,7 @@ class RunDir:
         root = Path(root)
         path = root / name
         if explicit:
-            cls.check_free(path)
+            cls.check_free(path, resume_with=resume_with)
         else:
             n = 1
             while path.exists():
@@ -73,11 +91,13 @@ class RunDir:
         return cls(path)
 
     @staticmethod
-    def check_free(path: Path) -> None:
+    def check_free(path: Path, *, resume_with: str = "fedtune run --resume") -> None:
+        """Refuse an existing non-empty directory; the message says how to continue that run
+        (`resume_with`: the command of the process that refuses, e.g. `fedtune server --resume`)."""
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise RunDirError(
                 f"run directory {path} already exists and is not empty; choose another "
-                f"output.name, or continue it with `fedtune run --resume {path}`"
+                f"output.name, or continue it with `{resume_with} {path}`"
             )
 
     @classmethod
@@ -106,6 +126,12 @@ class RunDir:
 
     def write_json(self, name: str, obj: Any) -> None:
         _write_json(self.path / name, obj)
+        if name == "summary.json" and self._trackers is not None:  # the end of the run
+            from fedtune.track.loggers import summary_scalars
+
+            self._trackers.scalars(self._trackers.last_step, summary_scalars(obj))
+            self._trackers.close()
+            self._trackers, self._trackers_checked = None, False
 
     def read_json(self, name: str) -> Any:
         return json.loads((self.path / name).read_text())
@@ -115,6 +141,26 @@ class RunDir:
                  "time": round(time.time(), 3)}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(event) + "\n")
+        trackers = self._open_trackers()
+        if trackers is not None:
+            from fedtune.track.loggers import event_scalars
+
+            trackers.scalars(round_, event_scalars(event))
+
+    def _open_trackers(self) -> Any:
+        """The recipe's `output.loggers` (TensorBoard, MLflow), opened once; None when there are none."""
+        if self._trackers_checked:
+            return self._trackers
+        self._trackers_checked = True
+        if not self.recipe_path.is_file():
+            return None
+        text = self.recipe_path.read_text()
+        recipe = yaml.safe_load(text) or {}
+        if (recipe.get("output") or {}).get("loggers"):
+            from fedtune.track.loggers import Trackers
+
+            self._trackers = Trackers.open(self.path, text, recipe)
+        return self._trackers
 
     def events(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
