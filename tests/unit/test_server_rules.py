@@ -37,6 +37,9 @@ class Tampering:
     def send(self, message: Message) -> None:
         self.inner.send(message)
 
+    def expect(self, round, answer, clients, specs) -> None:  # what replies must carry (sizes)
+        self.inner.expect(round, answer, clients, specs)
+
     def collect(self, round, expected, timeout=None):
         self.timeouts.append(timeout)
         replies = self.inner.collect(round, expected, timeout)
