@@ -37,7 +37,7 @@ class Tampering:
     def send(self, message: Message) -> None:
         self.inner.send(message)
 
-    def expect(self, round, answer, clients, specs) -> None:
+    def expect(self, round, answer, clients, specs) -> None:  # what replies must carry (sizes)
         self.inner.expect(round, answer, clients, specs)
 
     def collect(self, round, expected, timeout=None):
