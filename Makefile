@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-fast mutation lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,8 +17,17 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(BIN)/fedtune run
 
+# Every test, the slow multi-process gRPC ones included (what CI runs).
 test: setup
+	$(BIN)/python -m pytest -q
+
+# The quick loop while editing: everything but the tests marked slow.
+test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Mutation testing of the federated core (scripts/mutation.py; long: run it in the background).
+mutation: setup
+	$(BIN)/python scripts/mutation.py
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks scripts

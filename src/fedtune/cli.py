@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import shlex
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -15,28 +21,60 @@ from fedtune import __version__
 from fedtune.cli_deploy import add_deploy_commands
 from fedtune.cli_export import add_export_command
 from fedtune.errors import FedtuneError
-from fedtune.track.reporter import quiet_libraries
+
+PIPED_WIDTH = 200   # console columns when stdout is a pipe or a file (COLUMNS overrides)
+
+
+def check_early(recipe: str | None, overrides: list[str], resume: str | None = None) -> None:
+    """Report a recipe error, a missing data file or an unreachable hub id now, before torch
+    loads (seconds)."""
+    from fedtune.config import load_recipe
+    from fedtune.data.records import check_local_source
+    from fedtune.models.hub import hub_access
+
+    if resume is not None:
+        path = Path(resume) / "recipe.yaml"
+        if recipe is not None or overrides or not path.is_file():
+            return  # the command's own checks say what is wrong
+        loaded = load_recipe(path)
+    else:
+        loaded = load_recipe(recipe, overrides)
+    for source in (loaded.data.source, loaded.data.test_source):
+        if source is not None:
+            check_local_source(source)
+    hub_access(loaded.model)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedtune.config import split_recipe_args
-    from fedtune.runtime.simulation import run
+    from fedtune.track.reporter import quiet_libraries
 
     recipe, overrides = split_recipe_args(args.items)
+    check_early(recipe, overrides, args.resume)
+    quiet_libraries()
+    from fedtune.runtime.simulation import run
+
     run(recipe, overrides, resume=args.resume)
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from fedtune.baselines.runner import bench
     from fedtune.config import split_recipe_args
+    from fedtune.track.reporter import quiet_libraries
 
     recipe, overrides = split_recipe_args(args.items)
+    check_early(recipe, overrides)
+    quiet_libraries()
+    from fedtune.baselines.runner import bench
+
     bench(recipe, overrides)
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from fedtune.track.reporter import quiet_libraries
+
+    quiet_libraries()
     from fedtune.config import split_recipe_args
     from fedtune.eval.runner import evaluate_adapter, print_result, write_result
 
@@ -63,14 +101,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_algorithms(args: argparse.Namespace) -> int:
-    from fedtune.algorithms.base import registry
+    from fedtune.algorithms.catalog import CATALOG
     from fedtune.config import FEDTUNE_METHODS
 
     table = Table(title="federated algorithms (federation.algorithm, federation.options)")
     table.add_column("name")
     table.add_column("options (defaults)")
     table.add_column("what it does")
-    for name, spec in sorted(registry().items()):
+    for name, spec in sorted(CATALOG.items()):
         fields = spec.config.model_fields
         opts = ", ".join(f"{k}={'required' if f.is_required() else _shown_default(f)}" for k, f in fields.items())
         table.add_row(name, opts or "-", spec.summary)
@@ -106,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with optional key.path=value overrides.")
     p.add_argument("items", nargs="*", metavar="RECIPE|KEY=VALUE")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
-    p.set_defaults(func=_cmd_run, interrupted="interrupted; continue with `fedtune run --resume RUN_DIR`")
+    p.set_defaults(func=_cmd_run, interrupted=run_interrupted)
     p = sub.add_parser("bench", help="compare local-only, federated and centralised training",
                        description="Run, on the same split and budget, each client alone, the "
                                    "federated algorithms of the recipe's bench section (default: "
@@ -141,24 +179,91 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_algorithms)
     add_deploy_commands(sub)
     add_export_command(sub)
+    for command in sub.choices.values():  # -v after the command too (absent: the top level's)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="debug logging")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s",
-        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
-    )
-    quiet_libraries()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as documented: the recipe and KEY=VALUE overrides may come anywhere
+    among the options (`fedtune server deploy.yaml --address A output.name=N`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives the RECIPE|KEY=VALUE list only the items before the first option; the
+    # rest come back unrecognised, in order, and join it. Unknown options stay errors.
+    stray = [x for x in extra if x.startswith("-") or not hasattr(args, "items")]
+    if stray:
+        _command_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.items = [*args.items, *extra]
+    return args
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that a run stops the same checkpoint-safe way."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _process_settings() -> Iterator[None]:
+    """For one command: SIGTERM stops it like Ctrl-C; output to a pipe or file is drawn wide.
+
+    Rich draws tables for 80 columns when stdout is not a terminal, wrapping or cutting their
+    cells; there (unless COLUMNS says otherwise) it gets PIPED_WIDTH columns.
+    """
+    old_columns = os.environ.get("COLUMNS")
+    if old_columns is None and not sys.stdout.isatty():
+        os.environ["COLUMNS"] = str(PIPED_WIDTH)
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
-        return args.func(args)
-    except FedtuneError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True)
-        return 2
-    except KeyboardInterrupt:
-        Console(stderr=True).print(getattr(args, "interrupted", "interrupted"))
-        return 130
+        yield
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_handler)
+        if old_columns is None:
+            os.environ.pop("COLUMNS", None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with _process_settings():
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s",
+            handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+        )
+        try:
+            return args.func(args)  # heavy commands call quiet_libraries (transformers) themselves
+        except FedtuneError as exc:
+            Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True)
+            return 2
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+            Console(stderr=True, highlight=False).print(  # soft_wrap: a path is never broken
+                args.interrupted(args, exc) if hasattr(args, "interrupted") else "interrupted",
+                markup=False, soft_wrap=True)
+            return 143 if isinstance(exc, Terminated) else 130
+
+
+def run_interrupted(args: argparse.Namespace, exc: BaseException) -> str:
+    """What to do after `fedtune run` stopped: resume its run directory, named in full."""
+    return resume_hint("run", getattr(exc, "run_dir", None) or args.resume)
+
+
+def resume_hint(command: str, run_dir: str | Path | None) -> str:
+    if run_dir is None:
+        return "interrupted before the run directory was made; nothing to resume"
+    return (f"interrupted; continue with `fedtune {command} --resume {shlex.quote(str(run_dir))}` "
+            "(from its last checkpoint)")
 
 
 def _shown_default(field) -> str:

@@ -7,8 +7,6 @@ import logging
 
 from rich.console import Console
 
-from fedtune.config import split_recipe_args
-
 
 def _show_transport_log() -> None:
     for name in ("fedtune.transport", "fedtune.deploy"):
@@ -18,32 +16,45 @@ def _show_transport_log() -> None:
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    from fedtune.runtime.deploy_server import serve
+    from fedtune.cli import check_early
+    from fedtune.config import split_recipe_args
+    from fedtune.track.reporter import quiet_libraries
 
     recipe, overrides = split_recipe_args(args.items)
     if args.address:
         overrides.append(f"transport.address={args.address}")
+    if args.resume is None:
+        check_early(recipe, overrides)
+    quiet_libraries()
+    from fedtune.runtime.deploy_server import serve
+
     _show_transport_log()
-    try:
-        serve(recipe, overrides, resume=args.resume)
-    except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted; continue with `fedtune server --resume RUN_DIR`")
-        return 130
+    serve(recipe, overrides, resume=args.resume)
     return 0
 
 
+def _server_interrupted(args: argparse.Namespace, exc: BaseException) -> str:
+    from fedtune.cli import resume_hint
+
+    return resume_hint("server", getattr(exc, "run_dir", None) or args.resume)
+
+
 def _cmd_client(args: argparse.Namespace) -> int:
+    from fedtune.config import split_recipe_args
+    from fedtune.track.reporter import quiet_libraries
+
+    quiet_libraries()
     from fedtune.runtime.deploy_client import participate
 
     recipe, overrides = split_recipe_args(args.items)
     _show_transport_log()
-    try:
-        participate(recipe, overrides, name=args.name, server=args.server, data=args.data,
-                    token_file=args.token_file)
-    except KeyboardInterrupt:
-        Console(stderr=True).print(f"interrupted; start the client again to rejoin as {args.name}")
-        return 130
+    participate(recipe, overrides, name=args.name, server=args.server, data=args.data,
+                token_file=args.token_file)
     return 0
+
+
+def _client_interrupted(args: argparse.Namespace, exc: BaseException) -> str:
+    return f"interrupted; start the client again to rejoin as {args.name}"
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
@@ -67,7 +78,7 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("items", nargs="*", metavar="RECIPE|KEY=VALUE")
     p.add_argument("--address", metavar="HOST:PORT", help="listen here (transport.address)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped server from its last checkpoint")
-    p.set_defaults(func=_cmd_server)
+    p.set_defaults(func=_cmd_server, interrupted=_server_interrupted)
 
     p = sub.add_parser("client", help="join a deployed federation as one client",
                        description="Dial the server, train on this party's data when asked, and exit "
@@ -78,7 +89,7 @@ def add_deploy_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="PATH", help="this party's own data file (default: its partition "
                                                   "of the recipe's split, for trials)")
     p.add_argument("--token-file", metavar="PATH", help="file with this client's token (transport.token_file)")
-    p.set_defaults(func=_cmd_client)
+    p.set_defaults(func=_cmd_client, interrupted=_client_interrupted)
 
     p = sub.add_parser("certs", help="make a trial CA, certificates and tokens",
                        description="Self-signed credentials for trials: a CA, a server certificate, "

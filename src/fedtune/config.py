@@ -112,10 +112,10 @@ class AdapterSection(Section):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        from peft import PeftType
+        from fedtune.models.peft_names import peft_method_names
 
         name = v.strip().lower().replace("-", "_")
-        allowed = sorted([*(t.lower() for t in PeftType.__members__), *FEDTUNE_METHODS])
+        allowed = sorted([*peft_method_names(), *FEDTUNE_METHODS])
         if name not in allowed:
             raise ValueError(f"unknown peft method {v!r}; allowed: {', '.join(allowed)}")
         return name
@@ -159,7 +159,7 @@ class CompressionSection(Section):
 
 def known_algorithm(name: str) -> str:
     """`name` if an algorithm is registered under it (the message lists those that are)."""
-    from fedtune.algorithms import available_algorithms
+    from fedtune.algorithms.catalog import available_algorithms
 
     if name not in available_algorithms():
         raise ValueError(f"unknown algorithm {name!r}; allowed: {', '.join(available_algorithms())}")
@@ -196,6 +196,8 @@ class SecureAggregationSection(Section):
 
     @model_validator(mode="after")
     def _codec(self) -> SecureAggregationSection:
+        if not self.enabled and not self.model_fields_set & {"frac_bits", "clip", "max_weight"}:
+            return self  # the defaults fit; not importing the codec keeps numpy out of start-up
         try:
             self.codec()
         except RecipeError as exc:
@@ -223,6 +225,11 @@ class FederationSection(Section):
     compression: CompressionSection = Field(default_factory=CompressionSection)
     attack: AttackSection = Field(default_factory=AttackSection)
     secure_aggregation: SecureAggregationSection = Field(default_factory=SecureAggregationSection)
+    # How far the server trusts the number of examples a client claims (docs/recipes.md):
+    # `examples` weighs each update by its claim, refused above the client's partition size
+    # (simulation) or above max_examples_per_client (deployment); `uniform` weighs each by 1.
+    weighting: Literal["examples", "uniform"] = "examples"
+    max_examples_per_client: PositiveInt = 1_000_000
 
     @field_validator("algorithm")
     @classmethod
@@ -256,12 +263,12 @@ class FederationSection(Section):
         """Refuse what cannot work with secure aggregation: the server sees only the sum."""
         if not self.secure_aggregation.enabled:
             return self
-        from fedtune.algorithms import registry
+        from fedtune.algorithms.catalog import CATALOG
         from fedtune.privacy.secagg_wire import check_threshold
 
         key = "secure_aggregation"
-        if not registry()[self.algorithm].sum_only:
-            works = ", ".join(sorted(n for n, s in registry().items() if s.sum_only))
+        if not CATALOG[self.algorithm].sum_only:
+            works = ", ".join(sorted(n for n, s in CATALOG.items() if s.sum_only))
             raise ValueError(
                 f"{key}.enabled: algorithm {self.algorithm!r} needs each client's own update (or "
                 f"per-client tensors) on the server, which secure aggregation hides; it works with "
@@ -637,15 +644,15 @@ def split_recipe_args(items: list[str]) -> tuple[str | None, list[str]]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`federation.rounds=3` -> (['federation', 'rounds'], 3); values are parsed as YAML."""
     if "=" not in text:
-        raise RecipeError(f"override {text!r}: expected KEY.PATH=VALUE, e.g. federation.rounds=5")
+        raise RecipeError(f"command line: {text}: expected KEY.PATH=VALUE, e.g. federation.rounds=5")
     key, raw = text.split("=", 1)
     path = [p for p in key.strip().split(".") if p]
     if not path:
-        raise RecipeError(f"override {text!r}: empty key path")
+        raise RecipeError(f"command line: {text}: empty key path")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise RecipeError(f"override {text!r}: value is not valid YAML ({exc})") from None
+        raise RecipeError(f"command line: {text}: the value is not valid YAML ({exc})") from None
     return path, value
 
 
@@ -655,7 +662,7 @@ def _apply_override(data: dict, path: list[str], value: Any, text: str) -> None:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             where = ".".join(path[: i + 1])
-            raise RecipeError(f"override {text!r}: {where} is a value, not a section")
+            raise RecipeError(f"command line: {text}: {where} is a value, not a section")
         node = child
     node[path[-1]] = value
 
@@ -672,22 +679,30 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
+def _where(loc: tuple[str, ...], origin: str, lines: dict[tuple[str, ...], int],
+           overrides: dict[str, str]) -> str:
+    """Where an error at key path `loc` comes from: the override that set it (as typed on the
+    command line), else the recipe file's line, naming any overrides below `loc` as well."""
+    key = ".".join(loc)
+    for path, text in reversed(overrides.items()):  # the last override of a key is the one used
+        if key == path or key.startswith(path + "."):
+            return f"command line: {text}"
+    in_file = next((f"{origin}, line {lines[loc[:n]]}" for n in range(len(loc), 0, -1)
+                    if loc[:n] in lines), origin)
+    below = [text for path, text in overrides.items() if not key or path.startswith(key + ".")]
+    if below:
+        return f"command line: {', '.join(below)} (with {in_file})"
+    return in_file
+
+
 def _format_errors(
-    exc: ValidationError, origin: str, lines: dict[tuple[str, ...], int], overrides: set[str]
+    exc: ValidationError, origin: str, lines: dict[tuple[str, ...], int], overrides: dict[str, str]
 ) -> str:
     out = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
         key = ".".join(loc) or "(top level)"
-        where = origin
-        given = [k for k in overrides if key == k or key.startswith(k + ".")]
-        if given:
-            where = f"override {given[0]}=..."
-        else:
-            for n in range(len(loc), 0, -1):
-                if loc[:n] in lines:
-                    where = f"{origin}, line {lines[loc[:n]]}"
-                    break
+        where = _where(loc, origin, lines, overrides)
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(tuple(err["loc"][:-1]))
             msg = f"unknown key; allowed here: {', '.join(allowed)}"
@@ -720,11 +735,12 @@ def load_recipe(
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
         lines = _line_map(text)
-    override_keys = set()
+    override_keys: dict[str, str] = {}   # key path -> the argument as typed
     for text in overrides:
         keypath, value = parse_override(text)
         _apply_override(data, keypath, value, text)
-        override_keys.add(".".join(keypath))
+        override_keys.pop(".".join(keypath), None)
+        override_keys[".".join(keypath)] = text
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -186,10 +187,21 @@ def test_every_registered_algorithm_runs_two_rounds(tiny_recipe):
     for name in available_algorithms():
         if name == "offsite":  # needs whole layers and a deeper model: tests/integration/test_offsite_run.py
             continue
-        summary = fedtune.run(_fast(tiny_recipe, output__name=name, federation__algorithm=name,
-                                    federation__options=options.get(name, {})))
+        recipe = _fast(tiny_recipe, output__name=name, federation__algorithm=name,
+                       federation__options=options.get(name, {}))
+        recipe["eval"]["at_start"] = True
+        summary = fedtune.run(recipe)
         assert summary["rounds"] == 2 and summary["algorithm"] == name
-        assert summary["final"]["loss"] == summary["final"]["loss"]  # finite, not NaN
+        initial, final = summary["initial"]["loss"], summary["final"]["loss"]
+        assert math.isfinite(initial) and math.isfinite(final), name
+        assert final != initial, f"{name}: two rounds left the global model unchanged"
+        assert abs(final - initial) < 1.0, f"{name}: the loss jumped from {initial} to {final}"
+        assert summary["missing_updates"] == 0, name
+        run_dir = Path(summary["final_adapter"]).parent
+        events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rounds = [e["values"] for e in events if e["kind"] == "round"]
+        assert [r["updates"] for r in rounds] == [3, 3], name
+        assert all(math.isfinite(r["train_loss"]) and r["bytes_up"] > 0 for r in rounds), name
 
 
 def test_fedmezo_trains_without_backward_and_personalises_rates(tiny_recipe):

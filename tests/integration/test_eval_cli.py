@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -21,20 +22,62 @@ def test_eval_reproduces_the_runs_final_figures(tiny_recipe):
     assert 0.0 <= result["rouge_l"] <= 1.0
 
 
-def test_eval_command_on_a_data_file_and_multiple_choice(tiny_recipe, tmp_path, capsys):
+def _hand_figures(model, tok, prompts: list[str], outputs: list[str], steps: int):
+    """Greedy answers and the mean response-token loss, computed directly on the model."""
+    import torch
+    import torch.nn.functional as F
+
+    answers, total, tokens = [], 0.0, 0
+    with torch.no_grad():
+        for prompt, output in zip(prompts, outputs):
+            ids = [tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)
+            out: list[int] = []
+            for _ in range(steps):
+                nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+                if nxt == tok.eos_token_id:
+                    break
+                out.append(nxt)
+            answers.append(tok.decode(out, skip_special_tokens=True).strip())
+            response = tok.encode(output, add_special_tokens=False) + [tok.eos_token_id]
+            logits = model(input_ids=torch.tensor([ids + response])).logits[0, len(ids) - 1:-1]
+            total += float(F.cross_entropy(logits, torch.tensor(response), reduction="sum"))
+            tokens += len(response)
+    return answers, total / tokens
+
+
+def test_eval_command_on_a_data_file_and_multiple_choice(tiny_recipe, tiny_model_dir, tmp_path, capsys):
+    """The figures of `fedtune eval --data` equal those computed by hand on the saved adapter:
+    two of five answers are set to what the model says, so exact match is 2/5."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fedtune.data.examples import Example
+    from fedtune.data.prompts import render_prompt
+
     summary = fedtune.run(tiny_recipe(eval__clients=False, federation__rounds=1))
+    adapter = summary["final_adapter"]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).eval()
+    rows = [{"instruction": "Add the two numbers.", "input": f"{i} 1"} for i in range(5)]
+    prompts = [render_prompt(Example(r["instruction"], "", r["input"]), "compact") for r in rows]
+    said, _ = _hand_figures(model, tok, prompts, ["x"] * 5, 3)
+    assert all(said)
+    outputs = [said[0], said[1], said[2] + "q", "9 9", str(7)]
+    _, loss = _hand_figures(model, tok, prompts, outputs, 3)
     data = tmp_path / "test.jsonl"
-    data.write_text("".join(json.dumps({"instruction": "Add the two numbers.", "input": f"{i} 1",
-                                        "output": str(i + 1)}) + "\n" for i in range(5)))
+    data.write_text("".join(json.dumps({**r, "output": o}) + "\n" for r, o in zip(rows, outputs)))
     mc = tmp_path / "mc.jsonl"
     mc.write_text(json.dumps({"question": "2+2?", "choices": ["3", "4", "5", "6"], "answer": "B"}) + "\n")
     out = tmp_path / "eval.json"
-    code = main(["eval", "--adapter", summary["final_adapter"], "--data", str(data), "--mc", str(mc),
+    code = main(["eval", "--adapter", adapter, "--data", str(data), "--mc", str(mc),
                  "--metrics", "exact_match,gsm8k", "--output", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["n_examples"] == 5 and result["n_items"] == 1
-    assert set(result) >= {"loss", "perplexity", "exact_match", "gsm8k", "mc_accuracy"}
+    assert result["exact_match"] == pytest.approx(2 / 5)
+    assert result["loss"] == pytest.approx(loss, rel=1e-4)
+    assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+    assert result["mc_accuracy"] in (0.0, 1.0)
     assert "exact_match" in capsys.readouterr().out
 
 

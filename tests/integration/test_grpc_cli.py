@@ -67,6 +67,17 @@ def test_resume_accepts_only_transport_overrides(tmp_path, capsys):
     assert "only transport.* keys" in capsys.readouterr().err
 
 
+def test_server_refuses_an_existing_run_name_and_says_how_to_resume_it(tiny_recipe, tmp_path, capsys):
+    path = _recipe(tiny_recipe, tmp_path)
+    taken = tmp_path / "runs" / "taken"
+    taken.mkdir(parents=True)
+    (taken / "recipe.yaml").write_text("name: x\n")
+    assert main(["server", str(path), "output.name=taken"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"fedtune server --resume {taken}" in err and "fedtune run" not in err
+    assert (taken / "recipe.yaml").read_text() == "name: x\n"  # nothing overwritten
+
+
 def test_server_stops_when_no_client_joins_in_time(tiny_recipe, tmp_path, capsys):
     path = _recipe(tiny_recipe, tmp_path, join_timeout=1)
     start = time.monotonic()

@@ -160,7 +160,7 @@ def _hostile_calls(port: int, recipe: dict) -> None:
         with pytest.raises(grpc.RpcError) as info:  # this federation offers no download
             conn.fetch("emulator")
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
-        for frames, code in [(oversized, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        for frames, code in [(oversized, grpc.StatusCode.INVALID_ARGUMENT),  # "too large: ..."
                              (garbage, grpc.StatusCode.INVALID_ARGUMENT)]:
             for _ in range(50):  # ABORTED: the real client_0 was uploading at that moment
                 with pytest.raises(grpc.RpcError) as info:
@@ -194,8 +194,8 @@ def test_server_and_three_clients_over_tls_match_the_simulation(tiny_recipe, tmp
     assert summary["transport"]["rejected_messages"] == 2
     assert summary["transport"]["late_replies"] == 0
     log = procs.text("server")
-    assert "refused a Pull call" in log and "wrong or missing token for client 'client_1'" in log
-    assert "over the limit" in log and "refused a Fetch from 'client_0'" in log
+    assert "refused a call from 127.0.0.1: Pull: wrong or missing token for client 'client_1'" in log
+    assert "too large: " in log and "over the limit" in log and "refused a Fetch from 'client_0'" in log
     assert len(list((run_dir / "checkpoints").glob("round_*"))) == 2  # every round (kept: 2)
 
     simulated, expected = _simulate(recipe)
@@ -267,7 +267,9 @@ def test_a_client_killed_mid_run_leaves_the_run_completing_with_the_others(tiny_
     path, recipe = _write_recipe(tiny_recipe, tmp_path, port, federation__rounds=3,
                                  eval__every=0, eval__clients=False, train__local_steps=20)
     raw = yaml.safe_load(path.read_text())
-    raw["transport"].update(round_timeout=6, min_replies=2)
+    # The timeout bounds the wait for the dead client; it is long enough that the two live
+    # clients always answer in time, however loaded the machine.
+    raw["transport"].update(round_timeout=30, min_replies=2)
     path.write_text(yaml.safe_dump(raw))
     run_dir = Path(recipe["output"]["dir"]) / "deployed"
     metrics = run_dir / "metrics.jsonl"
@@ -287,10 +289,14 @@ def test_a_client_killed_mid_run_leaves_the_run_completing_with_the_others(tiny_
         procs.procs["client_2"].send_signal(signal.SIGKILL)
         assert procs.wait("server") == 0, procs.text("server")
         assert procs.wait("client_0") == 0 and procs.wait("client_1") == 0
-    done = rounds_done()
-    assert [e["values"]["updates"] for e in done] == [3, 2, 2]
+    updates = [e["values"]["updates"] for e in rounds_done()]
+    # client_2 answered round 1 and is dead by round 3; whether its round-2 reply left before the
+    # kill depends on timing, so round 2 may count it or not.
+    assert updates[0] == 3 and updates[1] in (2, 3) and updates[2] == 2, updates
     assert (run_dir / "summary.json").exists()
     assert "no reply from client_2" in procs.text("server")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["missing_updates"] == 3 - updates[1] + 1
 
 
 @pytest.mark.slow

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -114,5 +112,51 @@ def test_a_malformed_emulator_package_is_refused_cleanly(emulator_package, key, 
 
     meta, tensors = emulator_package
     for bad in ({**meta, key: value}, {**meta, "config": {**meta["config"], config_key: config_value}}):
-        with contextlib.suppress(ModelError):
-            emulator_from_package(bad, tensors, device=torch.device("cpu"), dtype=torch.float32)
+        try:
+            emulator, _ = emulator_from_package(bad, tensors, device=torch.device("cpu"),
+                                                dtype=torch.float32)
+        except ModelError:
+            continue
+        _assert_consistent(bad, tensors, emulator)
+
+
+def _assert_consistent(meta, tensors, emulator) -> None:
+    """What an accepted package must be: the format this fedtune reads, typed fields, an emulator
+    with exactly the package's layers, adapter tensors and frozen weights."""
+    from fedtune.models.offsite_package import FORMAT, MODEL
+
+    assert meta["format"] == FORMAT
+    for name in ("bottom", "top"):
+        assert type(meta[name]) is int and meta[name] >= 0
+    assert all(type(i) is int for i in meta["kept"])
+    assert emulator.prefix == meta["prefix"] and list(emulator.kept) == meta["kept"]
+    assert (emulator.bottom, emulator.top) == (meta["bottom"], meta["top"])
+    assert meta["bottom"] + meta["top"] <= len(meta["kept"])
+    model = emulator.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(meta["trainable"])
+    state = model.state_dict()
+    for name, tensor in tensors.items():
+        if name.startswith(MODEL) and name[len(MODEL):] not in trainable:
+            assert torch.equal(state[name[len(MODEL):]], tensor), name
+
+
+def test_the_genuine_emulator_package_is_accepted_and_consistent(emulator_package):
+    from fedtune.models.offsite_package import emulator_from_package
+
+    meta, tensors = emulator_package
+    emulator, tokenizer = emulator_from_package(meta, tensors, device=torch.device("cpu"),
+                                                dtype=torch.float32)
+    _assert_consistent(meta, tensors, emulator)
+    assert tokenizer.eos_token_id is not None
+
+
+def test_a_package_whose_config_ties_weights_it_sends_apart_is_refused(emulator_package):
+    """tie_word_embeddings would make the embedding silently become the package's lm_head."""
+    from fedtune.errors import ModelError
+    from fedtune.models.offsite_package import emulator_from_package
+
+    meta, tensors = emulator_package
+    bad = {**meta, "config": {**meta["config"], "tie_word_embeddings": True}}
+    with pytest.raises(ModelError, match="ties"):
+        emulator_from_package(bad, tensors, device=torch.device("cpu"), dtype=torch.float32)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from fedtune.config import Recipe, builtin_recipes, load_recipe, parse_override
@@ -31,7 +33,7 @@ def test_overrides_are_typed_by_yaml():
 
 @pytest.mark.parametrize("text", ["federation.rounds", "=3", "federation.rounds.x=3"])
 def test_malformed_overrides_are_refused(text):
-    with pytest.raises(RecipeError, match="override"):
+    with pytest.raises(RecipeError, match=f"command line: {re.escape(text)}: "):
         load_recipe(None, [text])
 
 
@@ -57,7 +59,7 @@ def test_wrong_type_names_the_value(tmp_path):
 
 
 def test_errors_from_overrides_say_so():
-    with pytest.raises(RecipeError, match=r"override federation.rounds=...: federation.rounds"):
+    with pytest.raises(RecipeError, match=r"command line: federation.rounds=0: federation.rounds"):
         load_recipe(None, ["federation.rounds=0"])
 
 

@@ -1,54 +1,32 @@
-"""Federated algorithms, one module each, registered by name."""
+"""Federated algorithms, one module each, listed by name in `catalog.py`.
+
+Importing this package (and checking a recipe's algorithm and options) needs no torch; the
+implementations load on first use of `registry`, `build_strategy`, `build_local` or `build_view`.
+"""
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any
 
-from fedtune.algorithms import (  # noqa: F401  (each module registers its algorithms)
-    dp_fedavg,
-    fedavg,
-    fedkseed,
-    fedmezo,
-    fedopt,
-    fedprox,
-    flexlora,
-    offsite,
-    robust,
-    scaffold,
-)
-from fedtune.algorithms.base import (
-    AlgorithmSpec,
-    ClientUpdate,
-    LocalProcedure,
-    ModelView,
-    Strategy,
-    registry,
-)
-from fedtune.errors import RecipeError
+from fedtune.algorithms.catalog import algorithm_options, available_algorithms, check_recipe
+
+if TYPE_CHECKING:
+    from fedtune.algorithms.base import AlgorithmSpec, LocalProcedure, ModelView, Strategy
 
 __all__ = [
-    "AlgorithmSpec", "ClientUpdate", "LocalProcedure", "Strategy", "available_algorithms",
-    "build_local", "build_strategy", "build_view",
+    "AlgorithmSpec", "ClientUpdate", "LocalProcedure", "Strategy", "algorithm_options",
+    "available_algorithms", "build_local", "build_strategy", "build_view", "check_recipe",
+    "registry",
 ]
 
-
-def available_algorithms() -> list[str]:
-    return sorted(registry())
+_FROM_BASE = {"AlgorithmSpec", "ClientUpdate", "LocalProcedure", "ModelView", "Strategy"}
 
 
-def algorithm_options(name: str, options: dict):
-    """Validate `federation.options` against the algorithm's config model."""
-    spec = registry()[name]
-    try:
-        return spec.config.model_validate(options)
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            key = "federation.options." + ".".join(str(p) for p in err["loc"])
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"{key}: {msg}")
-        allowed = ", ".join(spec.config.model_fields) or "(none)"
-        raise RecipeError(f"{'; '.join(lines)} (options of {name}: {allowed})") from None
+def registry() -> dict[str, AlgorithmSpec]:
+    """Name -> implementation of every algorithm (imports them, and torch)."""
+    from fedtune.algorithms.base import registry as full_registry
+
+    return full_registry()
 
 
 def build_strategy(name: str, options: dict, n_clients: int = 1) -> Strategy:
@@ -61,14 +39,14 @@ def build_local(name: str, options: dict) -> LocalProcedure:
     return registry()[name].local(algorithm_options(name, options))
 
 
-def check_recipe(recipe) -> None:
-    """Raise ValueError where the recipe's other sections do not suit its algorithm."""
-    fed = recipe.federation
-    spec = registry()[fed.algorithm]
-    if spec.check is not None:
-        spec.check(algorithm_options(fed.algorithm, fed.options), recipe)
-
-
 def build_view(name: str, options: dict, slot) -> ModelView:
     """How the algorithm's global state maps onto the model's trainable tensors (see ModelView)."""
     return registry()[name].view(algorithm_options(name, options), slot)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_BASE:  # the torch-side types, on demand
+        from fedtune.algorithms import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'fedtune.algorithms' has no attribute {name!r}")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from pydantic import BaseModel
+
+from fedtune.algorithms.catalog import CATALOG
 
 State = dict[str, torch.Tensor]
 
@@ -170,29 +173,41 @@ def _adapter_view(config: BaseModel, slot: Any) -> ModelView:
 
 @dataclass(frozen=True)
 class AlgorithmSpec:
+    """A catalogued algorithm (name, summary, options, checks: `catalog.py`) with its implementation."""
+
     name: str
     summary: str
     config: type[BaseModel]
     build: Callable[[BaseModel, int], Strategy]          # (options, number of clients)
     local: Callable[[BaseModel], LocalProcedure] = _standard_local
     view: Callable[[BaseModel, Any], ModelView] = _adapter_view   # (options, AdapterSlot)
-    # What the algorithm needs from the rest of the recipe: raise ValueError naming the key.
     check: Callable[[BaseModel, Any], None] | None = None           # (options, Recipe)
-    # True when aggregate_fit uses the updates only through their weighted mean (weights by the
-    # `weighting` option) and clients send nothing else: it then works with secure aggregation,
-    # which hands it one update holding that mean (runtime/secure_round.py).
-    sum_only: bool = False
+    sum_only: bool = False        # see catalog.AlgorithmInfo
 
 
 _REGISTRY: dict[str, AlgorithmSpec] = {}
 
 
-def register(spec: AlgorithmSpec) -> AlgorithmSpec:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"algorithm {spec.name!r} is registered twice")
-    _REGISTRY[spec.name] = spec
+def register(name: str, build: Callable[[BaseModel, int], Strategy], *,
+             local: Callable[[BaseModel], LocalProcedure] = _standard_local,
+             view: Callable[[BaseModel, Any], ModelView] = _adapter_view) -> AlgorithmSpec:
+    """Register the implementation of the catalogued algorithm `name` (from its own module)."""
+    info = CATALOG.get(name)
+    if info is None:
+        raise ValueError(f"algorithm {name!r} is not in fedtune.algorithms.catalog; add a row there")
+    if name in _REGISTRY:
+        raise ValueError(f"algorithm {name!r} is registered twice")
+    spec = AlgorithmSpec(name=name, summary=info.summary, config=info.config, build=build,
+                         local=local, view=view, check=info.check, sum_only=info.sum_only)
+    _REGISTRY[name] = spec
     return spec
 
 
 def registry() -> dict[str, AlgorithmSpec]:
+    """Every catalogued algorithm with its implementation (importing their modules on first use)."""
+    for info in CATALOG.values():
+        if info.name not in _REGISTRY:
+            importlib.import_module(f"fedtune.algorithms.{info.module}")
+            if info.name not in _REGISTRY:
+                raise RuntimeError(f"fedtune.algorithms.{info.module} does not register {info.name!r}")
     return dict(_REGISTRY)

@@ -18,18 +18,10 @@ import secrets
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, ServerDefaults, State, register
+from fedtune.algorithms.base import ClientUpdate, ServerDefaults, State, register
+from fedtune.algorithms.options import DPFedAvgConfig
 from fedtune.seeding import derive_seed
-
-
-class DPFedAvgConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    clip_norm: float = Field(1.0, gt=0.0)
-    noise_multiplier: float = Field(1.0, ge=0.0)
-    delta: float = Field(1e-5, gt=0.0, lt=1.0)
-    noise_seed: int | None = None
 
 
 def update_norm(update: State) -> float:
@@ -104,9 +96,4 @@ class DPFedAvg(ServerDefaults):
         self.rates = state["dp/rates"].tolist() if "dp/rates" in state else []
 
 
-SPEC = register(AlgorithmSpec(
-    name="dp_fedavg",
-    summary="FedAvg with client-level differential privacy: clipped updates, Gaussian noise, RDP accountant (McMahan et al. 2018).",
-    config=DPFedAvgConfig,
-    build=DPFedAvg,
-))
+SPEC = register("dp_fedavg", DPFedAvg)

@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
-from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, ServerDefaults, State, register
-
-
-class FedAvgConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    weighting: Literal["examples", "uniform"] = "examples"
+from fedtune.algorithms.base import ClientUpdate, ServerDefaults, State, register
+from fedtune.algorithms.options import FedAvgConfig
 
 
 def fedavg_aggregate(global_state: State, updates: Sequence[tuple[State, float]]) -> State:
@@ -51,11 +45,4 @@ class FedAvg(ServerDefaults):
         return fedavg_aggregate(global_state, [(u.tensors, w) for u, w in zip(updates, weights)])
 
 
-
-SPEC = register(AlgorithmSpec(
-    name="fedavg",
-    summary="Federated averaging of adapter updates, weighted by client examples (McMahan et al. 2017).",
-    config=FedAvgConfig,
-    build=lambda config, n_clients: FedAvg(config),
-    sum_only=True,
-))
+SPEC = register("fedavg", lambda config, n_clients: FedAvg(config))

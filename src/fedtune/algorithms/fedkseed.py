@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from fedtune.algorithms.base import (
-    AlgorithmSpec,
     ClientUpdate,
     LocalContext,
     LocalOutcome,
@@ -44,6 +42,7 @@ from fedtune.algorithms.base import (
     register,
 )
 from fedtune.algorithms.fedavg import client_weights
+from fedtune.algorithms.options import FedKSeedConfig
 from fedtune.data.prompts import collate
 from fedtune.seeding import derive_seed
 from fedtune.train.local import micro_batches, steps_for
@@ -52,17 +51,6 @@ from fedtune.transport.codec import TensorSpec
 
 POOL = "kseed/pool"
 PROBS = "kseed/probs"
-
-
-class FedKSeedConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    num_seeds: int = Field(4096, ge=1, le=1 << 20)     # K
-    eps: float = Field(5e-4, gt=0.0)
-    pool_seed: int = Field(0, ge=0)                     # the K candidates derive from it
-    pro: bool = False                                   # FedKSeed-Pro's seed sampling
-    pro_clip: float = Field(1000.0, gt=0.0)
-    loss_diff_clip: float | None = Field(None, gt=0.0)  # skip a step when |L+ − L−| exceeds it
-    weighting: Literal["examples", "uniform"] = "examples"
 
 
 def candidate_seed(config: FedKSeedConfig, k: int) -> int:
@@ -221,29 +209,4 @@ class KSeedLocal:
         return LocalOutcome(update={POOL: folded.to(torch.float32)}, metrics=metrics)
 
 
-def check_recipe(config: FedKSeedConfig, recipe) -> None:
-    if recipe.train.weight_decay:
-        raise ValueError("train.weight_decay: fedkseed needs 0 (its model is rebuilt as θ0 − Σ G_k·z_k, "
-                         "which holds only for plain steps)")
-    fed = recipe.federation
-    for direction in ("up", "down"):
-        codec = getattr(fed.compression, direction)
-        if codec.method != "none":
-            raise ValueError(f"federation.compression.{direction}: fedkseed sends K scalars, not adapter "
-                             "tensors; compression does not apply (use none)")
-    if fed.secure_aggregation.enabled and config.pro:
-        raise ValueError("federation.secure_aggregation.enabled: FedKSeed-Pro (options.pro) learns its "
-                         "seed probabilities from each client's own scalars, which secure aggregation "
-                         "hides; use pro: false (plain FedKSeed needs only their sum)")
-
-
-SPEC = register(AlgorithmSpec(
-    name="fedkseed",
-    summary="Zeroth-order full-parameter tuning over K shared seeds; only K scalars travel (arXiv 2312.06353; pro: FedKSeed-Pro).",
-    config=FedKSeedConfig,
-    build=lambda config, n_clients: FedKSeed(config),
-    local=KSeedLocal,
-    view=KSeedView,
-    check=check_recipe,
-    sum_only=True,  # the pool moves by the weighted mean of the clients' K scalars (not with pro)
-))
+SPEC = register("fedkseed", lambda config, n_clients: FedKSeed(config), local=KSeedLocal, view=KSeedView)

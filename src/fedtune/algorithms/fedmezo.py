@@ -9,13 +9,11 @@ loss (`loss`), the mean of its last five (`loss_mean5`), or ‖Δ_i − mean Δ�
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from fedtune.algorithms.base import (
-    AlgorithmSpec,
     ClientUpdate,
     LocalContext,
     LocalOutcome,
@@ -25,20 +23,13 @@ from fedtune.algorithms.base import (
     register,
 )
 from fedtune.algorithms.fedavg import client_weights, fedavg_aggregate
+from fedtune.algorithms.options import FedMeZOConfig
 from fedtune.data.prompts import collate
 from fedtune.seeding import derive_seed
 from fedtune.train.local import micro_batches, steps_for
 from fedtune.train.zeroth_order import apply_zo_update, projected_gradient
 
 HISTORY = 5
-
-
-class FedMeZOConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    eps: float = Field(1e-3, gt=0.0)
-    alpha: float = Field(0.0, ge=0.0)
-    signal: Literal["loss", "loss_mean5", "update"] = "loss"
-    weighting: Literal["examples", "uniform"] = "examples"
 
 
 def personal_phi(signals: dict[str, float]) -> dict[str, float]:
@@ -132,10 +123,4 @@ class MeZOLocal:
         return LocalOutcome(update=local_update(ctx.slot.get(), global_state), metrics=metrics)
 
 
-SPEC = register(AlgorithmSpec(
-    name="fedmezo",
-    summary="MeZO zeroth-order local steps on the adapter, FedAvg, personalised client learning rates (arXiv 2402.05926).",
-    config=FedMeZOConfig,
-    build=lambda config, n_clients: FedMeZO(config),
-    local=MeZOLocal,
-))
+SPEC = register("fedmezo", lambda config, n_clients: FedMeZO(config), local=MeZOLocal)

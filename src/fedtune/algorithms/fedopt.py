@@ -3,49 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from functools import partial
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, ServerDefaults, State, register
+from fedtune.algorithms.base import ClientUpdate, ServerDefaults, State, register
 from fedtune.algorithms.fedavg import client_weights, fedavg_aggregate
+from fedtune.algorithms.options import FedAvgMConfig
 
 # The round's pseudo-gradient Δ is the weighted mean of the client updates (local − global),
 # so it points *towards* the clients: every rule below moves the global state by +step.
 # Reddi et al. 2021, "Adaptive Federated Optimization", Algorithm 2 (no bias correction);
 # FedAvgM from Hsu et al. 2019. Optimizer state lives in float32 (float64 for float64 tensors).
-
-Weighting = Literal["examples", "uniform"]
-
-
-class FedAvgMConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    server_lr: float = Field(1.0, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weighting: Weighting = "examples"
-
-
-class FedAdamConfig(BaseModel):
-    """Options of FedAdam and FedYogi; `tau` is the paper's adaptivity ε."""
-
-    model_config = ConfigDict(extra="forbid")
-    server_lr: float = Field(1e-2, gt=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.99, ge=0, lt=1)
-    tau: float = Field(1e-3, gt=0)
-    weighting: Weighting = "examples"
-
-
-class FedAdagradConfig(BaseModel):
-    """Options of FedAdagrad (no beta2: the second moment is a plain running sum)."""
-
-    model_config = ConfigDict(extra="forbid")
-    server_lr: float = Field(1e-2, gt=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    tau: float = Field(1e-3, gt=0)
-    weighting: Weighting = "examples"
-
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -168,45 +138,19 @@ def _build_fedavgm(c: FedAvgMConfig, n_clients: int) -> ServerOptimizer:
 
 
 def _build_adaptive(
-    rule: Callable[..., tuple[State, State, State]]
-) -> Callable[[Any, int], ServerOptimizer]:
-    def build(c: Any, n_clients: int) -> ServerOptimizer:
-        hyper = c.model_dump(exclude={"server_lr", "weighting"})
+    rule: Callable[..., tuple[State, State, State]], c: Any, n_clients: int
+) -> ServerOptimizer:
+    """The strategy of an adaptive rule (bound with functools.partial when registered)."""
+    hyper = c.model_dump(exclude={"server_lr", "weighting"})
 
-        def step(g: State, d: State, s: dict[str, State]) -> tuple[State, dict[str, State]]:
-            new, m, v = rule(g, d, s["m"], s["v"], lr=c.server_lr, **hyper)
-            return new, {"m": m, "v": v}
+    def step(g: State, d: State, s: dict[str, State]) -> tuple[State, dict[str, State]]:
+        new, m, v = rule(g, d, s["m"], s["v"], lr=c.server_lr, **hyper)
+        return new, {"m": m, "v": v}
 
-        return ServerOptimizer(c, ("m", "v"), step)
-
-    return build
+    return ServerOptimizer(c, ("m", "v"), step)
 
 
-FEDAVGM = register(AlgorithmSpec(
-    name="fedavgm",
-    summary="FedAvg with server momentum on the mean client update (Hsu et al. 2019).",
-    config=FedAvgMConfig,
-    build=_build_fedavgm,
-    sum_only=True,
-))
-FEDADAM = register(AlgorithmSpec(
-    name="fedadam",
-    summary="Adam as the server optimizer on the mean client update (Reddi et al. 2021, Adaptive Federated Optimization).",
-    config=FedAdamConfig,
-    build=_build_adaptive(fedadam_step),
-    sum_only=True,
-))
-FEDYOGI = register(AlgorithmSpec(
-    name="fedyogi",
-    summary="Yogi as the server optimizer on the mean client update (Reddi et al. 2021, Adaptive Federated Optimization).",
-    config=FedAdamConfig,
-    build=_build_adaptive(fedyogi_step),
-    sum_only=True,
-))
-FEDADAGRAD = register(AlgorithmSpec(
-    name="fedadagrad",
-    summary="Adagrad with momentum as the server optimizer (Reddi et al. 2021, Adaptive Federated Optimization).",
-    config=FedAdagradConfig,
-    build=_build_adaptive(fedadagrad_step),
-    sum_only=True,
-))
+FEDAVGM = register("fedavgm", _build_fedavgm)
+FEDADAM = register("fedadam", partial(_build_adaptive, fedadam_step))
+FEDYOGI = register("fedyogi", partial(_build_adaptive, fedyogi_step))
+FEDADAGRAD = register("fedadagrad", partial(_build_adaptive, fedadagrad_step))

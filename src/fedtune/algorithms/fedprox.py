@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from fedtune.algorithms.base import (
-    AlgorithmSpec,
     LocalContext,
     LocalOutcome,
     State,
@@ -17,12 +15,7 @@ from fedtune.algorithms.base import (
     result_metrics,
 )
 from fedtune.algorithms.fedavg import FedAvg, FedAvgConfig
-
-
-class FedProxConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    mu: float = Field(0.01, ge=0.0)
-    weighting: Literal["examples", "uniform"] = "examples"
+from fedtune.algorithms.options import FedProxConfig
 
 
 def proximal_term(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
@@ -47,11 +40,4 @@ class ProxLocal:
                             metrics=result_metrics(result))
 
 
-SPEC = register(AlgorithmSpec(
-    name="fedprox",
-    summary="FedAvg with a proximal term μ/2‖w − w_global‖² in each client's loss (Li et al. 2020).",
-    config=FedProxConfig,
-    build=lambda config, n_clients: FedAvg(FedAvgConfig(weighting=config.weighting)),
-    local=ProxLocal,
-    sum_only=True,
-))
+SPEC = register("fedprox", lambda config, n_clients: FedAvg(FedAvgConfig(weighting=config.weighting)), local=ProxLocal)

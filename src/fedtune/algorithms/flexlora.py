@@ -11,20 +11,14 @@ Bai et al. 2024). Tensors that are not LoRA factors are averaged as in FedAvg.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
 
-from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, ServerDefaults, State, register
+from fedtune.algorithms.base import ClientUpdate, ServerDefaults, State, register
 from fedtune.algorithms.fedavg import client_weights
+from fedtune.algorithms.options import FlexLoRAConfig
 
 A_TAG, B_TAG = "lora_A", "lora_B"
-
-
-class FlexLoRAConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    weighting: Literal["examples", "uniform"] = "examples"
 
 
 def lora_pairs(names: Sequence[str]) -> dict[str, str]:
@@ -85,9 +79,4 @@ class FlexLoRA(ServerDefaults):
         return flexlora_aggregate(global_state, locals_)
 
 
-SPEC = register(AlgorithmSpec(
-    name="flexlora",
-    summary="LoRA-aware FedAvg: average the products B·A, re-factorise by truncated SVD (FlexLoRA, Bai et al. 2024).",
-    config=FlexLoRAConfig,
-    build=lambda config, n_clients: FlexLoRA(config),
-))
+SPEC = register("flexlora", lambda config, n_clients: FlexLoRA(config))

@@ -8,36 +8,20 @@ the clients' example counts by default: a Byzantine client can lie about its cou
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
-from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, ServerDefaults, State, register
+from fedtune.algorithms.base import ClientUpdate, ServerDefaults, State, register
 from fedtune.algorithms.fedavg import client_weights
+from fedtune.algorithms.options import (
+    KrumConfig,
+    MedianConfig,
+    NormBoundingConfig,
+    TrimmedMeanConfig,
+)
 from fedtune.errors import RecipeError
-
-
-class MedianConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TrimmedMeanConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    trim_ratio: float = Field(0.1, ge=0, lt=0.5)
-
-
-class KrumConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    byzantine: int = Field(1, ge=0)
-    multi: int = Field(1, ge=1)
-    weighting: Literal["examples", "uniform"] = "uniform"
-
-
-class NormBoundingConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    max_norm: float = Field(gt=0)
-    weighting: Literal["examples", "uniform"] = "examples"
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -205,27 +189,7 @@ def _build_norm_bounding(c: NormBoundingConfig, n_clients: int) -> RobustAggrega
     return RobustAggregation(c, rule)
 
 
-MEDIAN = register(AlgorithmSpec(
-    name="median",
-    summary="Coordinate-wise median of the client updates (Yin et al. 2018, Byzantine-robust distributed learning).",
-    config=MedianConfig,
-    build=_build_median,
-))
-TRIMMED_MEAN = register(AlgorithmSpec(
-    name="trimmed_mean",
-    summary="Coordinate-wise trimmed mean of the client updates (Yin et al. 2018, Byzantine-robust distributed learning).",
-    config=TrimmedMeanConfig,
-    build=_build_trimmed_mean,
-))
-KRUM = register(AlgorithmSpec(
-    name="krum",
-    summary="(Multi-)Krum: keep the updates closest to their neighbours (Blanchard et al. 2017, Machine learning with adversaries).",
-    config=KrumConfig,
-    build=_build_krum,
-))
-NORM_BOUNDING = register(AlgorithmSpec(
-    name="norm_bounding",
-    summary="Clip each client update to a maximum L2 norm, then average (Sun et al. 2019, Can you really backdoor FL?).",
-    config=NormBoundingConfig,
-    build=_build_norm_bounding,
-))
+MEDIAN = register("median", _build_median)
+TRIMMED_MEAN = register("trimmed_mean", _build_trimmed_mean)
+KRUM = register("krum", _build_krum)
+NORM_BOUNDING = register("norm_bounding", _build_norm_bounding)

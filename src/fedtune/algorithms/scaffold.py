@@ -9,13 +9,11 @@ gradient, but option II's step-size estimate is then only approximate.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from fedtune.algorithms.base import (
-    AlgorithmSpec,
     ClientUpdate,
     LocalContext,
     LocalOutcome,
@@ -26,14 +24,9 @@ from fedtune.algorithms.base import (
     result_metrics,
 )
 from fedtune.algorithms.fedavg import client_weights, fedavg_aggregate
+from fedtune.algorithms.options import ScaffoldConfig
 
 C, DC, CI = "scaffold/c/", "scaffold/dc/", "scaffold/ci/"
-
-
-class ScaffoldConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    global_lr: float = Field(1.0, gt=0.0)
-    weighting: Literal["examples", "uniform"] = "examples"
 
 
 def scaffold_aggregate(global_state: State, c: State, updates: list[tuple[State, State, float]],
@@ -110,10 +103,4 @@ class ScaffoldLocal:
         return LocalOutcome(update=delta, extra=dc, metrics=result_metrics(result))
 
 
-SPEC = register(AlgorithmSpec(
-    name="scaffold",
-    summary="SCAFFOLD: client and server control variates correct client drift (Karimireddy et al. 2020).",
-    config=ScaffoldConfig,
-    build=Scaffold,
-    local=ScaffoldLocal,
-))
+SPEC = register("scaffold", Scaffold, local=ScaffoldLocal)

@@ -42,17 +42,25 @@ _GSM8K_FINAL = re.compile(r"^\s*####\s*(.*?)\s*$")
 def read_rows(source: str, *, limit: int | None = None) -> list[Row]:
     """(origin, row) pairs from a file, a saved `datasets` directory or a hub dataset name."""
     path = Path(source).expanduser()
+    check_local_source(source)
     if path.is_dir():
         rows = _take(_read_saved_dataset(path), limit)
     elif path.is_file():
         rows = _take(_read_file(path), limit)
-    elif path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
-        raise DataError(f"data file not found: {source}")
     else:
         rows = _read_hub_dataset(source, limit)
     if not rows:
         raise DataError(f"{source}: no rows found (the file or dataset is empty)")
     return rows
+
+
+def check_local_source(source: str) -> None:
+    """DataError when `source` names a local file (by its suffix or path) that does not exist."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return
+    if path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
+        raise DataError(f"data file not found: {source}")
 
 
 def _take(rows: Iterator[Row], limit: int | None) -> list[Row]:

@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import logging
-from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from fedtune.config import ModelSection
 from fedtune.errors import ModelError
+from fedtune.models.hub import BUILTIN_MODELS, OFFLINE_HINT, hub_access, resolve_model_path
+
+__all__ = ["BUILTIN_MODELS", "hub_access", "load_base_model", "load_tokenizer", "resolve_model_path"]
 
 log = logging.getLogger("fedtune.models")
-
-BUILTIN_MODELS = {"builtin:tiny": "tiny"}
-
-
-def resolve_model_path(name: str) -> str:
-    """`builtin:NAME` -> the shipped directory; anything else is returned as is (path or hub id)."""
-    if name.startswith("builtin:"):
-        if name not in BUILTIN_MODELS:
-            raise ModelError(
-                f"model.name: unknown built-in model {name!r}; available: {', '.join(BUILTIN_MODELS)}"
-            )
-        return str(resources.files("fedtune") / "assets" / BUILTIN_MODELS[name])
-    return name
 
 
 def pick_device(spec: str) -> torch.device:
@@ -45,11 +35,12 @@ def pick_dtype(spec: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_tokenizer(section: ModelSection):
+def load_tokenizer(section: ModelSection, hub: dict[str, Any] | None = None):
     path = resolve_model_path(section.name)
+    hub = hub_access(section) if hub is None else hub
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            path, revision=section.revision, trust_remote_code=section.trust_remote_code
+            path, revision=section.revision, trust_remote_code=section.trust_remote_code, **hub
         )
     except Exception as exc:  # transformers raises many types for a missing / unreachable model
         raise ModelError(_load_hint(section.name, path, "tokenizer", exc)) from None
@@ -70,11 +61,12 @@ def load_base_model(section: ModelSection) -> tuple[PreTrainedModel, object]:
     path = resolve_model_path(section.name)
     device = pick_device(section.device)
     dtype = pick_dtype(section.dtype, device)
-    tokenizer = load_tokenizer(section)
-    extra = {}
+    hub = hub_access(section)
+    tokenizer = load_tokenizer(section, hub)
+    extra: dict[str, Any] = dict(hub)
     if section.quantization != "none":
-        extra = {"quantization_config": quantization_config(section.quantization, device, dtype),
-                 "device_map": {"": device.index or 0}}
+        extra.update(quantization_config=quantization_config(section.quantization, device, dtype),
+                     device_map={"": device.index or 0})
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, revision=section.revision, dtype=dtype,
@@ -120,5 +112,5 @@ def _load_hint(name: str, path: str, what: str, exc: Exception) -> str:
         return f"model.name {name!r}: cannot load the {what} from {path}: {first}"
     return (
         f"model.name {name!r}: cannot load the {what} ({first}). It is not a local directory; as a "
-        "hub id it needs network access or a cached copy (HF_HOME). Use a local path or builtin:tiny."
+        f"hub id it needs network access or a cached copy (HF_HOME). {OFFLINE_HINT}"
     )

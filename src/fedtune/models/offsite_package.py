@@ -153,6 +153,14 @@ def _check_layout(skeleton: nn.Module, frozen: dict[str, torch.Tensor], trainabl
         if tuple(tensor.shape) != tuple(state[name].shape):
             raise ModelError(f"offsite-tuning: emulator tensor {name} is {tuple(tensor.shape)}, "
                              f"the config says {tuple(state[name].shape)}")
+    tied: dict[int, list[str]] = {}  # a config that ties weights (tie_word_embeddings) shares them
+    for name, param in skeleton.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
+    for names in tied.values():
+        sent = [frozen[n] for n in names if n in frozen]
+        if any(not torch.equal(t, sent[0]) for t in sent[1:]):
+            raise ModelError(f"offsite-tuning: the emulator config ties {names[:2]}, but the package's "
+                             "tensors for them differ")
     adapter_bytes = 4 * sum(params[n].numel() for n in set(trainable))
     if max_adapter_bytes is not None and adapter_bytes > max_adapter_bytes:
         raise ModelError(f"offsite-tuning: the emulator's adapter layers would take {adapter_bytes} "

@@ -16,6 +16,7 @@ from fedtune.errors import FedtuneError, MessageError
 from fedtune.eval.evaluator import Evaluator
 from fedtune.models.adapters import AdapterSlot
 from fedtune.privacy.dp_sgd import record_dp_steps
+from fedtune.runtime import peer_values
 from fedtune.runtime.messages import Message, MessageKind
 from fedtune.runtime.secure_client import SecAggParticipant
 from fedtune.seeding import derive_seed
@@ -62,6 +63,7 @@ class Client:
         self.seed = seed
         self.server = server
         self.max_message_bytes = max_message_bytes
+        self.rejected = 0  # messages from the server refused (undecodable, or a bad value)
         self.secagg = SecAggParticipant(name)  # secure-aggregation rounds (runtime/secure_client.py)
         self.view = view or ModelView(slot)  # how the global state becomes the model's tensors
         self._specs = specs_of(self.view.initial())
@@ -86,11 +88,13 @@ class Client:
         try:
             msg = decode(data, max_bytes=self.max_message_bytes)
         except MessageError as exc:
+            self.rejected += 1
             log.warning("%s: rejected a message: %s", self.name, exc)
             return None
         try:
             reply = self.handle(msg)
         except FedtuneError as exc:
+            self.rejected += 1
             log.warning("%s: cannot handle %s of round %d: %s", self.name, msg.kind.value, msg.round, exc)
             reply = Message(MessageKind.ERROR, msg.round, self.name, self.server,
                             meta={"error": str(exc)[:500]})
@@ -105,17 +109,17 @@ class Client:
         return adapter, extra
 
     def fit(self, msg: Message) -> Message:
-        lr = msg.meta.get("lr")
-        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
-            raise MessageError(f"fit message of round {msg.round} has no valid 'lr' in its meta")
+        if "lr" not in msg.meta:
+            raise MessageError(f"fit message of round {msg.round} has no 'lr' in its meta")
+        lr = peer_values.learning_rate(msg.meta["lr"], f"fit message of round {msg.round}: meta.lr")
         adapter, extra = self._load_global(msg, self.local.server_tensor_specs(self._specs))
         ctx = LocalContext(
             client=self.name, round=msg.round, seed=derive_seed(self.seed, "fit", msg.round, self.name),
-            lr=float(lr), slot=self.slot, trainer=self.trainer, train=self.data.train,
+            lr=lr, slot=self.slot, trainer=self.trainer, train=self.data.train,
             state=self.state, server_tensors=extra, meta=msg.meta,
         )
         outcome = self.local.fit(ctx, adapter)
-        outcome.metrics.setdefault("lr", float(lr))
+        outcome.metrics.setdefault("lr", lr)
         if self.trainer.section.dp_sgd is not None:  # this client's (ε, δ) over all its rounds
             record_dp_steps(self.state, outcome.metrics, self.trainer.section.dp_sgd)
         return Message(MessageKind.UPDATE, msg.round, self.name, self.server,
@@ -123,11 +127,12 @@ class Client:
                        meta={"n_examples": len(self.data.train), "metrics": outcome.metrics})
 
     def evaluate(self, msg: Message) -> Message:
+        generate = peer_values.flag(msg.meta.get("generate", False), "evaluate message: meta.generate")
         self._load_global(msg)
         if self.evaluator is None or not self.data.test:
             metrics: dict = {}
         else:
             metrics = self.evaluator.evaluate(self.data.test, self.data.test_raw,
-                                              with_generation=bool(msg.meta.get("generate", False)))
+                                              with_generation=generate)
         return Message(MessageKind.EVAL_RESULT, msg.round, self.name, self.server,
                        meta={"n_examples": len(self.data.test), "metrics": metrics})

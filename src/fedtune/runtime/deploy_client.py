@@ -4,6 +4,7 @@ with the same Client as a simulation, reconnects with backoff, and exits after F
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,14 +26,14 @@ from fedtune.runtime.messages import MessageKind
 from fedtune.runtime.setup import Setup
 from fedtune.seeding import derive_seed
 from fedtune.track.report import human_bytes
+from fedtune.track.reporter import plain_console
 from fedtune.transport.auth import client_token, with_name
 from fedtune.transport.codec import check_message, decode
 from fedtune.transport.framing import peek_header
-from fedtune.transport.grpc_client import FATAL, Backoff, ServerConnection
+from fedtune.transport.grpc_client import FATAL, Backoff, ServerConnection, is_rejection
 from fedtune.transport.grpc_server import SERVER_NAME
 
 log = logging.getLogger("fedtune.deploy")
-_REJECTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 _PUSH_ATTEMPTS = 5
 
 
@@ -78,7 +79,7 @@ def participate(recipe: Any = None, overrides: list[str] | None = None, *, name:
         raise DeploymentError(f"client '{name}' needs a token: --token-file PATH or "
                               "transport.token_file (or mutual_tls: true)")
     connection = ServerConnection(section, name, address=section.address, token=token)
-    out = Console(highlight=False, soft_wrap=True)
+    out = plain_console()  # `[rejected]`, `[late]`, `[not sent]` must show, not be taken as markup
     try:
         base = None  # offsite-tuning: the emulator comes from the server; the model is never loaded
         if loaded.federation.algorithm == "offsite":
@@ -195,7 +196,13 @@ class _Loop:
 
     def _handle(self, data: bytes) -> bool:
         """Answer one message; True when it was FINISH."""
-        header = peek_header(data)
+        try:
+            header = peek_header(data)
+        except (MessageError, RecursionError, ValueError) as exc:  # a broken or hostile server
+            self.client.rejected += 1
+            log.warning("%s: rejected a message from the server: %s", self.name, str(exc)[:200])
+            self.out.print(f"{self.name}: a message from the server was rejected (see log)")
+            return False
         kind, round_ = header.get("kind"), header.get("round")
         size = len(data)
         self.stats.bytes_down += size
@@ -213,7 +220,7 @@ class _Loop:
         metrics = meta.get("meta", {}).get("metrics") or {}
         if meta.get("kind") == "update":
             self.stats.fits += 1
-            what = f"trained: train loss {metrics.get('train_loss', float('nan')):.4f}"
+            what = f"trained: train loss {_shown(metrics.get('train_loss'))}"
         elif meta.get("kind") == "secagg_advert":
             self.stats.fits += 1
             what = "trained; secure aggregation: keys sent"
@@ -221,11 +228,11 @@ class _Loop:
             what = f"secure aggregation: {str(meta.get('kind'))[7:]} sent"
         elif meta.get("kind") == "eval_result":
             self.stats.evaluations += 1
-            what = "evaluated: " + (f"loss {metrics['loss']:.4f}" if "loss" in metrics else "no test data")
+            what = "evaluated: " + (f"loss {_shown(metrics['loss'])}" if "loss" in metrics else "no test data")
         else:
             what = f"could not answer: {meta.get('meta', {}).get('error', '?')}"
         note = "" if verdict == "accepted" else f" [{verdict}]"
-        self.out.print(f"{self.name}: round {round_:>4} {what}; down {human_bytes(size)}, "
+        self.out.print(f"{self.name}: round {round_!s:>4} {what}; down {human_bytes(size)}, "
                        f"up {human_bytes(len(reply))}, {time.perf_counter() - start:.1f} s{note}")
         return False
 
@@ -240,7 +247,7 @@ class _Loop:
             except grpc.RpcError as exc:
                 if exc.code() in FATAL:
                     raise
-                if exc.code() in _REJECTED:
+                if is_rejection(exc):  # too large or malformed; gRPC's busy refusal is retried
                     log.warning("%s: the server rejected a reply: %s", self.name, _reason(exc))
                     return "rejected"
                 delay = backoff.next_delay()
@@ -255,8 +262,10 @@ class _Loop:
         self.out.print(
             f"{self.name}: finished; {s.fits} training rounds, {s.evaluations} evaluations, "
             f"received {human_bytes(s.bytes_down)}, sent {human_bytes(s.bytes_up)}, "
-            f"{s.late} late replies, {s.reconnects} reconnects, {seconds:.0f} s")
-        return {"client": self.name, **s.__dict__, "seconds": seconds}
+            f"{s.late} late replies, {s.reconnects} reconnects, "
+            f"{self.client.rejected} rejected messages, {seconds:.0f} s")
+        return {"client": self.name, **s.__dict__, "rejected_messages": self.client.rejected,
+                "seconds": seconds}
 
 
 class _StreamEnded(Exception):
@@ -264,6 +273,13 @@ class _StreamEnded(Exception):
 
     def __str__(self) -> str:
         return "the server closed the stream"
+
+
+def _shown(value: Any) -> str:
+    """A loss for a progress line: 4 decimals, or "-" when there is none."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:.4f}"
+    return "-"
 
 
 def _reason(exc: BaseException) -> str:

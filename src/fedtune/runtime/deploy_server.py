@@ -18,7 +18,7 @@ from fedtune.runtime.server import Server
 from fedtune.runtime.setup import Setup
 from fedtune.runtime.simulation import resume_server
 from fedtune.track.report import human_bytes
-from fedtune.track.reporter import ConsoleReporter, NullReporter
+from fedtune.track.reporter import ConsoleReporter, NullReporter, plain_console
 from fedtune.track.rundir import RunDir
 from fedtune.transport.auth import (
     Authenticator,
@@ -29,6 +29,7 @@ from fedtune.transport.auth import (
 from fedtune.transport.grpc_server import GrpcServerTransport
 
 log = logging.getLogger("fedtune.deploy")
+RESUME = "fedtune server --resume"  # how a stopped server continues (no recipe: it is in the run)
 
 
 def require_grpc(recipe: Recipe, command: str) -> None:
@@ -43,7 +44,7 @@ def _load(recipe: Any, overrides: list[str], resume: str | Path | None) -> tuple
     if resume is None:
         loaded = load_recipe(recipe, overrides)
         if loaded.output.name is not None:  # refuse an existing named directory before set-up
-            RunDir.check_free(Path(loaded.output.dir) / loaded.output.name)
+            RunDir.check_free(Path(loaded.output.dir) / loaded.output.name, resume_with=RESUME)
         return loaded, None
     if recipe is not None:
         raise RunDirError("--resume continues a run with its saved recipe; give no recipe")
@@ -75,7 +76,7 @@ def serve(recipe: Any = None, overrides: list[str] | None = None, *, resume: str
     loaded, run_dir = _load(recipe, list(overrides or []), resume)
     require_grpc(loaded, "server")
     section = loaded.transport
-    out = Console(highlight=False, soft_wrap=True)
+    out = plain_console()
     names = client_names(loaded.federation.clients)
     auth = _authenticator(loaded, names)  # files are checked before minutes of set-up
     credentials = None if section.insecure else server_credentials(section.tls, section.mutual_tls)
@@ -103,7 +104,8 @@ def serve(recipe: Any = None, overrides: list[str] | None = None, *, resume: str
             out.print(f"starting with {len(joined)} of {len(names)} clients; the others may join later")
         if run_dir is None:  # made only now, so a federation that never gathered leaves nothing
             name = loaded.output.name or f"{loaded.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            run_dir = RunDir.create(loaded.output.dir, name, explicit=loaded.output.name is not None)
+            run_dir = RunDir.create(loaded.output.dir, name, explicit=loaded.output.name is not None,
+                                    resume_with=RESUME)
             run_dir.write_recipe(loaded.to_yaml())
             setup.keep_emulator(run_dir, resume=False)
         setup.write_split(run_dir)
@@ -126,6 +128,10 @@ def serve(recipe: Any = None, overrides: list[str] | None = None, *, resume: str
         summary = setup.finish(run_dir, server, result, emulator_counted=True)
         summary["transport"] = {"kind": "grpc", "address": address, "mode": mode, **transport.stats()}
         run_dir.write_json("summary.json", summary)
+    except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: the CLI names the directory to resume
+        if run_dir is not None:
+            exc.run_dir = run_dir.path  # type: ignore[attr-defined]
+        raise
     finally:
         transport.close()
     out.print(_closing_line(summary))

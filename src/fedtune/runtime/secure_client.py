@@ -19,6 +19,7 @@ from fedtune.errors import MessageError, RecipeError
 from fedtune.privacy import secagg_wire as wire
 from fedtune.privacy.fixedpoint import FixedPointCodec
 from fedtune.privacy.secagg import SecAggClient, SecAggError
+from fedtune.runtime import peer_values
 from fedtune.runtime.messages import SECAGG_ANSWERS, Message, MessageKind
 from fedtune.runtime.secure_round import LOSS_KEY, PARAM_KEYS, PARAMS_KEY, PLAIN_METRICS, WEIGHTINGS
 from fedtune.transport.codec import check_message
@@ -54,13 +55,11 @@ def parse_round_params(value: Any, name: str,
     if value["weighting"] not in WEIGHTINGS:
         raise MessageError(f"{what}: weighting must be one of {list(WEIGHTINGS)}")
     threshold = value["threshold"]
-    for key in ("clip", "max_weight"):
-        if isinstance(value[key], bool) or not isinstance(value[key], (int, float)):
-            raise MessageError(f"{what}: {key} must be a number")
+    clip, max_weight = (peer_values.finite_number(value[key], f"{what}: {key}", low=0.0)
+                        for key in ("clip", "max_weight"))
     try:
         wire.check_threshold(threshold, len(peers))
-        codec = FixedPointCodec(frac_bits=value["frac_bits"], clip=float(value["clip"]),
-                                max_weight=float(value["max_weight"]))
+        codec = FixedPointCodec(frac_bits=value["frac_bits"], clip=clip, max_weight=max_weight)
         codec.check_capacity(len(peers))
     except RecipeError as exc:
         raise MessageError(f"{what}: {exc}") from None

@@ -38,6 +38,7 @@ from fedtune.privacy import secagg_wire as wire
 from fedtune.privacy.fixedpoint import FixedPointCodec
 from fedtune.privacy.secagg_server import SecAggResult, SecAggServer
 from fedtune.privacy.secagg_wire import SecAggError
+from fedtune.runtime import peer_values
 from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.codec import TensorSpec, check_message
 
@@ -96,8 +97,9 @@ class SecureAggregation:
         if not fed.secure_aggregation.enabled:
             return None
         options = algorithm_options(fed.algorithm, fed.options)
-        return cls(fed.secure_aggregation, specs, getattr(options, "weighting", "examples"),
-                   recipe.transport.min_replies)
+        # federation.weighting: uniform overrides the algorithm's own option (trust no claim)
+        weighting = "uniform" if fed.weighting == "uniform" else getattr(options, "weighting", "examples")
+        return cls(fed.secure_aggregation, specs, weighting, recipe.transport.min_replies)
 
     # -- one round --------------------------------------------------------------------------------
 
@@ -112,7 +114,10 @@ class SecureAggregation:
         try:
             agg = SecAggServer(chosen, threshold, self.shapes, self.codec, session)
             result = self._protocol(server, state, agg, params, instructions)
+            if result is not None:
+                self._check_weight(server, result)
         except (SecAggError, MessageError) as exc:
+            result = None
             log.warning("round %d: secure aggregation stopped (%s); the global adapter is unchanged",
                         round_, exc)
         if result is not None:
@@ -139,6 +144,8 @@ class SecureAggregation:
 
         routes = {c: self._request(MessageKind.SECAGG_ROUTED, state, c, {"shares": routed[c]})
                   for c in routed}
+        server.transport.expect(round_, MessageKind.SECAGG_MASKED, list(routes),  # refused early if not
+                                {n: TensorSpec(tuple(shape), torch.int64) for n, shape in agg.layout})
         masked = self._step(server, state, "masked", routes, MessageKind.SECAGG_MASKED,
                             lambda c, m: _masked(agg, c, m))
         if len(masked) < min(self.min_replies, len(state.chosen)):
@@ -200,13 +207,29 @@ class SecureAggregation:
         metrics = meta["metrics"]
         if not isinstance(metrics, dict) or set(metrics) - set(PLAIN_METRICS):
             raise MessageError(f"{what}: metrics may hold only {list(PLAIN_METRICS)}")
-        for key, value in metrics.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise MessageError(f"{what}: metrics.{key} must be a number >= 0")
-        state.metrics[client] = {k: float(v) for k, v in metrics.items()}
+        state.metrics[client] = {
+            key: peer_values.finite_number(value, f"{what}: metrics.{key}", low=0.0,
+                                           high=1.0 if key == "dp_delta" else None)
+            for key, value in metrics.items()}
         return meta["advert"]
 
     # -- the result -------------------------------------------------------------------------------
+
+    def _check_weight(self, server: Any, result: SecAggResult) -> None:
+        """The revealed total weight must be what the survivors may claim together: their number
+        under uniform weighting, at most the sum of their bounds (Server.max_examples) otherwise.
+        A larger total means a client lied about its weight; the round is dropped."""
+        survivors = list(result.survivors)
+        total = result.total_weight
+        if self.weighting == "uniform":
+            if abs(total - len(survivors)) > 0.5:
+                raise SecAggError(f"the revealed total weight {total:.3f} is not the number of "
+                                  f"survivors ({len(survivors)}) under uniform weighting")
+            return
+        bound = sum(server.max_examples(c) for c in survivors)
+        if not total <= bound + 0.5:
+            raise SecAggError(f"the revealed total weight {total:.3f} is above what the "
+                              f"{len(survivors)} survivors may claim together ({bound})")
 
     def _mean(self, result: SecAggResult) -> State:
         """Σ w_i Δ_i / Σ w_i for the adapter tensors."""

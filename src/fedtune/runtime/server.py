@@ -17,6 +17,7 @@ import numpy as np
 from fedtune.algorithms.base import ClientUpdate, State, Strategy
 from fedtune.config import Recipe
 from fedtune.errors import MessageError
+from fedtune.runtime import peer_values
 from fedtune.runtime.messages import Message, MessageKind
 from fedtune.runtime.secure_round import SecureAggregation
 from fedtune.seeding import derive_seed
@@ -88,7 +89,11 @@ class Server:
         reporter: Reporter | None = None,
         reply_timeout: float | None = None,
         client_state: ClientStateStore | None = None,
+        example_counts: dict[str, int] | None = None,
     ):
+        """`example_counts`: each client's real number of training examples where the server knows
+        it (simulation); a claim above it is refused. Otherwise (deployment) the bound is
+        federation.max_examples_per_client."""
         self.recipe = recipe
         self.strategy = strategy
         self.transport = transport
@@ -99,6 +104,8 @@ class Server:
         self.reporter = reporter or NullReporter()
         self.reply_timeout = reply_timeout
         self.client_state = client_state
+        self.example_counts = dict(example_counts or {})
+        self.claimed: dict[str, int] = {}  # this round's claimed example counts (logged)
         self.specs = specs_of(global_state)
         compression = recipe.federation.compression
         self.up = AdapterWire(compression.up.codec(), self.specs)
@@ -118,15 +125,18 @@ class Server:
         """Continue from a checkpoint; returns the next round to run."""
         self.global_state = ckpt.global_state
         self.strategy.load_state_dict(ckpt.strategy_state)
+        if hasattr(self.transport, "load_counter_state"):  # refused calls, late replies... go on
+            self.transport.load_counter_state(ckpt.info.get("transport", {}))
         self.transport.traffic.load_state(ckpt.info.get("traffic", {}))
-        self.timings = Timings(train=ckpt.info.get("train_seconds", 0.0),
-                               eval=ckpt.info.get("eval_seconds", 0.0),
-                               wall_before=ckpt.info.get("wall_seconds", 0.0))
-        self.initial = ckpt.info.get("initial")
+        self.timings = Timings(train=peer_values.stored_seconds(ckpt.info.get("train_seconds")),
+                               eval=peer_values.stored_seconds(ckpt.info.get("eval_seconds")),
+                               wall_before=peer_values.stored_seconds(ckpt.info.get("wall_seconds")))
+        initial = ckpt.info.get("initial")
+        self.initial = initial if isinstance(initial, dict) else None
         if self.client_state is not None:
             self.client_state.load_state_dict(ckpt.client_state)
-        self.rejected = ckpt.info.get("rejected", 0)
-        self.missing = ckpt.info.get("missing", 0)
+        self.rejected = peer_values.stored_count(ckpt.info.get("rejected"))
+        self.missing = peer_values.stored_count(ckpt.info.get("missing"))
         return ckpt.round + 1
 
     # -- the run --------------------------------------------------------------------------------
@@ -168,6 +178,8 @@ class Server:
             return self.secure.run_round(self, round_, chosen, lr, instructions, start)
         tensors = {**self.down.pack(self.global_state),
                    **self.strategy.fit_tensors(round_, self.global_state)}
+        self.transport.expect(round_, MessageKind.UPDATE, chosen,  # anything else is refused early
+                              {**self.up.wire, **self.strategy.update_specs(self.specs)})
         for client in chosen:
             self.transport.send(Message(MessageKind.FIT, round_, SERVER, client,
                                         tensors=tensors, meta=instructions[client]))
@@ -191,19 +203,18 @@ class Server:
                 self.missing += 1
                 self.run_dir.log(round_, client, "no_update", {"reason": "no valid update this round"})
         traffic = self.transport.traffic.by_client(round_)
-        for u in updates:
-            self.timings.train += float(u.metrics.get("train_seconds", 0.0))
+        for u in updates:  # metrics were checked in _accept_updates (runtime/peer_values.py)
+            self.timings.train += float(u.metrics.get("train_seconds") or 0.0)
             if "dp_epsilon" in u.metrics:  # local DP-SGD: the client's (ε, δ) over its rounds
                 self.local_dp[u.client] = {"epsilon": u.metrics["dp_epsilon"],
                                            "delta": u.metrics.get("dp_delta")}
             self.run_dir.log(round_, u.client, "fit", {
-                **u.metrics, "n_examples": u.n_examples, **traffic.get(u.client, {}),
+                **u.metrics, "n_examples": self.claimed.get(u.client, u.n_examples),
+                "weight": u.n_examples, **traffic.get(u.client, {}),
             })
-        losses = [u.metrics.get("train_loss") for u in updates]
-        weights = [u.n_examples for u in updates]
         summary = {
             "clients": len(chosen), "updates": len(updates), "lr": lr,
-            "train_loss": float(np.average(losses, weights=weights)) if updates else None,
+            "train_loss": mean_train_loss(updates),
             "bytes_up": self.transport.traffic.round_total(round_, "up"),
             "bytes_down": self.transport.traffic.round_total(round_, "down"),
             "seconds": time.perf_counter() - start,
@@ -213,29 +224,42 @@ class Server:
         self.reporter.round_end(round_, summary)
 
     def _accept_updates(self, round_: int, chosen: list[str], replies: list[Message]) -> list[ClientUpdate]:
+        """The valid updates of the round's clients, in `chosen` order; every other reply is
+        rejected, logged and counted. Each update's weight (ClientUpdate.n_examples) is set here,
+        the one place for every strategy: 1 under federation.weighting `uniform`, otherwise the
+        client's claim, refused above what the server knows or allows (max_examples)."""
         updates: dict[str, ClientUpdate] = {}
+        self.claimed = {}
+        uniform = self.recipe.federation.weighting == "uniform"
         for msg in replies:
             try:
                 if msg.kind == MessageKind.ERROR:
-                    raise MessageError(f"client reported: {msg.meta.get('error', '?')}")
+                    raise MessageError(f"client reported: {peer_values.error_text(msg.meta.get('error', '?'))}")
                 check_message(msg, kinds={MessageKind.UPDATE}, round=round_,
                               tensor_specs={**self.up.wire, **self.strategy.update_specs(self.specs)})
                 if msg.sender not in chosen or msg.sender in updates:
                     raise MessageError("not asked for an update this round, or answered twice")
-                n = msg.meta.get("n_examples")
-                if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-                    raise MessageError("meta.n_examples must be a positive integer")
-                metrics = msg.meta.get("metrics", {})
-                if not isinstance(metrics, dict):
-                    raise MessageError("meta.metrics must be an object")
+                n = peer_values.count(msg.meta.get("n_examples"), "meta.n_examples", low=1,
+                                      high=self.max_examples(msg.sender))
+                metrics = peer_values.metrics(msg.meta.get("metrics", {}))
                 wire, extra = self.up.split(msg.tensors)
                 tensors = {**self.up.unpack(wire), **extra}
-                updates[msg.sender] = ClientUpdate(msg.sender, tensors, n, metrics)
+                updates[msg.sender] = ClientUpdate(msg.sender, tensors, 1 if uniform else n, metrics)
+                self.claimed[msg.sender] = n
             except MessageError as exc:
-                self.rejected += 1
-                log.warning("round %d: rejected the reply of %s: %s", round_, msg.sender, exc)
-                self.run_dir.log(round_, msg.sender, "rejected", {"reason": str(exc)})
+                self._reject(round_, msg.sender, "reply", exc)
         return [updates[c] for c in chosen if c in updates]
+
+    def max_examples(self, client: str) -> int:
+        """The most examples `client` may claim: its partition size where the server knows it
+        (simulation), otherwise federation.max_examples_per_client."""
+        known = self.example_counts.get(client)
+        return known if known is not None else self.recipe.federation.max_examples_per_client
+
+    def _reject(self, round_: int, sender: str, what: str, exc: Exception) -> None:
+        self.rejected += 1
+        log.warning("round %d: rejected the %s of %s: %s", round_, what, sender, exc)
+        self.run_dir.log(round_, sender, "rejected", {"reason": str(exc)})
 
     # -- evaluation -----------------------------------------------------------------------------
 
@@ -252,14 +276,21 @@ class Server:
             for client in self.clients:
                 self.transport.send(Message(MessageKind.EVALUATE, round_, SERVER, client,
                                             tensors=tensors, meta={"generate": final}))
+            answered: set[str] = set()
             for msg in self.transport.collect(round_, self.clients, timeout=self.reply_timeout):
                 try:
                     check_message(msg, kinds={MessageKind.EVAL_RESULT}, round=round_)
+                    if msg.sender not in self.clients or msg.sender in answered:
+                        raise MessageError("not asked for an evaluation, or answered twice")
+                    values = peer_values.metrics(msg.meta.get("metrics", {}))
+                    if "n_examples" in msg.meta:
+                        peer_values.count(msg.meta["n_examples"], "meta.n_examples",
+                                          high=self.recipe.federation.max_examples_per_client)
                 except MessageError as exc:
-                    log.warning("round %d: rejected the evaluation of %s: %s", round_, msg.sender, exc)
+                    self._reject(round_, msg.sender, "evaluation", exc)
                     continue
-                values = msg.meta.get("metrics", {})
-                if isinstance(values, dict) and values:
+                answered.add(msg.sender)
+                if values:
                     self.client_eval[msg.sender] = values
                     self.run_dir.log(round_, msg.sender, "eval", {"scope": "client", **values})
         self.timings.eval += time.perf_counter() - start
@@ -271,6 +302,8 @@ class Server:
     def checkpoint(self, round_: int) -> None:
         info = {"traffic": self.transport.traffic.state(), "wall_seconds": self._wall(),
                 "initial": self.initial, "rejected": self.rejected, "missing": self.missing, **self.timings.state()}
+        if hasattr(self.transport, "counter_state"):
+            info["transport"] = self.transport.counter_state()
         state = {k: v.contiguous() for k, v in self.strategy.state_dict().items()}
         clients = self.client_state.state_dict() if self.client_state is not None else {}
         self.run_dir.save_checkpoint(
@@ -286,6 +319,16 @@ class Server:
 
     def wall_seconds(self) -> float:
         return self._wall()
+
+
+def mean_train_loss(updates: list[ClientUpdate]) -> float | None:
+    """The weighted mean of the updates' train_loss (checked finite numbers); None without any."""
+    pairs = [(float(u.metrics["train_loss"]), float(u.n_examples)) for u in updates
+             if peer_values.is_number(u.metrics.get("train_loss"))]
+    total = sum(w for _, w in pairs)
+    if not pairs or total <= 0:
+        return None
+    return float(np.average([v for v, _ in pairs], weights=[w for _, w in pairs]))
 
 
 def state_nbytes(state: State) -> int:

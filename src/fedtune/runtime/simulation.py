@@ -19,7 +19,7 @@ from fedtune.errors import RunDirError
 from fedtune.runtime.server import Server
 from fedtune.runtime.setup import Setup
 from fedtune.track.reporter import ConsoleReporter, NullReporter
-from fedtune.track.rundir import RunDir
+from fedtune.track.rundir import RunDir, naming_on_interrupt
 from fedtune.transport.inprocess import InProcessTransport
 
 
@@ -55,6 +55,7 @@ class Simulation:
             transport=transport, clients=list(self.clients), global_state=setup.view.initial(),
             run_dir=run_dir, evaluate_global=setup.evaluate_global, reporter=reporter,
             client_state=SimulatedClientStates(self.clients),
+            example_counts={name: len(c.data.train) for name, c in self.clients.items()},
         )
         start_round = resume_server(server, run_dir, setup.console) if resume else 1
         try:
@@ -113,7 +114,8 @@ def run(recipe: Recipe | str | Path | dict | None = None, overrides: list[str] |
         if (run_dir.path / "summary.json").exists():
             raise RunDirError(f"{run_dir.path} has finished already (summary.json exists)")
         loaded = load_recipe(run_dir.recipe_path)
-        return Simulation(loaded, console).run(run_dir, resume=True)
+        with naming_on_interrupt(run_dir):
+            return Simulation(loaded, console).run(run_dir, resume=True)
     loaded = load_recipe(recipe, overrides)
     explicit = loaded.output.name is not None
     if explicit:  # refuse an existing named directory before minutes of set-up
@@ -121,4 +123,5 @@ def run(recipe: Recipe | str | Path | dict | None = None, overrides: list[str] |
     simulation = Simulation(loaded, console)
     run_dir = RunDir.create(loaded.output.dir, _run_name(loaded), explicit=explicit)
     run_dir.write_recipe(loaded.to_yaml())
-    return simulation.run(run_dir)
+    with naming_on_interrupt(run_dir):
+        return simulation.run(run_dir)

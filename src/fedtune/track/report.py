@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -68,15 +69,25 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def _number(value: Any, spec: str) -> str:
+    """A finite number formatted by `spec`; "-" for anything else (a value may come from a peer)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-"
+    try:
+        return format(float(value), spec) if math.isfinite(value) else "-"
+    except OverflowError:  # an int beyond float range
+        return "-"
+
+
+def _count(value: Any) -> str:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**15 else ""
+
+
 def _cells(m: dict[str, Any] | None) -> list[str]:
     if not m:
         return ["-", "-", "-"]
-    em = m.get("exact_match")
-    return [
-        f"{m['loss']:.4f}" if "loss" in m else "-",
-        f"{m['perplexity']:.2f}" if "perplexity" in m else "-",
-        f"{em:.1%}" if isinstance(em, (int, float)) else "-",
-    ]
+    return [_number(m.get("loss"), ".4f"), _number(m.get("perplexity"), ".2f"),
+            _number(m.get("exact_match"), ".1%")]
 
 
 def closing_table(summary: dict[str, Any]) -> Table:
@@ -97,7 +108,7 @@ def closing_table(summary: dict[str, Any]) -> Table:
             table.add_row("global test", "emulator", *_cells(offsite["emulator_final"]),
                           str(fin.get("n_examples", "")))
     for client, m in summary.get("per_client", {}).items():
-        table.add_row(f"{client} test", client_label, *_cells(m), str((m or {}).get("n_examples", "")))
+        table.add_row(f"{client} test", client_label, *_cells(m), _count((m or {}).get("n_examples")))
     table.caption = (
         f"sent down {human_bytes(summary['bytes_down'])}, up {human_bytes(summary['bytes_up'])}; "
         f"adapter {summary['adapter_parameters']:,} parameters ({human_bytes(summary['adapter_bytes'])}); "

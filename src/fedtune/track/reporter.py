@@ -9,6 +9,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
+def plain_console(**options: Any) -> Console:
+    """A console for plain lines: no rich markup or highlighting, so notes such as `[rejected]`
+    and text from a peer print exactly as written."""
+    return Console(highlight=False, soft_wrap=True, markup=False, **options)
+
+
 class Reporter(Protocol):
     def round_begin(self, round_: int, rounds: int, n_clients: int) -> None: ...
     def client_done(self, client: str) -> None: ...

@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,17 @@ from safetensors.torch import load_file, save_file
 from fedtune.errors import RunDirError
 
 State = dict[str, torch.Tensor]
+
+
+@contextmanager
+def naming_on_interrupt(run_dir: RunDir) -> Iterator[None]:
+    """A KeyboardInterrupt (Ctrl-C, SIGTERM) raised inside carries `run_dir` as `.run_dir`, so the
+    command can say which directory `--resume` continues."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        exc.run_dir = run_dir.path  # type: ignore[attr-defined]
+        raise
 
 
 @dataclass
@@ -55,7 +68,8 @@ class RunDir:
     # -- creation and opening -------------------------------------------------------------------
 
     @classmethod
-    def create(cls, root: str | Path, name: str, *, explicit: bool = False) -> RunDir:
+    def create(cls, root: str | Path, name: str, *, explicit: bool = False,
+               resume_with: str = "fedtune run --resume") -> RunDir:
         """A new, empty run directory. An existing one is never reused silently.
 
         With `explicit` (the user named the directory) an existing non-empty directory is an
@@ -64,7 +78,7 @@ class RunDir:
         root = Path(root)
         path = root / name
         if explicit:
-            cls.check_free(path)
+            cls.check_free(path, resume_with=resume_with)
         else:
             n = 1
             while path.exists():
@@ -77,11 +91,13 @@ class RunDir:
         return cls(path)
 
     @staticmethod
-    def check_free(path: Path) -> None:
+    def check_free(path: Path, *, resume_with: str = "fedtune run --resume") -> None:
+        """Refuse an existing non-empty directory; the message says how to continue that run
+        (`resume_with`: the command of the process that refuses, e.g. `fedtune server --resume`)."""
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise RunDirError(
                 f"run directory {path} already exists and is not empty; choose another "
-                f"output.name, or continue it with `fedtune run --resume {path}`"
+                f"output.name, or continue it with `{resume_with} {path}`"
             )
 
     @classmethod

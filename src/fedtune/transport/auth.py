@@ -117,9 +117,8 @@ class Authenticator:
     mutual_tls: bool
 
     def identify(self, metadata: Sequence[tuple[str, str | bytes]], cert_names: Sequence[str]) -> str:
-        meta = {k.lower(): v for k, v in metadata}
+        meta = _metadata(metadata)
         claimed = meta.get(CLIENT_KEY)
-        claimed = claimed.decode("utf-8", "replace") if isinstance(claimed, bytes) else claimed
         if self.mutual_tls:
             if len(cert_names) != 1:
                 raise AuthError("no client certificate common name")
@@ -130,19 +129,41 @@ class Authenticator:
             if not claimed:
                 raise AuthError(f"no '{CLIENT_KEY}' metadata")
             identity = claimed
-        if self.tokens is not None:
-            raw = meta.get(TOKEN_KEY, "")
-            raw = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-            given = raw[7:] if raw.startswith("Bearer ") else ""
-            expected = self.tokens.get(identity)
-            ok = hmac.compare_digest(given.encode(), (expected or _DUMMY).encode())
-            if expected is None:
-                raise AuthError(f"unknown client '{identity[:40]}'")
-            if not ok:
-                raise AuthError(f"wrong or missing token for client '{identity}'")
+        self._check_token(meta, identity)
         if identity not in self.clients:
             raise AuthError(f"'{identity[:40]}' is not a client of this federation")
         return identity
+
+    def check_token(self, metadata: Sequence[tuple[str, str | bytes]]) -> str:
+        """The cheap check run before a call takes a worker (no TLS context there): the claimed
+        name's token. Returns the claimed name; `identify` still runs in the handler."""
+        meta = _metadata(metadata)
+        claimed = meta.get(CLIENT_KEY) or ""
+        if self.tokens is None:  # mutual TLS only: the handshake already refused strangers
+            return claimed
+        if not claimed:
+            raise AuthError(f"no '{CLIENT_KEY}' metadata")
+        self._check_token(meta, claimed)
+        return claimed
+
+    def _check_token(self, meta: Mapping[str, str], identity: str) -> None:
+        if self.tokens is None:
+            return
+        raw = meta.get(TOKEN_KEY, "")
+        given = raw[7:] if raw.startswith("Bearer ") else ""
+        expected = self.tokens.get(identity)
+        ok = hmac.compare_digest(given.encode(), (expected or _DUMMY).encode())
+        if expected is None:
+            raise AuthError(f"unknown client '{identity[:40]}'")
+        if not ok:
+            raise AuthError(f"wrong or missing token for client '{identity[:40]}'")
+
+
+def _metadata(metadata: Sequence[tuple[str, str | bytes]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in metadata:
+        out[str(key).lower()] = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return out
 
 
 def call_metadata(name: str, token: str | None) -> tuple[tuple[str, str], ...]:

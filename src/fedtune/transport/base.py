@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection
-from typing import Any, Literal, Protocol, runtime_checkable
+from collections.abc import Collection, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from fedtune.errors import RunDirError
-from fedtune.runtime.messages import Message
+from fedtune.runtime.messages import Message, MessageKind
+
+if TYPE_CHECKING:
+    from fedtune.transport.codec import TensorSpec
 
 Direction = Literal["up", "down"]
 DIRECTIONS: tuple[Direction, ...] = ("up", "down")
@@ -106,6 +109,12 @@ class ServerTransport(Protocol):
 
     def send(self, message: Message) -> None:
         """Encode and queue ``message`` for ``message.receiver``; count its bytes as down."""
+        ...
+
+    def expect(self, round: int, answer: MessageKind, clients: Collection[str],
+               specs: Mapping[str, TensorSpec] | None) -> None:
+        """Replies of kind ``answer`` in ``round`` from ``clients`` must carry exactly these
+        tensors (until that round's collect ends); anything larger or different is refused."""
         ...
 
     def collect(

@@ -40,9 +40,32 @@ def _builder(subject: str, issuer: x509.Name, public_key, days: int) -> x509.Cer
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
+    """Create `path` (never overwrite); a private file is 0600 from its creation, before any byte."""
+    mode = 0o600 if private else 0o644
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    except FileExistsError:
+        raise DeploymentError(f"{path} exists already; `fedtune certs` never overwrites a file, "
+                              "choose another directory") from None
+    try:
+        if private:
+            os.fchmod(fd, 0o600)  # the umask can only narrow the mode; make it exact
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def _private_dir(out: Path) -> None:
+    """The output directory, created 0700 (an existing one is narrowed to 0700: it holds keys)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(mode=0o700)
+    except FileExistsError:
+        if not out.is_dir():
+            raise DeploymentError(f"{out} exists and is not a directory") from None
+    os.chmod(out, 0o700)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -69,7 +92,8 @@ def make_certs(out_dir: str | Path, clients: Sequence[str], hostnames: Sequence[
     """Write ca.pem (+ ca.key), server.pem/.key, <client>.pem/.key, <client>.token, tokens.json.
 
     The server certificate is valid for localhost, 127.0.0.1, ::1 and `hostnames`. Returns the
-    paths by role. Refuses to overwrite an existing CA.
+    paths by role. Refuses to overwrite an existing CA or any file. Keys and tokens are created
+    with mode 0600 (no moment with a looser mode); the directory is made 0700.
     """
     out = Path(out_dir)
     bad = [c for c in clients if not CLIENT_NAME.match(c) or c == "server"]
@@ -78,7 +102,7 @@ def make_certs(out_dir: str | Path, clients: Sequence[str], hostnames: Sequence[
                               "'.', '_' or '-' (not 'server')")
     if (out / "ca.pem").exists():
         raise DeploymentError(f"{out} already holds a CA (ca.pem); choose another directory")
-    out.mkdir(parents=True, exist_ok=True)
+    _private_dir(out)
 
     ca_key = _key()
     ca_name = _name("fedtune trial CA")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal, get_args
 
@@ -25,7 +25,7 @@ _SHOWN_NAMES = 5
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """How adapter tensors are compressed for the wire; JSON-able via ``to_meta``/``from_meta``.
+    """How adapter tensors are compressed for the wire (both parties read it from the recipe).
 
     ``block_size``: int8 keeps one absmax scale per block of that many consecutive values of
     the flattened tensor. ``topk_ratio``: top-k keeps ``max(1, ceil(ratio * numel))``
@@ -48,22 +48,6 @@ class CompressionConfig:
             raise ValueError(f"topk_ratio must be a number, got {type(ratio).__name__}")
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"topk_ratio must be in (0, 1], got {ratio}")
-
-    def to_meta(self) -> dict[str, Any]:
-        """The config as plain JSON values, for a message's meta."""
-        return asdict(self)
-
-    @classmethod
-    def from_meta(cls, meta: Any) -> CompressionConfig:
-        """Read a config sent by a peer; anything malformed raises MessageError."""
-        if not isinstance(meta, Mapping) or not set(meta) <= {"method", "block_size", "topk_ratio"}:
-            raise MessageError(
-                "compression config must be a dict of method, block_size, topk_ratio"
-            )
-        try:
-            return cls(**meta)
-        except (TypeError, ValueError) as error:
-            raise MessageError(f"bad compression config: {error}") from error
 
 
 # ---------------------------------------------------------------- sizes and names
@@ -117,19 +101,6 @@ def wire_specs(specs: Mapping[str, TensorSpec], config: CompressionConfig) -> di
         _check_local(name, spec.dtype, config)
         out.update(_tensor_wire_specs(name, spec, config))
     return out
-
-
-def compressed_nbytes(wire: Mapping[str, torch.Tensor]) -> int:
-    """Bytes of tensor payload (headers not included; count encoded messages for the full cost)."""
-    return sum(t.numel() * t.element_size() for t in wire.values())
-
-
-def compression_ratio(state: Mapping[str, torch.Tensor], wire: Mapping[str, torch.Tensor]) -> float:
-    """Original payload bytes over wire payload bytes (higher is smaller on the wire)."""
-    original, compressed = compressed_nbytes(state), compressed_nbytes(wire)
-    if compressed == 0:
-        return 1.0 if original == 0 else math.inf
-    return original / compressed
 
 
 # ---------------------------------------------------------------- compress

@@ -3,29 +3,27 @@
 A frame is a fixed 25-byte header (magic, message id, chunk index, flags, total message size)
 followed by at most one chunk of the encoded message. Reassembly enforces the size limit while
 receiving: a stream that declares or delivers more than the limit is refused at once, so memory
-stays bounded by one message plus one chunk.
+stays bounded by one message plus one chunk. Chunks are appended to one bytearray that
+`codec.decode` then views in place: a message is held once, never joined into a second copy.
+The byte layout of a message inside the frames belongs to the codec.
 """
 
 from __future__ import annotations
 
-import json
 import struct
-from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from safetensors.torch import save as save_safetensors
 
 from fedtune.errors import MessageError
 from fedtune.runtime.messages import Message
-from fedtune.transport.codec import MAGIC, MAX_HEADER_BYTES, PREFIX_BYTES, encode
+from fedtune.transport.codec import encode_header, encode_tensors, read_header
 
 FRAME_MAGIC = b"FTF1"
 FRAME = struct.Struct("<4sQIBQ")  # magic, message id, chunk index, flags, total message bytes
 LAST = 1
 PING = 2
-_EMPTY_TENSORS = save_safetensors({})
 
 Buffer = bytes | memoryview
 
@@ -34,7 +32,8 @@ class FrameError(MessageError):
     """A stream of frames is malformed; `too_large` when it breaks the size limit."""
 
     def __init__(self, reason: str, *, too_large: bool = False):
-        super().__init__(reason)
+        prefix = "too large: " if too_large and not reason.startswith("too large") else ""
+        super().__init__(prefix + reason)
         self.too_large = too_large
 
 
@@ -77,16 +76,24 @@ def iter_frames(parts: Sequence[Buffer], message_id: int, chunk_bytes: int) -> I
 
 
 class Reassembler:
-    """Feeds frames in, gets whole messages out; raises FrameError on anything irregular."""
+    """Feeds frames in, gets whole messages out; raises FrameError on anything irregular.
 
-    def __init__(self, max_bytes: int, max_chunk: int):
+    `on_start(declared_size)` runs at a message's first frame and `on_data(buffer)` after every
+    chunk (the bytes so far); either may raise (a MessageError) to refuse the message early.
+    """
+
+    def __init__(self, max_bytes: int, max_chunk: int, *,
+                 on_start: Callable[[int], None] | None = None,
+                 on_data: Callable[[bytearray], None] | None = None):
         self.max_bytes = max_bytes
         self.max_chunk = max_chunk
+        self.on_start = on_start
+        self.on_data = on_data
         self._id: int | None = None
         self._index = 0
         self._total = 0
         self._received = 0
-        self._chunks: list[memoryview] = []
+        self._buffer = bytearray()
 
     @property
     def in_progress(self) -> bool:
@@ -97,7 +104,7 @@ class Reassembler:
         """Bytes received of the message in progress, and its declared size."""
         return self._received, self._total
 
-    def add(self, frame: Buffer) -> bytes | None:
+    def add(self, frame: Buffer) -> bytearray | None:
         """The complete message when `frame` is its last one, otherwise None."""
         if len(frame) < FRAME.size:
             raise FrameError(f"frame of {len(frame)} bytes is shorter than its header")
@@ -106,7 +113,7 @@ class Reassembler:
             raise FrameError("bad frame magic")
         if flags & ~(LAST | PING):
             raise FrameError(f"unknown frame flags {flags}")
-        payload = memoryview(frame)[FRAME.size:]  # no copy; the join below makes the one copy
+        payload = memoryview(frame)[FRAME.size:]  # no copy; extending the buffer makes the one copy
         if flags & PING:
             if self.in_progress or len(payload) or flags & LAST:
                 raise FrameError("ping frame inside a message")
@@ -119,14 +126,19 @@ class Reassembler:
             if total > self.max_bytes:
                 raise FrameError(f"message of {total} bytes is over the limit of {self.max_bytes}",
                                  too_large=True)
+            if self.on_start is not None:
+                self.on_start(total)
             self._id, self._index, self._total, self._received = message_id, 0, total, 0
+            self._buffer = bytearray()
         elif message_id != self._id or index != self._index or total != self._total:
             raise FrameError(f"frame (message {message_id}, chunk {index}) out of sequence")
         self._received += len(payload)
         if self._received > self._total:
             raise FrameError(f"message is longer than its declared {self._total} bytes", too_large=True)
-        self._chunks.append(payload)
+        self._buffer += payload
         self._index += 1
+        if self.on_data is not None and payload:
+            self.on_data(self._buffer)
         if not flags & LAST:
             if not payload:
                 raise FrameError("empty chunk before the last frame")
@@ -135,8 +147,7 @@ class Reassembler:
             return None
         if self._received != self._total:
             raise FrameError(f"last frame after {self._received} of {self._total} bytes")
-        data = b"".join(self._chunks)
-        self._chunks.clear()
+        data, self._buffer = self._buffer, bytearray()
         self._id = None
         return data
 
@@ -155,20 +166,13 @@ class SharedEncoder:
 
     def __init__(self) -> None:
         self._tensors: dict[str, torch.Tensor] | None = None
-        self._part: memoryview | None = None
+        self._part: bytes | None = None
 
     def encode(self, message: Message) -> tuple[bytes, Buffer]:
-        head = encode(replace(message, tensors={}))
-        if not head.endswith(_EMPTY_TENSORS):  # the codec's layout is header, then safetensors
-            raise MessageError("unexpected encoding layout")
-        head = head[: -len(_EMPTY_TENSORS)]
-        if not message.tensors:
-            return head, _EMPTY_TENSORS
-        if message.tensors is not self._tensors:
-            whole = encode(replace(message, meta={}))
-            self._part = memoryview(whole)[_payload_offset(whole):]
+        head = encode_header(message)
+        if message.tensors is not self._tensors or self._part is None:
+            self._part = encode_tensors(message.tensors)
             self._tensors = message.tensors
-        assert self._part is not None
         return head, self._part
 
     def clear(self) -> None:
@@ -176,22 +180,7 @@ class SharedEncoder:
         self._tensors, self._part = None, None
 
 
-def _payload_offset(data: Buffer) -> int:
-    (header_len,) = struct.unpack_from("<Q", data, len(MAGIC))
-    return PREFIX_BYTES + header_len
-
-
 def peek_header(data: Buffer) -> dict[str, Any]:
-    """The JSON header of an encoded message (kind, round, sender, receiver, meta), tensors unread."""
-    if len(data) < PREFIX_BYTES or bytes(data[: len(MAGIC)]) != MAGIC:
-        raise MessageError("not an encoded message")
-    end = _payload_offset(data)
-    if end - PREFIX_BYTES > MAX_HEADER_BYTES or end > len(data):
-        raise MessageError("bad header length")
-    try:
-        header = json.loads(bytes(data[PREFIX_BYTES:end]).decode("utf-8"))
-    except ValueError as exc:
-        raise MessageError(f"header is not JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise MessageError("header is not a JSON object")
-    return header
+    """The checked JSON header of an encoded message (kind, round, sender, receiver, meta), tensors
+    unread; raises MessageError (never anything else) for a malformed one."""
+    return read_header(data)

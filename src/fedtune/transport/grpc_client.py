@@ -26,6 +26,17 @@ from fedtune.transport.grpc_server import (
 
 IDLE_SECONDS = 6 * HEARTBEAT_SECONDS  # no frame for this long: the stream is dead, reconnect
 FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+BUSY_DETAIL = "Concurrent RPC limit exceeded"  # gRPC's own refusal when its call slots are full
+
+
+def is_rejection(exc: grpc.RpcError) -> bool:
+    """Whether the server refused a reply for what it is (retrying cannot help): INVALID_ARGUMENT
+    (malformed, or too large for what the server expects) or a frame over gRPC's message limit.
+    gRPC's own "Concurrent RPC limit exceeded" (RESOURCE_EXHAUSTED too) is transient: retry."""
+    code = exc.code()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return True
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and BUSY_DETAIL not in (exc.details() or "")
 
 
 class Backoff:
@@ -120,9 +131,17 @@ class ServerConnection:
             call.cancel()
 
     def push(self, data: bytes, timeout: float) -> str:
-        """Upload one encoded reply; returns the server's verdict ('accepted' or 'late')."""
+        """Upload one encoded reply; returns the server's verdict ('accepted' or 'late').
+
+        A reply the server no longer awaits is refused before its bytes travel
+        (FAILED_PRECONDITION, detail 'late: ...'): that is the verdict 'late' too."""
         frames = iter_frames([data], next(self._ids), self.section.chunk_bytes)
-        answer = self._push(frames, metadata=self.metadata, timeout=timeout)
+        try:
+            answer = self._push(frames, metadata=self.metadata, timeout=timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and (exc.details() or "").startswith("late"):
+                return "late"
+            raise
         try:
             return str(json.loads(answer)["status"])
         except (ValueError, KeyError, TypeError):

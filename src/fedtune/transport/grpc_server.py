@@ -4,13 +4,16 @@ Three methods on raw bytes (no protobuf): `Pull` (server-streaming) streams the 
 client's outbox, with a ping when idle; `Push` (client-streaming) uploads one reply in frames;
 `Fetch` (server-streaming) sends a named download a client needs before it joins (the offsite
 emulator), counted as its round-0 traffic.
-Every call is authenticated first; every reply is reassembled under the size limit, decoded
-(codec checks) and matched to its sender's identity and a pending request before the Server
-sees it. A bad call is refused with a log line; the others go on.
+Every call is authenticated first; every reply is reassembled under the size its pending request
+allows (transport/upload.py: refused at the first frame when larger, at its index when it names
+other tensors), decoded in place and matched to its sender's identity and a pending request
+before the Server sees it. A bad call is refused and counted; the others go on.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import threading
@@ -22,10 +25,10 @@ import grpc
 
 from fedtune.config import TransportSection
 from fedtune.errors import DeploymentError, MessageError
-from fedtune.runtime.messages import Message
+from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.auth import Authenticator, AuthError
 from fedtune.transport.base import TrafficCounter
-from fedtune.transport.codec import decode
+from fedtune.transport.codec import TensorSpec
 from fedtune.transport.framing import (
     FrameError,
     Reassembler,
@@ -34,7 +37,10 @@ from fedtune.transport.framing import (
     iter_frames,
     ping_frame,
 )
+from fedtune.transport.gate import Gate, RefusalLog, TokenBucket, peer_address
 from fedtune.transport.mailbox import CLOSED, Mailbox, Outgoing
+from fedtune.transport.upload import SERVER_NAME as SERVER_NAME  # re-exported for clients
+from fedtune.transport.upload import LateUpload, Upload
 
 log = logging.getLogger("fedtune.transport")
 
@@ -42,9 +48,24 @@ SERVICE = "fedtune.Federation"
 PULL = f"/{SERVICE}/Pull"
 PUSH = f"/{SERVICE}/Push"
 FETCH = f"/{SERVICE}/Fetch"
-SERVER_NAME = "server"
 HEARTBEAT_SECONDS = 5.0
 FRAME_SLACK = 64 * 1024  # room for a frame header above chunk_bytes in gRPC's message limit
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+REFUSAL_SLOTS = 4  # worker slots refusals of strangers may take at once (burst of the budget)
+REFUSALS_PER_SECOND = 50.0  # refusals answered UNAUTHENTICATED on a worker; beyond, shed unread
+REFUSAL_LOG_SECONDS = 10.0  # one summary line per address and interval
+
+
+def return_large_buffers_to_os() -> None:
+    """Make glibc serve every buffer of 128 KiB or more (frames, uploads) by mmap, returned to the
+    OS when freed. By default glibc raises that threshold after the first large free, after which
+    refused and finished uploads stay in the heap: measured, three concurrent refused 300 MB
+    uploads kept the server ~30 MiB higher (benchmarks/hostile.py). No-op without glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)  # a fixed threshold: no dynamic raising
+    except (OSError, AttributeError):
+        pass
 
 
 def grpc_options(chunk_bytes: int) -> list[tuple[str, int]]:
@@ -89,16 +110,26 @@ class GrpcServerTransport:
         self._download_encoder = SharedEncoder()  # one copy of a download's tensors for all clients
         self._download_lock = threading.Lock()
         self._downloaded: set[str] = set()
+        self.refusals = RefusalLog(REFUSAL_LOG_SECONDS)
         self._server: grpc.Server | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
 
     def start(self) -> str:
         """Bind and serve; returns the bound address (the port filled in when 0 was asked)."""
-        workers = 2 * len(self.clients) + 8
+        return_large_buffers_to_os()
+        # Slots for the parties' own calls (a stream, an upload and a download each, and a
+        # reconnecting stream), plus a few for cheap refusals; strangers are kept out of them by
+        # the gate, which refuses a wrong token before a call takes a slot (transport/gate.py).
+        workers = 3 * len(self.clients) + REFUSAL_SLOTS + 8
+        gate = Gate(self.auth.check_token, {
+            PULL: (grpc.unary_stream_rpc_method_handler(self._pull), self._refusal(streaming_request=False)),
+            PUSH: (grpc.stream_unary_rpc_method_handler(self._push), self._refusal(streaming_request=True)),
+            FETCH: (grpc.unary_stream_rpc_method_handler(self._fetch), self._refusal(streaming_request=False)),
+        }, self.refusals, TokenBucket(REFUSALS_PER_SECOND, REFUSAL_SLOTS), on_shed=self._shed)
         server = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedtune-grpc"),
-            handlers=[self._handlers()],
+            handlers=[gate],
             options=[*grpc_options(self.section.chunk_bytes), ("grpc.so_reuseport", 0),
                      ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000)],
             maximum_concurrent_rpcs=workers,
@@ -129,11 +160,20 @@ class GrpcServerTransport:
         if self._server is not None:
             self._server.stop(grace=2.0).wait(5.0)
             self._server = None
+        self.refusals.flush()
 
     def stats(self) -> dict[str, int]:
         c = self.mailbox.counts
         return {"late_replies": c.late, "late_bytes": c.late_bytes, "rejected_messages": c.rejected,
-                "refused_calls": c.refused, "dropped_messages": c.dropped, "rejoins": c.rejoined}
+                "refused_calls": c.refused, "shed_calls": c.shed, "dropped_messages": c.dropped,
+                "rejoins": c.rejoined}
+
+    def counter_state(self) -> dict[str, int]:
+        """The counts behind `stats()`, for a checkpoint (a resumed server continues them)."""
+        return self.mailbox.counts.state()
+
+    def load_counter_state(self, state: object) -> None:
+        self.mailbox.counts.load_state(state)
 
     # -- ServerTransport ------------------------------------------------------------------------
 
@@ -143,18 +183,39 @@ class GrpcServerTransport:
         head, body = self.encoder.encode(message)
         self.mailbox.put(message.receiver, message.round, message.kind, head, body)
 
+    def expect(self, round: int, answer: MessageKind, clients: Collection[str],
+               specs: Mapping[str, TensorSpec] | None) -> None:
+        """Replies of `answer` kind from `clients` in `round` must carry exactly `specs`: larger
+        uploads are refused at their first frame, other tensor names before their bytes arrive."""
+        self.mailbox.expect(round, answer, clients, None if specs is None else dict(specs))
+
     def collect(self, round: int, expected: Collection[str], timeout: float | None = None) -> list[Message]:
         self.encoder.clear()
         return self.mailbox.collect(round, expected, self.section.round_timeout if timeout is None else timeout)
 
     # -- handlers -------------------------------------------------------------------------------
 
-    def _handlers(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(SERVICE, {
-            "Pull": grpc.unary_stream_rpc_method_handler(self._pull),
-            "Push": grpc.stream_unary_rpc_method_handler(self._push),
-            "Fetch": grpc.unary_stream_rpc_method_handler(self._fetch),
-        })
+    def _refusal(self, *, streaming_request: bool) -> Callable[[str], grpc.RpcMethodHandler]:
+        """A handler that refuses a call whose token the gate refused (it runs on a worker only
+        while the refusal budget allows; it logs through the per-address summary)."""
+        def make(reason: str) -> grpc.RpcMethodHandler:
+            def refuse(request: object, context: grpc.ServicerContext) -> None:
+                self._refused(context, reason)
+            if streaming_request:
+                return grpc.stream_unary_rpc_method_handler(refuse)
+            return grpc.unary_stream_rpc_method_handler(refuse)
+        return make
+
+    def _refused(self, context: grpc.ServicerContext, reason: str) -> None:
+        self.mailbox.count("refused")
+        address = peer_address(context.peer())
+        limited = self.refusals.limited(address)
+        self.refusals.refused(address, "over the per-address limit of refused calls" if limited else reason)
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "credentials refused")
+
+    def _shed(self) -> None:
+        self.mailbox.count("refused")
+        self.mailbox.count("shed")
 
     def _authenticate(self, context: grpc.ServicerContext, method: str) -> str:
         try:
@@ -162,9 +223,7 @@ class GrpcServerTransport:
             cert_names = [n.decode("utf-8", "replace") for n in names]
             return self.auth.identify(context.invocation_metadata() or (), cert_names)
         except AuthError as exc:
-            self.mailbox.count("refused")
-            log.warning("refused a %s call from %s: %s", method, context.peer(), exc)
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "credentials refused")
+            self._refused(context, f"{method}: {exc}")
             raise  # not reached: abort raises
 
     def _pull(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -228,8 +287,10 @@ class GrpcServerTransport:
         watchdog = threading.Timer(self.section.round_timeout, context.cancel)
         watchdog.daemon = True
         watchdog.start()
+        upload = Upload(client, self.mailbox, self.section.max_message_bytes)
         try:
-            reassembler = Reassembler(self.section.max_message_bytes, self.max_chunk)
+            reassembler = Reassembler(self.section.max_message_bytes, self.max_chunk,
+                                      on_start=upload.start, on_data=upload.data)
             data, first = None, 0.0
             for frame in frames:
                 first = first or time.perf_counter()
@@ -240,17 +301,16 @@ class GrpcServerTransport:
                 reassembler.finish()
                 raise FrameError("empty upload")
             self.last_upload = (len(data), time.perf_counter() - first)
-            message = decode(data, max_bytes=self.section.max_message_bytes)
-            if message.sender != client:
-                raise MessageError(f"sender '{message.sender}' is not the caller '{client}'")
-            if message.receiver != SERVER_NAME:
-                raise MessageError(f"receiver '{message.receiver}' is not '{SERVER_NAME}'")
+            message = upload.message(data)
             accepted = self.mailbox.accept(message, len(data))
             return json.dumps({"status": "accepted" if accepted else "late"}).encode()
-        except MessageError as exc:
-            too_large = isinstance(exc, FrameError) and exc.too_large
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if too_large else grpc.StatusCode.INVALID_ARGUMENT
-            self._refuse(client, context, code, str(exc)[:200])
+        except LateUpload as exc:
+            self.mailbox.count("late", reassembler.received[0])
+            log.warning("discarded a late upload from '%s': %s", client, str(exc)[:200])
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc)[:200])
+            raise  # not reached
+        except MessageError as exc:  # too large: INVALID_ARGUMENT with a detail saying so
+            self._refuse(client, context, grpc.StatusCode.INVALID_ARGUMENT, str(exc)[:200])
             raise  # not reached
         finally:
             watchdog.cancel()

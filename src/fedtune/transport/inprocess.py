@@ -7,9 +7,10 @@ from collections import deque
 from collections.abc import Callable, Collection, Mapping
 
 from fedtune.errors import MessageError
-from fedtune.runtime.messages import Message
+from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.base import TrafficCounter
-from fedtune.transport.codec import decode, encode
+from fedtune.transport.codec import TensorSpec, decode, encode
+from fedtune.transport.expect import ANSWERS, NO_TENSORS, Expectation, default_expectation
 
 logger = logging.getLogger("fedtune.transport")
 
@@ -36,6 +37,15 @@ class InProcessTransport:
         self.traffic = TrafficCounter()
         self.rejected: list[tuple[str, str]] = []
         self._queue: deque[Message] = deque()
+        self._expected: dict[tuple[str, int, MessageKind], Expectation] = {}
+
+    def expect(self, round: int, answer: MessageKind, clients: Collection[str],
+               specs: Mapping[str, TensorSpec] | None) -> None:
+        """As the gRPC transport, replies larger than these tensors allow are rejected before they
+        are decoded; their names, shapes and dtypes are left to the Server's checks (the bytes are
+        in memory already, and the Server logs and counts what it rejects)."""
+        for client in clients:
+            self._expected[(client, round, answer)] = Expectation(None if specs is None else dict(specs))
 
     def send(self, message: Message) -> None:
         """Queue ``message`` for its receiver.
@@ -61,7 +71,7 @@ class InProcessTransport:
         replies: list[Message] = []
         while self._queue:
             message = self._queue.popleft()
-            client = message.receiver
+            client, message_kind, message_round = message.receiver, message.kind, message.round
             data = encode(message)
             self.traffic.record(direction="down", client=client, round=message.round, nbytes=len(data))
             del message
@@ -75,13 +85,17 @@ class InProcessTransport:
                     f"endpoint '{client}' returned {type(reply_bytes).__name__}, not bytes or None"
                 )
             self.traffic.record(direction="up", client=client, round=round, nbytes=len(reply_bytes))
+            answer = ANSWERS.get(message_kind)
+            expectation = NO_TENSORS if answer is None else self._expected.get(
+                (client, message_round, answer), default_expectation(answer))
             try:
-                reply = decode(reply_bytes, max_bytes=self.max_message_bytes)
+                reply = decode(reply_bytes, max_bytes=expectation.max_bytes(self.max_message_bytes))
                 _check_reply(reply, client=client, round=round, expected=expected_set)
             except MessageError as error:
                 self._reject(client, str(error))
                 continue
             replies.append(reply)
+        self._expected.clear()
         return replies
 
     def close(self) -> None:

@@ -17,14 +17,14 @@ from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from fedtune.runtime.messages import SECAGG_ANSWERS, Message, MessageKind
+from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.base import TrafficCounter
+from fedtune.transport.codec import TensorSpec
+from fedtune.transport.expect import ANSWERS, NO_TENSORS, Expectation, default_expectation
 from fedtune.transport.framing import Buffer
 
 log = logging.getLogger("fedtune.transport")
 
-ANSWERS = {MessageKind.FIT: MessageKind.UPDATE, MessageKind.EVALUATE: MessageKind.EVAL_RESULT,
-           **SECAGG_ANSWERS}
 CLOSED = object()  # next_for(): this stream must end
 _WAIT_SLICE = 1.0
 
@@ -61,8 +61,23 @@ class Counts:
     late_bytes: int = 0
     rejected: int = 0
     refused: int = 0
+    shed: int = 0
     dropped: int = 0
     rejoined: int = 0
+
+    def state(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+    def load_state(self, state: object) -> None:
+        """Continue from a checkpoint's counts; anything malformed is ignored, named in the log."""
+        if not isinstance(state, dict):
+            return
+        for key, value in state.items():
+            if key in self.__dict__ and isinstance(value, int) and not isinstance(value, bool) \
+                    and 0 <= value < 1 << 62:
+                setattr(self, key, value)
+            else:
+                log.warning("checkpoint: ignored the transport count %r", str(key)[:40])
 
 
 class Mailbox:
@@ -76,6 +91,7 @@ class Mailbox:
         self._ids = itertools.count(1)
         self._sessions = itertools.count(1)
         self._replies: list[Message] = []
+        self._expected: dict[tuple[str, int, MessageKind], Expectation] = {}
         self._closing = False
 
     # -- the Server's side ----------------------------------------------------------------------
@@ -87,6 +103,39 @@ class Mailbox:
             if kind in ANSWERS:
                 state.pending.append((round_, kind))
             self._cond.notify_all()
+
+    def expect(self, round_: int, answer: MessageKind, clients: Collection[str],
+               specs: dict[str, TensorSpec] | None) -> None:
+        """The tensors the `answer` of each of `clients` in `round_` must carry (until its collect)."""
+        with self._cond:
+            for client in clients:
+                self._expected[(client, round_, answer)] = Expectation(dict(specs) if specs is not None else None)
+
+    def expectation(self, client: str, round_: int, kind: MessageKind) -> Expectation | None:
+        """What a reply of `kind` for `round_` must carry; None when no pending request awaits it."""
+        with self._cond:
+            for p_round, p_kind in self._clients[client].pending:
+                if p_round != round_:
+                    continue
+                if kind == MessageKind.ERROR:
+                    return NO_TENSORS
+                if ANSWERS[p_kind] == kind:
+                    return self._expected.get((client, round_, kind), default_expectation(kind))
+        return None
+
+    def expectation_pending(self, client: str) -> bool:
+        """Whether any request of `client` still awaits an answer."""
+        with self._cond:
+            return bool(self._clients[client].pending)
+
+    def upload_limit(self, client: str, ceiling: int) -> int:
+        """The most bytes any reply `client` may send now: the largest of what its pending
+        requests expect; with none pending, a tensor-free message (counted late if it arrives)."""
+        with self._cond:
+            pending = list(self._clients[client].pending)
+            expected = [self._expected.get((client, r, ANSWERS[k]), default_expectation(ANSWERS[k]))
+                        for r, k in pending]
+        return max([NO_TENSORS.max_bytes(ceiling), *(e.max_bytes(ceiling) for e in expected)])
 
     def collect(self, round_: int, expected: Collection[str], timeout: float) -> list[Message]:
         """Replies of `expected` for `round_`, once all arrived or `timeout` passed.
@@ -104,6 +153,7 @@ class Mailbox:
                 self._cond.wait(min(left, _WAIT_SLICE))
             got = [m for m in self._replies if m.round == round_ and m.sender in wanted]
             self._replies.clear()
+            self._expected.clear()
             for name, state in self._clients.items():
                 state.pending.clear()
                 for item in state.outbox:
@@ -250,9 +300,11 @@ class Mailbox:
             self.on_reply(client)
         return True
 
-    def count(self, what: str) -> None:
+    def count(self, what: str, nbytes: int = 0) -> None:
         with self._cond:
             setattr(self.counts, what, getattr(self.counts, what) + 1)
+            if what == "late":
+                self.counts.late_bytes += nbytes
 
     def knows(self, client: str) -> bool:
         return client in self._clients

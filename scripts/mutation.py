@@ -1,0 +1,210 @@
+"""Mutation testing of the federated core with mutmut: the share of mutants the tests kill, per module.
+
+    python scripts/mutation.py                      # every module below
+    python scripts/mutation.py algorithms server    # some of them
+    python scripts/mutation.py --survivors          # also print each surviving mutant's diff
+
+Each module runs in its own work folder (`.mutation/<module>/`, a copy of src/ and tests/) with
+only the tests that matter for it, so a run fits a small machine; mutmut then runs, per mutant, only
+the selected tests that call the mutated function. Lines that only write a log message are not
+mutated (`do_not_mutate_patterns`): a log text is not behaviour. Mutants judged equivalent (no test
+could tell them apart from the original) are listed with the reason in
+scripts/mutation_equivalent.txt and left out of the share; everything else that survives counts
+against it. The run is resumable: mutmut keeps its results in the work folder and retests only
+mutants of changed functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / ".mutation"
+EQUIVALENT = ROOT / "scripts" / "mutation_equivalent.txt"
+MUTMUT = Path(sys.executable).with_name("mutmut")
+
+ALGORITHM_TESTS = [
+    "tests/unit/test_fedavg.py", "tests/unit/test_fedopt.py", "tests/unit/test_fedprox_scaffold.py",
+    "tests/unit/test_flexlora.py", "tests/unit/test_robust.py", "tests/unit/test_dp_fedavg.py",
+    "tests/unit/test_fedkseed.py", "tests/unit/test_backdoor.py", "tests/unit/test_algorithm_rounds.py",
+    "tests/unit/test_algorithm_registry.py",
+]
+SERVER_TESTS = ["tests/unit/test_server_rules.py", "tests/unit/test_algorithm_rounds.py"]
+
+# module -> (files to mutate, tests that matter for them)
+MODULES: dict[str, tuple[list[str], list[str]]] = {
+    "algorithms": (["src/fedtune/algorithms/*.py"], ALGORITHM_TESTS),
+    "server": (["src/fedtune/runtime/server.py"], SERVER_TESTS),
+    "client": (["src/fedtune/runtime/client.py"],
+               SERVER_TESTS),
+    "codec": (["src/fedtune/transport/codec.py"],
+              ["tests/unit/test_codec.py", "tests/unit/test_transport.py",
+               "tests/unit/test_server_rules.py"]),
+    "local": (["src/fedtune/train/local.py"],
+              ["tests/unit/test_local_trainer.py", "tests/unit/test_algorithm_rounds.py",
+               "tests/unit/test_dp_sgd.py"]),
+}
+
+# Tests left out of every mutant's run: each takes over 20 s under mutmut's tracing, and the
+# hand-computed round tests cover the same functions in well under a second.
+DESELECT = [
+    "tests/unit/test_dp_fedavg.py::test_epsilon_matches_the_accountant_reference",
+    "tests/unit/test_fedkseed.py::test_replaying_the_folded_scalars_equals_the_directly_updated_model",
+    "tests/unit/test_fedkseed.py::test_pro_sampling_follows_the_server_probabilities",
+]
+
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
+          36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout",
+          37: "type check", None: "not checked"}
+
+
+@dataclass
+class Tally:
+    total: int = 0
+    killed: int = 0
+    timeout: int = 0
+    survived: int = 0
+    equivalent: int = 0
+    no_tests: int = 0
+    not_checked: int = 0   # the run stopped before reaching them
+    other: int = 0
+
+    def share(self) -> float:
+        """Killed (or timed out) over the mutants tested and not judged equivalent."""
+        judged = self.total - self.equivalent - self.not_checked
+        return (self.killed + self.timeout) / judged if judged else float("nan")
+
+
+def load_equivalent() -> dict[str, str]:
+    """mutant name -> why it is equivalent (lines `name  # reason`; `#` lines are comments)."""
+    out: dict[str, str] = {}
+    if not EQUIVALENT.exists():
+        return out
+    for line in EQUIVALENT.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, _, reason = line.partition("#")
+        out[name.strip()] = reason.strip()
+    return out
+
+
+def prepare(module: str) -> Path:
+    """The module's work folder, with a fresh copy of src/ and tests/ and mutmut's settings."""
+    files, tests = MODULES[module]
+    folder = WORK / module
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("src", "tests"):
+        shutil.rmtree(folder / name, ignore_errors=True)
+        shutil.copytree(ROOT / name, folder / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    tests = [t for t in tests if (ROOT / t).exists()]
+    settings = {
+        "source_paths": ["src"],
+        "only_mutate": files,
+        "pytest_add_cli_args_test_selection": tests,
+        "pytest_add_cli_args": ["-x", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+                                *(f"--deselect={t}" for t in DESELECT)],
+        "do_not_mutate_patterns": [r"^\s*log\.(debug|info|warning|error)\("],
+        "process_isolation": "forkserver",
+        "use_git_change_detection": False,
+        "timeout_multiplier": 10.0,
+    }
+    lines = ["[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    lines += ["", "[tool.pytest.ini_options]", 'testpaths = ["tests"]',
+              'markers = ["slow: long-running tests"]',
+              'filterwarnings = ["ignore::FutureWarning", "ignore::DeprecationWarning"]', ""]
+    (folder / "pyproject.toml").write_text("\n".join(lines))
+    return folder
+
+
+def run(module: str, children: int) -> int:
+    folder = prepare(module)
+    env = {**os.environ, "PYTHONPATH": "", "TERM": "dumb"}
+    log_path = folder / "mutmut.log"
+    with log_path.open("w") as log:
+        proc = subprocess.run([str(MUTMUT), "run", "--max-children", str(children)], cwd=folder,
+                              env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode != 0:
+        print(f"{module}: mutmut exited {proc.returncode}; see {log_path}", file=sys.stderr)
+    return proc.returncode
+
+
+def tally(module: str, equivalent: dict[str, str]) -> tuple[Tally, list[str]]:
+    t, survivors = Tally(), []
+    for meta in sorted((WORK / module / "mutants").rglob("*.py.meta")):
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        for name, code in codes.items():
+            t.total += 1
+            status = STATUS.get(code, "other")
+            if name in equivalent:
+                t.equivalent += 1
+            elif status == "killed":
+                t.killed += 1
+            elif status == "timeout":
+                t.timeout += 1
+            elif status == "survived":
+                t.survived += 1
+                survivors.append(name)
+            elif status == "no tests":
+                t.no_tests += 1
+                survivors.append(name)
+            elif status == "not checked":
+                t.not_checked += 1
+            else:
+                t.other += 1
+                survivors.append(name)
+    return t, survivors
+
+
+def show(module: str, name: str) -> str:
+    proc = subprocess.run([str(MUTMUT), "show", name], cwd=WORK / module, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": "", "TERM": "dumb"}, check=False)
+    return "\n".join(line for line in proc.stdout.splitlines()
+                     if line.startswith(("-", "+")) and not line.startswith(("---", "+++")))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", help=f"some of: {', '.join(MODULES)}")
+    parser.add_argument("--children", type=int, default=1, help="mutants tested at once")
+    parser.add_argument("--survivors", action="store_true", help="print each survivor's diff")
+    parser.add_argument("--report-only", action="store_true", help="tally the last run, run nothing")
+    args = parser.parse_args()
+    modules = args.modules or list(MODULES)
+    unknown = [m for m in modules if m not in MODULES]
+    if unknown:
+        parser.error(f"unknown module(s) {unknown}; choose from {', '.join(MODULES)}")
+    if not MUTMUT.exists():
+        print("mutmut is not installed: pip install -e '.[dev]'", file=sys.stderr)
+        return 2
+    if not args.report_only:
+        for module in modules:
+            print(f"mutating {module} ...", flush=True)
+            run(module, args.children)
+    equivalent = load_equivalent()
+    rows, failed = [], False
+    for module in modules:
+        t, survivors = tally(module, equivalent)
+        rows.append((module, t))
+        if args.survivors and survivors:
+            print(f"\n## survivors in {module}")
+            for name in survivors:
+                print(f"{name}\n{show(module, name)}")
+    print(f"\n{'module':<12}{'mutants':>9}{'killed':>8}{'timeout':>9}{'survived':>10}"
+          f"{'no tests':>10}{'equiv.':>8}{'unrun':>7}{'killed %':>10}")
+    for module, t in rows:
+        print(f"{module:<12}{t.total:>9}{t.killed:>8}{t.timeout:>9}{t.survived:>10}{t.no_tests:>10}"
+              f"{t.equivalent:>8}{t.not_checked:>7}{100 * t.share():>9.1f}%")
+        failed |= t.total == 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

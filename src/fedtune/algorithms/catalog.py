@@ -1,0 +1,105 @@
+"""Every algorithm by name: its module, summary, options model and recipe checks, without torch.
+
+The catalog is what a recipe is checked against (and what `fedtune algorithms` lists); the module
+named here holds the implementation, imported only when a run builds the algorithm
+(`fedtune.algorithms.base.registry`). Adding an algorithm: a row here, its options model in
+`options.py`, and a module that calls `register(name, build, ...)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from fedtune.algorithms import options as o
+from fedtune.errors import RecipeError
+
+
+@dataclass(frozen=True)
+class AlgorithmInfo:
+    name: str
+    module: str                    # fedtune.algorithms.<module> registers the implementation
+    summary: str
+    config: type[BaseModel]        # its federation.options
+    # What the algorithm needs from the rest of the recipe: raise ValueError naming the key.
+    check: Callable[[BaseModel, Any], None] | None = None           # (options, Recipe)
+    # True when aggregate_fit uses the updates only through their weighted mean (weights by the
+    # `weighting` option) and clients send nothing else: it then works with secure aggregation,
+    # which hands it one update holding that mean (runtime/secure_round.py).
+    sum_only: bool = False
+
+
+_ROWS = [
+    AlgorithmInfo("fedavg", "fedavg", "Federated averaging of adapter updates, weighted by client "
+                  "examples (McMahan et al. 2017).", o.FedAvgConfig, sum_only=True),
+    AlgorithmInfo("fedprox", "fedprox", "FedAvg with a proximal term μ/2‖w − w_global‖² in each "
+                  "client's loss (Li et al. 2020).", o.FedProxConfig, sum_only=True),
+    AlgorithmInfo("fedavgm", "fedopt", "FedAvg with server momentum on the mean client update "
+                  "(Hsu et al. 2019).", o.FedAvgMConfig, sum_only=True),
+    AlgorithmInfo("fedadam", "fedopt", "Adam as the server optimizer on the mean client update "
+                  "(Reddi et al. 2021, Adaptive Federated Optimization).", o.FedAdamConfig,
+                  sum_only=True),
+    AlgorithmInfo("fedyogi", "fedopt", "Yogi as the server optimizer on the mean client update "
+                  "(Reddi et al. 2021, Adaptive Federated Optimization).", o.FedAdamConfig,
+                  sum_only=True),
+    AlgorithmInfo("fedadagrad", "fedopt", "Adagrad with momentum as the server optimizer (Reddi "
+                  "et al. 2021, Adaptive Federated Optimization).", o.FedAdagradConfig,
+                  sum_only=True),
+    AlgorithmInfo("scaffold", "scaffold", "SCAFFOLD: client and server control variates correct "
+                  "client drift (Karimireddy et al. 2020).", o.ScaffoldConfig),
+    AlgorithmInfo("dp_fedavg", "dp_fedavg", "FedAvg with client-level differential privacy: "
+                  "clipped updates, Gaussian noise, RDP accountant (McMahan et al. 2018).",
+                  o.DPFedAvgConfig),
+    AlgorithmInfo("flexlora", "flexlora", "LoRA-aware FedAvg: average the products B·A, "
+                  "re-factorise by truncated SVD (FlexLoRA, Bai et al. 2024).", o.FlexLoRAConfig),
+    AlgorithmInfo("median", "robust", "Coordinate-wise median of the client updates (Yin et al. "
+                  "2018, Byzantine-robust distributed learning).", o.MedianConfig),
+    AlgorithmInfo("trimmed_mean", "robust", "Coordinate-wise trimmed mean of the client updates "
+                  "(Yin et al. 2018, Byzantine-robust distributed learning).", o.TrimmedMeanConfig),
+    AlgorithmInfo("krum", "robust", "(Multi-)Krum: keep the updates closest to their neighbours "
+                  "(Blanchard et al. 2017, Machine learning with adversaries).", o.KrumConfig),
+    AlgorithmInfo("norm_bounding", "robust", "Clip each client update to a maximum L2 norm, then "
+                  "average (Sun et al. 2019, Can you really backdoor FL?).", o.NormBoundingConfig),
+    AlgorithmInfo("fedmezo", "fedmezo", "MeZO zeroth-order local steps on the adapter, FedAvg, "
+                  "personalised client learning rates (arXiv 2402.05926).", o.FedMeZOConfig),
+    AlgorithmInfo("fedkseed", "fedkseed", "Zeroth-order full-parameter tuning over K shared seeds; "
+                  "only K scalars travel (arXiv 2312.06353; pro: FedKSeed-Pro).", o.FedKSeedConfig,
+                  # the pool moves by the weighted mean of the clients' K scalars (FedKSeed-Pro
+                  # needs each client's own: check_fedkseed refuses it with secure aggregation)
+                  check=o.check_fedkseed, sum_only=True),
+    AlgorithmInfo("offsite", "offsite", "Offsite-tuning: clients tune the end layers of a "
+                  "layer-dropped emulator, the server plugs them into the full model.",
+                  o.OffsiteConfig, check=o.check_offsite, sum_only=True),
+]
+
+CATALOG: dict[str, AlgorithmInfo] = {row.name: row for row in _ROWS}
+
+
+def available_algorithms() -> list[str]:
+    return sorted(CATALOG)
+
+
+def algorithm_options(name: str, options: dict) -> BaseModel:
+    """Validate `federation.options` against the algorithm's options model."""
+    info = CATALOG[name]
+    try:
+        return info.config.model_validate(options)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = "federation.options." + ".".join(str(p) for p in err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{key}: {msg}")
+        allowed = ", ".join(info.config.model_fields) or "(none)"
+        raise RecipeError(f"{'; '.join(lines)} (options of {name}: {allowed})") from None
+
+
+def check_recipe(recipe: Any) -> None:
+    """Raise ValueError where the recipe's other sections do not suit its algorithm."""
+    fed = recipe.federation
+    info = CATALOG[fed.algorithm]
+    if info.check is not None:
+        info.check(algorithm_options(fed.algorithm, fed.options), recipe)

@@ -1,0 +1,495 @@
+"""Whole rounds of every algorithm -- strategy and client procedure together, through the real server,
+clients and codec -- on a two-number model whose local steps are computed by hand (tiny_federation.py).
+
+Clients differ in example counts and answers, so weighting by examples and uniform weighting give
+different numbers. Expected values are worked out below with plain floats, from the algorithms'
+published update rules, never from fedtune's own functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from tiny_federation import LogitModel, LoraLogitModel, federation, recipe, sigmoid
+
+from fedtune.algorithms import available_algorithms, build_strategy
+from fedtune.algorithms.base import ClientUpdate
+from fedtune.seeding import derive_seed
+from fedtune.transport.inprocess import InProcessTransport
+
+# Client data as (token, answer) pairs. Unequal counts; tokens 0 and 1 move w[0] and w[1].
+THREE_ONES = [(0, 1)] * 3          # f = 1 on w[0], 3 examples
+ONE_ZERO = [(1, 0)]                # f = 0 on w[1], 1 example
+
+
+def toks(pairs):
+    from fedtune.data.prompts import TokenizedExample
+
+    return [TokenizedExample([t, y], [-100, y]) for t, y in pairs]
+
+
+def grad(w: list[float], pairs) -> list[float]:
+    """Mean-loss gradient: per coordinate t, Σ (σ(w_t) − y) over its examples / all examples."""
+    g = [0.0] * len(w)
+    for t, y in pairs:
+        g[t] += (sigmoid(w[t]) - y) / len(pairs)
+    return g
+
+
+def mean_loss(w: list[float], pairs) -> float:
+    return sum(math.log1p(math.exp(w[t])) - y * w[t] for t, y in pairs) / len(pairs)
+
+
+def sgd(w, pairs, lr, steps=1, extra=None):
+    """`steps` full-batch SGD steps; `extra(w)` adds to the gradient (proximal term, correction)."""
+    w = list(w)
+    for _ in range(steps):
+        g = grad(w, pairs)
+        if extra is not None:
+            g = [a + b for a, b in zip(g, extra(w))]
+        w = [a - lr * b for a, b in zip(w, g)]
+    return w
+
+
+def wmean(vectors, weights):
+    total = sum(weights)
+    return [sum(wt * v[i] for v, wt in zip(vectors, weights)) / total for i in range(len(vectors[0]))]
+
+
+def close(tensor: torch.Tensor, expected, tol=1e-5):
+    torch.testing.assert_close(tensor.double(), torch.tensor(expected, dtype=torch.float64),
+                               rtol=0, atol=tol)
+
+
+def run(tmp_path, algorithm, data, *, w0=(0.0, 0.0), rounds=1, model=None, **kw):
+    r = recipe(algorithm, len(data), tmp=tmp_path, **kw)
+    names = [f"client_{i}" for i in range(len(data))]
+    fed = federation(r, model or LogitModel(list(w0)), dict(zip(names, map(toks, data))), tmp=tmp_path)
+    for round_ in range(1, rounds + 1):
+        fed.round(round_)
+    return fed
+
+
+# -- FedAvg: weighting by examples vs uniform --------------------------------------------------
+
+
+@pytest.mark.parametrize("weighting", ["examples", "uniform"])
+def test_fedavg_round_weights_clients_by_their_example_counts(tmp_path, weighting):
+    fed = run(tmp_path, "fedavg", [THREE_ONES, ONE_ZERO], options={"weighting": weighting})
+    # client_0: w0 = 0 − (σ(0) − 1) = 0.5; client_1: w1 = 0 − σ(0) = −0.5.
+    expected = [3 * 0.5 / 4, -0.5 / 4] if weighting == "examples" else [0.25, -0.25]
+    close(fed.server.global_state["w"], expected)
+    fits = {e["client"]: e["values"] for e in fed.events("fit")}
+    assert fits["client_0"]["n_examples"] == 3 and fits["client_1"]["n_examples"] == 1
+    assert fits["client_0"]["train_loss"] == pytest.approx(math.log(2))
+
+
+def test_fedavg_second_round_starts_from_the_first_rounds_average(tmp_path):
+    fed = run(tmp_path, "fedavg", [THREE_ONES, ONE_ZERO], rounds=2, lr=2.0)
+    x = [0.0, 0.0]
+    for _ in range(2):
+        x = wmean([sgd(x, THREE_ONES, 2.0), sgd(x, ONE_ZERO, 2.0)], [3, 1])
+    close(fed.server.global_state["w"], x)
+
+
+# -- FedProx: the proximal gradient μ(w − w_global) -----------------------------------------------
+
+
+def test_fedprox_round_adds_the_proximal_gradient_at_each_step(tmp_path):
+    mu, lr = 0.5, 1.0
+    fed = run(tmp_path, "fedprox", [THREE_ONES, ONE_ZERO], options={"mu": mu}, steps=2, lr=lr)
+    x = [0.0, 0.0]
+    locals_ = [sgd(x, d, lr, 2, extra=lambda w: [mu * (a - b) for a, b in zip(w, x)])
+               for d in (THREE_ONES, ONE_ZERO)]
+    # client_0 by hand: 0.5, then 0.5 − (σ(0.5) − 1 + 0.25) = 0.6275 (0.8775 without the term)
+    assert locals_[0][0] == pytest.approx(0.5 - (sigmoid(0.5) - 1 + 0.25))
+    close(fed.server.global_state["w"], wmean(locals_, [3, 1]))
+
+
+# -- SCAFFOLD: control variates and the sign of the correction ------------------------------------
+
+
+def test_scaffold_two_rounds_control_variates_and_correction(tmp_path):
+    lr, k = 1.0, 2
+    a, b = THREE_ONES, [(0, 0)]  # both on w[0]: client_1 pulls the other way
+    fed = run(tmp_path, "scaffold", [a, b], steps=k, lr=lr, rounds=1)
+    x, c = [0.0, 0.0], [0.0, 0.0]
+    ci = {0: [0.0, 0.0], 1: [0.0, 0.0]}
+    weights = [3, 1]
+
+    def one_round(x, c, ci):
+        ys, dcs = [], []
+        for i, data in enumerate((a, b)):
+            corr = [cc - cl for cc, cl in zip(c, ci[i])]
+            y = sgd(x, data, lr, k, extra=lambda w, corr=corr: corr)
+            new_ci = [cl - cc + (xx - yy) / (k * lr) for cl, cc, xx, yy in zip(ci[i], c, x, y)]
+            dcs.append([n - o for n, o in zip(new_ci, ci[i])])
+            ci[i] = new_ci
+            ys.append([yy - xx for yy, xx in zip(y, x)])
+        mean = wmean(ys, weights)
+        x = [xx + m for xx, m in zip(x, mean)]
+        c = [cc + (d0 + d1) / 2 for cc, d0, d1 in zip(c, *dcs)]
+        return x, c
+
+    x, c = one_round(x, c, ci)
+    close(fed.server.global_state["w"], x)
+    close(fed.server.strategy.state_dict()["scaffold/c/w"], c)
+    close(fed.clients["client_0"].state["scaffold/ci/w"], ci[0])
+    close(fed.clients["client_1"].state["scaffold/ci/w"], ci[1])
+    fed.round(2)
+    x, c = one_round(x, c, ci)  # now c − c_i ≠ 0: the correction's sign matters
+    close(fed.server.global_state["w"], x)
+    close(fed.server.strategy.state_dict()["scaffold/c/w"], c)
+    close(fed.clients["client_1"].state["scaffold/ci/w"], ci[1])
+    # A flipped correction would land elsewhere: check that this case can tell.
+    assert abs(ci[0][0]) > 0.05
+
+
+# -- server optimisers ------------------------------------------------------------------------------
+
+
+def _fedopt_expected(rule, rounds, lr_local, hp):
+    x = [0.0, 0.0]
+    m, v = [0.0, 0.0], None
+    for _ in range(rounds):
+        d = [a - b for a, b in zip(wmean([sgd(x, THREE_ONES, lr_local), sgd(x, ONE_ZERO, lr_local)],
+                                         [3, 1]), x)]
+        if rule == "fedavgm":
+            m = [hp["momentum"] * mm + dd for mm, dd in zip(m, d)]
+            x = [xx + hp["server_lr"] * mm for xx, mm in zip(x, m)]
+            continue
+        b1, tau = hp["beta1"], hp["tau"]
+        m = [b1 * mm + (1 - b1) * dd for mm, dd in zip(m, d)]
+        if rule == "fedadam":
+            v = [(1 - hp["beta2"]) * dd * dd + hp["beta2"] * (vv if v else 0.0)
+                 for dd, vv in zip(d, v or [0.0, 0.0])]
+        elif rule == "fedyogi":
+            prev = v or [tau * tau] * 2
+            v = [vv - (1 - hp["beta2"]) * dd * dd * math.copysign(1, vv - dd * dd) if vv != dd * dd else vv
+                 for vv, dd in zip(prev, d)]
+        else:  # fedadagrad
+            v = [vv + dd * dd for vv, dd in zip(v or [0.0, 0.0], d)]
+        x = [xx + hp["server_lr"] * mm / (math.sqrt(vv) + tau) for xx, mm, vv in zip(x, m, v)]
+    return x, m, v
+
+
+@pytest.mark.parametrize("rule,hp", [
+    ("fedavgm", {"server_lr": 0.7, "momentum": 0.9}),
+    ("fedadam", {"server_lr": 0.1, "beta1": 0.8, "beta2": 0.9, "tau": 0.01}),
+    ("fedyogi", {"server_lr": 0.1, "beta1": 0.8, "beta2": 0.9, "tau": 0.01}),
+    ("fedadagrad", {"server_lr": 0.1, "beta1": 0.8, "tau": 0.01}),
+])
+def test_server_optimiser_two_rounds_by_hand(tmp_path, rule, hp):
+    fed = run(tmp_path, rule, [THREE_ONES, ONE_ZERO], options=hp, rounds=2, lr=1.0)
+    x, m, v = _fedopt_expected(rule, 2, 1.0, hp)
+    close(fed.server.global_state["w"], x)
+    state = fed.server.strategy.state_dict()
+    if rule == "fedavgm":
+        close(state["v/w"], m)
+    else:
+        close(state["m/w"], m)
+        close(state["v/w"], v, tol=1e-6)
+
+
+def test_server_optimiser_uniform_weighting_differs(tmp_path):
+    hp = {"server_lr": 1.0, "momentum": 0.0, "weighting": "uniform"}
+    fed = run(tmp_path, "fedavgm", [THREE_ONES, ONE_ZERO], options=hp)
+    close(fed.server.global_state["w"], [0.25, -0.25])
+
+
+# -- FlexLoRA ---------------------------------------------------------------------------------------
+
+
+def test_flexlora_round_averages_the_products_of_the_local_factors(tmp_path):
+    model = LoraLogitModel([[1.0, 0.5]], [[1.0]])
+    fed = run(tmp_path, "flexlora", [THREE_ONES, ONE_ZERO], model=model)
+    # W = B·A = (1, 0.5). dL/dA[0,t] = B·g_t, dL/dB = Σ_t A[0,t]·g_t, one SGD step at rate 1.
+    products = []
+    for data in (THREE_ONES, ONE_ZERO):
+        g = grad([1.0, 0.5], data)
+        a = [1.0 - g[0], 0.5 - g[1]]
+        b = 1.0 - (1.0 * g[0] + 0.5 * g[1])
+        products.append([b * a[0], b * a[1]])
+    target = wmean(products, [3, 1])
+    state = fed.server.global_state
+    a_new, b_new = state["proj.lora_A.default"], state["proj.lora_B.default"]
+    close((b_new @ a_new)[0], target)
+    # The rank-1 split is balanced: |B| = ‖A‖ = √‖product‖.
+    norm = math.hypot(*target)
+    assert abs(float(b_new)) == pytest.approx(math.sqrt(norm), rel=1e-5)
+    # ... and plain FedAvg of the factors would give another product.
+    mean_a = wmean([[1.0 - grad([1.0, 0.5], d)[0], 0.5 - grad([1.0, 0.5], d)[1]]
+                    for d in (THREE_ONES, ONE_ZERO)], [3, 1])
+    mean_b = wmean([[1.0 - (grad([1.0, 0.5], d)[0] + 0.5 * grad([1.0, 0.5], d)[1])]
+                    for d in (THREE_ONES, ONE_ZERO)], [3, 1])[0]
+    assert abs(mean_b * mean_a[1] - target[1]) > 1e-3
+
+
+# -- DP-FedAvg with the noise off -------------------------------------------------------------------
+
+
+def test_dp_fedavg_without_noise_clips_each_update_and_averages_uniformly(tmp_path):
+    quarter = [(1, 1)] + [(1, 0)] * 3  # f = 0.25 on w[1], 4 examples: Δ = (0, −0.25)
+    fed = run(tmp_path, "dp_fedavg", [THREE_ONES, quarter],
+              options={"clip_norm": 0.3, "noise_multiplier": 0.0})
+    # client_0: Δ = (0.5, 0), norm 0.5 > 0.3 -> (0.3, 0); client_1 stays (0, −0.25).
+    close(fed.server.global_state["w"], [0.15, -0.125])
+    metrics = fed.server.strategy.round_metrics()
+    assert metrics["clipped_fraction"] == 0.5
+    assert metrics["epsilon"] is None  # no noise: no finite guarantee
+
+
+# -- robust rules through aggregate_fit ---------------------------------------------------------------
+
+
+def _updates(values, counts):
+    return [ClientUpdate(f"c{i}", {"w": torch.tensor(v)}, n) for i, (v, n) in enumerate(zip(values, counts))]
+
+
+G = {"w": torch.tensor([1.0, 1.0])}
+
+
+def test_median_aggregate_fit_ignores_example_counts():
+    s = build_strategy("median", {}, 3)
+    out = s.aggregate_fit(1, G, _updates([[1.0, 10.0], [2.0, -1.0], [100.0, 0.0]], [1, 1, 1000]))
+    close(out["w"], [3.0, 1.0])  # global + (2, 0)
+    out = s.aggregate_fit(1, G, _updates([[1.0, 0.0], [2.0, 0.0], [4.0, 1.0], [9.0, 1.0]], [1, 1, 1, 1]))
+    close(out["w"], [4.0, 1.5])  # even count: mean of the middle two (3, 0.5)
+
+
+def test_trimmed_mean_aggregate_fit_drops_the_extremes_per_coordinate():
+    s = build_strategy("trimmed_mean", {"trim_ratio": 0.25}, 4)
+    ups = _updates([[0.0, 8.0], [1.0, -4.0], [3.0, 2.0], [50.0, 0.0]], [5, 1, 1, 1])
+    close(s.aggregate_fit(1, G, ups)["w"], [1.0 + 2.0, 1.0 + 1.0])  # mean(1, 3), mean(0, 2)
+    s0 = build_strategy("trimmed_mean", {"trim_ratio": 0.0}, 4)
+    close(s0.aggregate_fit(1, G, ups)["w"], [1.0 + 54 / 4, 1.0 + 6 / 4])
+
+
+def test_krum_aggregate_fit_picks_the_update_closest_to_its_neighbours():
+    ups = _updates([[0.0], [1.0], [2.0], [3.0], [100.0]], [1, 1, 3, 1, 1])
+    # scores with n − f − 2 = 2 neighbours: 0:1+4, 1:1+1, 2:1+1, 3:1+4, 100: huge -> 1 (earlier tie)
+    g = {"w": torch.tensor([10.0])}
+    close(build_strategy("krum", {"byzantine": 1}, 5).aggregate_fit(1, g, ups)["w"], [11.0])
+    multi = build_strategy("krum", {"byzantine": 1, "multi": 2}, 5)
+    close(multi.aggregate_fit(1, g, ups)["w"], [11.5])
+    weighted = build_strategy("krum", {"byzantine": 1, "multi": 2, "weighting": "examples"}, 5)
+    close(weighted.aggregate_fit(1, g, ups)["w"], [10.0 + (1 + 6) / 4])
+
+
+def test_krum_min_updates_is_the_larger_of_its_two_needs():
+    assert build_strategy("krum", {"byzantine": 1}, 9).min_updates() == 5          # 2f + 3
+    assert build_strategy("krum", {"byzantine": 1, "multi": 5}, 9).min_updates() == 6  # multi + f
+    assert build_strategy("median", {}, 9).min_updates() == 1
+
+
+def test_norm_bounding_aggregate_fit_clips_then_weights_by_examples():
+    s = build_strategy("norm_bounding", {"max_norm": 1.0}, 2)
+    ups = _updates([[3.0, 4.0], [0.3, 0.0]], [1, 3])
+    close(s.aggregate_fit(1, {"w": torch.zeros(2)}, ups)["w"], [(0.6 + 0.9) / 4, 0.8 / 4])
+    u = build_strategy("norm_bounding", {"max_norm": 1.0, "weighting": "uniform"}, 2)
+    close(u.aggregate_fit(1, {"w": torch.zeros(2)}, ups)["w"], [0.45, 0.4])
+
+
+@pytest.mark.parametrize("rule,options,expected", [
+    ("median", {}, [0.5 / 2, -0.5 / 2]),
+    ("norm_bounding", {"max_norm": 0.1}, [0.1 * 3 / 4, -0.1 / 4]),
+])
+def test_robust_rules_in_a_whole_round(tmp_path, rule, options, expected):
+    fed = run(tmp_path, rule, [THREE_ONES, ONE_ZERO], options=options)
+    close(fed.server.global_state["w"], expected)
+
+
+# -- FedMeZO: zeroth-order local steps and each signal ------------------------------------------------
+
+
+def _z(seed: int, n: int = 2) -> list[float]:
+    gen = torch.Generator().manual_seed(seed % 2**63)
+    return torch.randn((n,), generator=gen, dtype=torch.float32).double().tolist()
+
+
+def _mezo_client(x, pairs, lr, eps, fit_seed, steps):
+    """MeZO by hand: z from derive_seed(fit seed, 'mezo', step); returns (local w, mean loss)."""
+    w, losses = list(x), []
+    for step in range(steps):
+        z = _z(derive_seed(fit_seed, "mezo", step))
+        plus = mean_loss([a + eps * b for a, b in zip(w, z)], pairs)
+        minus = mean_loss([a - eps * b for a, b in zip(w, z)], pairs)
+        g = (plus - minus) / (2 * eps)
+        losses.append(0.5 * (plus + minus))
+        w = [a - lr * g * b for a, b in zip(w, z)]
+    return w, sum(losses) / len(losses)
+
+
+HALF = [(0, 1), (0, 0)]  # f = 0.5 on w[0], 2 examples
+
+
+@pytest.mark.parametrize("signal", ["loss", "loss_mean5", "update"])
+def test_fedmezo_two_rounds_and_personal_learning_rates(tmp_path, signal):
+    data = [THREE_ONES, ONE_ZERO, HALF]
+    eps, lr, alpha, steps = 0.01, 1.0, 0.4, 2
+    fed = run(tmp_path, "fedmezo", data, options={"eps": eps, "alpha": alpha, "signal": signal},
+              steps=steps, lr=lr, rounds=2)
+    names = ["client_0", "client_1", "client_2"]
+    x, history = [0.0, 0.0], {n: [] for n in names}
+    lrs = {n: lr for n in names}
+    for round_ in (1, 2):
+        outs = {n: _mezo_client(x, d, lrs[n], eps, derive_seed(5, "fit", round_, n), steps)
+                for n, d in zip(names, data)}
+        new_x = wmean([outs[n][0] for n in names], [3, 1, 2])
+        for n in names:
+            if signal == "update":
+                mean = [a - b for a, b in zip(new_x, x)]
+                delta = [a - b for a, b in zip(outs[n][0], x)]
+                history[n].append(math.dist(delta, mean))
+            else:
+                history[n].append(outs[n][1])
+        x = new_x
+        s = {n: (sum(h) / len(h) if signal == "loss_mean5" else h[-1]) for n, h in history.items()}
+        mean_s = sum(s.values()) / 3
+        spread = max(abs(v - mean_s) for v in s.values())
+        lrs = {n: lr + alpha * (s[n] - mean_s) / spread for n in names}
+    close(fed.server.global_state["w"], x, tol=2e-4)
+    assigned = fed.server.strategy.configure_fit(3, names, lr)
+    for n in names:
+        assert assigned[n]["lr"] == pytest.approx(lrs[n], abs=2e-3)
+    assert len({round(v, 6) for v in lrs.values()}) == 3  # the case tells the clients apart
+
+
+def test_fedmezo_rate_never_drops_to_zero():
+    s = build_strategy("fedmezo", {"alpha": 5.0}, 2)
+    g = {"w": torch.zeros(1)}
+    s.aggregate_fit(1, g, [ClientUpdate("a", {"w": torch.zeros(1)}, 1, {"train_loss": 1.0}),
+                           ClientUpdate("b", {"w": torch.zeros(1)}, 1, {"train_loss": 3.0})])
+    lrs = s.configure_fit(2, ["a", "b", "c"], 0.1)
+    assert lrs["a"]["lr"] == pytest.approx(1e-4)       # 0.1 − 5 floored at η0/1000
+    assert lrs["b"]["lr"] == pytest.approx(5.1)
+    assert lrs["c"]["lr"] == pytest.approx(0.1)        # no signal yet: Φ = 0
+
+
+# -- FedKSeed and FedKSeed-Pro ------------------------------------------------------------------------
+
+
+def _kseed_expected(data, counts, *, k, eps, lr, steps, round_, pool, probs=None, pool_seed=0):
+    """(new pool, per-client folded vectors) by hand, starting each client from θ(pool)."""
+    zs = [_z(derive_seed(pool_seed, "kseed", j)) for j in range(k)]
+    theta0 = [0.0, 0.0]
+    start = [t - sum(pool[j] * zs[j][i] for j in range(k)) for i, t in enumerate(theta0)]
+    folds = []
+    for n, pairs in data.items():
+        rng = np.random.default_rng(derive_seed(derive_seed(5, "fit", round_, n), "kseed-sample"))
+        w, folded = list(start), [0.0] * k
+        for _ in range(steps):
+            cand = int(rng.choice(k, p=probs)) if probs is not None else int(rng.integers(k))
+            z = zs[cand]
+            g = (mean_loss([a + eps * b for a, b in zip(w, z)], pairs)
+                 - mean_loss([a - eps * b for a, b in zip(w, z)], pairs)) / (2 * eps)
+            w = [a - lr * g * b for a, b in zip(w, z)]
+            folded[cand] += lr * g
+        folds.append(folded)
+    total = sum(counts)
+    new_pool = [p + sum(c / total * f[j] for f, c in zip(folds, counts)) for j, p in enumerate(pool)]
+    return new_pool, folds, zs
+
+
+def test_fedkseed_round_moves_the_pool_by_the_weighted_folded_steps(tmp_path):
+    k, eps, lr = 3, 0.01, 0.5
+    fed = run(tmp_path, "fedkseed", [THREE_ONES, ONE_ZERO], options={"num_seeds": k, "eps": eps},
+              steps=3, lr=lr, rounds=2)
+    data = {"client_0": THREE_ONES, "client_1": ONE_ZERO}
+    pool, _, zs = _kseed_expected(data, [3, 1], k=k, eps=eps, lr=lr, steps=3, round_=1, pool=[0.0] * k)
+    pool, _, zs = _kseed_expected(data, [3, 1], k=k, eps=eps, lr=lr, steps=3, round_=2, pool=pool)
+    close(fed.server.global_state["kseed/pool"], pool, tol=2e-4)
+    # θ(G) = θ0 − Σ G_k z_k is what a party rebuilds from the pool.
+    fed.clients["client_0"].view.load(fed.server.global_state)
+    close(fed.model.w.detach(), [-sum(pool[j] * zs[j][i] for j in range(k)) for i in range(2)], tol=2e-4)
+
+
+def test_fedkseed_pro_learns_candidate_probabilities(tmp_path):
+    k, eps, lr = 3, 0.01, 0.5
+    fed = run(tmp_path, "fedkseed", [THREE_ONES, ONE_ZERO],
+              options={"num_seeds": k, "eps": eps, "pro": True}, steps=2, lr=lr, rounds=2)
+    data = {"client_0": THREE_ONES, "client_1": ONE_ZERO}
+    uniform = [1 / 3] * 3
+    pool, folds, _ = _kseed_expected(data, [3, 1], k=k, eps=eps, lr=lr, steps=2, round_=1,
+                                     pool=[0.0] * k, probs=uniform)
+    abs_sum, count = [0.0] * k, [0] * k
+    for folded in folds:
+        for j, v in enumerate(folded):
+            if v != 0:
+                abs_sum[j] += abs(v / lr)
+                count[j] += 1
+    mean = [s / c if c else 0.0 for s, c in zip(abs_sum, count)]
+    lo, hi = min(mean), max(mean)
+    norm = [(m - lo) / (hi - lo) for m in mean]
+    probs = [math.exp(v) / sum(math.exp(u) for u in norm) for v in norm]
+    pool, folds2, _ = _kseed_expected(data, [3, 1], k=k, eps=eps, lr=lr, steps=2, round_=2,
+                                      pool=pool, probs=probs)
+    close(fed.server.global_state["kseed/pool"], pool, tol=2e-4)
+    for folded in folds2:
+        for j, v in enumerate(folded):
+            if v != 0:
+                abs_sum[j] += abs(v / lr)
+                count[j] += 1
+    mean = [s / c if c else 0.0 for s, c in zip(abs_sum, count)]
+    lo, hi = min(mean), max(mean)
+    norm = [(m - lo) / (hi - lo) for m in mean]
+    probs = [math.exp(v) / sum(math.exp(u) for u in norm) for v in norm]
+    close(fed.server.strategy.probabilities(), probs, tol=1e-4)
+    assert max(probs) - min(probs) > 0.1
+
+
+# -- offsite: FedAvg of the end layers -----------------------------------------------------------------
+
+
+def test_offsite_round_is_fedavg_of_the_trained_layers(tmp_path):
+    from fedtune.algorithms.offsite import OffsiteConfig, check_recipe
+
+    fed_state = build_strategy("offsite", {"weighting": "examples"}, 2)
+    g = {"layer": torch.tensor([1.0, 1.0])}
+    out = fed_state.aggregate_fit(1, g, [
+        ClientUpdate("a", {"layer": torch.tensor([1.0, 0.0])}, 3),
+        ClientUpdate("b", {"layer": torch.tensor([0.0, 4.0])}, 1)])
+    close(out["layer"], [1.75, 2.0])
+    with pytest.raises(ValueError, match="adapter_bottom"):
+        check_recipe(OffsiteConfig(adapter_bottom=0, adapter_top=0), None)
+
+
+# -- codecs in the flow --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["none", "fp16", "bf16", "int8"])
+def test_codecs_round_trip_in_a_round(tmp_path, method):
+    lr = 1 / 3
+    fed = run(tmp_path, "fedavg", [THREE_ONES, ONE_ZERO], lr=lr,
+              federation__compression={"up": {"method": method}, "down": {"method": method}})
+    d0, d1 = lr * 0.5, -lr * 0.5  # each client's Δ = ±1/6 on its own coordinate (lr = 1/3)
+    if method == "fp16":  # the codec's rounding is visible: 1/6 -> 0.166626
+        d0, d1 = float(torch.tensor(d0).half()), float(torch.tensor(d1).half())
+        assert abs(d0 - lr * 0.5) > 1e-5
+    elif method == "bf16":  # 1/6 -> 0.166992
+        d0, d1 = float(torch.tensor(d0).bfloat16()), float(torch.tensor(d1).bfloat16())
+        assert abs(d0 - lr * 0.5) > 1e-4
+    # int8: one block per tensor, scale max|Δ|/127, so ±1/6 and 0 come back (to float rounding)
+    close(fed.server.global_state["w"], [3 * d0 / 4, d1 / 4], tol=1e-7)
+
+
+def test_topk_up_codec_sends_the_largest_entries_and_keeps_the_rest_as_residual(tmp_path):
+    lr = 1.0
+    both = [(0, 1), (0, 1), (1, 1)]  # w[0] gets 2/3 of the push, w[1] 1/3
+    fed = run(tmp_path, "fedavg", [both], lr=lr,
+              federation__compression={"up": {"method": "topk", "topk_ratio": 0.5}})
+    g = grad([0.0, 0.0], both)  # (−1/3, −1/6): Δ = (1/3, 1/6); only 1/3 travels
+    close(fed.server.global_state["w"], [-g[0], 0.0])
+    close(fed.clients["client_0"].state["ef/w"], [0.0, -g[1]])
+
+
+def test_every_registered_algorithm_has_a_round_test_here():
+    import pathlib
+
+    text = pathlib.Path(__file__).read_text()
+    missing = [a for a in available_algorithms() if f'"{a}"' not in text]
+    assert not missing, f"algorithms without a hand-computed round test: {missing}"
+    assert InProcessTransport  # the rounds above go through the real transport
