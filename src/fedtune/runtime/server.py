@@ -123,7 +123,10 @@ class Server:
 
     def restore(self, ckpt: Checkpoint) -> int:
         """Continue from a checkpoint; returns the next round to run."""
-        self.global_state = ckpt.global_state
+        # Keep the tensors in the order the model gives them (a checkpoint file lists them sorted by
+        # name): anything that walks the state in order, as DP-FedAvg's noise does, must replay it.
+        order = [k for k in self.global_state if k in ckpt.global_state]
+        self.global_state = {**{k: ckpt.global_state[k] for k in order}, **ckpt.global_state}
         self.strategy.load_state_dict(ckpt.strategy_state)
         if hasattr(self.transport, "load_counter_state"):  # refused calls, late replies... go on
             self.transport.load_counter_state(ckpt.info.get("transport", {}))
