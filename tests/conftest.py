@@ -93,3 +93,19 @@ def tiny_recipe(tiny_model_dir, tmp_path):
         return base
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A tiny GPT-2 (it has biases, unlike Llama) with the character tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = make_char_tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=2, n_head=2, n_positions=256,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+                    ).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -116,28 +116,11 @@ def test_adalora_is_refused_rather_than_run_as_plain_lora():
         load_recipe({"adapter": {"method": "adalora"}})
 
 
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory):
-    """A tiny GPT-2 (it has biases) with the character tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from conftest import make_char_tokenizer
-
-    path = tmp_path_factory.mktemp("gpt2-bitfit")
-    tok = make_char_tokenizer()
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=2, n_head=2, n_positions=64,
-                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-                    ).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-def test_bitfit_saves_only_the_biases_and_loads_them_back(gpt2_dir, tmp_path):
+def test_bitfit_saves_only_the_biases_and_loads_them_back(tiny_gpt2_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     section = AdapterSection(method="bitfit")
-    model = AutoModelForCausalLM.from_pretrained(gpt2_dir).requires_grad_(False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).requires_grad_(False)
     model = attach_adapter(model, section)
     n_bias = sum(p.numel() for n, p in model.named_parameters() if n.endswith(".bias"))
     with torch.no_grad():
@@ -154,10 +137,10 @@ def test_bitfit_saves_only_the_biases_and_loads_them_back(gpt2_dir, tmp_path):
     assert size < whole / 5
     assert json.loads((tmp_path / "final" / "bitfit_config.json").read_text())["method"] == "bitfit"
 
-    fresh = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
     apply_bitfit(fresh, tmp_path / "final")
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
-        untouched = AutoModelForCausalLM.from_pretrained(gpt2_dir)(input_ids=ids).logits
+        untouched = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)(input_ids=ids).logits
     assert not torch.allclose(untouched, fresh(input_ids=ids).logits)

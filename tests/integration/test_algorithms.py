@@ -78,23 +78,6 @@ def test_resume_restores_strategy_and_client_state_exactly(tiny_recipe, monkeypa
     _assert_same(resumed, whole)
 
 
-@pytest.fixture(scope="session")
-def tiny_gpt2_dir(tmp_path_factory):
-    """A tiny GPT-2 (it has biases, unlike Llama) with the character tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from conftest import make_char_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    tok = make_char_tokenizer()
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=2, n_head=2, n_positions=256,
-                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-                    ).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 @pytest.mark.parametrize("method", ["bitfit", "full", "lora"])
 def test_bitfit_full_and_lora_on_gpt2_through_a_round(tiny_recipe, tiny_gpt2_dir, method):
     from transformers import AutoModelForCausalLM

@@ -74,20 +74,11 @@ def test_unmergeable_method_is_a_clear_error(tiny_model_dir, tmp_path, capsys, m
     assert "cannot be merged" in err and "PROMPT_TUNING" in err
 
 
-def test_merged_bitfit_is_the_base_with_the_trained_biases(tmp_path, capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from conftest import make_char_tokenizer
+def test_merged_bitfit_is_the_base_with_the_trained_biases(tmp_path, capsys, tiny_gpt2_dir):
     from fedtune.config import AdapterSection
     from fedtune.models.adapters import attach_adapter, save_adapter
 
-    base_dir, run = tmp_path / "gpt2", tmp_path / "run"
-    tok = make_char_tokenizer()
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=32,
-                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-                    ).save_pretrained(base_dir)
-    tok.save_pretrained(base_dir)
+    base_dir, run = tiny_gpt2_dir, tmp_path / "run"
     run.mkdir()
     (run / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name": str(base_dir), "device": "cpu"}}))
     model = attach_adapter(AutoModelForCausalLM.from_pretrained(base_dir).requires_grad_(False),

@@ -407,6 +407,20 @@ def test_fedkseed_round_moves_the_pool_by_the_weighted_folded_steps(tmp_path):
     close(fed.model.w.detach(), [-sum(pool[j] * zs[j][i] for j in range(k)) for i in range(2)], tol=2e-4)
 
 
+
+def _pro_probabilities(folds, lr, abs_sum, count):
+    """FedKSeed-Pro by hand: fold |g| per candidate into the running sums, then the softmax of
+    the min-max-normalised means."""
+    for folded in folds:
+        for j, v in enumerate(folded):
+            if v != 0:
+                abs_sum[j] += abs(v / lr)
+                count[j] += 1
+    mean = [s / c if c else 0.0 for s, c in zip(abs_sum, count)]
+    lo, hi = min(mean), max(mean)
+    norm = [(m - lo) / (hi - lo) for m in mean]
+    return [math.exp(v) / sum(math.exp(u) for u in norm) for v in norm]
+
 def test_fedkseed_pro_learns_candidate_probabilities(tmp_path):
     k, eps, lr = 3, 0.01, 0.5
     fed = run(tmp_path, "fedkseed", [THREE_ONES, ONE_ZERO],
@@ -416,27 +430,11 @@ def test_fedkseed_pro_learns_candidate_probabilities(tmp_path):
     pool, folds, _ = _kseed_expected(data, [3, 1], k=k, eps=eps, lr=lr, steps=2, round_=1,
                                      pool=[0.0] * k, probs=uniform)
     abs_sum, count = [0.0] * k, [0] * k
-    for folded in folds:
-        for j, v in enumerate(folded):
-            if v != 0:
-                abs_sum[j] += abs(v / lr)
-                count[j] += 1
-    mean = [s / c if c else 0.0 for s, c in zip(abs_sum, count)]
-    lo, hi = min(mean), max(mean)
-    norm = [(m - lo) / (hi - lo) for m in mean]
-    probs = [math.exp(v) / sum(math.exp(u) for u in norm) for v in norm]
+    probs = _pro_probabilities(folds, lr, abs_sum, count)
     pool, folds2, _ = _kseed_expected(data, [3, 1], k=k, eps=eps, lr=lr, steps=2, round_=2,
                                       pool=pool, probs=probs)
     close(fed.server.global_state["kseed/pool"], pool, tol=2e-4)
-    for folded in folds2:
-        for j, v in enumerate(folded):
-            if v != 0:
-                abs_sum[j] += abs(v / lr)
-                count[j] += 1
-    mean = [s / c if c else 0.0 for s, c in zip(abs_sum, count)]
-    lo, hi = min(mean), max(mean)
-    norm = [(m - lo) / (hi - lo) for m in mean]
-    probs = [math.exp(v) / sum(math.exp(u) for u in norm) for v in norm]
+    probs = _pro_probabilities(folds2, lr, abs_sum, count)
     close(fed.server.strategy.probabilities(), probs, tol=1e-4)
     assert max(probs) - min(probs) > 0.1
 
