@@ -203,9 +203,13 @@ def test_fedmezo_trains_without_backward_and_personalises_rates(tiny_recipe):
 
 
 def _attacked(tiny_recipe, name, algorithm, attack, options=None):
+    # LoRA on q/v, as these checks were calibrated: on the tiny random model (loss near ln(vocab))
+    # all-linear LoRA barely moves under the attack, and norm_bounding's absolute max_norm then
+    # clips the honest updates of its 4.8x larger adapter as well.
     return _fast(tiny_recipe, output__name=name, federation__algorithm=algorithm,
                  federation__options=options or {}, federation__attack=attack,
-                 federation__rounds=3, data__split={"method": "iid"})
+                 federation__rounds=3, data__split={"method": "iid"},
+                 adapter__target_modules=["q_proj", "v_proj"])
 
 
 @pytest.mark.parametrize("kind", ["nan", "inf"])
