@@ -11,11 +11,9 @@ reports the final global exact match, loss and the bytes that travelled.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
-import tempfile
 import time
+
+from _worker import run_default, spawn
 
 LORA = ["adapter.method=lora"]
 GROUPS: dict[str, list[tuple[str, list[str]]]] = {
@@ -64,12 +62,7 @@ GROUPS: dict[str, list[tuple[str, list[str]]]] = {
 
 
 def worker(overrides: list[str]) -> None:
-    import fedtune
-
-    with tempfile.TemporaryDirectory() as out:
-        s = fedtune.run("default", [*overrides, f"output.dir={out}", "output.progress=false"])
-    print(json.dumps({k: s[k] for k in ("final", "bytes_up", "bytes_down", "adapter_parameters",
-                                        "wall_seconds")}))
+    run_default(overrides, ("final", "bytes_up", "bytes_down", "adapter_parameters", "wall_seconds"))
 
 
 def main() -> None:
@@ -95,13 +88,10 @@ def main() -> None:
             if args.only and not any(word in label for word in args.only):
                 continue
             start = time.time()
-            proc = subprocess.run([sys.executable, __file__, "--worker", *common, *overrides],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                print(f"| {label} | failed: {tail[:80]} | | | | | {time.time() - start:.0f} |", flush=True)
+            r, error = spawn(__file__, [*common, *overrides])
+            if r is None:
+                print(f"| {label} | failed: {error[:80]} | | | | | {time.time() - start:.0f} |", flush=True)
                 continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
             f = r["final"]
             print(f"| {label} | {f['exact_match']:.1%} | {f['loss']:.3f} | {r['bytes_up'] / 1e6:.2f} | "
                   f"{r['bytes_down'] / 1e6:.2f} | {r['adapter_parameters']:,} | {r['wall_seconds']:.0f} |",

@@ -12,10 +12,8 @@ tell "which modules" apart from "how many parameters".
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
-import tempfile
+
+from _worker import run_default, spawn
 
 CONFIGS: list[tuple[str, list[str]]] = [
     ("all linear layers, r=8", ["adapter.target_modules=all-linear", "adapter.r=8", "adapter.alpha=16"]),
@@ -27,11 +25,7 @@ CONFIGS: list[tuple[str, list[str]]] = [
 
 
 def worker(overrides: list[str]) -> None:
-    import fedtune
-
-    with tempfile.TemporaryDirectory() as out:
-        s = fedtune.run("default", [*overrides, f"output.dir={out}", "output.progress=false"])
-    print(json.dumps({k: s[k] for k in ("final", "adapter_parameters", "wall_seconds")}))
+    run_default(overrides, ("final", "adapter_parameters", "wall_seconds"))
 
 
 def main() -> None:
@@ -54,13 +48,10 @@ def main() -> None:
         if args.only and args.only not in label:
             continue
         for seed in args.seeds:
-            proc = subprocess.run([sys.executable, __file__, "--worker", *common, *overrides,
-                                   f"seed={seed}"], capture_output=True, text=True)
-            if proc.returncode != 0:
-                tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                print(f"| {label} | {seed} | failed: {tail[:80]} | | | |", flush=True)
+            r, error = spawn(__file__, [*common, *overrides, f"seed={seed}"])
+            if r is None:
+                print(f"| {label} | {seed} | failed: {error[:80]} | | | |", flush=True)
                 continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
             f = r["final"]
             print(f"| {label} | {seed} | {f['exact_match']:.1%} | {f['loss']:.3f} | "
                   f"{r['adapter_parameters']:,} | {r['wall_seconds']:.0f} |", flush=True)
