@@ -30,3 +30,9 @@ def spawn(script: str, overrides: list[str]) -> tuple[dict[str, Any] | None, str
     if proc.returncode != 0:
         return None, (proc.stderr.strip().splitlines() or ["?"])[-1]
     return json.loads(proc.stdout.strip().splitlines()[-1]), ""
+
+
+def final_only(rounds: int) -> list[str]:
+    """Overrides for a run judged only at its end: no evaluation before, one checkpoint at the end."""
+    return [f"federation.rounds={rounds}", "eval.every=0", "eval.at_start=false",
+            "eval.clients=false", f"output.checkpoint_every={rounds}"]

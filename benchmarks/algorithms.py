@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from _worker import run_default, spawn
+from _worker import final_only, run_default, spawn
 
 LORA = ["adapter.method=lora"]
 GROUPS: dict[str, list[tuple[str, list[str]]]] = {
@@ -75,8 +75,7 @@ def main() -> None:
     if args.worker is not None:
         worker(args.worker)
         return
-    common = [f"federation.rounds={args.rounds}", "eval.every=0", "eval.at_start=false",
-              "eval.clients=false", f"output.checkpoint_every={args.rounds}"]
+    common = final_only(args.rounds)
     groups = list(GROUPS) if args.group == "all" else [args.group]
     print(f"builtin:tiny, synthetic benchmark (meta split, 3 clients), {args.rounds} rounds × 10 local "
           "steps of 16, lr 3e-3 unless stated; final global test set (180 examples)\n")

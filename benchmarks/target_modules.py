@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from _worker import run_default, spawn
+from _worker import final_only, run_default, spawn
 
 CONFIGS: list[tuple[str, list[str]]] = [
     ("all linear layers, r=8", ["adapter.target_modules=all-linear", "adapter.r=8", "adapter.alpha=16"]),
@@ -38,8 +38,7 @@ def main() -> None:
     if args.worker is not None:
         worker(args.worker)
         return
-    common = [f"federation.rounds={args.rounds}", "eval.every=0", "eval.at_start=false",
-              "eval.clients=false", f"output.checkpoint_every={args.rounds}", "adapter.method=lora"]
+    common = [*final_only(args.rounds), "adapter.method=lora"]
     print(f"builtin:tiny, default recipe, {args.rounds} rounds x 10 local steps of 16, lr 3e-3; "
           "final global test set\n")
     print("| target modules | seed | exact match | loss | trainable params | wall s |")
