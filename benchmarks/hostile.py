@@ -47,12 +47,12 @@ import yaml
 from safetensors.torch import load_file
 
 from fedtune.config import load_recipe
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.certs import make_certs
 from fedtune.transport.codec import PREFIX_BYTES, decode, encode
 from fedtune.transport.framing import FRAME, FRAME_MAGIC, LAST, iter_frames
 from fedtune.transport.grpc_client import ServerConnection
 from fedtune.transport.grpc_server import FETCH
+from fedtune.wire import Message, MessageKind
 
 MB = 1024**2
 CLIENTS = ["client_0", "client_1", "client_2"]

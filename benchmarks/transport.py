@@ -26,7 +26,6 @@ import time
 import torch
 
 from fedtune.config import load_recipe
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.auth import (
     Authenticator,
     client_token,
@@ -38,6 +37,7 @@ from fedtune.transport.codec import decode, encode
 from fedtune.transport.grpc_client import ServerConnection
 from fedtune.transport.grpc_server import GrpcServerTransport
 from fedtune.transport.inprocess import InProcessTransport
+from fedtune.wire import Message, MessageKind
 
 MB = 1024**2
 PAGE = os.sysconf("SC_PAGE_SIZE")

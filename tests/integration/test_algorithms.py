@@ -263,9 +263,9 @@ def test_backdoor_poisons_only_the_attackers_data(tiny_recipe):
 
 def test_a_boosted_backdoor_scales_the_poisoned_update(tiny_recipe):
     from fedtune.config import load_recipe
-    from fedtune.runtime.messages import Message, MessageKind
     from fedtune.runtime.setup import Setup
     from fedtune.transport.codec import decode, encode
+    from fedtune.wire import Message, MessageKind
 
     updates = []
     for boost in (1.0, 3.0):

@@ -18,9 +18,9 @@ from fedtune.config import load_recipe
 from fedtune.errors import ModelError
 from fedtune.eval.predictions import read_predictions
 from fedtune.eval.runner import evaluate_adapter
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.runtime.server import Server
 from fedtune.runtime.simulation import Simulation
+from fedtune.wire import Message, MessageKind
 
 
 def _events(run_dir: Path) -> list[dict]:

@@ -18,11 +18,11 @@ import yaml
 from safetensors.torch import load_file
 
 import fedtune
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.certs import make_certs
 from fedtune.transport.codec import encode
 from fedtune.transport.framing import FRAME, FRAME_MAGIC, iter_frames
 from fedtune.transport.grpc_client import ServerConnection
+from fedtune.wire import Message, MessageKind
 
 CLIENTS = ["client_0", "client_1", "client_2"]
 WAIT = 240  # seconds: the most any process of these tests may take

@@ -20,11 +20,11 @@ from test_grpc_transport import (  # the helpers of the transport's own tests
     certs,  # noqa: F401 - a fixture
 )
 
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.codec import TensorSpec, encode
 from fedtune.transport.expect import HEADER_ALLOWANCE
 from fedtune.transport.framing import FRAME, FRAME_MAGIC, iter_frames
 from fedtune.transport.grpc_server import FETCH
+from fedtune.wire import Message, MessageKind
 
 SPECS = {"w": TensorSpec((3,), torch.float32)}
 

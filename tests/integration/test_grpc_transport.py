@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from fedtune.config import load_recipe
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.auth import (
     Authenticator,
     call_metadata,
@@ -27,6 +26,7 @@ from fedtune.transport.codec import decode, encode
 from fedtune.transport.framing import FRAME, FRAME_MAGIC, LAST, iter_frames
 from fedtune.transport.grpc_client import ServerConnection
 from fedtune.transport.grpc_server import GrpcServerTransport
+from fedtune.wire import Message, MessageKind
 
 CLIENTS = ["client_0", "client_1"]
 
@@ -315,7 +315,7 @@ def test_fetch_sends_a_download_in_chunks_counts_it_and_refuses_strangers(certs)
 
     def package(client):
         made.append(client)
-        return Message(MessageKind.EMULATOR, 0, "server", client, tensors=shared, meta={"format": 1})
+        return Message(MessageKind.DOWNLOAD, 0, "server", client, tensors=shared, meta={"format": 1})
 
     with _serving(section, downloads={"emulator": package}) as (server, address, opened):
         conns = {name: _connect(section, address, name) for name in CLIENTS}
@@ -324,7 +324,7 @@ def test_fetch_sends_a_download_in_chunks_counts_it_and_refuses_strangers(certs)
         progress = []
         data = conns["client_0"].fetch("emulator", on_progress=lambda got, total: progress.append(got))
         msg = decode(data)
-        assert msg.kind == MessageKind.EMULATOR and msg.receiver == "client_0"
+        assert msg.kind == MessageKind.DOWNLOAD and msg.receiver == "client_0"
         assert torch.equal(msg.tensors["w"], shared["w"]) and msg.meta == {"format": 1}
         assert len(progress) > 10 and progress[-1] == len(data)
         assert server.traffic.total("down") == len(data)  # round-0 traffic of client_0

@@ -9,12 +9,12 @@ from hypothesis import strategies as st
 
 from fedtune.algorithms import build_strategy
 from fedtune.config import load_recipe
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.runtime.server import Server
 from fedtune.runtime.simulation import Simulation
 from fedtune.track.rundir import RunDir
 from fedtune.transport.codec import encode
 from fedtune.transport.inprocess import InProcessTransport
+from fedtune.wire import Message, MessageKind
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from rich.console import Console
 from fedtune.algorithms import build_strategy
 from fedtune.config import load_recipe
 from fedtune.runtime.deploy_client import _Loop
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.runtime.server import Server
 from fedtune.runtime.simulation import Simulation, resume_server
 from fedtune.track.report import closing_table
@@ -26,6 +25,7 @@ from fedtune.transport.certs import make_certs
 from fedtune.transport.codec import decode, encode
 from fedtune.transport.grpc_client import ServerConnection
 from fedtune.transport.grpc_server import GrpcServerTransport
+from fedtune.wire import Message, MessageKind
 
 CLIENTS = ["client_0", "client_1"]
 TAKEOVER = 1000.0  # what the hostile party adds to every adapter value if its update counted

@@ -21,13 +21,13 @@ from rich.console import Console
 from fedtune.algorithms import build_strategy
 from fedtune.config import load_recipe
 from fedtune.errors import MessageError
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.runtime.server import Server
 from fedtune.runtime.simulation import Simulation
 from fedtune.track.report import _pick, closing_table
 from fedtune.track.rundir import RunDir
 from fedtune.transport.codec import decode, encode
 from fedtune.transport.inprocess import InProcessTransport
+from fedtune.wire import Message, MessageKind
 
 json_scalar = st.one_of(
     st.none(), st.booleans(), st.integers(), st.sampled_from([0, -1, 2**63, 10**15, 10**400]),

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from fedtune.config import load_recipe
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.runtime.simulation import Simulation
 from fedtune.track.rundir import RunDir
 from fedtune.transport.codec import decode, encode
 from fedtune.transport.inprocess import InProcessTransport
+from fedtune.wire import Message, MessageKind
 
 SECURE = {"enabled": True}
 

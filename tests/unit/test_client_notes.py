@@ -9,9 +9,9 @@ import pytest
 
 from fedtune.config import load_recipe
 from fedtune.runtime.deploy_client import _Loop
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.track.reporter import plain_console
 from fedtune.transport.codec import encode
+from fedtune.wire import Message, MessageKind
 
 
 class _Refused(grpc.RpcError):

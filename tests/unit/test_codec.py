@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from safetensors.torch import save as save_safetensors
 
 from fedtune.errors import MessageError
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.codec import (
     MAGIC,
     MAX_HEADER_BYTES,
@@ -23,6 +22,7 @@ from fedtune.transport.codec import (
     encode,
     specs_of,
 )
+from fedtune.wire import Message, MessageKind
 
 
 def make_message(**changes) -> Message:

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from fedtune.errors import MessageError
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.codec import (
     MAX_DEPTH,
     PREFIX_BYTES,
@@ -20,6 +19,7 @@ from fedtune.transport.codec import (
     read_head,
 )
 from fedtune.transport.framing import peek_header
+from fedtune.wire import Message, MessageKind
 
 
 def _message(**tensors):

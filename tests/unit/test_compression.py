@@ -10,7 +10,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedtune.errors import MessageError
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.codec import TensorSpec, check_message, decode, encode, specs_of
 from fedtune.transport.compression import (
     METHODS,
@@ -20,6 +19,7 @@ from fedtune.transport.compression import (
     topk_count,
     wire_specs,
 )
+from fedtune.wire import Message, MessageKind
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 

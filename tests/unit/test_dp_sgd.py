@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from fedtune.config import DPSGDSection, TrainSection, load_recipe
 from fedtune.data.prompts import TokenizedExample, collate
 from fedtune.errors import FedtuneError, RecipeError
-from fedtune.privacy.dp_sgd import HISTORY, dp_sgd_epsilon, record_dp_steps
+from fedtune.train.dp_sgd import HISTORY, dp_sgd_epsilon, record_dp_steps
 from fedtune.train.local import LocalTrainer
 from fedtune.train.loss import example_losses
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.codec import decode, encode
 from fedtune.transport.framing import (
     FRAME,
@@ -19,6 +18,7 @@ from fedtune.transport.framing import (
     peek_header,
     ping_frame,
 )
+from fedtune.wire import Message, MessageKind
 
 CHUNK = 64
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.base import TrafficCounter
 from fedtune.transport.mailbox import CLOSED, Mailbox
+from fedtune.wire import Message, MessageKind
 
 CLIENTS = ["a", "b", "c"]
 

@@ -111,8 +111,8 @@ def _rebuild(meta, tensors):
 
 
 def test_the_package_holds_the_frozen_emulator_and_the_tokenizer_but_no_adapter_layer(char_tokenizer):
-    from fedtune.runtime.messages import Message, MessageKind
     from fedtune.transport.codec import decode, encode
+    from fedtune.wire import Message, MessageKind
 
     emulator, meta, tensors = _package(char_tokenizer)
     trainable = {n for n, p in emulator.model.named_parameters() if p.requires_grad}
@@ -122,7 +122,7 @@ def test_the_package_holds_the_frozen_emulator_and_the_tokenizer_but_no_adapter_
     assert not any(k.startswith("model/model.layers.4.") for k in tensors)  # 4 layers in the emulator
     assert {k for k in tensors if k.startswith("tokenizer/")} >= {"tokenizer/tokenizer.json"}
     # It is plain data for the codec, and survives the wire bit for bit.
-    wire = decode(encode(Message(MessageKind.EMULATOR, 0, "server", "client_0", tensors=tensors, meta=meta)))
+    wire = decode(encode(Message(MessageKind.DOWNLOAD, 0, "server", "client_0", tensors=tensors, meta=meta)))
     rebuilt, tokenizer = _rebuild(wire.meta, wire.tensors)
     original = emulator.model.state_dict()
     for name, tensor in rebuilt.model.state_dict().items():

@@ -11,9 +11,9 @@ import pytest
 import torch
 from tiny_federation import LogitModel, federation, recipe
 
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.runtime.server import sample_clients
 from fedtune.seeding import derive_seed
+from fedtune.wire import Message, MessageKind
 
 THREE_ONES = [(0, 1)] * 3   # client_0: Δ = (0.5, 0) at lr 1
 ONE_ZERO = [(1, 0)]         # client_1: Δ = (0, −0.5)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from fedtune.errors import MessageError, RunDirError
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.base import ServerTransport, TrafficCounter
 from fedtune.transport.codec import decode, encode
 from fedtune.transport.inprocess import InProcessTransport
+from fedtune.wire import Message, MessageKind
 
 # ---------------------------------------------------------------- TrafficCounter
 

@@ -8,11 +8,11 @@ import torch
 
 from fedtune.algorithms import build_strategy
 from fedtune.config import load_recipe
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.runtime.server import Server
 from fedtune.track.rundir import RunDir
 from fedtune.transport.codec import decode, encode
 from fedtune.transport.inprocess import InProcessTransport
+from fedtune.wire import Message, MessageKind
 
 # Two clients: A moves every value by +1 and has 10 examples, B by +4 and has 30.
 DELTAS = {"A": 1.0, "B": 4.0}

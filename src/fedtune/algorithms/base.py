@@ -136,7 +136,7 @@ def result_metrics(result) -> dict[str, Any]:
     metrics = {"train_loss": result.loss, "steps": result.steps, "examples_seen": result.examples,
                "train_seconds": result.seconds}
     dp = getattr(result, "dp", None)
-    if dp is not None:  # DP-SGD: the client adds its (ε, δ) so far (privacy/dp_sgd.py)
+    if dp is not None:  # DP-SGD: the client adds its (ε, δ) so far (train/dp_sgd.py)
         metrics.update(dp_steps=dp.steps, dp_sample_rate=dp.sample_rate,
                        dp_noise_multiplier=dp.noise_multiplier)
     return metrics

@@ -47,7 +47,7 @@ from fedtune.data.prompts import collate
 from fedtune.seeding import derive_seed
 from fedtune.train.local import micro_batches, steps_for
 from fedtune.train.zeroth_order import apply_zo_update, perturbation, projected_gradient
-from fedtune.transport.codec import TensorSpec
+from fedtune.wire import TensorSpec
 
 POOL = "kseed/pool"
 PROBS = "kseed/probs"

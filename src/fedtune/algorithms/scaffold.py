@@ -69,7 +69,7 @@ class Scaffold(ServerDefaults):
 
 
 def _float32(specs: dict[str, Any]) -> dict[str, Any]:
-    from fedtune.transport.codec import TensorSpec
+    from fedtune.wire import TensorSpec
 
     return {k: TensorSpec(tuple(s.shape), torch.float32) for k, s in specs.items()}
 

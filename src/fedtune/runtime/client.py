@@ -17,15 +17,15 @@ from fedtune.errors import FedtuneError, MessageError
 from fedtune.eval.evaluator import Evaluator
 from fedtune.eval.predictions import predictions_path, write_predictions
 from fedtune.models.adapters import AdapterSlot
-from fedtune.privacy.dp_sgd import record_dp_steps
 from fedtune.runtime import peer_values
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.runtime.secure_client import SecAggParticipant
 from fedtune.seeding import derive_seed
+from fedtune.train.dp_sgd import record_dp_steps
 from fedtune.train.local import LocalTrainer
 from fedtune.transport.adapter_wire import AdapterWire
 from fedtune.transport.codec import check_message, decode, encode, specs_of
 from fedtune.transport.compression import CompressionConfig
+from fedtune.wire import Message, MessageKind
 
 log = logging.getLogger("fedtune.client")
 

@@ -22,7 +22,6 @@ from fedtune.data.splitters import train_val_test_split
 from fedtune.errors import DataError, DeploymentError, MessageError
 from fedtune.runtime.client import Client
 from fedtune.runtime.deploy_server import require_grpc
-from fedtune.runtime.messages import MessageKind
 from fedtune.runtime.setup import Setup
 from fedtune.seeding import derive_seed
 from fedtune.track.report import human_bytes
@@ -32,6 +31,7 @@ from fedtune.transport.codec import check_message, decode
 from fedtune.transport.framing import peek_header
 from fedtune.transport.grpc_client import FATAL, Backoff, ServerConnection, is_rejection
 from fedtune.transport.grpc_server import SERVER_NAME
+from fedtune.wire import MessageKind
 
 log = logging.getLogger("fedtune.deploy")
 _PUSH_ATTEMPTS = 5
@@ -127,7 +127,7 @@ def fetch_emulator(connection: ServerConnection, recipe: Recipe, out: Console) -
             out.print(f"{name}: no emulator yet ({reason}); retrying in {delay:.1f} s")
             time.sleep(delay)
     message = decode(data, max_bytes=recipe.transport.max_message_bytes)
-    check_message(message, kinds={MessageKind.EMULATOR}, sender=SERVER_NAME)
+    check_message(message, kinds={MessageKind.DOWNLOAD}, sender=SERVER_NAME)
     if message.receiver != name:
         raise MessageError(f"the emulator was addressed to '{message.receiver}', not '{name}'")
     device = pick_device(recipe.model.device)

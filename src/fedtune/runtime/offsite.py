@@ -18,9 +18,9 @@ from fedtune.errors import RunDirError
 from fedtune.eval.evaluator import Evaluator
 from fedtune.models.offsite import build_emulator, distill, plug_in
 from fedtune.models.offsite_package import emulator_package
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.seeding import derive_seed
 from fedtune.transport.framing import SharedEncoder
+from fedtune.wire import Message, MessageKind
 
 log = logging.getLogger("fedtune.offsite")
 CORE_FILE = "offsite/emulator_core.safetensors"
@@ -75,7 +75,7 @@ class OffsiteServer:
 
     def package_message(self, receiver: str) -> Message:
         """The emulator package for `receiver` (one tensors dict for all: encoders share it)."""
-        return Message(MessageKind.EMULATOR, 0, "server", receiver, tensors=self.package_tensors,
+        return Message(MessageKind.DOWNLOAD, 0, "server", receiver, tensors=self.package_tensors,
                        meta=self.package_meta)
 
     def package_bytes(self, receiver: str) -> int:

@@ -20,9 +20,9 @@ from fedtune.privacy import secagg_wire as wire
 from fedtune.privacy.fixedpoint import FixedPointCodec
 from fedtune.privacy.secagg import SecAggClient, SecAggError
 from fedtune.runtime import peer_values
-from fedtune.runtime.messages import SECAGG_ANSWERS, Message, MessageKind
 from fedtune.runtime.secure_round import LOSS_KEY, PARAM_KEYS, PARAMS_KEY, PLAIN_METRICS, WEIGHTINGS
 from fedtune.transport.codec import check_message
+from fedtune.wire import SECAGG_ANSWERS, Message, MessageKind
 
 if TYPE_CHECKING:
     from fedtune.runtime.client import Client

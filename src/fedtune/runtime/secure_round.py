@@ -39,8 +39,8 @@ from fedtune.privacy.fixedpoint import FixedPointCodec
 from fedtune.privacy.secagg_server import SecAggResult, SecAggServer
 from fedtune.privacy.secagg_wire import SecAggError
 from fedtune.runtime import peer_values
-from fedtune.runtime.messages import Message, MessageKind
-from fedtune.transport.codec import TensorSpec, check_message
+from fedtune.transport.codec import check_message
+from fedtune.wire import Message, MessageKind, TensorSpec
 
 log = logging.getLogger("fedtune.server")
 

@@ -19,7 +19,6 @@ from fedtune.config import Recipe
 from fedtune.errors import MessageError
 from fedtune.eval.selection import Selection, pooled_val_loss
 from fedtune.runtime import peer_values
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.runtime.secure_round import SecureAggregation
 from fedtune.seeding import derive_seed
 from fedtune.track.reporter import NullReporter, Reporter
@@ -28,6 +27,7 @@ from fedtune.train.local import lr_for_round
 from fedtune.transport.adapter_wire import AdapterWire
 from fedtune.transport.base import ServerTransport
 from fedtune.transport.codec import check_message, specs_of
+from fedtune.wire import Message, MessageKind
 
 log = logging.getLogger("fedtune.server")
 SERVER = "server"

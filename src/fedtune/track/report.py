@@ -9,7 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from fedtune.config import Recipe
-from fedtune.transport.base import TrafficCounter
+from fedtune.track.traffic import TrafficCounter
 
 # Figures kept in summary.json, in the closing table's column order (generation metrics by name).
 _METRICS = ("loss", "perplexity", "val_loss", "exact_match", "gsm8k", "rouge_l", "mc_accuracy",

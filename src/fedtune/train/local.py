@@ -1,5 +1,5 @@
 """Local training on one client's data: AdamW (or SGD), gradient clipping, real accumulation;
-optionally DP-SGD (per-example clipping and noise, fedtune.privacy.dp_sgd)."""
+optionally DP-SGD (per-example clipping and noise, fedtune.train.dp_sgd)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from fedtune.config import TrainSection
 from fedtune.data.prompts import TokenizedExample, collate
-from fedtune.privacy.dp_sgd import (
+from fedtune.train.dp_sgd import (
     DPSteps,
     PrivateGradients,
     noise_generator,
@@ -143,7 +143,7 @@ class LocalTrainer:
 
     def _train_private(self, examples, params, optimizer, n_steps, seed, start,
                        extra_loss, before_step) -> LocalResult:
-        """DP-SGD: Poisson batches, per-example clipping, noise once per step (privacy/dp_sgd.py).
+        """DP-SGD: Poisson batches, per-example clipping, noise once per step (train/dp_sgd.py).
 
         What follows the noise is post-processing and keeps the guarantee: FedProx's proximal
         term, SCAFFOLD's correction, train.max_grad_norm on the noised gradient, the optimizer.

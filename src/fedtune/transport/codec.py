@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,55 +18,34 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from fedtune.errors import MessageError
-from fedtune.runtime.messages import Message, MessageKind
+from fedtune.wire import (
+    ALIGN,
+    ALLOWED_DTYPES,
+    FLOAT_DTYPES,
+    HEADER_KEYS,
+    INDEX_PREFIX_BYTES,
+    LENGTH,
+    MAGIC,
+    MAX_DEPTH,
+    MAX_HEADER_BYTES,
+    MAX_INDEX_BYTES,
+    MAX_NAME_CHARS,
+    MAX_TENSORS,
+    PREFIX_BYTES,
+    Head,
+    Message,
+    MessageKind,
+    TensorEntry,
+    TensorSpec,
+)
 
 Buffer = bytes | bytearray | memoryview
 
-# Wire format: MAGIC | header length (8 bytes, little-endian) | UTF-8 JSON header | safetensors
-# (its own 8-byte index length | JSON index | tensor bytes). encode pads the JSON header with spaces
-# so the tensor bytes start 8-aligned, and decode can view them in place.
-MAGIC = b"FTM1"
-_LENGTH = struct.Struct("<Q")
-PREFIX_BYTES = len(MAGIC) + _LENGTH.size
-INDEX_PREFIX_BYTES = _LENGTH.size
-MAX_HEADER_BYTES = 1 << 20
-MAX_DEPTH = 32  # JSON nesting of a header; fedtune's own messages use at most 5 levels
-MAX_TENSORS = 1 << 16
-MAX_INDEX_BYTES = 16 << 20
-ALIGN = 8
-MAX_NAME_CHARS = 128
-HEADER_KEYS = frozenset({"kind", "round", "sender", "receiver", "meta"})
-FLOAT_DTYPES = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16})
-ALLOWED_DTYPES = FLOAT_DTYPES | {torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool}
+# Wire format (fedtune.wire holds the constants): MAGIC | header length (8 bytes, little-endian) |
+# UTF-8 JSON header | safetensors (its own 8-byte index length | JSON index | tensor bytes). encode
+# pads the JSON header with spaces so the tensor bytes start 8-aligned, and decode views them in place.
+_LENGTH = LENGTH
 _SHOWN_NAMES = 5
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """The shape and dtype a tensor must have."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of a message's safetensors index: where its bytes lie after the index."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    start: int
-    end: int
-
-
-@dataclass(frozen=True)
-class Head:
-    """What the first bytes of a message say: its checked header and tensor index, and its size."""
-
-    header: dict[str, Any]
-    tensors: dict[str, TensorEntry]
-    data_start: int  # offset of the first tensor byte in the message
-    size: int  # the exact size of the whole message this head describes
 
 
 _WIRE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedtune.runtime.messages import SECAGG_ANSWERS, MessageKind
 from fedtune.transport.codec import (
     INDEX_PREFIX_BYTES,
     MAX_HEADER_BYTES,
     PREFIX_BYTES,
     TensorSpec,
 )
+from fedtune.wire import SECAGG_ANSWERS, MessageKind
 
 # Codec prefix + the largest JSON header + safetensors' own length field and padding.
 HEADER_ALLOWANCE = PREFIX_BYTES + MAX_HEADER_BYTES + INDEX_PREFIX_BYTES + 64

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from fedtune.errors import MessageError
-from fedtune.runtime.messages import Message
 from fedtune.transport.codec import encode_header, encode_tensors, read_header
+from fedtune.wire import Message
 
 FRAME_MAGIC = b"FTF1"
 FRAME = struct.Struct("<4sQIBQ")  # magic, message id, chunk index, flags, total message bytes
@@ -39,7 +39,7 @@ class FrameError(MessageError):
 
 def is_last(frame: Buffer) -> bool:
     """Whether `frame` (made by iter_frames) ends its message."""
-    return bool(frame[16] & LAST)  # flags follow magic (4), message id (8) and chunk index (4)
+    return bool(FRAME.unpack_from(frame)[3] & LAST)
 
 
 def ping_frame() -> bytes:

@@ -25,7 +25,6 @@ import grpc
 
 from fedtune.config import TransportSection
 from fedtune.errors import DeploymentError, MessageError
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.auth import Authenticator, AuthError
 from fedtune.transport.base import TrafficCounter
 from fedtune.transport.codec import TensorSpec
@@ -41,6 +40,7 @@ from fedtune.transport.gate import Gate, RefusalLog, TokenBucket, peer_address
 from fedtune.transport.mailbox import CLOSED, Mailbox, Outgoing
 from fedtune.transport.upload import SERVER_NAME as SERVER_NAME  # re-exported for clients
 from fedtune.transport.upload import LateUpload, Upload
+from fedtune.wire import Message, MessageKind
 
 log = logging.getLogger("fedtune.transport")
 

@@ -7,10 +7,10 @@ from collections import deque
 from collections.abc import Callable, Collection, Mapping
 
 from fedtune.errors import MessageError
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.base import TrafficCounter
 from fedtune.transport.codec import TensorSpec, decode, encode
 from fedtune.transport.expect import ANSWERS, NO_TENSORS, Expectation, default_expectation
+from fedtune.wire import Message, MessageKind
 
 logger = logging.getLogger("fedtune.transport")
 

@@ -17,11 +17,11 @@ from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.base import TrafficCounter
 from fedtune.transport.codec import TensorSpec
 from fedtune.transport.expect import ANSWERS, NO_TENSORS, Expectation, default_expectation
 from fedtune.transport.framing import Buffer
+from fedtune.wire import Message, MessageKind
 
 log = logging.getLogger("fedtune.transport")
 

@@ -4,7 +4,6 @@ at its index when it names other tensors, and decoded in place (the buffer is he
 from __future__ import annotations
 
 from fedtune.errors import MessageError
-from fedtune.runtime.messages import Message, MessageKind
 from fedtune.transport.codec import (
     MAX_TENSORS,
     Head,
@@ -18,6 +17,7 @@ from fedtune.transport.codec import (
 from fedtune.transport.expect import Expectation
 from fedtune.transport.framing import FrameError
 from fedtune.transport.mailbox import Mailbox
+from fedtune.wire import Message, MessageKind
 
 SERVER_NAME = "server"
 
