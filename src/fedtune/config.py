@@ -631,15 +631,6 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
-    def _dp_sgd(self) -> Recipe:
-        if self.train.dp_sgd is not None and self.federation.algorithm in ("fedmezo", "fedkseed"):
-            raise ValueError(
-                f"train.dp_sgd privatises backprop gradients; federation.algorithm "
-                f"{self.federation.algorithm!r} trains by zeroth-order steps (remove train.dp_sgd)"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _selection(self) -> Recipe:
         watched = [("output.keep_best", self.output.keep_best)]
         if self.eval.early_stopping is not None:

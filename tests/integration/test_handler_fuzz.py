@@ -83,10 +83,10 @@ def test_server_rejects_malformed_updates_and_keeps_going(world, replies):
 
 @pytest.fixture(scope="module")
 def emulator_package(four_layer_dir):
+    from fedtune.algorithms.offsite_emulator import build_emulator
+    from fedtune.algorithms.offsite_package import emulator_package
     from fedtune.config import ModelSection
     from fedtune.models.loading import load_base_model
-    from fedtune.models.offsite import build_emulator
-    from fedtune.models.offsite_package import emulator_package
 
     full, tokenizer = load_base_model(ModelSection(name=four_layer_dir))
     return emulator_package(build_emulator(full, 1, 1, 0.5), tokenizer)
@@ -107,8 +107,8 @@ json_value = st.recursive(
 def test_a_malformed_emulator_package_is_refused_cleanly(emulator_package, key, value, config_key,
                                                           config_value):
     """What a client rebuilds from a server's package: a broken one is a ModelError, never a crash."""
+    from fedtune.algorithms.offsite_package import emulator_from_package
     from fedtune.errors import ModelError
-    from fedtune.models.offsite_package import emulator_from_package
 
     meta, tensors = emulator_package
     for bad in ({**meta, key: value}, {**meta, "config": {**meta["config"], config_key: config_value}}):
@@ -123,7 +123,7 @@ def test_a_malformed_emulator_package_is_refused_cleanly(emulator_package, key, 
 def _assert_consistent(meta, tensors, emulator) -> None:
     """What an accepted package must be: the format this fedtune reads, typed fields, an emulator
     with exactly the package's layers, adapter tensors and frozen weights."""
-    from fedtune.models.offsite_package import FORMAT, MODEL
+    from fedtune.algorithms.offsite_package import FORMAT, MODEL
 
     assert meta["format"] == FORMAT
     for name in ("bottom", "top"):
@@ -142,7 +142,7 @@ def _assert_consistent(meta, tensors, emulator) -> None:
 
 
 def test_the_genuine_emulator_package_is_accepted_and_consistent(emulator_package):
-    from fedtune.models.offsite_package import emulator_from_package
+    from fedtune.algorithms.offsite_package import emulator_from_package
 
     meta, tensors = emulator_package
     emulator, tokenizer = emulator_from_package(meta, tensors, device=torch.device("cpu"),
@@ -153,8 +153,8 @@ def test_the_genuine_emulator_package_is_accepted_and_consistent(emulator_packag
 
 def test_a_package_whose_config_ties_weights_it_sends_apart_is_refused(emulator_package):
     """tie_word_embeddings would make the embedding silently become the package's lm_head."""
+    from fedtune.algorithms.offsite_package import emulator_from_package
     from fedtune.errors import ModelError
-    from fedtune.models.offsite_package import emulator_from_package
 
     meta, tensors = emulator_package
     bad = {**meta, "config": {**meta["config"], "tie_word_embeddings": True}}

@@ -64,9 +64,9 @@ def test_offsite_needs_whole_adapter_layers():
 def test_the_distilled_core_is_kept_with_the_run_and_reused_on_resume(tiny_recipe, four_layer_dir):
     from safetensors.torch import save_file
 
+    from fedtune.algorithms.offsite_server import CORE_FILE
     from fedtune.config import load_recipe
     from fedtune.errors import RunDirError
-    from fedtune.runtime.offsite import CORE_FILE
     from fedtune.runtime.setup import Setup
     from fedtune.track.rundir import RunDir
 
@@ -82,10 +82,10 @@ def test_the_distilled_core_is_kept_with_the_run_and_reused_on_resume(tiny_recip
     name = "model.layers.1.mlp.up_proj.weight"
     save_file({**saved, name: saved[name] + 1.0}, str(run_dir / CORE_FILE))
     setup = Setup(load_recipe(recipe))
-    setup.keep_emulator(RunDir.open(run_dir), resume=True)
+    setup.keep(RunDir.open(run_dir), resume=True)
     params = dict(setup.model.named_parameters())
     assert torch.equal(params[name], saved[name] + 1.0)
-    assert torch.equal(setup.offsite.package_tensors[f"model/{name}"], saved[name] + 1.0)  # what clients get
+    assert torch.equal(setup.party.server.package_tensors[f"model/{name}"], saved[name] + 1.0)  # what clients get
     save_file({name: saved[name]}, str(run_dir / CORE_FILE))
     with pytest.raises(RunDirError, match="does not fit"):
-        setup.keep_emulator(RunDir.open(run_dir), resume=True)
+        setup.keep(RunDir.open(run_dir), resume=True)

@@ -6,9 +6,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fedtune.algorithms.offsite_emulator import (
+    build_emulator,
+    distill,
+    kept_layers,
+    plug_in,
+    plug_in_names,
+)
 from fedtune.data.prompts import collate
 from fedtune.errors import ModelError
-from fedtune.models.offsite import build_emulator, distill, kept_layers, plug_in, plug_in_names
 
 
 def _llama(layers: int = 8) -> LlamaForCausalLM:
@@ -97,7 +103,7 @@ def test_distillation_moves_only_the_core_towards_the_full_model():
 
 
 def _package(char_tokenizer):
-    from fedtune.models.offsite_package import emulator_package
+    from fedtune.algorithms.offsite_package import emulator_package
 
     emulator = build_emulator(_llama(6), 1, 1, 0.5)
     meta, tensors = emulator_package(emulator, char_tokenizer)
@@ -105,7 +111,7 @@ def _package(char_tokenizer):
 
 
 def _rebuild(meta, tensors):
-    from fedtune.models.offsite_package import emulator_from_package
+    from fedtune.algorithms.offsite_package import emulator_from_package
 
     return emulator_from_package(meta, tensors, device=torch.device("cpu"), dtype=torch.float32)
 
@@ -165,7 +171,7 @@ def test_a_hostile_or_broken_package_is_refused(char_tokenizer):
 
 
 def test_adapter_layers_larger_than_a_fit_message_are_refused_before_allocation(char_tokenizer):
-    from fedtune.models.offsite_package import emulator_from_package
+    from fedtune.algorithms.offsite_package import emulator_from_package
 
     _, meta, tensors = _package(char_tokenizer)
     with pytest.raises(ModelError, match="max_message_bytes"):
@@ -177,7 +183,7 @@ def test_a_gpt2_emulator_round_trips_through_its_package(char_tokenizer):
     """Another layout (transformer.h, Conv1D, tied head, non-persistent buffers)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from fedtune.models.offsite_package import emulator_package
+    from fedtune.algorithms.offsite_package import emulator_package
 
     torch.manual_seed(0)
     full = GPT2LMHeadModel(GPT2Config(vocab_size=len(char_tokenizer), n_embd=16, n_layer=5, n_head=2,

@@ -12,10 +12,11 @@ from fedtune.algorithms.catalog import algorithm_options, available_algorithms, 
 
 if TYPE_CHECKING:
     from fedtune.algorithms.base import AlgorithmSpec, LocalProcedure, ModelView, Strategy
+    from fedtune.algorithms.party import Party
 
 __all__ = [
     "AlgorithmSpec", "ClientUpdate", "LocalProcedure", "Strategy", "algorithm_options",
-    "available_algorithms", "build_local", "build_strategy", "build_view", "check_recipe",
+    "available_algorithms", "build_local", "build_party", "build_strategy", "build_view", "check_recipe",
     "registry",
 ]
 
@@ -37,6 +38,11 @@ def build_strategy(name: str, options: dict, n_clients: int = 1) -> Strategy:
 def build_local(name: str, options: dict) -> LocalProcedure:
     """The client-side procedure of an algorithm (plain local training for most)."""
     return registry()[name].local(algorithm_options(name, options))
+
+
+def build_party(name: str, options: dict, recipe: Any) -> Party:
+    """The algorithm's hooks for one process's set-up and end (see algorithms/party.py)."""
+    return registry()[name].party(algorithm_options(name, options), recipe)
 
 
 def build_view(name: str, options: dict, slot) -> ModelView:

@@ -11,6 +11,7 @@ import torch
 from pydantic import BaseModel
 
 from fedtune.algorithms.catalog import CATALOG
+from fedtune.algorithms.party import Party, standard_party
 
 State = dict[str, torch.Tensor]
 
@@ -183,6 +184,7 @@ class AlgorithmSpec:
     view: Callable[[BaseModel, Any], ModelView] = _adapter_view   # (options, AdapterSlot)
     check: Callable[[BaseModel, Any], None] | None = None           # (options, Recipe)
     sum_only: bool = False        # see catalog.AlgorithmInfo
+    party: Callable[[BaseModel, Any], Party] = standard_party       # (options, Recipe): party.py
 
 
 _REGISTRY: dict[str, AlgorithmSpec] = {}
@@ -190,7 +192,8 @@ _REGISTRY: dict[str, AlgorithmSpec] = {}
 
 def register(name: str, build: Callable[[BaseModel, int], Strategy], *,
              local: Callable[[BaseModel], LocalProcedure] = _standard_local,
-             view: Callable[[BaseModel, Any], ModelView] = _adapter_view) -> AlgorithmSpec:
+             view: Callable[[BaseModel, Any], ModelView] = _adapter_view,
+             party: Callable[[BaseModel, Any], Party] = standard_party) -> AlgorithmSpec:
     """Register the implementation of the catalogued algorithm `name` (from its own module)."""
     info = CATALOG.get(name)
     if info is None:
@@ -198,7 +201,8 @@ def register(name: str, build: Callable[[BaseModel, int], Strategy], *,
     if name in _REGISTRY:
         raise ValueError(f"algorithm {name!r} is registered twice")
     spec = AlgorithmSpec(name=name, summary=info.summary, config=info.config, build=build,
-                         local=local, view=view, check=info.check, sum_only=info.sum_only)
+                         local=local, view=view, check=info.check, sum_only=info.sum_only,
+                         party=party)
     _REGISTRY[name] = spec
     return spec
 

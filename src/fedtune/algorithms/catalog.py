@@ -64,7 +64,8 @@ _ROWS = [
     AlgorithmInfo("norm_bounding", "robust", "Clip each client update to a maximum L2 norm, then "
                   "average (Sun et al. 2019, Can you really backdoor FL?).", o.NormBoundingConfig),
     AlgorithmInfo("fedmezo", "fedmezo", "MeZO zeroth-order local steps on the adapter, FedAvg, "
-                  "personalised client learning rates (arXiv 2402.05926).", o.FedMeZOConfig),
+                  "personalised client learning rates (arXiv 2402.05926).", o.FedMeZOConfig,
+                  check=o.check_zeroth_order),
     AlgorithmInfo("fedkseed", "fedkseed", "Zeroth-order full-parameter tuning over K shared seeds; "
                   "only K scalars travel (arXiv 2312.06353; pro: FedKSeed-Pro).", o.FedKSeedConfig,
                   # the pool moves by the weighted mean of the clients' K scalars (FedKSeed-Pro

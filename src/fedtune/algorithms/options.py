@@ -113,8 +113,17 @@ class FedKSeedConfig(BaseModel):
     weighting: Weighting = "examples"
 
 
+def check_zeroth_order(config: BaseModel, recipe: Any) -> None:
+    """What a zeroth-order algorithm (fedmezo, fedkseed) needs: no backprop, so no DP-SGD."""
+    if recipe.train.dp_sgd is not None:
+        raise ValueError(
+            f"train.dp_sgd privatises backprop gradients; federation.algorithm "
+            f"{recipe.federation.algorithm!r} trains by zeroth-order steps (remove train.dp_sgd)")
+
+
 def check_fedkseed(config: FedKSeedConfig, recipe: Any) -> None:
     """What FedKSeed needs from the rest of the recipe (ValueError naming the key)."""
+    check_zeroth_order(config, recipe)
     if recipe.train.weight_decay:
         raise ValueError("train.weight_decay: fedkseed needs 0 (its model is rebuilt as θ0 − Σ G_k·z_k, "
                          "which holds only for plain steps)")

@@ -15,6 +15,8 @@ import grpc
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+from fedtune.algorithms import build_party
+from fedtune.algorithms.party import Party
 from fedtune.config import Recipe, load_recipe
 from fedtune.data.federated import ClientData, FederatedData
 from fedtune.data.records import load_examples
@@ -31,7 +33,7 @@ from fedtune.transport.codec import check_message, decode
 from fedtune.transport.framing import peek_header
 from fedtune.transport.grpc_client import FATAL, Backoff, ServerConnection, is_rejection
 from fedtune.transport.grpc_server import SERVER_NAME
-from fedtune.wire import MessageKind
+from fedtune.wire import Message, MessageKind
 
 log = logging.getLogger("fedtune.deploy")
 _PUSH_ATTEMPTS = 5
@@ -81,10 +83,13 @@ def participate(recipe: Any = None, overrides: list[str] | None = None, *, name:
     connection = ServerConnection(section, name, address=section.address, token=token)
     out = plain_console()  # `[rejected]`, `[late]`, `[not sent]` must show, not be taken as markup
     try:
-        base = None  # offsite-tuning: the emulator comes from the server; the model is never loaded
-        if loaded.federation.algorithm == "offsite":
-            base = fetch_emulator(connection, loaded, out)
-        setup = Setup(loaded, console, data=own_data(loaded, name, data) if data else None, base=base)
+        fed = loaded.federation
+        party = build_party(fed.algorithm, fed.options, loaded)
+        base = None  # where the algorithm ships the client's model, it is never loaded here
+        if party.client_downloads():
+            base = fetch_model(connection, loaded, party, out)
+        setup = Setup(loaded, console, data=own_data(loaded, name, data) if data else None,
+                      base=base, party=party)
         if name not in setup.data.clients:
             raise DeploymentError(
                 f"client '{name}' is not in the recipe's split ({', '.join(setup.data.clients)}); "
@@ -97,20 +102,36 @@ def participate(recipe: Any = None, overrides: list[str] | None = None, *, name:
         connection.close()
 
 
-def fetch_emulator(connection: ServerConnection, recipe: Recipe, out: Console) -> tuple[Any, Any]:
-    """Download the offsite-tuning emulator package and rebuild (model, tokenizer) from it."""
-    from fedtune.models.loading import pick_device, pick_dtype
-    from fedtune.models.offsite_package import emulator_from_package
+def fetch_model(connection: ServerConnection, recipe: Recipe, party: Party,
+                out: Console) -> tuple[Any, Any]:
+    """Download what the algorithm ships before a client joins (with retries) and build the
+    client's (model, tokenizer) from it (Party.client_model)."""
+    name = connection.name
+    messages: dict[str, Message] = {}
+    start, size = time.perf_counter(), 0
+    for resource in party.client_downloads():
+        data = _download(connection, recipe, resource, out)
+        size += len(data)
+        message = decode(data, max_bytes=recipe.transport.max_message_bytes)
+        check_message(message, kinds={MessageKind.DOWNLOAD}, sender=SERVER_NAME)
+        if message.receiver != name:
+            raise MessageError(f"the {resource} was addressed to '{message.receiver}', not '{name}'")
+        messages[resource] = message
+    model, tokenizer, note = party.client_model(messages, recipe)
+    out.print(f"{name}: received the {', '.join(messages)} ({note}, {human_bytes(size)}) in "
+              f"{time.perf_counter() - start:.1f} s")
+    return model, tokenizer
 
+
+def _download(connection: ServerConnection, recipe: Recipe, resource: str, out: Console) -> bytes:
+    """The encoded message `resource` from the server, retried with backoff while it has none."""
     name = connection.name
     backoff = Backoff(recipe.transport.retry)
-    out.print(f"{name}: downloading the offsite-tuning emulator from {connection.address}")
-    start = time.perf_counter()
+    out.print(f"{name}: downloading the {resource} from {connection.address}")
     while True:
         try:
-            with _download_bar(out, recipe.output.progress) as on_progress:
-                data = connection.fetch("emulator", on_progress=on_progress)
-            break
+            with _download_bar(out, resource, recipe.output.progress) as on_progress:
+                return connection.fetch(resource, on_progress=on_progress)
         except (grpc.RpcError, MessageError) as exc:
             reason = _reason(exc)
             if isinstance(exc, grpc.RpcError) and exc.code() in FATAL:
@@ -118,39 +139,24 @@ def fetch_emulator(connection: ServerConnection, recipe: Recipe, out: Console) -
                     f"the server at {connection.address} refused the credentials of client '{name}' "
                     f"({reason}); check transport.token_file or its certificate") from None
             if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise DeploymentError(f"the server at {connection.address} offers no offsite emulator; "
-                                      "is it running the same recipe (federation.algorithm: offsite)?") from None
+                raise DeploymentError(
+                    f"the server at {connection.address} offers no {resource}; is it running the "
+                    f"same recipe (federation.algorithm: {recipe.federation.algorithm})?") from None
             delay = backoff.next_delay()
             if delay is None:
-                raise DeploymentError(f"client '{name}' could not download the emulator from "
+                raise DeploymentError(f"client '{name}' could not download the {resource} from "
                                       f"{connection.address} ({reason}); see transport.retry") from None
-            out.print(f"{name}: no emulator yet ({reason}); retrying in {delay:.1f} s")
+            out.print(f"{name}: no {resource} yet ({reason}); retrying in {delay:.1f} s")
             time.sleep(delay)
-    message = decode(data, max_bytes=recipe.transport.max_message_bytes)
-    check_message(message, kinds={MessageKind.DOWNLOAD}, sender=SERVER_NAME)
-    if message.receiver != name:
-        raise MessageError(f"the emulator was addressed to '{message.receiver}', not '{name}'")
-    device = pick_device(recipe.model.device)
-    if recipe.model.quantization != "none":
-        log.warning("model.quantization=%s is not applied to the shipped emulator; it runs in %s",
-                    recipe.model.quantization, pick_dtype(recipe.model.dtype, device))
-    emulator, tokenizer = emulator_from_package(
-        message.meta, message.tensors, device=device, dtype=pick_dtype(recipe.model.dtype, device),
-        max_adapter_bytes=recipe.transport.max_message_bytes)
-    if emulator.model.config.pad_token_id is None:
-        emulator.model.config.pad_token_id = tokenizer.pad_token_id
-    out.print(f"{name}: received the emulator ({len(emulator.kept)} layers, "
-              f"{human_bytes(len(data))}) in {time.perf_counter() - start:.1f} s")
-    return emulator.model, tokenizer
 
 
 @contextmanager
-def _download_bar(out: Console, show: bool):
+def _download_bar(out: Console, resource: str, show: bool):
     """A byte progress bar for a download (rich draws it only on a terminal)."""
     if not show:
         yield None
         return
-    with Progress(TextColumn("emulator"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+    with Progress(TextColumn(resource), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   console=out, transient=True) as progress:
         task = progress.add_task("download", total=None)
         yield lambda received, total: progress.update(task, completed=received, total=total)

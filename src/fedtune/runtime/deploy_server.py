@@ -82,11 +82,10 @@ def serve(recipe: Any = None, overrides: list[str] | None = None, *, resume: str
     credentials = None if section.insecure else server_credentials(section.tls, section.mutual_tls)
 
     setup = Setup(loaded, console)
-    if run_dir is not None:  # resumed: clients may still hold the emulator of the first start
-        setup.keep_emulator(run_dir, resume=True)
+    if run_dir is not None:  # resumed: clients may still hold what they downloaded at first
+        setup.keep(run_dir, resume=True)
     reporter = ConsoleReporter(setup.console) if loaded.output.progress else NullReporter()
-    # Offsite-tuning: clients download the emulator package (never the model) before they join.
-    downloads = {"emulator": setup.offsite.package_message} if setup.offsite is not None else {}
+    downloads = setup.party.downloads()  # what clients fetch before they join (if anything)
     transport = GrpcServerTransport(section, names, auth, credentials=credentials,
                                     on_reply=reporter.client_done, downloads=downloads)
     try:
@@ -107,7 +106,7 @@ def serve(recipe: Any = None, overrides: list[str] | None = None, *, resume: str
             run_dir = RunDir.create(loaded.output.dir, name, explicit=loaded.output.name is not None,
                                     resume_with=RESUME)
             run_dir.write_recipe(loaded.to_yaml())
-            setup.keep_emulator(run_dir, resume=False)
+            setup.keep(run_dir, resume=False)
         setup.write_split(run_dir)
         out.print(f"fedtune server: {len(joined)} clients joined; run directory {run_dir.path}")
         # Deployment checkpoints every round, so a restarted server loses at most one round.
@@ -125,7 +124,7 @@ def serve(recipe: Any = None, overrides: list[str] | None = None, *, resume: str
             result = server.run(start)
         finally:
             reporter.close()
-        summary = setup.finish(run_dir, server, result, emulator_counted=True)
+        summary = setup.finish(run_dir, server, result)
         summary["transport"] = {"kind": "grpc", "address": address, "mode": mode, **transport.stats()}
         run_dir.write_json("summary.json", summary)
     except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: the CLI names the directory to resume

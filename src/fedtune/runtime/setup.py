@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from fedtune.algorithms import build_local, build_view
+from fedtune.algorithms import build_local, build_party, build_view
 from fedtune.algorithms.attacks import AttackedLocal, backdoor_metrics, poison_examples
+from fedtune.algorithms.party import GlobalEvaluation, Party
 from fedtune.config import Recipe
 from fedtune.data.examples import Example
 from fedtune.data.federated import FederatedData, build_federated_data, format_split_table
@@ -35,15 +36,18 @@ from fedtune.track.report import closing_table, make_summary
 from fedtune.track.reporter import quiet_libraries
 from fedtune.track.rundir import RunDir
 from fedtune.train.local import LocalTrainer
+from fedtune.transport.framing import SharedEncoder
 
 log = logging.getLogger("fedtune.setup")
 
 
 class Setup:
     def __init__(self, recipe: Recipe, console: Console | None = None,
-                 data: FederatedData | None = None, base: tuple[Any, Any] | None = None):
-        """`base`: a (model, tokenizer) to use instead of loading `recipe.model`; a deployed
-        offsite-tuning client passes the emulator the server shipped (its trainable layers set)."""
+                 data: FederatedData | None = None, base: tuple[Any, Any] | None = None,
+                 party: Party | None = None):
+        """`base`: a (model, tokenizer) to use instead of loading `recipe.model` (a deployed
+        client's model built from what the server shipped: Party.client_model). `party`: the
+        algorithm's hooks for this process (algorithms/party.py), built from the recipe if None."""
         self.recipe = recipe
         self.console = console or Console(quiet=not recipe.output.progress)
         quiet_libraries()
@@ -52,20 +56,16 @@ class Setup:
         self.data = data or build_federated_data(recipe.data, recipe.federation.clients, recipe.seed)
         self.console.print(format_split_table(self.data))
 
+        fed = recipe.federation
+        self.party = party or build_party(fed.algorithm, fed.options, recipe)
         model, self.tokenizer = base or load_base_model(recipe.model)
-        self.offsite = None
-        offsite = recipe.federation.algorithm == "offsite"  # clients train an emulator, never the model
-        if offsite and base is None:  # the model owner: build the emulator from the full model
-            from fedtune.runtime.offsite import OffsiteServer
-
-            self.offsite = OffsiteServer(model, self.tokenizer, recipe, self.console)
-            model = self.offsite.emulator.model
+        if base is None:  # the model owner: the model the federation trains (Party.server_model)
+            model = self.party.server_model(model, self.tokenizer, self.console)
         # The initial adapter depends only on the recipe seed: every party builds the same one.
         torch.manual_seed(derive_seed(recipe.seed, "adapter-init"))
-        self.model = model if offsite else attach_adapter(model, recipe.adapter)
+        self.model = attach_adapter(model, recipe.adapter) if self.party.attaches_adapter else model
         self.model.eval()
         self.slot = AdapterSlot(self.model)
-        fed = recipe.federation
         self.view = build_view(fed.algorithm, fed.options, self.slot)  # before any training
         self.device = next(self.model.parameters()).device
         self.tokenize_report: dict[str, Any] = {}
@@ -132,10 +132,9 @@ class Setup:
         raw = self.data.test[:cap] if cap else self.data.test
         records: list[dict[str, Any]] = []
         metrics = self.evaluator.evaluate(tokenized, raw, with_generation=generate, predictions=records)
-        if self.offsite is not None:  # the plugged-in full model, and the emulator as emulator_*
-            self._write_predictions(round_, "global_emulator", records)
-            records = []
-            metrics = self.offsite.evaluate(state, metrics, tokenized, raw, generate, predictions=records)
+        metrics, records = self.party.evaluate_global(GlobalEvaluation(
+            state, tokenized, raw, generate, metrics, records,
+            write=lambda scope, rows: self._write_predictions(round_, scope, rows)))
         path = self._write_predictions(round_, "global", records)
         self.last_predictions = path or self.last_predictions
         if "mc_accuracy" in self.recipe.eval.metrics:
@@ -152,21 +151,29 @@ class Setup:
         return write_predictions(predictions_path(self.predictions_dir, round_, scope), records)
 
     def mc_accuracy(self) -> dict[str, Any]:
-        """Multiple choice on `eval.mc` with the adapter in the slot (the full model's, offsite)."""
+        """Multiple choice on `eval.mc` with the adapter in the slot (of Party.eval_model)."""
         from fedtune.eval.multiple_choice import load_mc_items, mc_accuracy
 
         if self._mc_items is None:
             self._mc_items = load_mc_items(self.recipe.eval.mc)
-        model = self.offsite.full if self.offsite is not None else self.model
+        model = self.party.eval_model(self.model)
         with torch.no_grad():
             found = mc_accuracy(model, self.tokenizer, self._mc_items, self.device)
         return {"mc_accuracy": found["mc_accuracy"]} if found.get("n_items") else {}
 
-    def keep_emulator(self, run_dir: RunDir, resume: bool) -> None:
-        """Offsite-tuning server: keep the distilled emulator core with the run (a resumed run
-        reuses it). Nothing to do otherwise."""
-        if self.offsite is not None:
-            self.offsite.keep(Path(run_dir.path), resume)
+    def keep(self, run_dir: RunDir, resume: bool) -> None:
+        """What the algorithm keeps with the run for a resumed run to reuse (Party.keep)."""
+        self.party.keep(Path(run_dir.path), resume)
+
+    def charge_downloads(self, traffic) -> None:
+        """Simulation: charge every client one download of what the algorithm ships before a
+        client joins (round 0), as a deployed server's transport counts the real ones."""
+        encoder = SharedEncoder()  # the same tensors for every client: encoded once
+        for make in self.party.downloads().values():
+            for client in self.data.clients:
+                head, part = encoder.encode(make(client))
+                traffic.record(direction="down", client=client, round=0, nbytes=len(head) + len(part))
+            encoder.clear()
 
     def write_split(self, run_dir: RunDir) -> None:
         """split.json in the run directory, which also becomes where predictions are written."""
@@ -191,25 +198,18 @@ class Setup:
                            f"{metrics['humaneval_samples']} samples): {shown}")
         return metrics
 
-    def finish(self, run_dir: RunDir, server: Server, result: ServerResult, *,
-               emulator_counted: bool = False) -> dict[str, Any]:
-        """Save the final adapter (standard PEFT directory) and summary.json; print the table.
-
-        `emulator_counted`: the transport already counted the offsite emulator's downloads (gRPC);
-        in simulation each client is charged one download of the emulator package here."""
+    def finish(self, run_dir: RunDir, server: Server, result: ServerResult) -> dict[str, Any]:
+        """Save the final adapter (standard PEFT directory) and summary.json; print the table."""
         self.save_adapter(result.global_state, run_dir.final_dir)
-        if self.offsite is not None:
-            for client in [] if emulator_counted else self.data.clients:  # one download each, round 0
-                server.transport.traffic.record(direction="down", client=client, round=0,
-                                                nbytes=self.offsite.package_bytes(client))
         summary = make_summary(
             self.recipe, result, traffic=server.transport.traffic, wall_seconds=server.wall_seconds(),
             adapter_parameters=self.slot.num_parameters(),
             adapter_bytes=self.slot.num_bytes(), run_dir=Path(run_dir.path),
         )
-        if self.offsite is not None:
-            summary["offsite"] = {**self.offsite.info(), "emulator_final": {
-                k.removeprefix("emulator_"): v for k, v in (result.final or {}).items() if k.startswith("emulator_")}}
+        summary.update(self.party.summary(result.final))
+        report = self.party.report(summary)
+        if report:
+            summary["report"] = report
         if self.recipe.eval.humaneval is not None:
             summary["humaneval"] = self.humaneval(run_dir, result.rounds)
         summary.update(self._selection_summary(run_dir, result))
@@ -225,12 +225,9 @@ class Setup:
 
     def save_adapter(self, state, directory: Path) -> None:
         """The global adapter `state` as a standard PEFT directory with the tokenizer (BitFit: its
-        biases; offsite: the full model with the adapter layers plugged in); the slot holds `state`
-        afterwards."""
+        biases), or as the algorithm saves it (Party.save); the slot holds `state` afterwards."""
         self.view.load(state)
-        if self.offsite is not None:
-            self.offsite.save(state, directory)
-        else:
+        if not self.party.save(state, directory):
             save_adapter(self.model, self.recipe.adapter, directory)
         self.tokenizer.save_pretrained(directory)
 

@@ -41,7 +41,7 @@ class Simulation:
 
     def run(self, run_dir: RunDir, resume: bool = False) -> dict[str, Any]:
         recipe, setup = self.recipe, self.setup
-        setup.keep_emulator(run_dir, resume)
+        setup.keep(run_dir, resume)
         setup.write_split(run_dir)
         for client in self.clients.values():  # simulated clients write their predictions here too
             client.predictions_dir = Path(run_dir.path) / "predictions"
@@ -60,6 +60,8 @@ class Simulation:
             example_counts={name: len(c.data.train) for name, c in self.clients.items()},
         )
         start_round = resume_server(server, run_dir, setup.console) if resume else 1
+        if start_round == 1:  # a resumed run has them in its checkpoint's traffic
+            setup.charge_downloads(transport.traffic)
         try:
             result = server.run(start_round)
         finally:

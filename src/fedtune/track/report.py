@@ -97,9 +97,21 @@ def _cell(key: str, value: Any) -> str:
 def _columns(summary: dict[str, Any]) -> list[str]:
     """The figures some row has (loss and perplexity always), in _METRICS order."""
     rows = [summary.get("initial"), summary.get("final"), *summary.get("per_client", {}).values(),
-            (summary.get("offsite") or {}).get("emulator_final")]
+            *(row.get("metrics") for row in _report(summary)["rows"])]
     present = {k for m in rows if isinstance(m, dict) for k in m}
     return [k for k in _METRICS if k in ("loss", "perplexity") or k in present]
+
+
+def _report(summary: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's `report` (Party.report: labels and extra rows), checked, with defaults."""
+    report = summary.get("report")
+    report = report if isinstance(report, dict) else {}
+    labels = report.get("labels") if isinstance(report.get("labels"), dict) else {}
+    rows = [row for row in report.get("rows") or [] if isinstance(row, dict)
+            and isinstance(row.get("metrics"), dict)]
+    return {"labels": {k: str(v) for k, v in labels.items()},
+            "rows": [{"evaluated_on": str(row.get("evaluated_on", "")), "model": str(row.get("model", "")),
+                      "metrics": row["metrics"], "examples": row.get("examples", "")} for row in rows]}
 
 
 def _caption_dp(summary: dict[str, Any]) -> str:
@@ -138,15 +150,16 @@ def closing_table(summary: dict[str, Any]) -> Table:
         init = summary["initial"]
         base = ("base + random virtual tokens" if summary.get("adapter") in _PROMPT_METHODS else "base")
         table.add_row("global test", base, *_cells(init), str(init.get("n_examples", "")))
-    offsite = summary.get("offsite")  # the full model with the plugged-in layers; clients hold the emulator
-    final_label, client_label = ("plugged-in", "emulator") if offsite else ("federated", "federated")
+    report = _report(summary)  # what the algorithm's models are called, its extra rows
+    final_label = report["labels"].get("final", "federated")
+    client_label = report["labels"].get("clients", "federated")
     if summary.get("final"):
         fin = summary["final"]
         table.add_row("global test", final_label, *_cells(fin), str(fin.get("n_examples", "")),
                       style="bold")
-        if offsite and offsite.get("emulator_final"):
-            table.add_row("global test", "emulator", *_cells(offsite["emulator_final"]),
-                          str(fin.get("n_examples", "")))
+        for row in report["rows"]:
+            table.add_row(row["evaluated_on"], row["model"], *_cells(row["metrics"]),
+                          str(row["examples"]))
     for client, m in summary.get("per_client", {}).items():
         table.add_row(f"{client} test", client_label, *_cells(m), _count((m or {}).get("n_examples")))
     table.caption = (

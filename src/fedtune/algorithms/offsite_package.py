@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedtune.algorithms.offsite_emulator import Emulator, layer_list
 from fedtune.errors import ModelError
-from fedtune.models.offsite import Emulator, layer_list
 
 FORMAT = 1
 MODEL = "model/"

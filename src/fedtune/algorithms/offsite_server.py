@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedtune.algorithms import algorithm_options
+from fedtune.algorithms.offsite_emulator import build_emulator, distill, plug_in
+from fedtune.algorithms.offsite_package import emulator_package
 from fedtune.config import Recipe
 from fedtune.data.prompts import TokenizedExample, collate
 from fedtune.errors import RunDirError
 from fedtune.eval.evaluator import Evaluator
-from fedtune.models.offsite import build_emulator, distill, plug_in
-from fedtune.models.offsite_package import emulator_package
 from fedtune.seeding import derive_seed
 from fedtune.transport.framing import SharedEncoder
 from fedtune.wire import Message, MessageKind
