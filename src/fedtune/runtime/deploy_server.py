@@ -116,7 +116,7 @@ def serve(recipe: Any = None, overrides: list[str] | None = None, *, resume: str
         server = Server(
             server_recipe, strategy=build_strategy(fed.algorithm, fed.options, fed.clients),
             transport=transport, clients=names, global_state=setup.view.initial(), run_dir=run_dir,
-            evaluate_global=setup.evaluate_global, reporter=reporter,
+            evaluate_global=setup.evaluate_global, reporter=reporter, party=setup.party,
             reply_timeout=section.round_timeout,
         )
         start = resume_server(server, run_dir, out) if resume is not None else 1

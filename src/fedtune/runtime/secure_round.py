@@ -10,8 +10,8 @@ docstring states the protocol, threat model and limits):
     SECAGG_UNMASK (survivors, dropped)               -> SECAGG_REVEAL  (shares that remove the masks)
 
 The unmasked result is Σ w_i Δ_i and Σ w_i over the clients whose masked input arrived; their
-mean goes to the strategy as ONE ClientUpdate (so FedAvg adds it, a FedOpt rule takes it as its
-pseudo-gradient). Only algorithms registered with ``sum_only`` are allowed (config checks).
+mean goes back to Server.run_round (runtime/round.py: RoundOutcome), which hands it to the strategy
+as ONE ClientUpdate (so FedAvg adds it, a FedOpt rule takes it as its pseudo-gradient). Only algorithms registered with ``sum_only`` are allowed (config checks).
 
 A client that does not answer a step, or answers with something invalid, has dropped; the round
 goes on while at least ``threshold`` clients remain at each step. Below it, or below
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from fedtune.algorithms import algorithm_options
-from fedtune.algorithms.base import ClientUpdate, State
+from fedtune.algorithms.base import State
 from fedtune.config import Recipe, SecureAggregationSection
 from fedtune.errors import MessageError
 from fedtune.privacy import secagg_wire as wire
@@ -39,6 +39,7 @@ from fedtune.privacy.fixedpoint import FixedPointCodec
 from fedtune.privacy.secagg_server import SecAggResult, SecAggServer
 from fedtune.privacy.secagg_wire import SecAggError
 from fedtune.runtime import peer_values
+from fedtune.runtime.round import Rejection, RoundIO, RoundOutcome
 from fedtune.transport.codec import check_message
 from fedtune.wire import Message, MessageKind, TensorSpec
 
@@ -70,6 +71,7 @@ class _Round:
     left: dict[str, str] = field(default_factory=dict)  # client -> why it left the round
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    rejected: list[Rejection] = field(default_factory=list)
 
     def drop(self, clients: list[str], got: dict[str, Any], step: str) -> list[str]:
         """Mark those of `clients` without a valid answer as dropped; returns the others."""
@@ -103,9 +105,12 @@ class SecureAggregation:
 
     # -- one round --------------------------------------------------------------------------------
 
-    def run_round(self, server: Any, round_: int, chosen: list[str], lr: float,
-                  instructions: dict[str, dict[str, Any]], start: float) -> None:
-        """Server.run_round's exchange and aggregation, under secure aggregation."""
+    def exchange(self, io: RoundIO, round_: int, chosen: list[str], tensors: State,
+                 instructions: dict[str, dict[str, Any]],
+                 max_examples: Callable[[str], int]) -> RoundOutcome:
+        """The round's exchange under secure aggregation: `tensors` (the global adapter and the
+        strategy's extra tensors) go out with each client's SECAGG_FIT; what comes back is the
+        survivors' weighted mean update (or None), never an individual update."""
         state = _Round(round_, list(chosen))
         threshold = self.section.threshold_for(len(chosen))
         session = f"round-{round_}-{secrets.token_hex(16)}"
@@ -113,40 +118,35 @@ class SecureAggregation:
         result: SecAggResult | None = None
         try:
             agg = SecAggServer(chosen, threshold, self.shapes, self.codec, session)
-            result = self._protocol(server, state, agg, params, instructions)
+            result = self._protocol(io, state, agg, params, tensors, instructions)
             if result is not None:
-                self._check_weight(server, result)
+                self._check_weight(result, max_examples)
         except (SecAggError, MessageError) as exc:
             result = None
             log.warning("round %d: secure aggregation stopped (%s); the global adapter is unchanged",
                         round_, exc)
-        if result is not None:
-            server.global_state = server.strategy.aggregate_fit(
-                round_, server.global_state, [ClientUpdate(SYNTHETIC_CLIENT, self._mean(result), 1)])
-        self._log_round(server, state, result, threshold, lr, start)
+        return self._outcome(state, result, threshold)
 
-    def _protocol(self, server: Any, state: _Round, agg: SecAggServer, params: dict[str, Any],
-                  instructions: dict[str, dict[str, Any]]) -> SecAggResult | None:
+    def _protocol(self, io: RoundIO, state: _Round, agg: SecAggServer, params: dict[str, Any],
+                  tensors: State, instructions: dict[str, dict[str, Any]]) -> SecAggResult | None:
         round_ = state.number
-        global_state = server.global_state
-        tensors = {**server.down.pack(global_state), **server.strategy.fit_tensors(round_, global_state)}
         fits = {c: Message(MessageKind.SECAGG_FIT, round_, "server", c, tensors=tensors,
                            meta={**instructions[c], PARAMS_KEY: params}) for c in state.chosen}
-        adverts = self._step(server, state, "advert", fits, MessageKind.SECAGG_ADVERT,
+        adverts = self._step(io, state, "advert", fits, MessageKind.SECAGG_ADVERT,
                              lambda c, m: self._advert(state, c, m))
         broadcast = agg.collect_keys(adverts)
 
         keys = {c: self._request(MessageKind.SECAGG_KEYS, state, c, {"public_keys": broadcast})
                 for c in adverts}
-        shares = self._step(server, state, "shares", keys, MessageKind.SECAGG_SHARES,
+        shares = self._step(io, state, "shares", keys, MessageKind.SECAGG_SHARES,
                             lambda c, m: _shares(set(adverts) - {c}, c, m))
         routed = agg.route_shares(shares)
 
         routes = {c: self._request(MessageKind.SECAGG_ROUTED, state, c, {"shares": routed[c]})
                   for c in routed}
-        server.transport.expect(round_, MessageKind.SECAGG_MASKED, list(routes),  # refused early if not
+        io.transport.expect(round_, MessageKind.SECAGG_MASKED, list(routes),  # refused early if not
                                 {n: TensorSpec(tuple(shape), torch.int64) for n, shape in agg.layout})
-        masked = self._step(server, state, "masked", routes, MessageKind.SECAGG_MASKED,
+        masked = self._step(io, state, "masked", routes, MessageKind.SECAGG_MASKED,
                             lambda c, m: _masked(agg, c, m))
         if len(masked) < min(self.min_replies, len(state.chosen)):
             log.warning("round %d: %d masked input(s), fewer than transport.min_replies=%d; nothing "
@@ -158,7 +158,7 @@ class SecureAggregation:
         unmask = {c: self._request(MessageKind.SECAGG_UNMASK, state, c, request)
                   for c in request["survivors"]}
         index = {p: i + 1 for i, p in enumerate(sorted(state.chosen))}
-        reveals = self._step(server, state, "reveal", unmask, MessageKind.SECAGG_REVEAL,
+        reveals = self._step(io, state, "reveal", unmask, MessageKind.SECAGG_REVEAL,
                              lambda c, m: _reveal(request, index[c], c, m))
         began = time.perf_counter()
         result = agg.aggregate(reveals)
@@ -171,17 +171,17 @@ class SecureAggregation:
     def _request(kind: MessageKind, state: _Round, client: str, meta: dict[str, Any]) -> Message:
         return Message(kind, state.number, "server", client, meta=meta)
 
-    def _step(self, server: Any, state: _Round, step: str, requests: dict[str, Message],
+    def _step(self, io: RoundIO, state: _Round, step: str, requests: dict[str, Message],
               answer: MessageKind, parse: Callable[[str, Message], Any]) -> dict[str, Any]:
         """Send one request per client, collect, keep the valid answers (parsed) by client."""
         began = time.perf_counter()
         round_ = state.number
         if step != "advert":  # the clients bar restarts for each step
-            server.reporter.round_begin(round_, server.recipe.federation.rounds, len(requests))
-        server.reporter.status(f"secure aggregation: {step}")
+            io.reporter.round_begin(round_, io.rounds, len(requests))
+        io.reporter.status(f"secure aggregation: {step}")
         for msg in requests.values():
-            server.transport.send(msg)
-        replies = server.transport.collect(round_, list(requests), timeout=server.reply_timeout)
+            io.transport.send(msg)
+        replies = io.transport.collect(round_, list(requests), timeout=io.reply_timeout)
         got: dict[str, Any] = {}
         for msg in replies:
             try:
@@ -192,9 +192,7 @@ class SecureAggregation:
                     raise MessageError("not asked at this step, or answered twice")
                 got[msg.sender] = parse(msg.sender, msg)
             except MessageError as exc:
-                server.rejected += 1
-                log.warning("round %d: rejected the %s of %s: %s", round_, answer.value, msg.sender, exc)
-                server.run_dir.log(round_, msg.sender, "rejected", {"reason": str(exc)})
+                state.rejected.append(Rejection(msg.sender, answer.value, str(exc)))
         state.drop(list(requests), got, f"no valid answer at the {step} step")
         state.seconds[step] = time.perf_counter() - began
         return {c: got[c] for c in requests if c in got}
@@ -215,7 +213,7 @@ class SecureAggregation:
 
     # -- the result -------------------------------------------------------------------------------
 
-    def _check_weight(self, server: Any, result: SecAggResult) -> None:
+    def _check_weight(self, result: SecAggResult, max_examples: Callable[[str], int]) -> None:
         """The revealed total weight must be what the survivors may claim together: their number
         under uniform weighting, at most the sum of their bounds (Server.max_examples) otherwise.
         A larger total means a client lied about its weight; the round is dropped."""
@@ -226,7 +224,7 @@ class SecureAggregation:
                 raise SecAggError(f"the revealed total weight {total:.3f} is not the number of "
                                   f"survivors ({len(survivors)}) under uniform weighting")
             return
-        bound = sum(server.max_examples(c) for c in survivors)
+        bound = sum(max_examples(c) for c in survivors)
         if not total <= bound + 0.5:
             raise SecAggError(f"the revealed total weight {total:.3f} is above what the "
                               f"{len(survivors)} survivors may claim together ({bound})")
@@ -236,39 +234,22 @@ class SecureAggregation:
         total = result.total_weight
         return {name: t / total for name, t in result.weighted_sum.items() if name != LOSS_KEY}
 
-    def _log_round(self, server: Any, state: _Round, result: SecAggResult | None, threshold: int,
-                   lr: float, start: float) -> None:
-        round_, run_dir = state.number, server.run_dir
+    def _outcome(self, state: _Round, result: SecAggResult | None, threshold: int) -> RoundOutcome:
+        """The round as a value: the survivors' mean update and loss, who left and why."""
         counted = list(result.survivors) if result is not None else []
-        for client in state.chosen:
-            if client not in counted:
-                server.missing += 1
-                why = state.left.get(client, "the round stopped before unmasking")
-                run_dir.log(round_, client, "no_update",
-                            {"reason": f"secure aggregation: not in the sum ({why})"})
-        traffic = server.transport.traffic.by_client(round_)
-        for client in counted:
-            metrics = state.metrics.get(client, {})
-            server.timings.train += metrics.get("train_seconds", 0.0)
-            if "dp_epsilon" in metrics and hasattr(server, "local_dp"):  # local DP-SGD budget
-                server.local_dp[client] = {"epsilon": metrics["dp_epsilon"],
-                                           "delta": metrics.get("dp_delta")}
-            run_dir.log(round_, client, "fit", {**metrics, **traffic.get(client, {})})
-        loss = None
+        left = {c: f"secure aggregation: not in the sum "
+                   f"({state.left.get(c, 'the round stopped before unmasking')})"
+                for c in state.chosen if c not in counted}
+        mean, loss = None, None
         if result is not None:
+            mean = self._mean(result)
             loss = float(result.weighted_sum[LOSS_KEY][0]) / result.total_weight
-        summary = {
-            "clients": len(state.chosen), "updates": len(counted), "lr": lr, "train_loss": loss,
-            "bytes_up": server.transport.traffic.round_total(round_, "up"),
-            "bytes_down": server.transport.traffic.round_total(round_, "down"),
-            "seconds": time.perf_counter() - start,
-            "secagg": {"threshold": threshold, "survivors": len(counted),
-                       "dropped": sorted(set(state.chosen) - set(counted)),
-                       "seconds": {k: round(v, 4) for k, v in state.seconds.items()}},
-            **server.strategy.round_metrics(),
-        }
-        run_dir.log(round_, None, "round", summary)
-        server.reporter.round_end(round_, summary)
+        info = {"secagg": {"threshold": threshold, "survivors": len(counted),
+                           "dropped": sorted(set(state.chosen) - set(counted)),
+                           "seconds": {k: round(v, 4) for k, v in state.seconds.items()}}}
+        return RoundOutcome(secure=True, mean=mean, counted=counted, left=left,
+                            fit_logs={c: dict(state.metrics.get(c, {})) for c in counted},
+                            rejected=state.rejected, train_loss=loss, info=info)
 
 
 def _exact(meta: dict[str, Any], keys: tuple[str, ...], what: str) -> None:

@@ -15,11 +15,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedtune.algorithms.base import ClientUpdate, State, Strategy
+from fedtune.algorithms.party import Party, StandardParty
 from fedtune.config import Recipe
 from fedtune.errors import MessageError
 from fedtune.eval.selection import Selection, pooled_val_loss
 from fedtune.runtime import peer_values
-from fedtune.runtime.secure_round import SecureAggregation
+from fedtune.runtime.round import Rejection, RoundIO, RoundOutcome
+from fedtune.runtime.secure_round import SYNTHETIC_CLIENT, SecureAggregation
 from fedtune.seeding import derive_seed
 from fedtune.track.reporter import NullReporter, Reporter
 from fedtune.track.rundir import Checkpoint, RunDir
@@ -30,6 +32,7 @@ from fedtune.transport.codec import check_message, specs_of
 from fedtune.wire import Message, MessageKind
 
 log = logging.getLogger("fedtune.server")
+PARTY = "party/"  # the algorithm's server-side party state rides in the checkpoint's strategy file
 SERVER = "server"
 
 
@@ -92,10 +95,12 @@ class Server:
         reply_timeout: float | None = None,
         client_state: ClientStateStore | None = None,
         example_counts: dict[str, int] | None = None,
+        party: Party | None = None,
     ):
         """`example_counts`: each client's real number of training examples where the server knows
         it (simulation); a claim above it is refused. Otherwise (deployment) the bound is
-        federation.max_examples_per_client."""
+        federation.max_examples_per_client. `party`: the algorithm's hooks of this process (its
+        work between rounds and the state that needs, checkpointed with the strategy's)."""
         self.recipe = recipe
         self.strategy = strategy
         self.transport = transport
@@ -107,6 +112,7 @@ class Server:
         self.reply_timeout = reply_timeout
         self.client_state = client_state
         self.example_counts = dict(example_counts or {})
+        self.party = party or StandardParty()
         self.claimed: dict[str, int] = {}  # this round's claimed example counts (logged)
         self.specs = specs_of(global_state)
         compression = recipe.federation.compression
@@ -130,7 +136,10 @@ class Server:
         # name): anything that walks the state in order, as DP-FedAvg's noise does, must replay it.
         order = [k for k in self.global_state if k in ckpt.global_state]
         self.global_state = {**{k: ckpt.global_state[k] for k in order}, **ckpt.global_state}
-        self.strategy.load_state_dict(ckpt.strategy_state)
+        strategy_state = {k: v for k, v in ckpt.strategy_state.items() if not k.startswith(PARTY)}
+        self.strategy.load_state_dict(strategy_state)
+        self.party.load_state_dict({k.removeprefix(PARTY): v for k, v in ckpt.strategy_state.items()
+                                    if k.startswith(PARTY)})
         if hasattr(self.transport, "load_counter_state"):  # refused calls, late replies... go on
             self.transport.load_counter_state(ckpt.info.get("transport", {}))
         self.transport.traffic.load_state(ckpt.info.get("traffic", {}))
@@ -186,24 +195,76 @@ class Server:
         )
 
     def run_round(self, round_: int) -> None:
+        """One round: the exchange (plain, or secure aggregation) returns what it produced; this
+        alone aggregates, runs the algorithm's work between rounds, counts and logs."""
         fed, train = self.recipe.federation, self.recipe.train
         chosen = sample_clients(self.clients, fed.per_round(), self.recipe.seed, round_)
         lr = lr_for_round(train, round_, fed.rounds)
         instructions = self.strategy.configure_fit(round_, chosen, lr)
         self.reporter.round_begin(round_, fed.rounds, len(chosen))
         start = time.perf_counter()
-        if self.secure is not None:  # the server sees only the sum (runtime/secure_round.py)
-            return self.secure.run_round(self, round_, chosen, lr, instructions, start)
         tensors = {**self.down.pack(self.global_state),
                    **self.strategy.fit_tensors(round_, self.global_state)}
+        if self.secure is not None:  # the server sees only the sum (runtime/secure_round.py)
+            io = RoundIO(self.transport, self.reporter, self.reply_timeout, fed.rounds)
+            outcome = self.secure.exchange(io, round_, chosen, tensors, instructions, self.max_examples)
+        else:
+            outcome = self._exchange(round_, chosen, tensors, instructions)
+        for rejection in outcome.rejected:
+            self._reject(round_, rejection.client, rejection.what, rejection.reason)
+        self._aggregate(round_, outcome)
+        self.global_state = self.party.after_round(round_, self.global_state)
+        for client, why in outcome.left.items():  # rejected, dropped, or never arrived
+            self.missing += 1
+            self.run_dir.log(round_, client, "no_update", {"reason": why})
+        traffic = self.transport.traffic.by_client(round_)
+        for client in outcome.counted:  # metrics were checked (runtime/peer_values.py)
+            values = outcome.fit_logs.get(client, {})
+            self.timings.train += float(values.get("train_seconds") or 0.0)
+            if "dp_epsilon" in values:  # local DP-SGD: the client's (ε, δ) over its rounds
+                self.local_dp[client] = {"epsilon": values["dp_epsilon"],
+                                         "delta": values.get("dp_delta")}
+            self.run_dir.log(round_, client, "fit", {**values, **traffic.get(client, {})})
+        summary = {
+            "clients": len(chosen), "updates": len(outcome.counted), "lr": lr,
+            "train_loss": outcome.train_loss,
+            "bytes_up": self.transport.traffic.round_total(round_, "up"),
+            "bytes_down": self.transport.traffic.round_total(round_, "down"),
+            "seconds": time.perf_counter() - start,
+            **outcome.info,
+            **self.strategy.round_metrics(),
+        }
+        self.run_dir.log(round_, None, "round", summary)
+        self.reporter.round_end(round_, summary)
+
+    def _exchange(self, round_: int, chosen: list[str], tensors: State,
+                  instructions: dict[str, dict[str, Any]]) -> RoundOutcome:
+        """The plain exchange: FIT to each chosen client, each one's valid UPDATE back."""
         self.transport.expect(round_, MessageKind.UPDATE, chosen,  # anything else is refused early
                               {**self.up.wire, **self.strategy.update_specs(self.specs)})
         for client in chosen:
             self.transport.send(Message(MessageKind.FIT, round_, SERVER, client,
                                         tensors=tensors, meta=instructions[client]))
         replies = self.transport.collect(round_, chosen, timeout=self.reply_timeout)
-        updates = self._accept_updates(round_, chosen, replies)
-        min_replies = min(self.recipe.transport.min_replies, len(chosen))
+        rejected: list[Rejection] = []
+        updates = self._accept_updates(round_, chosen, replies, rejected)
+        accepted = {u.client for u in updates}
+        return RoundOutcome(
+            updates=updates, counted=[u.client for u in updates],
+            left={c: "no valid update this round" for c in chosen if c not in accepted},
+            fit_logs={u.client: {**u.metrics, "n_examples": self.claimed.get(u.client, u.n_examples),
+                                 "weight": u.n_examples} for u in updates},
+            rejected=rejected, train_loss=mean_train_loss(updates))
+
+    def _aggregate(self, round_: int, outcome: RoundOutcome) -> None:
+        """The new global state from the round's outcome, where it has enough to aggregate."""
+        if outcome.secure:
+            if outcome.mean is not None:  # one update holding the survivors' weighted mean
+                self.global_state = self.strategy.aggregate_fit(
+                    round_, self.global_state, [ClientUpdate(SYNTHETIC_CLIENT, outcome.mean, 1)])
+            return  # otherwise the exchange said why nothing was revealed
+        updates = outcome.updates
+        min_replies = min(self.recipe.transport.min_replies, len(outcome.counted) + len(outcome.left))
         needed = self.strategy.min_updates()
         if updates and len(updates) >= max(min_replies, needed):
             self.global_state = self.strategy.aggregate_fit(round_, self.global_state, updates)
@@ -215,33 +276,9 @@ class Server:
                         "the global adapter is unchanged", round_, len(updates), min_replies)
         else:
             log.warning("round %d: no valid update arrived; the global adapter is unchanged", round_)
-        accepted = {u.client for u in updates}
-        for client in chosen:
-            if client not in accepted:  # rejected here or by the transport, or never arrived
-                self.missing += 1
-                self.run_dir.log(round_, client, "no_update", {"reason": "no valid update this round"})
-        traffic = self.transport.traffic.by_client(round_)
-        for u in updates:  # metrics were checked in _accept_updates (runtime/peer_values.py)
-            self.timings.train += float(u.metrics.get("train_seconds") or 0.0)
-            if "dp_epsilon" in u.metrics:  # local DP-SGD: the client's (ε, δ) over its rounds
-                self.local_dp[u.client] = {"epsilon": u.metrics["dp_epsilon"],
-                                           "delta": u.metrics.get("dp_delta")}
-            self.run_dir.log(round_, u.client, "fit", {
-                **u.metrics, "n_examples": self.claimed.get(u.client, u.n_examples),
-                "weight": u.n_examples, **traffic.get(u.client, {}),
-            })
-        summary = {
-            "clients": len(chosen), "updates": len(updates), "lr": lr,
-            "train_loss": mean_train_loss(updates),
-            "bytes_up": self.transport.traffic.round_total(round_, "up"),
-            "bytes_down": self.transport.traffic.round_total(round_, "down"),
-            "seconds": time.perf_counter() - start,
-            **self.strategy.round_metrics(),
-        }
-        self.run_dir.log(round_, None, "round", summary)
-        self.reporter.round_end(round_, summary)
 
-    def _accept_updates(self, round_: int, chosen: list[str], replies: list[Message]) -> list[ClientUpdate]:
+    def _accept_updates(self, round_: int, chosen: list[str], replies: list[Message],
+                        rejected: list[Rejection]) -> list[ClientUpdate]:
         """The valid updates of the round's clients, in `chosen` order; every other reply is
         rejected, logged and counted. Each update's weight (ClientUpdate.n_examples) is set here,
         the one place for every strategy: 1 under federation.weighting `uniform`, otherwise the
@@ -265,7 +302,7 @@ class Server:
                 updates[msg.sender] = ClientUpdate(msg.sender, tensors, 1 if uniform else n, metrics)
                 self.claimed[msg.sender] = n
             except MessageError as exc:
-                self._reject(round_, msg.sender, "reply", exc)
+                rejected.append(Rejection(msg.sender, "reply", str(exc)))
         return [updates[c] for c in chosen if c in updates]
 
     def max_examples(self, client: str) -> int:
@@ -274,7 +311,7 @@ class Server:
         known = self.example_counts.get(client)
         return known if known is not None else self.recipe.federation.max_examples_per_client
 
-    def _reject(self, round_: int, sender: str, what: str, exc: Exception) -> None:
+    def _reject(self, round_: int, sender: str, what: str, exc: Exception | str) -> None:
         self.rejected += 1
         log.warning("round %d: rejected the %s of %s: %s", round_, what, sender, exc)
         self.run_dir.log(round_, sender, "rejected", {"reason": str(exc)})
@@ -338,6 +375,7 @@ class Server:
         if hasattr(self.transport, "counter_state"):
             info["transport"] = self.transport.counter_state()
         state = {k: v.contiguous() for k, v in self.strategy.state_dict().items()}
+        state.update({PARTY + k: v.contiguous() for k, v in self.party.state_dict().items()})
         clients = self.client_state.state_dict() if self.client_state is not None else {}
         self.run_dir.save_checkpoint(
             Checkpoint(round_, {k: v.contiguous() for k, v in self.global_state.items()}, state, info,

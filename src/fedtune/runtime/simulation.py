@@ -55,7 +55,7 @@ class Simulation:
             recipe, strategy=build_strategy(recipe.federation.algorithm, recipe.federation.options,
                                            recipe.federation.clients),
             transport=transport, clients=list(self.clients), global_state=setup.view.initial(),
-            run_dir=run_dir, evaluate_global=setup.evaluate_global, reporter=reporter,
+            run_dir=run_dir, evaluate_global=setup.evaluate_global, reporter=reporter, party=setup.party,
             client_state=SimulatedClientStates(self.clients),
             example_counts={name: len(c.data.train) for name, c in self.clients.items()},
         )
