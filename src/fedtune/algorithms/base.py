@@ -27,7 +27,10 @@ class ClientUpdate:
 
 
 class Strategy(Protocol):
-    """Server-side logic of an algorithm. Holds only its own state (e.g. server optimizer moments)."""
+    """Server-side logic of an algorithm. Holds only its own state (e.g. server optimizer moments).
+
+    Every method is one the Server calls; a strategy implements all of them (no base class: the
+    common bodies are one line each, with `same_lr` and `refuse_state` below)."""
 
     def configure_fit(self, round_: int, clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
         """Per-client instructions (message meta) for a round's local training."""
@@ -51,38 +54,25 @@ class Strategy(Protocol):
 
     def load_state_dict(self, state: State) -> None: ...
 
+    def round_metrics(self) -> dict[str, Any]:
+        """Figures of the last aggregation worth logging (e.g. the privacy spent so far); often {}."""
+        ...
+
     def min_updates(self) -> int:
         """The fewest valid updates aggregate_fit can use; with fewer, the round leaves the global
         state unchanged (as with too few replies) instead of failing the run."""
         ...
 
 
-class ServerDefaults:
-    """Defaults for the common case: every client gets the round's learning rate, nothing but
-    the adapter travels, and no state is kept. Strategies override what they need."""
+def same_lr(clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
+    """The common instructions: every client trains at the round's learning rate."""
+    return {c: {"lr": lr} for c in clients}
 
-    def configure_fit(self, round_: int, clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
-        return {c: {"lr": lr} for c in clients}
 
-    def fit_tensors(self, round_: int, global_state: State) -> State:
-        return {}
-
-    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def state_dict(self) -> State:
-        return {}
-
-    def load_state_dict(self, state: State) -> None:
-        if state:
-            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)[:3]}")
-
-    def round_metrics(self) -> dict[str, Any]:
-        """Figures of the last aggregation worth logging (e.g. the privacy spent so far)."""
-        return {}
-
-    def min_updates(self) -> int:
-        return 1
+def refuse_state(strategy: object, state: State) -> None:
+    """load_state_dict of a strategy that keeps no state: only an empty one fits."""
+    if state:
+        raise ValueError(f"{type(strategy).__name__} keeps no state, got {sorted(state)[:3]}")
 
 
 @dataclass

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from fedtune.algorithms.base import ClientUpdate, ServerDefaults, State, register
+from fedtune.algorithms.base import ClientUpdate, State, refuse_state, register, same_lr
 from fedtune.algorithms.options import FedAvgConfig
 
 
@@ -36,13 +37,34 @@ def client_weights(updates: Sequence[ClientUpdate], weighting: str) -> list[floa
     return [float(u.n_examples) for u in updates]
 
 
-class FedAvg(ServerDefaults):
+class FedAvg:
     def __init__(self, config: FedAvgConfig):
         self.config = config
 
     def aggregate_fit(self, round_: int, global_state: State, updates: list[ClientUpdate]) -> State:
         weights = client_weights(updates, self.config.weighting)
         return fedavg_aggregate(global_state, [(u.tensors, w) for u, w in zip(updates, weights)])
+
+    def configure_fit(self, round_: int, clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
+        return same_lr(clients, lr)
+
+    def fit_tensors(self, round_: int, global_state: State) -> State:
+        return {}
+
+    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> State:
+        return {}
+
+    def load_state_dict(self, state: State) -> None:
+        refuse_state(self, state)
+
+    def round_metrics(self) -> dict[str, Any]:
+        return {}
+
+    def min_updates(self) -> int:
+        return 1
 
 
 SPEC = register("fedavg", lambda config, n_clients: FedAvg(config))

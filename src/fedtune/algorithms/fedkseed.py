@@ -37,7 +37,6 @@ from fedtune.algorithms.base import (
     LocalContext,
     LocalOutcome,
     ModelView,
-    ServerDefaults,
     State,
     register,
 )
@@ -116,7 +115,7 @@ class KSeedView(ModelView):
         self._cached_key, self._cached = key, [p.detach().clone() for p in params]
 
 
-class FedKSeed(ServerDefaults):
+class FedKSeed:
     def __init__(self, config: FedKSeedConfig):
         self.config = config
         k = config.num_seeds
@@ -160,6 +159,15 @@ class FedKSeed(ServerDefaults):
             self.count = state["pro/count"].to(torch.float64).clone()
         else:
             super().load_state_dict(state)
+
+    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def round_metrics(self) -> dict[str, Any]:
+        return {}
+
+    def min_updates(self) -> int:
+        return 1
 
 
 class KSeedLocal:

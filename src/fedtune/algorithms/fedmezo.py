@@ -17,7 +17,6 @@ from fedtune.algorithms.base import (
     ClientUpdate,
     LocalContext,
     LocalOutcome,
-    ServerDefaults,
     State,
     local_update,
     register,
@@ -43,7 +42,7 @@ def personal_phi(signals: dict[str, float]) -> dict[str, float]:
     return {c: (s - mean) / spread for c, s in signals.items()}
 
 
-class FedMeZO(ServerDefaults):
+class FedMeZO:
     def __init__(self, config: FedMeZOConfig):
         self.config = config
         self.history: dict[str, list[float]] = {}
@@ -86,6 +85,18 @@ class FedMeZO(ServerDefaults):
 
     def load_state_dict(self, state: State) -> None:
         self.history = {k.split("/", 1)[1]: v.tolist() for k, v in state.items()}
+
+    def fit_tensors(self, round_: int, global_state: State) -> State:
+        return {}
+
+    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def round_metrics(self) -> dict[str, Any]:
+        return {}
+
+    def min_updates(self) -> int:
+        return 1
 
 
 class MeZOLocal:

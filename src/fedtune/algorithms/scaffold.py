@@ -17,11 +17,11 @@ from fedtune.algorithms.base import (
     ClientUpdate,
     LocalContext,
     LocalOutcome,
-    ServerDefaults,
     State,
     local_update,
     register,
     result_metrics,
+    same_lr,
 )
 from fedtune.algorithms.fedavg import client_weights, fedavg_aggregate
 from fedtune.algorithms.options import ScaffoldConfig
@@ -39,7 +39,7 @@ def scaffold_aggregate(global_state: State, c: State, updates: list[tuple[State,
     return new_x, new_c
 
 
-class Scaffold(ServerDefaults):
+class Scaffold:
     def __init__(self, config: ScaffoldConfig, n_clients: int):
         self.config = config
         self.n_clients = n_clients
@@ -66,6 +66,15 @@ class Scaffold(ServerDefaults):
 
     def load_state_dict(self, state: State) -> None:
         self.c = {k[len(C):]: v for k, v in state.items() if k.startswith(C)}
+
+    def configure_fit(self, round_: int, clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
+        return same_lr(clients, lr)
+
+    def round_metrics(self) -> dict[str, Any]:
+        return {}
+
+    def min_updates(self) -> int:
+        return 1
 
 
 def _float32(specs: dict[str, Any]) -> dict[str, Any]:
