@@ -16,6 +16,8 @@ from fedtune.algorithms import build_strategy
 from fedtune.config import Recipe, load_recipe
 from fedtune.data.federated import FederatedData
 from fedtune.errors import RunDirError
+from fedtune.runtime.client import Client
+from fedtune.runtime.hosting import client_host
 from fedtune.runtime.server import Server
 from fedtune.runtime.setup import Setup
 from fedtune.track.reporter import ConsoleReporter, NullReporter
@@ -29,7 +31,12 @@ class Simulation:
     def __init__(self, recipe: Recipe, console: Console | None = None, data: FederatedData | None = None):
         self.setup = Setup(recipe, console, data=data)
         self.recipe = recipe
-        self.clients = {name: self.setup.client(name) for name in self.setup.data.clients}
+        self.host = client_host(recipe.federation.engine, self.setup)
+
+    @property
+    def clients(self) -> dict[str, Client]:
+        """The in-process clients (InProcessHost), for tests that reach into one."""
+        return self.host.clients
 
     @property
     def model(self):
@@ -43,21 +50,19 @@ class Simulation:
         recipe, setup = self.recipe, self.setup
         setup.keep(run_dir, resume)
         setup.write_split(run_dir)
-        for client in self.clients.values():  # simulated clients write their predictions here too
-            client.predictions_dir = Path(run_dir.path) / "predictions"
+        self.host.write_predictions_to(Path(run_dir.path) / "predictions")  # beside the server's
         reporter = ConsoleReporter(setup.console) if recipe.output.progress else NullReporter()
         transport = InProcessTransport(
-            {name: c.handle_bytes for name, c in self.clients.items()},
+            self.host.endpoints(),
             max_message_bytes=recipe.transport.max_message_bytes,
             on_delivery=reporter.client_done,
         )
         server = Server(
             recipe, strategy=build_strategy(recipe.federation.algorithm, recipe.federation.options,
                                            recipe.federation.clients),
-            transport=transport, clients=list(self.clients), global_state=setup.view.initial(),
+            transport=transport, clients=self.host.names(), global_state=setup.view.initial(),
             run_dir=run_dir, evaluate_global=setup.evaluate_global, reporter=reporter, party=setup.party,
-            client_state=SimulatedClientStates(self.clients),
-            example_counts={name: len(c.data.train) for name, c in self.clients.items()},
+            client_state=self.host, example_counts=self.host.example_counts(),
         )
         start_round = resume_server(server, run_dir, setup.console) if resume else 1
         if start_round == 1:  # a resumed run has them in its checkpoint's traffic
@@ -67,23 +72,6 @@ class Simulation:
         finally:
             reporter.close()
         return setup.finish(run_dir, server, result)
-
-
-class SimulatedClientStates:
-    """All simulated clients' persistent state as one flat dict, `<client>/<tensor>`."""
-
-    def __init__(self, clients: dict):
-        self.clients = clients
-
-    def state_dict(self):
-        return {f"{name}/{k}": v.contiguous() for name, c in self.clients.items() for k, v in c.state.items()}
-
-    def load_state_dict(self, state) -> None:
-        for c in self.clients.values():
-            c.state.clear()
-        for key, value in state.items():
-            name, k = key.split("/", 1)
-            self.clients[name].state[k] = value
 
 
 def resume_server(server: Server, run_dir: RunDir, console: Console) -> int:
