@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedtune.config import load_recipe
+from fedtune.privacy.fixedpoint import codec_of
 from fedtune.runtime.simulation import Simulation
 from fedtune.track.rundir import RunDir
 from fedtune.transport.codec import decode, encode
@@ -89,7 +90,7 @@ def test_masked_aggregate_equals_plain_fedavg_within_the_fixed_point_bound(tiny_
     # Codes are within 2^-frac_bits of each w_i Δ_i, so the mean is within n 2^-frac_bits / Σ w_i;
     # float32 adds rounding of the global adapter's size.
     total_weight = sum(e["values"]["n_examples"] for e in _events(plain_dir, "fit"))
-    load = load_recipe(recipe).federation.secure_aggregation.codec()
+    load = codec_of(load_recipe(recipe).federation.secure_aggregation)
     bound = load.error_bound(3) / total_weight + 4 * 2.0**-24 * max(
         float(t.abs().max()) for t in expected.values())
     diff = _max_diff(expected, got)

@@ -29,6 +29,7 @@ from fedtune.runtime.server import Server
 from fedtune.runtime.simulation import SimulatedClientStates
 from fedtune.track.rundir import RunDir
 from fedtune.train.local import LocalTrainer
+from fedtune.transport.compression import codec_of
 from fedtune.transport.inprocess import InProcessTransport
 
 
@@ -141,7 +142,7 @@ def federation(recipe_: Recipe, model: torch.nn.Module, train: dict[str, list[To
         clients[name] = Client(
             name, ClientDataset(train=exs, test=tests, test_raw=raw), slot=slot, trainer=trainer,
             evaluator=evaluator, seed=recipe_.seed, local=build_local(fed.algorithm, fed.options),
-            view=view, compression=(fed.compression.up.codec(), fed.compression.down.codec()),
+            view=view, compression=(codec_of(fed.compression.up), codec_of(fed.compression.down)),
         )
     handlers = {name: c.handle_bytes for name, c in clients.items()}
     handlers.update(endpoints or {})

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -116,3 +117,9 @@ class FixedPointCodec:
     def clipped_count(self, values: np.ndarray) -> int:
         """How many values encode() would clip (for a client's own diagnostics)."""
         return int(np.count_nonzero(np.abs(np.asarray(values, dtype=np.float64)) > self.clip))
+
+
+def codec_of(section: Any) -> FixedPointCodec:
+    """The codec of a recipe's `federation.secure_aggregation` section."""
+    return FixedPointCodec(frac_bits=section.frac_bits, clip=float(section.clip),
+                           max_weight=float(section.max_weight))

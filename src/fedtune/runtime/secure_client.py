@@ -17,7 +17,7 @@ import torch
 from fedtune.config import SecureAggregationSection
 from fedtune.errors import MessageError, RecipeError
 from fedtune.privacy import secagg_wire as wire
-from fedtune.privacy.fixedpoint import FixedPointCodec
+from fedtune.privacy.fixedpoint import FixedPointCodec, codec_of
 from fedtune.privacy.secagg import SecAggClient, SecAggError
 from fedtune.runtime import peer_values
 from fedtune.runtime.secure_round import LOSS_KEY, PARAM_KEYS, PARAMS_KEY, PLAIN_METRICS, WEIGHTINGS
@@ -64,7 +64,7 @@ def parse_round_params(value: Any, name: str,
     except RecipeError as exc:
         raise MessageError(f"{what}: {exc}") from None
     if expected is not None:
-        own = expected.codec()
+        own = codec_of(expected)
         if codec != own:
             raise MessageError(f"{what}: the fixed-point code {codec} differs from this client's "
                                f"recipe ({own})")

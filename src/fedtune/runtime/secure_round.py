@@ -35,7 +35,7 @@ from fedtune.algorithms.base import State
 from fedtune.config import Recipe, SecureAggregationSection
 from fedtune.errors import MessageError
 from fedtune.privacy import secagg_wire as wire
-from fedtune.privacy.fixedpoint import FixedPointCodec
+from fedtune.privacy.fixedpoint import FixedPointCodec, codec_of
 from fedtune.privacy.secagg_server import SecAggResult, SecAggServer
 from fedtune.privacy.secagg_wire import SecAggError
 from fedtune.runtime import peer_values
@@ -87,7 +87,7 @@ class SecureAggregation:
     def __init__(self, section: SecureAggregationSection, specs: dict[str, TensorSpec],
                  weighting: str, min_replies: int):
         self.section = section
-        self.codec = section.codec()
+        self.codec = codec_of(section)
         self.shapes = {name: tuple(spec.shape) for name, spec in specs.items()}
         self.shapes[LOSS_KEY] = (1,)
         self.weighting = weighting

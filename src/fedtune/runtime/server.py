@@ -29,6 +29,7 @@ from fedtune.train.local import lr_for_round
 from fedtune.transport.adapter_wire import AdapterWire
 from fedtune.transport.base import ServerTransport
 from fedtune.transport.codec import check_message, specs_of
+from fedtune.transport.compression import codec_of
 from fedtune.wire import Message, MessageKind
 
 log = logging.getLogger("fedtune.server")
@@ -116,8 +117,8 @@ class Server:
         self.claimed: dict[str, int] = {}  # this round's claimed example counts (logged)
         self.specs = specs_of(global_state)
         compression = recipe.federation.compression
-        self.up = AdapterWire(compression.up.codec(), self.specs)
-        self.down = AdapterWire(compression.down.codec(), self.specs)
+        self.up = AdapterWire(codec_of(compression.up), self.specs)
+        self.down = AdapterWire(codec_of(compression.down), self.specs)
         self.secure = SecureAggregation.from_recipe(recipe, self.specs)  # None unless enabled
         self.timings = Timings()
         self.rejected = 0

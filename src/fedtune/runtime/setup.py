@@ -36,6 +36,7 @@ from fedtune.track.report import closing_table, make_summary
 from fedtune.track.reporter import quiet_libraries
 from fedtune.track.rundir import RunDir
 from fedtune.train.local import LocalTrainer
+from fedtune.transport.compression import codec_of
 from fedtune.transport.framing import SharedEncoder
 
 log = logging.getLogger("fedtune.setup")
@@ -118,7 +119,7 @@ class Setup:
             local = AttackedLocal(local, "scale", attack.boost)  # model replacement
         return Client(name, dataset, slot=self.slot, trainer=self.trainer, evaluator=self.evaluator,
                       seed=self.recipe.seed, local=local, view=self.view,
-                      compression=(fed.compression.up.codec(), fed.compression.down.codec()),
+                      compression=(codec_of(fed.compression.up), codec_of(fed.compression.down)),
                       max_message_bytes=self.recipe.transport.max_message_bytes)
 
     def evaluate_global(self, state, generate: bool, round_: int | None = None) -> dict[str, Any]:

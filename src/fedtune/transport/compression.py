@@ -53,6 +53,13 @@ class CompressionConfig:
 # ---------------------------------------------------------------- sizes and names
 
 
+
+def codec_of(section: Any) -> CompressionConfig:
+    """The codec of a recipe's `federation.compression.up` or `.down` section."""
+    return CompressionConfig(method=section.method, block_size=section.block_size,
+                             topk_ratio=section.topk_ratio)
+
+
 def topk_count(numel: int, ratio: float) -> int:
     """Coordinates top-k keeps: max(1, ceil(ratio * numel)), never more than numel.
 

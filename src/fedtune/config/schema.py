@@ -1,14 +1,14 @@
-"""The Recipe: one typed, validated description of a run, loaded from YAML plus key=value overrides.
+"""The Recipe's schema: one typed description of a run, section by section.
 
-Each component receives only its own section. A wrong key or value fails at load time with the
-file, line and key path involved and what is allowed.
+Each component receives only its own section. What a section's values mean to a component above
+(a peft method, an algorithm's options, an address, a secure-aggregation codec) that component
+checks itself, through a check it registers (fedtune.config.checks); this module imports no
+fedtune package above it, nor torch, transformers or peft.
 """
 
 from __future__ import annotations
 
-from importlib import resources
-from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -18,12 +18,11 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from fedtune.errors import RecipeError
+from fedtune.config.checks import run_checks
 
 
 class Section(BaseModel):
@@ -97,6 +96,11 @@ class DataSection(Section):
 FEDTUNE_METHODS = ("bitfit", "full", "qlora")
 
 
+def normal_method(name: str) -> str:
+    """An adapter method's name as fedtune spells it: `QLoRA`, `q-lora` -> `qlora`."""
+    return name.strip().lower().replace("-", "_")
+
+
 class AdapterSection(Section):
     """A peft method by name; `r`, `alpha`, `dropout`, `target_modules` apply to LoRA-like methods."""
 
@@ -112,19 +116,13 @@ class AdapterSection(Section):
     @field_validator("method")
     @classmethod
     def _method(cls, v: str) -> str:
-        from fedtune.models.peft_names import peft_method_names
-
-        name = v.strip().lower().replace("-", "_")
-        allowed = sorted([*peft_method_names(), *FEDTUNE_METHODS])
-        if name not in allowed:
-            raise ValueError(f"unknown peft method {v!r}; allowed: {', '.join(allowed)}")
+        name = normal_method(v)
+        run_checks("adapter.method", name, v)   # a known peft method (fedtune.models)
         return name
 
     @model_validator(mode="after")
     def _runnable(self) -> AdapterSection:
-        from fedtune.models.adapter_methods import check_method
-
-        check_method(self.method, self.options)  # refused methods fail here, not mid-run
+        run_checks("adapter", self)  # refused methods fail here, not mid-run (fedtune.models)
         return self
 
 
@@ -134,12 +132,6 @@ class CodecSection(Section):
     method: Literal["none", "fp16", "bf16", "int8", "topk"] = "none"
     block_size: PositiveInt = 64
     topk_ratio: float = Field(0.01, gt=0.0, le=1.0)
-
-    def codec(self):
-        from fedtune.transport.compression import CompressionConfig
-
-        return CompressionConfig(method=self.method, block_size=self.block_size,
-                                 topk_ratio=self.topk_ratio)
 
 
 class CompressionSection(Section):
@@ -155,15 +147,6 @@ class CompressionSection(Section):
                 "rounds does not; use it for `up` only (fp16, bf16 or int8 for `down`)"
             )
         return v
-
-
-def known_algorithm(name: str) -> str:
-    """`name` if an algorithm is registered under it (the message lists those that are)."""
-    from fedtune.algorithms.catalog import available_algorithms
-
-    if name not in available_algorithms():
-        raise ValueError(f"unknown algorithm {name!r}; allowed: {', '.join(available_algorithms())}")
-    return name
 
 
 class AttackSection(Section):
@@ -197,18 +180,9 @@ class SecureAggregationSection(Section):
     @model_validator(mode="after")
     def _codec(self) -> SecureAggregationSection:
         if not self.enabled and not self.model_fields_set & {"frac_bits", "clip", "max_weight"}:
-            return self  # the defaults fit; not importing the codec keeps numpy out of start-up
-        try:
-            self.codec()
-        except RecipeError as exc:
-            raise ValueError(str(exc).replace("secagg ", "")) from None
+            return self  # the defaults fit; not checking them keeps numpy out of start-up
+        run_checks("federation.secure_aggregation", self)   # its codec (fedtune.privacy)
         return self
-
-    def codec(self):
-        from fedtune.privacy.fixedpoint import FixedPointCodec
-
-        return FixedPointCodec(frac_bits=self.frac_bits, clip=float(self.clip),
-                               max_weight=float(self.max_weight))
 
     def threshold_for(self, n_clients: int) -> int:
         """The configured threshold, or a majority of `n_clients` (at least 2)."""
@@ -235,7 +209,8 @@ class FederationSection(Section):
     @field_validator("algorithm")
     @classmethod
     def _algorithm(cls, v: str) -> str:
-        return known_algorithm(v)
+        run_checks("algorithm", v)   # a registered algorithm (fedtune.algorithms)
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> FederationSection:
@@ -251,45 +226,7 @@ class FederationSection(Section):
         if unknown:
             raise ValueError(f"attack.clients {unknown} are not clients of this federation "
                              f"(client_0 ... client_{self.clients - 1})")
-        from fedtune.algorithms import algorithm_options
-
-        try:
-            algorithm_options(self.algorithm, self.options)
-        except RecipeError as exc:
-            raise ValueError(str(exc)) from None
-        return self
-
-    @model_validator(mode="after")
-    def _secure_aggregation(self) -> FederationSection:
-        """Refuse what cannot work with secure aggregation: the server sees only the sum."""
-        if not self.secure_aggregation.enabled:
-            return self
-        from fedtune.algorithms.catalog import CATALOG
-        from fedtune.privacy.secagg_wire import check_threshold
-
-        key = "secure_aggregation"
-        if not CATALOG[self.algorithm].sum_only:
-            works = ", ".join(sorted(n for n, s in CATALOG.items() if s.sum_only))
-            raise ValueError(
-                f"{key}.enabled: algorithm {self.algorithm!r} needs each client's own update (or "
-                f"per-client tensors) on the server, which secure aggregation hides; it works with "
-                f"algorithms that use only the sum of the updates: {works}")
-        if self.compression.up.method != "none":
-            raise ValueError(
-                f"{key}.enabled: compression.up must be 'none' (masked inputs are 64-bit integers "
-                f"that no codec can shrink); got {self.compression.up.method!r}")
-        if self.attack.kind in ("nan", "inf"):
-            raise ValueError(
-                f"{key}.enabled: attack.kind {self.attack.kind!r} is a server-side detection "
-                "experiment; with secure aggregation the server sees no individual update")
-        n = self.per_round()
-        if n < 2:
-            raise ValueError(f"{key}.enabled: needs at least 2 clients per round, got {n}")
-        try:
-            check_threshold(self.secure_aggregation.threshold_for(n), n)
-            self.secure_aggregation.codec().check_capacity(n)
-        except RecipeError as exc:
-            raise ValueError(f"{key}: {str(exc).replace('secagg ', '')}") from None
+        run_checks("federation", self)   # the algorithm's options, secure aggregation (algorithms)
         return self
 
     def per_round(self) -> int:
@@ -332,12 +269,18 @@ class TrainSection(Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     dp_sgd: DPSGDSection | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_steps(cls, data: Any) -> Any:
+        """Neither local_steps nor local_epochs given: 10 steps (the default, not a rewrite)."""
+        if isinstance(data, dict) and data.get("local_steps") is None and data.get("local_epochs") is None:
+            return {**data, "local_steps": 10}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> TrainSection:
         if self.local_steps is not None and self.local_epochs is not None:
             raise ValueError("set local_steps or local_epochs, not both")
-        if self.local_steps is None and self.local_epochs is None:
-            object.__setattr__(self, "local_steps", 10)
         return self
 
 
@@ -358,10 +301,18 @@ class HumanEvalSection(Section):
     timeout: PositiveFloat = 5.0
     memory_mb: PositiveInt = 1024
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_k(cls, data: Any) -> Any:
+        """No k given: those of 1, 10, 100 that are <= samples (the default, not a rewrite)."""
+        if isinstance(data, dict) and data.get("k") is None:
+            samples = data.get("samples", 1)
+            if isinstance(samples, int) and not isinstance(samples, bool):
+                return {**data, "k": [k for k in (1, 10, 100) if k <= samples]}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> HumanEvalSection:
-        if self.k is None:
-            object.__setattr__(self, "k", [k for k in (1, 10, 100) if k <= self.samples])
         too_big = [k for k in self.k if k > self.samples]
         if too_big:
             raise ValueError(f"pass@k needs k <= samples ({self.samples}); got k={too_big}")
@@ -467,9 +418,7 @@ class TransportSection(Section):
     @field_validator("address")
     @classmethod
     def _address(cls, v: str) -> str:
-        from fedtune.transport.auth import parse_address
-
-        parse_address(v)
+        run_checks("transport.address", v)   # host:port (fedtune.transport)
         return v
 
     @model_validator(mode="after")
@@ -532,7 +481,8 @@ class BenchAlgorithm(Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return known_algorithm(v)
+        run_checks("algorithm", v)   # a registered algorithm (fedtune.algorithms)
+        return v
 
     @field_validator("label")
     @classmethod
@@ -543,12 +493,7 @@ class BenchAlgorithm(Section):
 
     @model_validator(mode="after")
     def _check(self) -> BenchAlgorithm:
-        from fedtune.algorithms import algorithm_options
-
-        try:
-            algorithm_options(self.name, self.options)
-        except RecipeError as exc:
-            raise ValueError(str(exc).replace("federation.options.", "options.")) from None
+        run_checks("bench.algorithm", self)   # its options (fedtune.algorithms)
         return self
 
     @property
@@ -609,17 +554,28 @@ class Recipe(Section):
     output: OutputSection = Field(default_factory=OutputSection)
     bench: BenchSection = Field(default_factory=BenchSection)
 
-    @model_validator(mode="after")
-    def _qlora(self) -> Recipe:
-        if self.adapter.method == "qlora" and self.model.quantization == "none":
-            self.model.quantization = "4bit"  # QLoRA = LoRA on a 4-bit base
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _qlora(cls, data: Any) -> Any:
+        """QLoRA is LoRA on a 4-bit base: its model.quantization defaults to 4bit (resolved from
+        the input, before validation; the validated recipe is never rewritten)."""
+        if not isinstance(data, dict):
+            return data
+        adapter, model = data.get("adapter"), data.get("model")
+        method = adapter.get("method") if isinstance(adapter, dict) else getattr(adapter, "method", None)
+        if not isinstance(method, str) or normal_method(method) != "qlora":
+            return data
+        if model is None or isinstance(model, dict):
+            model = model or {}
+            if model.get("quantization", "none") == "none":
+                return {**data, "model": {**model, "quantization": "4bit"}}
+        elif isinstance(model, ModelSection) and model.quantization == "none":
+            return {**data, "model": model.model_copy(update={"quantization": "4bit"})}
+        return data
 
     @model_validator(mode="after")
     def _algorithm_fits(self) -> Recipe:
-        from fedtune.algorithms import check_recipe
-
-        check_recipe(self)  # what an algorithm needs from the other sections (ValueError)
+        run_checks("recipe", self)  # what the algorithm needs from the other sections (algorithms)
         return self
 
     @model_validator(mode="after")
@@ -656,167 +612,3 @@ class Recipe(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
-def builtin_recipes() -> dict[str, Path]:
-    """Name -> path of the recipes shipped with fedtune."""
-    root = resources.files("fedtune") / "recipes"
-    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
-
-
-def _line_map(text: str) -> dict[tuple[str, ...], int]:
-    """Key path -> 1-based line number, for error messages."""
-    lines: dict[tuple[str, ...], int] = {}
-
-    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                sub = (*path, str(key.value))
-                lines[sub] = key.start_mark.line + 1
-                walk(value, sub)
-
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
-def split_recipe_args(items: list[str]) -> tuple[str | None, list[str]]:
-    """Command-line items -> (the recipe, if any, and the key.path=value overrides)."""
-    recipe, overrides = None, []
-    for item in items:
-        if "=" in item:
-            overrides.append(item)
-        elif recipe is None:
-            recipe = item
-        else:
-            raise RecipeError(f"two recipes given ({recipe!r} and {item!r}); overrides look like key.path=value")
-    return recipe, overrides
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`federation.rounds=3` -> (['federation', 'rounds'], 3); values are parsed as YAML."""
-    if "=" not in text:
-        raise RecipeError(f"command line: {text}: expected KEY.PATH=VALUE, e.g. federation.rounds=5")
-    key, raw = text.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
-        raise RecipeError(f"command line: {text}: empty key path")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"command line: {text}: the value is not valid YAML ({exc})") from None
-    return path, value
-
-
-def _apply_override(data: dict, path: list[str], value: Any, text: str) -> None:
-    node = data
-    for i, part in enumerate(path[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            where = ".".join(path[: i + 1])
-            raise RecipeError(f"command line: {text}: {where} is a value, not a section")
-        node = child
-    node[path[-1]] = value
-
-
-def _allowed_keys(loc: tuple) -> list[str]:
-    model: Any = Recipe
-    for part in loc:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        model = field.annotation
-        # An optional section (`X | None`): the keys of X.
-        model = next((a for a in get_args(model) if hasattr(a, "model_fields")), model)
-    return list(getattr(model, "model_fields", {}))
-
-
-def _where(loc: tuple[str, ...], origin: str, lines: dict[tuple[str, ...], int],
-           overrides: dict[str, str]) -> str:
-    """Where an error at key path `loc` comes from: the override that set it (as typed on the
-    command line), else the recipe file's line, naming any overrides below `loc` as well."""
-    key = ".".join(loc)
-    for path, text in reversed(overrides.items()):  # the last override of a key is the one used
-        if key == path or key.startswith(path + "."):
-            return f"command line: {text}"
-    in_file = next((f"{origin}, line {lines[loc[:n]]}" for n in range(len(loc), 0, -1)
-                    if loc[:n] in lines), origin)
-    below = [text for path, text in overrides.items() if not key or path.startswith(key + ".")]
-    if below:
-        return f"command line: {', '.join(below)} (with {in_file})"
-    return in_file
-
-
-def _format_errors(
-    exc: ValidationError, origin: str, lines: dict[tuple[str, ...], int], overrides: dict[str, str]
-) -> str:
-    out = []
-    for err in exc.errors():
-        loc = tuple(str(p) for p in err["loc"])
-        key = ".".join(loc) or "(top level)"
-        where = _where(loc, origin, lines, overrides)
-        if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(tuple(err["loc"][:-1]))
-            msg = f"unknown key; allowed here: {', '.join(allowed)}"
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] not in ("value_error", "missing") and "input" in err:
-                msg += f" (got {err['input']!r})"
-        out.append(f"  {where}: {key}: {msg}")
-    return "invalid recipe:\n" + "\n".join(out)
-
-
-def load_recipe(
-    source: str | Path | dict | Recipe | None = None, overrides: list[str] | None = None
-) -> Recipe:
-    """Load a recipe from a built-in name, a YAML path, a dict or a Recipe, then apply overrides."""
-    overrides = list(overrides or [])
-    lines: dict[tuple[str, ...], int] = {}
-    if isinstance(source, Recipe):
-        data, origin = source.model_dump(mode="json"), "recipe"
-    elif isinstance(source, dict):
-        data, origin = dict(source), "recipe"
-    else:
-        path = _resolve_recipe_path(source)
-        origin = str(path)
-        text = path.read_text()
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
-        lines = _line_map(text)
-    override_keys: dict[str, str] = {}   # key path -> the argument as typed
-    for text in overrides:
-        keypath, value = parse_override(text)
-        _apply_override(data, keypath, value, text)
-        override_keys.pop(".".join(keypath), None)
-        override_keys[".".join(keypath)] = text
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(_format_errors(exc, origin, lines, override_keys)) from None
-
-
-def _resolve_recipe_path(source: str | Path | None) -> Path:
-    recipes = builtin_recipes()
-    if source is None:
-        return recipes["default"]
-    path = Path(source)
-    if path.is_file():
-        return path
-    if str(source) in recipes:
-        return recipes[str(source)]
-    raise RecipeError(
-        f"recipe {str(source)!r} is neither a file nor a built-in recipe; "
-        f"built-in: {', '.join(sorted(recipes))} (see `fedtune recipes`)"
-    )
