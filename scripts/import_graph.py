@@ -34,7 +34,7 @@ LAYERS: list[set[str]] = [
     {"algorithms"},
     {"runtime"},
     {"baselines"},
-    {"cli", "cli_deploy", "cli_export", "__init__", "__main__"},
+    {"cli", "cli_common", "cli_deploy", "cli_export", "__init__", "__main__"},
 ]
 
 # Algorithm names that a module outside algorithms/ would use to branch on one of them.

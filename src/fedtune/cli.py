@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import logging
 import os
-import shlex
 import signal
 import sys
 import threading
@@ -18,31 +17,12 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from fedtune import __version__
+from fedtune.cli_common import check_early, resume_hint
 from fedtune.cli_deploy import add_deploy_commands
 from fedtune.cli_export import add_export_command
 from fedtune.errors import FedtuneError
 
 PIPED_WIDTH = 200   # console columns when stdout is a pipe or a file (COLUMNS overrides)
-
-
-def check_early(recipe: str | None, overrides: list[str], resume: str | None = None) -> None:
-    """Report a recipe error, a missing data file or an unreachable hub id now, before torch
-    loads (seconds)."""
-    from fedtune.config import load_recipe
-    from fedtune.data.records import check_local_source
-    from fedtune.models.hub import hub_access
-
-    if resume is not None:
-        path = Path(resume) / "recipe.yaml"
-        if recipe is not None or overrides or not path.is_file():
-            return  # the command's own checks say what is wrong
-        loaded = load_recipe(path)
-    else:
-        loaded = load_recipe(recipe, overrides)
-    for source in (loaded.data.source, loaded.data.test_source):
-        if source is not None:
-            check_local_source(source)
-    hub_access(loaded.model)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -260,13 +240,6 @@ def main(argv: list[str] | None = None) -> int:
 def run_interrupted(args: argparse.Namespace, exc: BaseException) -> str:
     """What to do after `fedtune run` stopped: resume its run directory, named in full."""
     return resume_hint("run", getattr(exc, "run_dir", None) or args.resume)
-
-
-def resume_hint(command: str, run_dir: str | Path | None) -> str:
-    if run_dir is None:
-        return "interrupted before the run directory was made; nothing to resume"
-    return (f"interrupted; continue with `fedtune {command} --resume {shlex.quote(str(run_dir))}` "
-            "(from its last checkpoint)")
 
 
 def _shown_default(field) -> str:

@@ -16,7 +16,7 @@ def _show_transport_log() -> None:
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    from fedtune.cli import check_early
+    from fedtune.cli_common import check_early
     from fedtune.config import split_recipe_args
     from fedtune.track.reporter import quiet_libraries
 
@@ -34,7 +34,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 
 def _server_interrupted(args: argparse.Namespace, exc: BaseException) -> str:
-    from fedtune.cli import resume_hint
+    from fedtune.cli_common import resume_hint
 
     return resume_hint("server", getattr(exc, "run_dir", None) or args.resume)
 
