@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(BIN)/fedtune run
 
-# Every test, the slow multi-process gRPC ones included (what CI runs).
+# The layer contracts (import-linter, pyproject.toml), then every test, the slow multi-process
+# gRPC ones included (what CI runs).
 test: setup
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # The quick loop while editing: everything but the tests marked slow.
@@ -31,6 +33,7 @@ mutation: setup
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py

@@ -34,7 +34,7 @@ def secure_aggregation(fed: Any) -> None:
     if not fed.secure_aggregation.enabled:
         return
     from fedtune.privacy.fixedpoint import codec_of
-    from fedtune.privacy.secagg_wire import check_threshold
+    from fedtune.privacy.secagg_params import check_threshold
 
     key = "secure_aggregation"
     if not CATALOG[fed.algorithm].sum_only:

@@ -28,6 +28,7 @@ from fedtune.privacy.secagg_crypto import (
     TAG_BYTES,
     check_public_key,
 )
+from fedtune.privacy.secagg_params import check_threshold  # noqa: F401  (wire.check_threshold)
 from fedtune.privacy.shamir import SHARE_BYTES, Share
 
 WEIGHT_KEY = "secagg.weight"
@@ -56,17 +57,6 @@ class PublicKeys:
 
     def to_json(self) -> dict[str, str]:
         return {key: getattr(self, key).hex() for key in ADVERT_KEYS}
-
-
-def check_threshold(threshold: int, n_peers: int) -> None:
-    """Refuse (RecipeError) a threshold that is not a majority of the configured clients."""
-    if isinstance(threshold, bool) or not isinstance(threshold, int):
-        raise RecipeError(f"secagg threshold must be an int, got {threshold!r}")
-    if not (threshold >= 2 and 2 * threshold > n_peers and threshold <= n_peers):
-        raise RecipeError(
-            f"secagg threshold {threshold} of {n_peers} clients is not allowed: it must be "
-            f"at least 2 and more than half the clients ({n_peers // 2 + 1}..{n_peers})"
-        )
 
 
 def peer_list(peers: Sequence[str]) -> list[str]:
