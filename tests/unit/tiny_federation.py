@@ -25,8 +25,8 @@ from fedtune.config import Recipe
 from fedtune.data.prompts import TokenizedExample
 from fedtune.models.adapters import AdapterSlot
 from fedtune.runtime.client import Client, ClientDataset
+from fedtune.runtime.hosting import InProcessHost
 from fedtune.runtime.server import Server
-from fedtune.runtime.simulation import SimulatedClientStates
 from fedtune.track.rundir import RunDir
 from fedtune.train.local import LocalTrainer
 from fedtune.transport.compression import codec_of
@@ -151,7 +151,7 @@ def federation(recipe_: Recipe, model: torch.nn.Module, train: dict[str, list[To
     server = Server(
         recipe_, strategy=build_strategy(fed.algorithm, fed.options, fed.clients),
         transport=transport, clients=list(clients), global_state=view.initial(), run_dir=run_dir,
-        client_state=SimulatedClientStates(clients), evaluate_global=evaluate_global,
+        client_state=InProcessHost(clients), evaluate_global=evaluate_global,
     )
     server._wall = lambda: 0.0
     return Federation(server, clients, model, slot, transport, run_dir)

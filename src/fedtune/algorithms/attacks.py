@@ -31,6 +31,9 @@ class AttackedLocal:
     def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
         return self.inner.server_tensor_specs(adapter)
 
+    def personal(self, state: State) -> State | None:
+        return self.inner.personal(state)
+
     def fit(self, ctx: LocalContext, global_state: State) -> LocalOutcome:
         outcome = self.inner.fit(ctx, global_state)
         outcome.update = corrupt_update(outcome.update, self.kind, self.factor)

@@ -107,12 +107,21 @@ class LocalProcedure(Protocol):
 
     def fit(self, ctx: LocalContext, global_state: State) -> LocalOutcome: ...
 
+    def personal(self, state: State) -> State | None:
+        """The client's own model, kept in its persistent `state` (personalised FL, e.g. a
+        personal adapter), in the form of the global state; the client evaluates it on its test
+        part beside the global model and reports it as `personal_<metric>`. None: there is none."""
+        ...
+
 
 class StandardLocal:
     """Plain local training (FedAvg and every server-side-only algorithm)."""
 
     def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
         return {}
+
+    def personal(self, state: State) -> State | None:
+        return None
 
     def fit(self, ctx: LocalContext, global_state: State) -> LocalOutcome:
         result = ctx.trainer.train(ctx.train, lr=ctx.lr, seed=ctx.seed)

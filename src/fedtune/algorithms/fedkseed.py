@@ -176,6 +176,9 @@ class KSeedLocal:
     def __init__(self, config: FedKSeedConfig):
         self.config = config
 
+    def personal(self, state: State) -> State | None:
+        return None
+
     def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
         return {PROBS: TensorSpec((self.config.num_seeds,), torch.float32)} if self.config.pro else {}
 

@@ -105,6 +105,9 @@ class MeZOLocal:
     def __init__(self, config: FedMeZOConfig):
         self.config = config
 
+    def personal(self, state: State) -> State | None:
+        return None
+
     def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
         return {}
 

@@ -28,6 +28,9 @@ class ProxLocal:
     def __init__(self, config: FedProxConfig):
         self.mu = config.mu
 
+    def personal(self, state: State) -> State | None:
+        return None
+
     def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
         return {}
 

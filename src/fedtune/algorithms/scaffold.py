@@ -87,6 +87,9 @@ class ScaffoldLocal:
     def __init__(self, config: ScaffoldConfig):
         self.config = config
 
+    def personal(self, state: State) -> State | None:
+        return None
+
     def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
         return {C + k: spec for k, spec in _float32(adapter).items()}
 

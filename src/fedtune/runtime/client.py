@@ -131,6 +131,16 @@ class Client:
                        tensors={**self.up.pack(outcome.update, self.state), **outcome.extra},
                        meta={"n_examples": len(self.data.train), "metrics": outcome.metrics})
 
+    def _evaluate_personal(self) -> dict:
+        """The algorithm's personal model of this client (LocalProcedure.personal) on its test
+        part, as `personal_<metric>` (no generation; {} without one)."""
+        personal = self.local.personal(self.state)
+        if personal is None or self.evaluator is None or not self.data.test:
+            return {}
+        self.view.load(personal)
+        found = self.evaluator.evaluate(self.data.test, self.data.test_raw, with_generation=False)
+        return {f"personal_{k}": v for k, v in found.items() if k != "n_examples"}
+
     def evaluate(self, msg: Message) -> Message:
         """The global adapter on this client's test part (generating answers when the server asks,
         the predictions written to `predictions_dir`, never sent) and its validation part (loss)."""
@@ -151,5 +161,6 @@ class Client:
             val = self.evaluator.loss(self.data.val)
             if "loss" in val:
                 metrics.update(val_loss=val["loss"], val_tokens=val["n_tokens"])
+        metrics.update(self._evaluate_personal())
         return Message(MessageKind.EVAL_RESULT, msg.round, self.name, self.server,
                        meta={"n_examples": len(self.data.test), "metrics": metrics})

@@ -50,8 +50,13 @@ class ClientHost(Protocol):
 class InProcessHost:
     """Every client in this process, on the shared model (Setup.client), taking turns."""
 
-    def __init__(self, setup: Any):
-        self.clients: dict[str, Client] = {name: setup.client(name) for name in setup.data.clients}
+    def __init__(self, clients: dict[str, Client]):
+        self.clients = dict(clients)
+
+    @classmethod
+    def from_setup(cls, setup: Any) -> InProcessHost:
+        """Every client of the recipe's split, built by `setup` (Setup.client) on its model."""
+        return cls({name: setup.client(name) for name in setup.data.clients})
 
     def names(self) -> list[str]:
         return list(self.clients)
@@ -78,7 +83,7 @@ class InProcessHost:
             self.clients[name].state[k] = value
 
 
-ENGINES: dict[str, Callable[[Any], ClientHost]] = {"inprocess": InProcessHost}
+ENGINES: dict[str, Callable[[Any], ClientHost]] = {"inprocess": InProcessHost.from_setup}
 
 
 def client_host(engine: str, setup: Any) -> ClientHost:
