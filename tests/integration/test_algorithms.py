@@ -253,8 +253,8 @@ def test_backdoor_poisons_only_the_attackers_data(tiny_recipe):
         "poison_fraction": 0.5}))
     setup = Setup(recipe)
     tok = setup.tokenizer
-    poisoned = setup.client("client_0").data.train
-    honest = setup.client("client_1").data.train
+    poisoned = setup.clients.client("client_0").data.train
+    honest = setup.clients.client("client_1").data.train
     target = tok.encode("OK", add_special_tokens=False) + [tok.eos_token_id]
     n_poisoned = sum(1 for ex in poisoned if [t for t in ex.labels if t != -100] == target)
     assert n_poisoned == round(0.5 * len(poisoned))
@@ -273,7 +273,7 @@ def test_a_boosted_backdoor_scales_the_poisoned_update(tiny_recipe):
             "clients": ["client_0"], "kind": "backdoor", "boost": boost})))
         fit = Message(MessageKind.FIT, 1, "server", "client_0", tensors=setup.view.initial(),
                       meta={"lr": 0.01})
-        reply = decode(setup.client("client_0").handle_bytes(encode(fit)))
+        reply = decode(setup.clients.client("client_0").handle_bytes(encode(fit)))
         assert reply.kind == MessageKind.UPDATE
         updates.append(reply.tensors)
     assert updates[0] and all(torch.equal(updates[1][k], updates[0][k] * 3.0) for k in updates[0])

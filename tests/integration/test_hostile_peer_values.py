@@ -16,6 +16,7 @@ from rich.console import Console
 from fedtune.algorithms import build_strategy
 from fedtune.config import load_recipe
 from fedtune.runtime.deploy_client import _Loop
+from fedtune.runtime.finish import finish_run
 from fedtune.runtime.server import Server
 from fedtune.runtime.simulation import Simulation, resume_server
 from fedtune.track.report import closing_table
@@ -107,7 +108,7 @@ def _deployed_run(world, name: str, update_meta: dict, eval_meta: dict, *, round
                         run_dir=run_dir, reply_timeout=60)
         start = resume_server(server, run_dir, Console(file=StringIO())) if resume else 1
         result = server.run(start)
-        summary = sim.setup.finish(run_dir, server, result)
+        summary = finish_run(sim.setup, run_dir, server, result)
         honest.join(30)
         hostile.join(30)
     finally:

@@ -94,7 +94,7 @@ def participate(recipe: Any = None, overrides: list[str] | None = None, *, name:
             raise DeploymentError(
                 f"client '{name}' is not in the recipe's split ({', '.join(setup.data.clients)}); "
                 "give one of those names, or --data PATH for your own data")
-        client = setup.client(name)
+        client = setup.clients.client(name)
         client.predictions_dir = Path(loaded.output.dir) / name / "predictions"  # never sent
         client.secagg.require(loaded.federation.secure_aggregation)  # no plain FIT if enabled
         return _Loop(connection, client, loaded, out).run()

@@ -14,6 +14,7 @@ from fedtune.algorithms import build_strategy
 from fedtune.config import Recipe, load_recipe, parse_override
 from fedtune.data.federated import client_names
 from fedtune.errors import DeploymentError, RunDirError
+from fedtune.runtime.finish import finish_run
 from fedtune.runtime.server import Server
 from fedtune.runtime.setup import Setup
 from fedtune.runtime.simulation import resume_server
@@ -107,7 +108,7 @@ def serve(recipe: Any = None, overrides: list[str] | None = None, *, resume: str
                                     resume_with=RESUME)
             run_dir.write_recipe(loaded.to_yaml())
             setup.keep(run_dir, resume=False)
-        setup.write_split(run_dir)
+        setup.evaluation.write_split(run_dir)
         out.print(f"fedtune server: {len(joined)} clients joined; run directory {run_dir.path}")
         # Deployment checkpoints every round, so a restarted server loses at most one round.
         server_recipe = loaded.model_copy(deep=True)
@@ -116,7 +117,7 @@ def serve(recipe: Any = None, overrides: list[str] | None = None, *, resume: str
         server = Server(
             server_recipe, strategy=build_strategy(fed.algorithm, fed.options, fed.clients),
             transport=transport, clients=names, global_state=setup.view.initial(), run_dir=run_dir,
-            evaluate_global=setup.evaluate_global, reporter=reporter, party=setup.party,
+            evaluate_global=setup.evaluation.evaluate_global, reporter=reporter, party=setup.party,
             reply_timeout=section.round_timeout,
         )
         start = resume_server(server, run_dir, out) if resume is not None else 1
@@ -124,7 +125,7 @@ def serve(recipe: Any = None, overrides: list[str] | None = None, *, resume: str
             result = server.run(start)
         finally:
             reporter.close()
-        summary = setup.finish(run_dir, server, result)
+        summary = finish_run(setup, run_dir, server, result)
         summary["transport"] = {"kind": "grpc", "address": address, "mode": mode, **transport.stats()}
         run_dir.write_json("summary.json", summary)
     except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: the CLI names the directory to resume

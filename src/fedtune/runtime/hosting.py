@@ -56,7 +56,7 @@ class InProcessHost:
     @classmethod
     def from_setup(cls, setup: Any) -> InProcessHost:
         """Every client of the recipe's split, built by `setup` (Setup.client) on its model."""
-        return cls({name: setup.client(name) for name in setup.data.clients})
+        return cls({name: setup.clients.client(name) for name in setup.data.clients})
 
     def names(self) -> list[str]:
         return list(self.clients)

@@ -1,48 +1,45 @@
-"""What every process of a federation builds from a recipe: data, ONE base model with its adapter,
-the local trainer and the evaluator. Simulation, deployed server and deployed client share it, so
-they compute the same things from the same recipe and seed."""
+"""What every process of a federation builds from a recipe: data, ONE base model with its adapter
+(or the model the algorithm's party hooks give it), the local trainer and the evaluator.
+Simulation, deployed server and deployed client share it, so they compute the same things from
+the same recipe and seed. Its jobs beyond building are their own modules: the clients
+(runtime/client_factory.py), the server's global evaluation (runtime/server_eval.py) and the
+end of a run (runtime/finish.py)."""
 
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 
-from fedtune.algorithms import build_local, build_party, build_view
-from fedtune.algorithms.attacks import AttackedLocal, backdoor_metrics, poison_examples
-from fedtune.algorithms.party import GlobalEvaluation, Party
+from fedtune.algorithms import build_party, build_view
+from fedtune.algorithms.party import Party
 from fedtune.config import Recipe
 from fedtune.data.examples import Example
 from fedtune.data.federated import FederatedData, build_federated_data, format_split_table
 from fedtune.data.prompts import TokenizedExample, tokenize_examples
 from fedtune.eval.evaluator import Evaluator
-from fedtune.eval.predictions import (
-    predictions_path,
-    predictions_table,
-    read_predictions,
-    write_predictions,
-)
-from fedtune.eval.text_metrics import RULES
-from fedtune.models.adapters import AdapterSlot, attach_adapter, save_adapter
+from fedtune.models.adapters import AdapterSlot, attach_adapter
 from fedtune.models.loading import load_base_model
-from fedtune.runtime.client import Client, ClientDataset
-from fedtune.runtime.server import Server, ServerResult
+from fedtune.runtime.client_factory import ClientFactory
+from fedtune.runtime.server_eval import ServerEvaluation
 from fedtune.seeding import derive_seed, seed_everything
-from fedtune.track.report import closing_table, make_summary
 from fedtune.track.reporter import quiet_libraries
 from fedtune.track.rundir import RunDir
+from fedtune.track.traffic import TrafficCounter
 from fedtune.train.local import LocalTrainer
-from fedtune.transport.compression import codec_of
 from fedtune.transport.framing import SharedEncoder
 
 log = logging.getLogger("fedtune.setup")
 
 
 class Setup:
+    """One party of a federation, built: its data, model, adapter slot, view, trainer, evaluator
+    and the algorithm's party hooks; `clients` builds clients on it, `evaluation` evaluates the
+    global model on the server's side."""
+
     def __init__(self, recipe: Recipe, console: Console | None = None,
                  data: FederatedData | None = None, base: tuple[Any, Any] | None = None,
                  party: Party | None = None):
@@ -75,14 +72,12 @@ class Setup:
             max_length=recipe.data.max_length, device=self.device,
         )
         self.trainer = LocalTrainer(self.model, recipe.train, self.tokenizer.pad_token_id, self.device)
-        self._test: list[TokenizedExample] | None = None
-        self.predictions_dir: Path | None = None   # the run directory's predictions/ (server side)
-        self.last_predictions: Path | None = None  # the latest global predictions file
-        self._mc_items: list | None = None
         if "rouge_l" in recipe.eval.metrics:  # a missing package fails now, not after training
             from fedtune.eval.errors import require_module
 
             require_module("rouge_score.rouge_scorer", "rouge-score", "the rouge_l metric")
+        self.clients = ClientFactory(self)
+        self.evaluation = ServerEvaluation(self)
 
     def tokenize(self, label: str, examples: list[Example]) -> list[TokenizedExample]:
         d = self.recipe.data
@@ -96,77 +91,11 @@ class Setup:
                         label, report.truncated, report.total, report.dropped, d.max_length)
         return tokenized
 
-    def client(self, name: str) -> Client:
-        """The client `name` of the recipe's split, on the shared model."""
-        part = self.data.clients[name]
-        fed = self.recipe.federation
-        attack = fed.attack if name in fed.attack.clients else None
-        train = part.train
-        if attack is not None and attack.kind == "backdoor":
-            train = poison_examples(train, trigger=attack.trigger, target=attack.target,
-                                    fraction=attack.poison_fraction,
-                                    seed=derive_seed(self.recipe.seed, "poison", name))
-        dataset = ClientDataset(
-            train=self.tokenize(f"{name} train", train),
-            test=self.tokenize(f"{name} test", part.test),
-            test_raw=part.test,
-            val=self.tokenize(f"{name} val", part.val),
-        )
-        local = build_local(fed.algorithm, fed.options)
-        if attack is not None and attack.kind in ("scale", "sign_flip", "nan", "inf"):
-            local = AttackedLocal(local, attack.kind, attack.factor)
-        elif attack is not None and attack.kind == "backdoor" and attack.boost != 1.0:
-            local = AttackedLocal(local, "scale", attack.boost)  # model replacement
-        return Client(name, dataset, slot=self.slot, trainer=self.trainer, evaluator=self.evaluator,
-                      seed=self.recipe.seed, local=local, view=self.view,
-                      compression=(codec_of(fed.compression.up), codec_of(fed.compression.down)),
-                      max_message_bytes=self.recipe.transport.max_message_bytes)
-
-    def evaluate_global(self, state, generate: bool, round_: int | None = None) -> dict[str, Any]:
-        """Evaluate a global adapter on the global test set (the server's job); the answers go to
-        predictions/round_NNNN_global.jsonl, multiple choice (`mc_accuracy`) on `eval.mc`."""
-        if self._test is None:
-            self._test = self.tokenize("global test", self.data.test)
-        self.view.load(state)
-        cap = self.recipe.eval.max_examples
-        tokenized = self._test[:cap] if cap else self._test
-        raw = self.data.test[:cap] if cap else self.data.test
-        records: list[dict[str, Any]] = []
-        metrics = self.evaluator.evaluate(tokenized, raw, with_generation=generate, predictions=records)
-        metrics, records = self.party.evaluate_global(GlobalEvaluation(
-            state, tokenized, raw, generate, metrics, records,
-            write=lambda scope, rows: self._write_predictions(round_, scope, rows)))
-        path = self._write_predictions(round_, "global", records)
-        self.last_predictions = path or self.last_predictions
-        if "mc_accuracy" in self.recipe.eval.metrics:
-            metrics.update(self.mc_accuracy())
-        attack = self.recipe.federation.attack
-        if generate and attack.kind == "backdoor" and attack.clients:
-            metrics.update(backdoor_metrics(self.evaluator.generate, raw, trigger=attack.trigger,
-                                            target=attack.target))
-        return metrics
-
-    def _write_predictions(self, round_: int | None, scope: str, records: list[dict[str, Any]]) -> Path | None:
-        if not records or self.predictions_dir is None or round_ is None:
-            return None
-        return write_predictions(predictions_path(self.predictions_dir, round_, scope), records)
-
-    def mc_accuracy(self) -> dict[str, Any]:
-        """Multiple choice on `eval.mc` with the adapter in the slot (of Party.eval_model)."""
-        from fedtune.eval.multiple_choice import load_mc_items, mc_accuracy
-
-        if self._mc_items is None:
-            self._mc_items = load_mc_items(self.recipe.eval.mc)
-        model = self.party.eval_model(self.model)
-        with torch.no_grad():
-            found = mc_accuracy(model, self.tokenizer, self._mc_items, self.device)
-        return {"mc_accuracy": found["mc_accuracy"]} if found.get("n_items") else {}
-
     def keep(self, run_dir: RunDir, resume: bool) -> None:
         """What the algorithm keeps with the run for a resumed run to reuse (Party.keep)."""
         self.party.keep(Path(run_dir.path), resume)
 
-    def charge_downloads(self, traffic) -> None:
+    def charge_downloads(self, traffic: TrafficCounter) -> None:
         """Simulation: charge every client one download of what the algorithm ships before a
         client joins (round 0), as a deployed server's transport counts the real ones."""
         encoder = SharedEncoder()  # the same tensors for every client: encoded once
@@ -175,77 +104,3 @@ class Setup:
                 head, part = encoder.encode(make(client))
                 traffic.record(direction="down", client=client, round=0, nbytes=len(head) + len(part))
             encoder.clear()
-
-    def write_split(self, run_dir: RunDir) -> None:
-        """split.json in the run directory, which also becomes where predictions are written."""
-        self.predictions_dir = Path(run_dir.path) / "predictions"
-        if self._test is None:
-            self._test = self.tokenize("global test", self.data.test)
-        run_dir.write_json("split.json", {**self.data.summary(), "tokenization": self.tokenize_report})
-
-    def humaneval(self, run_dir: RunDir, round_: int) -> dict[str, Any]:
-        """HumanEval pass@k of the adapter in the slot (`eval.humaneval`); samples in humaneval.jsonl."""
-        from fedtune.eval.humaneval_run import run_humaneval
-
-        start = time.perf_counter()
-        metrics = run_humaneval(self.evaluator, self.recipe.eval.humaneval, seed=self.recipe.seed,
-                                samples_path=Path(run_dir.path) / "humaneval.jsonl",
-                                console=self.console)
-        metrics["humaneval_seconds"] = round(time.perf_counter() - start, 3)
-        run_dir.log(round_, None, "eval", {"scope": "humaneval", **metrics})
-        shown = "  ".join(f"{k.removeprefix('humaneval_')} {v:.3f}" for k, v in metrics.items()
-                          if k.startswith("humaneval_pass@"))
-        self.console.print(f"HumanEval ({metrics['humaneval_tasks']} problems, "
-                           f"{metrics['humaneval_samples']} samples): {shown}")
-        return metrics
-
-    def finish(self, run_dir: RunDir, server: Server, result: ServerResult) -> dict[str, Any]:
-        """Save the final adapter (standard PEFT directory) and summary.json; print the table."""
-        self.save_adapter(result.global_state, run_dir.final_dir)
-        summary = make_summary(
-            self.recipe, result, traffic=server.transport.traffic, wall_seconds=server.wall_seconds(),
-            adapter_parameters=self.slot.num_parameters(),
-            adapter_bytes=self.slot.num_bytes(), run_dir=Path(run_dir.path),
-        )
-        summary.update(self.party.summary(result.final))
-        report = self.party.report(summary)
-        if report:
-            summary["report"] = report
-        if self.recipe.eval.humaneval is not None:
-            summary["humaneval"] = self.humaneval(run_dir, result.rounds)
-        summary.update(self._selection_summary(run_dir, result))
-        run_dir.write_json("summary.json", summary)
-        self.console.print(closing_table(summary))
-        shown = self.recipe.eval.show_predictions
-        if shown and self.last_predictions is not None:
-            self.console.print(predictions_table(read_predictions(self.last_predictions, shown),
-                                                 title=f"first {shown} answers in predictions/"
-                                                       f"{self.last_predictions.name}"))
-        self.console.print(f"run directory: {run_dir.path}")
-        return summary
-
-    def save_adapter(self, state, directory: Path) -> None:
-        """The global adapter `state` as a standard PEFT directory with the tokenizer (BitFit: its
-        biases), or as the algorithm saves it (Party.save); the slot holds `state` afterwards."""
-        self.view.load(state)
-        if not self.party.save(state, directory):
-            save_adapter(self.model, self.recipe.adapter, directory)
-        self.tokenizer.save_pretrained(directory)
-
-    def _selection_summary(self, run_dir: RunDir, result: ServerResult) -> dict[str, Any]:
-        """best/ (output.keep_best), the early-stopping figures, what the metrics measured and where
-        the predictions are, for summary.json."""
-        out: dict[str, Any] = {"eval_metrics": {m: RULES[m] for m in self.recipe.eval.metrics}}
-        selection = result.selection
-        if selection is not None:
-            out.update(selection.summary())
-            if selection.best_state:
-                best = Path(run_dir.path) / "best"
-                self.save_adapter(selection.best_state, best)
-                self.view.load(result.global_state)
-                out["best"]["adapter"] = str(best)
-            stopped = selection.stopped_at
-            out["stopped_early"] = stopped is not None and stopped < self.recipe.federation.rounds
-        if self.predictions_dir is not None and self.predictions_dir.is_dir():
-            out["predictions"] = str(self.predictions_dir)
-        return out

@@ -17,6 +17,7 @@ from fedtune.config import Recipe, load_recipe
 from fedtune.data.federated import FederatedData
 from fedtune.errors import RunDirError
 from fedtune.runtime.client import Client
+from fedtune.runtime.finish import finish_run
 from fedtune.runtime.hosting import client_host
 from fedtune.runtime.server import Server
 from fedtune.runtime.setup import Setup
@@ -49,7 +50,7 @@ class Simulation:
     def run(self, run_dir: RunDir, resume: bool = False) -> dict[str, Any]:
         recipe, setup = self.recipe, self.setup
         setup.keep(run_dir, resume)
-        setup.write_split(run_dir)
+        setup.evaluation.write_split(run_dir)
         self.host.write_predictions_to(Path(run_dir.path) / "predictions")  # beside the server's
         reporter = ConsoleReporter(setup.console) if recipe.output.progress else NullReporter()
         transport = InProcessTransport(
@@ -61,7 +62,7 @@ class Simulation:
             recipe, strategy=build_strategy(recipe.federation.algorithm, recipe.federation.options,
                                            recipe.federation.clients),
             transport=transport, clients=self.host.names(), global_state=setup.view.initial(),
-            run_dir=run_dir, evaluate_global=setup.evaluate_global, reporter=reporter, party=setup.party,
+            run_dir=run_dir, evaluate_global=setup.evaluation.evaluate_global, reporter=reporter, party=setup.party,
             client_state=self.host, example_counts=self.host.example_counts(),
         )
         start_round = resume_server(server, run_dir, setup.console) if resume else 1
@@ -71,7 +72,7 @@ class Simulation:
             result = server.run(start_round)
         finally:
             reporter.close()
-        return setup.finish(run_dir, server, result)
+        return finish_run(setup, run_dir, server, result)
 
 
 def resume_server(server: Server, run_dir: RunDir, console: Console) -> int:

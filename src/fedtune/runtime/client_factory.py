@@ -1,0 +1,45 @@
+"""The clients of a recipe's split, built on a Setup's shared model: their tokenized data, the
+algorithm's local procedure, and the hostile behaviour `federation.attack` gives some of them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedtune.algorithms import build_local
+from fedtune.algorithms.attacks import AttackedLocal, poison_examples
+from fedtune.runtime.client import Client, ClientDataset
+from fedtune.seeding import derive_seed
+from fedtune.transport.compression import codec_of
+
+
+class ClientFactory:
+    def __init__(self, setup: Any):
+        self.setup = setup
+
+    def client(self, name: str) -> Client:
+        """The client `name` of the recipe's split, on the shared model."""
+        setup = self.setup
+        recipe = setup.recipe
+        part = setup.data.clients[name]
+        fed = recipe.federation
+        attack = fed.attack if name in fed.attack.clients else None
+        train = part.train
+        if attack is not None and attack.kind == "backdoor":
+            train = poison_examples(train, trigger=attack.trigger, target=attack.target,
+                                    fraction=attack.poison_fraction,
+                                    seed=derive_seed(recipe.seed, "poison", name))
+        dataset = ClientDataset(
+            train=setup.tokenize(f"{name} train", train),
+            test=setup.tokenize(f"{name} test", part.test),
+            test_raw=part.test,
+            val=setup.tokenize(f"{name} val", part.val),
+        )
+        local = build_local(fed.algorithm, fed.options)
+        if attack is not None and attack.kind in ("scale", "sign_flip", "nan", "inf"):
+            local = AttackedLocal(local, attack.kind, attack.factor)
+        elif attack is not None and attack.kind == "backdoor" and attack.boost != 1.0:
+            local = AttackedLocal(local, "scale", attack.boost)  # model replacement
+        return Client(name, dataset, slot=setup.slot, trainer=setup.trainer,
+                      evaluator=setup.evaluator, seed=recipe.seed, local=local, view=setup.view,
+                      compression=(codec_of(fed.compression.up), codec_of(fed.compression.down)),
+                      max_message_bytes=recipe.transport.max_message_bytes)
