@@ -40,6 +40,12 @@ class Tampering:
     def expect(self, round, answer, clients, specs) -> None:  # what replies must carry (sizes)
         self.inner.expect(round, answer, clients, specs)
 
+    def counter_state(self):
+        return self.inner.counter_state()
+
+    def load_counter_state(self, state):
+        self.inner.load_counter_state(state)
+
     def collect(self, round, expected, timeout=None):
         self.timeouts.append(timeout)
         replies = self.inner.collect(round, expected, timeout)

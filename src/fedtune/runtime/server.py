@@ -141,8 +141,7 @@ class Server:
         self.strategy.load_state_dict(strategy_state)
         self.party.load_state_dict({k.removeprefix(PARTY): v for k, v in ckpt.strategy_state.items()
                                     if k.startswith(PARTY)})
-        if hasattr(self.transport, "load_counter_state"):  # refused calls, late replies... go on
-            self.transport.load_counter_state(ckpt.info.get("transport", {}))
+        self.transport.load_counter_state(ckpt.info.get("transport", {}))  # late replies... go on
         self.transport.traffic.load_state(ckpt.info.get("traffic", {}))
         self.timings = Timings(train=peer_values.stored_seconds(ckpt.info.get("train_seconds")),
                                eval=peer_values.stored_seconds(ckpt.info.get("eval_seconds")),
@@ -373,8 +372,9 @@ class Server:
                 "initial": self.initial, "rejected": self.rejected, "missing": self.missing,
                 "last_eval": self.last_eval, "client_eval": self.client_eval,
                 "selection": self.selection.state(), **self.timings.state()}
-        if hasattr(self.transport, "counter_state"):
-            info["transport"] = self.transport.counter_state()
+        counters = self.transport.counter_state()
+        if counters:
+            info["transport"] = counters
         state = {k: v.contiguous() for k, v in self.strategy.state_dict().items()}
         state.update({PARTY + k: v.contiguous() for k, v in self.party.state_dict().items()})
         clients = self.client_state.state_dict() if self.client_state is not None else {}

@@ -36,6 +36,15 @@ class ServerTransport(Protocol):
         """Deliver what was sent and return the valid replies of ``expected`` clients for ``round``."""
         ...
 
+    def counter_state(self) -> dict[str, int]:
+        """The transport's own counts (late replies, refused calls...) for a checkpoint; {} for
+        one that keeps none."""
+        ...
+
+    def load_counter_state(self, state: object) -> None:
+        """Continue the counts of a checkpoint (a resumed server)."""
+        ...
+
     def close(self) -> None:
         """Release queues and connections."""
         ...

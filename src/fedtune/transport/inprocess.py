@@ -47,6 +47,12 @@ class InProcessTransport:
         for client in clients:
             self._expected[(client, round, answer)] = Expectation(None if specs is None else dict(specs))
 
+    def counter_state(self) -> dict[str, int]:
+        return {}  # nothing is late or refused in process: every count is in `traffic`
+
+    def load_counter_state(self, state: object) -> None:
+        return None
+
     def send(self, message: Message) -> None:
         """Queue ``message`` for its receiver.
 
