@@ -51,6 +51,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from fedtune.config import split_recipe_args
+    from fedtune.track.reporter import quiet_libraries
+
+    recipe, overrides = split_recipe_args(args.items)
+    check_early(recipe, overrides)
+    quiet_libraries()
+    from fedtune.tune import tune   # optuna loads here only
+
+    tune(recipe, overrides, resume=args.resume, storage=args.storage, trials=args.trials)
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from fedtune.track.reporter import quiet_libraries
 
@@ -136,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "bench.algorithms=[fedavg,fedprox] federation.rounds=10")
     p.add_argument("items", nargs="*", metavar="RECIPE|KEY=VALUE")
     p.set_defaults(func=_cmd_bench)
+    p = sub.add_parser("tune", help="tune hyper-parameters over whole federated runs (Optuna)",
+                       description="Search the recipe's tune.params (recipe key paths) with Optuna: "
+                                   "each trial is a full federated run in STUDY_DIR/trials/, pruned "
+                                   "early on its evaluations; writes trials.md/.csv, best.yaml and "
+                                   "report.html into output.dir/tune-STUDY (docs/tune.md).")
+    p.add_argument("items", nargs="*", metavar="RECIPE|KEY=VALUE")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the study (or join it as one more worker, on any machine)")
+    p.add_argument("--storage", metavar="URL", help="SQLAlchemy URL of the study's database "
+                   "(default: tune.storage, else SQLite in the study directory)")
+    p.add_argument("--trials", type=int, metavar="N", help="the study's total of trials (default: tune.trials)")
+    p.set_defaults(func=_cmd_tune)
     p = sub.add_parser("recipes", help="list the built-in recipes")
     p.set_defaults(func=_cmd_recipes)
     p = sub.add_parser("eval", help="evaluate a saved adapter on a test set",

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from fedtune.config.checks import run_checks
+from fedtune.config.tune import TuneSection
 
 
 class Section(BaseModel):
@@ -553,6 +554,7 @@ class Recipe(Section):
     transport: TransportSection = Field(default_factory=TransportSection)
     output: OutputSection = Field(default_factory=OutputSection)
     bench: BenchSection = Field(default_factory=BenchSection)
+    tune: TuneSection | None = None   # `fedtune tune` (config/tune.py, docs/tune.md)
 
     @model_validator(mode="before")
     @classmethod
@@ -608,6 +610,24 @@ class Recipe(Section):
             if no_test and metric not in ("val_loss", "mc_accuracy"):
                 raise ValueError(f"{key}: {metric} is measured on the global test set, and "
                                  "data.test_fraction is 0 with no data.test_source; watch val_loss")
+        return self
+
+    @model_validator(mode="after")
+    def _tune(self) -> Recipe:
+        tune = self.tune
+        if tune is None:
+            return self
+        if tune.metric not in (*LOSS_METRICS, *self.eval.metrics):
+            raise ValueError(f"tune.metric: {tune.metric!r} is not measured; choose one of "
+                             f"{', '.join((*LOSS_METRICS, *self.eval.metrics))} (eval.metrics)")
+        if tune.metric == "val_loss" and (not self.eval.clients or self.data.val_fraction == 0):
+            raise ValueError("tune.metric: val_loss needs eval.clients: true and data.val_fraction > 0")
+        if tune.metric != "val_loss" and self.data.test_fraction == 0 and self.data.test_source is None:
+            raise ValueError(f"tune.metric: {tune.metric} is measured on the global test set; "
+                             "data.test_fraction is 0 with no data.test_source")
+        if tune.pruner.name != "none" and self.eval.every == 0:
+            raise ValueError(f"tune.pruner {tune.pruner.name} prunes on evaluations during training: "
+                             "set eval.every (e.g. 2), or tune.pruner: none")
         return self
 
     def to_yaml(self) -> str:

@@ -97,11 +97,14 @@ class Server:
         client_state: ClientStateStore | None = None,
         example_counts: dict[str, int] | None = None,
         party: Party | None = None,
+        on_eval: Callable[[int, dict[str, Any]], bool] | None = None,
     ):
         """`example_counts`: each client's real number of training examples where the server knows
         it (simulation); a claim above it is refused. Otherwise (deployment) the bound is
         federation.max_examples_per_client. `party`: the algorithm's hooks of this process (its
-        work between rounds and the state that needs, checkpointed with the strategy's)."""
+        work between rounds and the state that needs, checkpointed with the strategy's). `on_eval`:
+        called with each evaluation during training (round, metrics); True stops the run there,
+        cleanly, as early stopping does (`fedtune tune`'s pruner)."""
         self.recipe = recipe
         self.strategy = strategy
         self.transport = transport
@@ -114,6 +117,7 @@ class Server:
         self.client_state = client_state
         self.example_counts = dict(example_counts or {})
         self.party = party or StandardParty()
+        self.on_eval = on_eval
         self.claimed: dict[str, int] = {}  # this round's claimed example counts (logged)
         self.specs = specs_of(global_state)
         compression = recipe.federation.compression
@@ -173,16 +177,19 @@ class Server:
             self.run_round(round_)
             last = round_ == fed.rounds
             every = self.recipe.eval.every
-            stop = False
+            stop = pruned = False
             if last or (every and round_ % every == 0):
                 self.last_eval = self.evaluate(round_, final=last)
                 stop = self.selection.observe(round_, self.last_eval, self.global_state) and not last
+                pruned = not (stop or last) and self.on_eval is not None and self.on_eval(round_, self.last_eval)
+                stop = stop or pruned
             ckpt_every = self.recipe.output.checkpoint_every
             if last or stop or (ckpt_every and round_ % ckpt_every == 0):
                 self.checkpoint(round_)
             if stop:
                 end = round_
-                self.reporter.status(f"round {round_}: early stopping ({self.recipe.eval.early_stopping.metric} "
+                self.reporter.status(f"round {round_}: stopped by the caller (on_eval)" if pruned else
+                                     f"round {round_}: early stopping ({self.recipe.eval.early_stopping.metric} "
                                      f"has not improved for {self.selection.stale} evaluations)")
                 break
         self.privacy = self.strategy.round_metrics()

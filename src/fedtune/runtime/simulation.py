@@ -7,6 +7,7 @@ and clients are really encoded, so byte counts and checks are those of a deploym
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,8 @@ class Simulation:
     def slot(self):
         return self.setup.slot
 
-    def run(self, run_dir: RunDir, resume: bool = False) -> dict[str, Any]:
+    def run(self, run_dir: RunDir, resume: bool = False,
+            on_eval: Callable[[int, dict[str, Any]], bool] | None = None) -> dict[str, Any]:
         recipe, setup = self.recipe, self.setup
         setup.keep(run_dir, resume)
         setup.evaluation.write_split(run_dir)
@@ -63,7 +65,7 @@ class Simulation:
                                            recipe.federation.clients),
             transport=transport, clients=self.host.names(), global_state=setup.view.initial(),
             run_dir=run_dir, evaluate_global=setup.evaluation.evaluate_global, reporter=reporter, party=setup.party,
-            client_state=self.host, example_counts=self.host.example_counts(),
+            client_state=self.host, example_counts=self.host.example_counts(), on_eval=on_eval,
         )
         start_round = resume_server(server, run_dir, setup.console) if resume else 1
         if start_round == 1:  # a resumed run has them in its checkpoint's traffic
@@ -93,12 +95,14 @@ def _run_name(recipe: Recipe) -> str:
 
 
 def run(recipe: Recipe | str | Path | dict | None = None, overrides: list[str] | None = None,
-        *, resume: str | Path | None = None, console: Console | None = None) -> dict[str, Any]:
+        *, resume: str | Path | None = None, console: Console | None = None,
+        on_eval: Callable[[int, dict[str, Any]], bool] | None = None) -> dict[str, Any]:
     """Run a federated fine-tuning simulation and return its summary (also in summary.json).
 
     `recipe` is a Recipe, a built-in recipe name, a YAML path or a dict; `overrides` are
     `key.path=value` strings. With `resume`, the run in that directory continues from its last
-    checkpoint, with the recipe saved there.
+    checkpoint, with the recipe saved there. `on_eval(round, metrics)` is called after each
+    evaluation during training; True stops the run there (summary.json says where).
     """
     if resume is not None:
         if recipe is not None or overrides:
@@ -108,7 +112,7 @@ def run(recipe: Recipe | str | Path | dict | None = None, overrides: list[str] |
             raise RunDirError(f"{run_dir.path} has finished already (summary.json exists)")
         loaded = load_recipe(run_dir.recipe_path)
         with naming_on_interrupt(run_dir):
-            return Simulation(loaded, console).run(run_dir, resume=True)
+            return Simulation(loaded, console).run(run_dir, resume=True, on_eval=on_eval)
     loaded = load_recipe(recipe, overrides)
     explicit = loaded.output.name is not None
     if explicit:  # refuse an existing named directory before minutes of set-up
@@ -117,4 +121,4 @@ def run(recipe: Recipe | str | Path | dict | None = None, overrides: list[str] |
     run_dir = RunDir.create(loaded.output.dir, _run_name(loaded), explicit=explicit)
     run_dir.write_recipe(loaded.to_yaml())
     with naming_on_interrupt(run_dir):
-        return simulation.run(run_dir)
+        return simulation.run(run_dir, on_eval=on_eval)
