@@ -58,7 +58,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     recipe, overrides = split_recipe_args(args.items)
     check_early(recipe, overrides)
     quiet_libraries()
-    from fedtune.tune import tune   # optuna loads here only
+    from fedtune.tune import tune  # optuna loads here only
 
     tune(recipe, overrides, resume=args.resume, storage=args.storage, trials=args.trials)
     return 0

@@ -18,7 +18,6 @@ from fedtune.errors import RecipeError
 optuna = pytest.importorskip("optuna")
 
 from fedtune.tune import tune  # noqa: E402
-from fedtune.tune.results import best_recipe  # noqa: E402
 from fedtune.tune.study import TuneError, trial_recipe  # noqa: E402
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")

@@ -9,7 +9,15 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    model_validator,
+)
 
 # Metrics whose smaller values are better (the rest are maximised by default).
 LOWER_IS_BETTER = ("loss", "perplexity", "val_loss")
@@ -32,7 +40,7 @@ def check_key_path(path: str) -> str:
     """A recipe key path a trial may set (`train.lr`, `federation.options.server_lr`): every part
     a field of the schema, down to a value; inside a free mapping (federation.options,
     data.fields) one more key, which the mapping's owner checks when the trial's recipe loads."""
-    from fedtune.config.schema import Recipe   # the schema imports this module
+    from fedtune.config.schema import Recipe  # the schema imports this module
 
     parts = path.split(".")
     if not all(parts):

@@ -28,7 +28,7 @@ def tune(recipe: Recipe | str | Path | dict | None = None, overrides: list[str] 
     fedtune.run (tests)."""
     import optuna
 
-    from fedtune.tune import report, results, study as st
+    from fedtune.tune import study as st
 
     console = console or Console()
     base = load_recipe(recipe, overrides)
