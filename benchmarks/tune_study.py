@@ -25,7 +25,7 @@ def recipe(rounds: int, trials: int, out: str, full: bool) -> tuple[dict, list[s
     overrides = [*([] if full else SMALL), f"federation.rounds={rounds}", "eval.every=1",
                  "federation.algorithm=fedadam", f"output.dir={out}", "output.checkpoint_every=0"]
     tune = {"metric": "val_loss", "trials": trials, "sampler": "tpe",
-            "pruner": {"name": "median", "startup_trials": 3, "warmup_rounds": max(1, rounds // 4)},
+            "pruner": {"name": "median_stopping", "startup_trials": 3, "warmup_rounds": max(1, rounds // 4)},
             "params": {"train.lr": {"type": "log_uniform", "low": 1e-4, "high": 3e-2},
                        "federation.options.server_lr": {"type": "log_uniform", "low": 1e-3, "high": 1.0}}}
     return tune, overrides

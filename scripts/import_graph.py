@@ -33,7 +33,7 @@ LAYERS: list[set[str]] = [
     {"train", "eval"},
     {"algorithms"},
     {"runtime"},
-    {"baselines"},
+    {"baselines", "tune"},
     {"cli", "cli_common", "cli_deploy", "cli_export", "__init__", "__main__"},
 ]
 

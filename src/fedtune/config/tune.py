@@ -138,12 +138,12 @@ class TuneParam(Section):
 
 
 class PrunerSection(Section):
-    """Stopping poor trials early on their evaluations (rounds are the budget): `median` (below
+    """Stopping poor trials early on their evaluations (rounds are the budget): `median_stopping` (below
     the median of earlier trials at the same round), `successive_halving`, `hyperband` or `none`."""
 
-    name: Literal["median", "successive_halving", "hyperband", "none"] = "median"
-    startup_trials: NonNegativeInt = 3     # median: trials run to the end before any pruning
-    warmup_rounds: NonNegativeInt = 0      # median: no pruning at or before this round
+    name: Literal["median_stopping", "successive_halving", "hyperband", "none"] = "median_stopping"
+    startup_trials: NonNegativeInt = 3     # median_stopping: trials run to the end before any pruning
+    warmup_rounds: NonNegativeInt = 0      # median_stopping: no pruning at or before this round
     min_rounds: PositiveInt | None = None  # halving/hyperband: the smallest budget (eval.every)
     reduction_factor: int = Field(3, ge=2)  # halving/hyperband: keep 1 in this many per rung
 
@@ -167,7 +167,7 @@ class TuneSection(Section):
     @model_validator(mode="before")
     @classmethod
     def _pruner_name(cls, data: Any) -> Any:
-        """`pruner: median` for `pruner: {name: median}`."""
+        """`pruner: NAME` for `pruner: {name: NAME}`."""
         if isinstance(data, dict) and isinstance(data.get("pruner"), str):
             return {**data, "pruner": {"name": data["pruner"]}}
         return data

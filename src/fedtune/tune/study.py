@@ -135,7 +135,7 @@ def make_sampler(tune: TuneSection, seed: int) -> optuna.samplers.BaseSampler:
 
 def make_pruner(recipe: Recipe) -> optuna.pruners.BasePruner:
     p, every = _tune(recipe).pruner, max(1, recipe.eval.every)
-    if p.name == "median":
+    if p.name == "median_stopping":
         return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials,
                                            n_warmup_steps=p.warmup_rounds, interval_steps=1)
     if p.name == "successive_halving":
