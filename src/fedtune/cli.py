@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -160,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", metavar="URL", help="SQLAlchemy URL of the study's database "
                    "(default: tune.storage, else SQLite in the study directory)")
     p.add_argument("--trials", type=int, metavar="N", help="the study's total of trials (default: tune.trials)")
-    p.set_defaults(func=_cmd_tune)
+    p.set_defaults(func=_cmd_tune, interrupted=tune_interrupted)
     p = sub.add_parser("recipes", help="list the built-in recipes")
     p.set_defaults(func=_cmd_recipes)
     p = sub.add_parser("eval", help="evaluate a saved adapter on a test set",
@@ -265,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
 def run_interrupted(args: argparse.Namespace, exc: BaseException) -> str:
     """What to do after `fedtune run` stopped: resume its run directory, named in full."""
     return resume_hint("run", getattr(exc, "run_dir", None) or args.resume)
+
+
+def tune_interrupted(args: argparse.Namespace, exc: BaseException) -> str:
+    """What to do after `fedtune tune` stopped: resume the study (the stopped trial runs again)."""
+    again = " ".join(shlex.quote(x) for x in [*args.items, *(["--storage", args.storage] if args.storage else [])])
+    return f"interrupted; continue the study with `fedtune tune {again} --resume` (the stopped trial runs again)"
 
 
 def _shown_default(field) -> str:

@@ -264,3 +264,15 @@ def test_two_workers_share_one_sqlite_study(tmp_path):
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     # Optuna's MaxTrialsCallback stops each worker once 9 are done; the other may finish a last one
     assert 9 <= len(complete) <= 10 and sum(done) == len(complete) - 3
+
+
+def test_the_command_refuses_a_recipe_without_a_tune_section(tmp_path, capsys):
+    from fedtune.cli import main, parse_args, tune_interrupted
+
+    assert main(["tune", "default", f"output.dir={tmp_path}"]) == 2
+    assert "has no tune section" in capsys.readouterr().err
+    args = parse_args(["tune", "my recipe.yaml", "--storage", "sqlite:///s.db", "tune.trials=3"])
+    assert args.resume is False and args.items == ["my recipe.yaml", "tune.trials=3"]
+    assert tune_interrupted(args, KeyboardInterrupt()).startswith(
+        "interrupted; continue the study with `fedtune tune 'my recipe.yaml' tune.trials=3 "
+        "--storage sqlite:///s.db --resume`")
