@@ -112,7 +112,7 @@ def _format_errors(
 ) -> str:
     out = []
     for err in exc.errors():
-        loc = tuple(str(p) for p in err["loc"])
+        loc = tuple(str(p) for p in err["loc"] if p != "[key]")   # a mapping's key (tune.params)
         key = ".".join(loc) or "(top level)"
         where = _where(loc, origin, lines, overrides)
         if err["type"] == "extra_forbidden":

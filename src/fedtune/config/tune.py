@@ -46,17 +46,17 @@ def check_key_path(path: str) -> str:
     if not all(parts):
         raise ValueError(f"{path!r} is not a key path (write e.g. train.lr)")
     if any(path == key or path.startswith(key + ".") for key in FIXED_KEYS):
-        raise ValueError(f"{path}: a trial may not set {', '.join(FIXED_KEYS)} (the study sets them)")
+        raise ValueError(f"a trial may not set {', '.join(FIXED_KEYS)} (the study sets them)")
     model: Any = Recipe
     for i, part in enumerate(parts):
         annotation = _schema_field(model, part)
         if annotation is None:
             where = ".".join(parts[:i]) or "the recipe"
             allowed = ", ".join(getattr(model, "model_fields", {}))
-            raise ValueError(f"{path}: {part!r} is not a key of {where}; allowed there: {allowed}")
+            raise ValueError(f"{part!r} is not a key of {where}; allowed there: {allowed}")
         if get_origin(annotation) is dict:   # a free mapping: exactly one key below it
             if len(parts) != i + 2:
-                raise ValueError(f"{path}: {'.'.join(parts[:i + 1])} is a mapping; name one key "
+                raise ValueError(f"{'.'.join(parts[:i + 1])} is a mapping; name one key "
                                  f"in it, e.g. {'.'.join(parts[:i + 1])}.NAME")
             return path
         model = annotation
