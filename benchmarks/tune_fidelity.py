@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 ALGORITHMS = {   # label -> overrides
     "fedavg": ["federation.algorithm=fedavg"],
     "fedavgm": ["federation.algorithm=fedavgm", "federation.options={server_lr: 1.0, momentum: 0.9}"],

@@ -262,6 +262,8 @@ def test_two_workers_share_one_sqlite_study(tmp_path):
     numbers = sorted(t.number for t in trials)
     assert numbers == list(range(len(trials)))   # no number taken twice
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    lrs = [t.params["train.lr"] for t in complete]
+    assert len(set(lrs)) == len(lrs)   # each worker samples its own values, none proposed twice
     # Optuna's MaxTrialsCallback stops each worker once 9 are done; the other may finish a last one
     assert 9 <= len(complete) <= 10 and sum(done) == len(complete) - 3
 
@@ -276,3 +278,17 @@ def test_the_command_refuses_a_recipe_without_a_tune_section(tmp_path, capsys):
     assert tune_interrupted(args, KeyboardInterrupt()).startswith(
         "interrupted; continue the study with `fedtune tune 'my recipe.yaml' tune.trials=3 "
         "--storage sqlite:///s.db --resume`")
+
+
+def test_values_that_clash_fail_their_trial_and_the_study_goes_on(tmp_path):
+    # Each value loads alone; clients_per_round 3 with clients 2 does not: that trial fails.
+    data = _recipe(tmp_path, trials=6, sampler="grid", params={
+        "federation.clients_per_round": {"type": "int", "low": 2, "high": 3},
+        "federation.clients": {"type": "categorical", "choices": [2, 3]}})
+    run = FakeRun()
+    out = tune(data, run=run)
+    assert out["counts"]["complete"] == 3 and out["counts"]["fail"] == 1 and len(run.calls) == 3
+    failed = [t for t in optuna.load_study(study_name="t", storage=out["storage"]).trials
+              if t.state == optuna.trial.TrialState.FAIL]
+    assert failed[0].params == {"federation.clients_per_round": 3, "federation.clients": 2}
+    assert "at most federation.clients (2)" in failed[0].user_attrs["error"]

@@ -11,8 +11,10 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,8 +190,13 @@ class Objective:
         tune = self.tune
         values = suggest(trial, tune)
         name = f"trial-{trial.number:04d}"
-        recipe = trial_recipe(self.base, values, output={
-            "dir": str(self.place.dir / "trials"), "name": name, "progress": False})
+        try:
+            recipe = trial_recipe(self.base, values, output={
+                "dir": str(self.place.dir / "trials"), "name": name, "progress": False})
+        except RecipeError as exc:   # each value loads alone (check_space), two together may not
+            self.log(f"{name}: failed: {exc}")
+            trial.set_user_attr("error", str(exc))
+            raise
         run_dir = self.place.dir / "trials" / name
         trial.set_user_attr("run_dir", str(run_dir))
         self.log(f"{name}: {', '.join(f'{k}={_shown(v)}' for k, v in values.items())}")
@@ -254,19 +261,24 @@ def open_study(recipe: Recipe, place: StudyPlace, *, resume: bool) -> optuna.Stu
     if not exists and resume:
         raise TuneError(f"no study {place.name!r} in {place.storage} to resume")
     seed = recipe.seed if tune.seed is None else tune.seed
-    study = optuna.create_study(
-        study_name=place.name, storage=storage, load_if_exists=resume,
-        direction="maximize" if tune.maximize else "minimize",
-        sampler=make_sampler(tune, seed), pruner=make_pruner(recipe))
     text = base_recipe_text(recipe)
-    if exists:
-        if study.user_attrs.get("recipe") != text:
-            raise TuneError(f"study {place.name!r} was started with another recipe or search "
-                            f"space (see {place.dir / 'recipe.yaml'}); set tune.study to start another")
-        _retry_interrupted(study)
-    else:
+    if not exists:
+        study = optuna.create_study(
+            study_name=place.name, storage=storage, direction="maximize" if tune.maximize else "minimize",
+            sampler=make_sampler(tune, seed), pruner=make_pruner(recipe))
         study.set_user_attr("recipe", text)
         study.set_user_attr("metric", tune.metric)
+        return study
+    study = optuna.load_study(study_name=place.name, storage=storage)
+    if study.user_attrs.get("recipe") != text:
+        raise TuneError(f"study {place.name!r} was started with another recipe or search "
+                        f"space (see {place.dir / 'recipe.yaml'}); set tune.study to start another")
+    # A resumed or joining worker draws its own random numbers: with the study's seed it would
+    # propose the values the first worker proposed already.
+    joined = zlib.crc32(f"{seed}:{len(study.trials)}:{os.getpid()}:{time.time_ns()}".encode())
+    study = optuna.load_study(study_name=place.name, storage=storage,
+                              sampler=make_sampler(tune, joined), pruner=make_pruner(recipe))
+    _retry_interrupted(study)
     return study
 
 
@@ -287,4 +299,4 @@ def optimize(study: optuna.Study, objective: Objective, trials: int) -> None:
     if counted(study) >= trials:
         return
     study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(trials, states=COUNTED)],
-                   gc_after_trial=True)
+                   gc_after_trial=True, catch=(RecipeError,))   # values that clash: that trial fails
