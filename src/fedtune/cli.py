@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the study (or join it as one more worker, on any machine)")
     p.add_argument("--storage", metavar="URL", help="SQLAlchemy URL of the study's database "
                    "(default: tune.storage, else SQLite in the study directory)")
-    p.add_argument("--trials", type=int, metavar="N", help="the study's total of trials (default: tune.trials)")
+    p.add_argument("--trials", type=_positive, metavar="N", help="the study's total of trials (default: tune.trials)")
     p.set_defaults(func=_cmd_tune, interrupted=tune_interrupted)
     p = sub.add_parser("recipes", help="list the built-in recipes")
     p.set_defaults(func=_cmd_recipes)
@@ -266,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
 def run_interrupted(args: argparse.Namespace, exc: BaseException) -> str:
     """What to do after `fedtune run` stopped: resume its run directory, named in full."""
     return resume_hint("run", getattr(exc, "run_dir", None) or args.resume)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
 
 
 def tune_interrupted(args: argparse.Namespace, exc: BaseException) -> str:
