@@ -71,7 +71,7 @@ def write_results(base: Recipe, study, place, console: Console) -> dict[str, Any
         notes.append("low-fidelity trials: " + ", ".join(f"{k}={v}" for k, v in base.tune.fidelity.items())
                      + " (best.yaml is written without them)")
     path = report.write_report(place.dir, study, header, rows, title=f"fedtune tune: {place.name}",
-                               notes=notes, best_yaml=best_text)
+                               notes=notes, best_yaml=best_text, metric=metric)
     console.print(f"report: {path}")
     return {"study_dir": str(place.dir), "storage": place.storage, "report": str(path),
             "best_value": best.value if best else None, "best_params": dict(best.params) if best else None,

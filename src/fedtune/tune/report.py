@@ -32,7 +32,7 @@ td{text-align:right}th{background:#f2f2f2}img{max-width:100%;margin:1em 0}
 pre{background:#f4f4f4;padding:8px;overflow-x:auto}"""
 
 
-def draw(study: optuna.Study) -> dict[str, bytes | str]:
+def draw(study: optuna.Study, metric: str = "objective value") -> dict[str, bytes | str]:
     """Plot name -> PNG bytes, or why it was not drawn (too few trials, one value only, ...)."""
     out: dict[str, bytes | str] = {}
     for name, (_, plot) in PLOTS.items():
@@ -40,7 +40,13 @@ def draw(study: optuna.Study) -> dict[str, bytes | str]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")   # optuna's matplotlib plots are "experimental"
                 ax = plot(study)
-            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+            ax = ax.flat[0] if hasattr(ax, "flat") else ax
+            if name == "rounds":
+                ax.set_xlabel("round")
+                ax.set_ylabel(metric)
+            elif name == "history":
+                ax.set_ylabel(metric)
+            fig = ax.figure
             fig.set_size_inches(9, 4.5)
             fig.tight_layout()
             buf = io.BytesIO()
@@ -60,10 +66,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_report(out: Path, study: optuna.Study, header: list[str], rows: list[list[str]], *,
-                 title: str, notes: list[str], best_yaml: str | None) -> Path:
+                 title: str, notes: list[str], best_yaml: str | None, metric: str) -> Path:
     """report.html in `out`, with each plot also saved as a PNG beside it."""
     sections = []
-    for name, result in draw(study).items():
+    for name, result in draw(study, metric).items():
         heading = html.escape(PLOTS[name][0])
         if isinstance(result, bytes):
             (out / f"{name}.png").write_bytes(result)
