@@ -156,14 +156,16 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
-    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
-        optuna.storages.RetryFailedTrialCallback   # its name before optuna 5
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):   # optuna >= 4.9
+                kwargs["heartbeat_stale_trial_callback"] = \
+                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+            else:
+                kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=1)
             return optuna.storages.RDBStorage(
-                url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                failed_trial_callback=retry(max_retry=1), **kwargs)
+                url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS, **kwargs)
     except Exception as exc:   # SQLAlchemy's errors: a bad URL, a driver not installed, no server
         raise TuneError(f"tune storage {url!r}: {type(exc).__name__}: {exc}") from None
 
