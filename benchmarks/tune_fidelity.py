@@ -73,10 +73,12 @@ def run_config(label: str, overrides: list[str]) -> dict:
 
 
 def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rho (ties share their mean rank); NaN when either side is constant."""
     from scipy.stats import spearmanr
 
-    rho = spearmanr(a, b).statistic
-    return float(rho)
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return math.nan
+    return float(spearmanr(a, b).statistic)
 
 
 def correlations(results: list[dict], rounds: int) -> dict[str, dict[float, float]]:
@@ -149,7 +151,9 @@ def print_tables(data: dict) -> None:
     print("\nSpearman rho, ranking at a share of the rounds vs the final ranking")
     print(f"{'metric':<14}" + "".join(f"{f'{int(f * 100)} % (r{max(1, round(f * rounds))})':>14}" for f in FRACTIONS))
     for metric, row in corr.items():
-        print(f"{metric:<14}" + "".join(f"{row[f]:>14.3f}" for f in FRACTIONS))
+        print(f"{metric:<14}" + "".join(f"{row[f]:>14.3f}" if math.isfinite(row[f]) else f"{'n/a':>14}"
+                                        for f in FRACTIONS))
+    print("(n/a: every configuration has the same value at that round or at the end, so no ranking)")
     print("\nOptuna MedianPruner replayed on these curves (20 random orders of the configurations)")
     print(f"{'metric':<14}{'startup':>8}{'warmup':>8}{'pruned':>8}{'rounds saved':>14}{'best pruned':>13}")
     for metric in METRICS:
@@ -164,20 +168,39 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--jobs", type=int, default=2, help="configurations run at once")
     ap.add_argument("--full", action="store_true", help="the default recipe's data and local steps")
+    ap.add_argument("--local-steps", type=int, help="train.local_steps (default: 5, or 10 with --full)")
     ap.add_argument("--out", default="tune_fidelity.json")
     ap.add_argument("--table", metavar="JSON", help="print the tables of a saved result and exit")
     args = ap.parse_args()
-    if args.table:
-        print_tables(json.loads(Path(args.table).read_text(), object_hook=_int_rounds))
-        return
     scale = [] if args.full else SMALL
+    if args.local_steps:
+        scale = [*[o for o in scale if not o.startswith("train.local_steps=")],
+                 f"train.local_steps={args.local_steps}"]
+    if args.table:   # a saved result, or the .partial.jsonl of an unfinished one (with its --rounds)
+        text = Path(args.table).read_text()
+        if args.table.endswith(".jsonl"):
+            results = [_int_rounds(json.loads(line)) for line in text.splitlines() if line.strip()]
+            data = {"rounds": args.rounds, "overrides": scale, "wall": math.nan, "results": results}
+        else:
+            data = json.loads(text, object_hook=_int_rounds)
+        print_tables(data)
+        return
     base = [*scale, f"federation.rounds={args.rounds}", "eval.every=1"]
     configs = [(f"{alg}-lr{lr:g}", [*base, *extra, f"train.lr={lr}"])
                for (alg, extra), lr in itertools.product(ALGORITHMS.items(), LRS)]
     print(f"{len(configs)} configurations, {args.jobs} at a time: {' '.join(base)}", flush=True)
     started = time.perf_counter()
+    partial = Path(args.out).with_suffix(".partial.jsonl")   # each configuration as it finishes
+    partial.write_text("")
+
+    def one(config: tuple[str, list[str]]) -> dict:
+        result = run_config(*config)
+        with open(partial, "a") as f:
+            f.write(json.dumps(result) + "\n")
+        return result
+
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda c: run_config(*c), configs))
+        results = list(pool.map(one, configs))
     data = {"rounds": args.rounds, "overrides": scale, "wall": time.perf_counter() - started,
             "results": results}
     Path(args.out).write_text(json.dumps(data, indent=1))
