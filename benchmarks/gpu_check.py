@@ -59,7 +59,7 @@ AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny")).save_pretraine
 print("RESULT {\\"params\\": %d}" % sum(p.numel() for p in model.parameters()))
 """
 
-SHORT = ["federation.rounds=20", "eval.every=10"]
+SHORT = ["federation.rounds=20", "eval.every=20"]
 LARGE = ["federation.rounds=1", "train.local_steps=5", "train.batch_size=8", "data.max_length=128",
          "eval.at_start=false", "eval.every=0", "eval.clients=false", "output.checkpoint_every=0",
          "data.synthetic.examples_per_category=40"]
@@ -88,7 +88,7 @@ def checks(tmp: Path, n_gpus: int) -> list[tuple[str, list[str], int]]:
                                    "small", "--precision", "fp32", "--steps", "20"], 120),
         ("memory", [PY, str(HERE / "memory.py"), "--json", "--device", "cuda", "--size", "1b", "--batch", "8",
                     "--seq", "1024", "--rows", "inference,lora,lora+ckpt,inference-bf16,lora-bf16,"
-                    "lora-bf16+ckpt,fedmezo"], 300),
+                    "lora-bf16+ckpt,fedmezo,fedkseed"], 240),
     ]
     ddp = os.environ.get("FEDTUNE_GPU_CHECK_DDP")   # the command of the several-processes check
     if ddp:
