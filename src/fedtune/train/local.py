@@ -22,7 +22,7 @@ from fedtune.privacy.dp_sgd import (
     require_opacus,
     sample_rate,
 )
-from fedtune.train.loss import token_loss_sum
+from fedtune.train.loss import response_loss_sum, targets_of
 from fedtune.train.packing import check_packing, collate_packed
 from fedtune.train.precision import Precision, base_dtype
 
@@ -134,24 +134,27 @@ class LocalTrainer:
                                            extra_loss, before_step)
             finally:
                 self.model.eval()
-        total_loss, total_tokens, seen = 0.0, 0, 0
+        running = torch.zeros((), device=self.device)
+        total_tokens, seen = 0, 0
         scaler = self.precision.scaler()
         for _ in range(n_steps):
             chosen = [[examples[i] for i in next(batches)] for _ in range(s.grad_accum)]
             group = [self._collate(part, self.pad_id) for part in chosen]
             group_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
             for part, batch in zip(chosen, group):
+                targets = targets_of(batch["labels"]).to(self.device)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with self.precision.autocast():
-                    loss_sum, n_tok = token_loss_sum(self.model, batch)
+                    loss_sum = response_loss_sum(self.model, batch, targets)
                 scaled = loss_sum / group_tokens
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                total_loss += loss_sum.item()
-                total_tokens += n_tok
+                running = running + loss_sum.detach()   # read once at the end: no wait per step
+                total_tokens += targets.count
                 seen += len(part)
             self._step(params, optimizer, extra_loss, before_step, scaler)
             optimizer.zero_grad(set_to_none=True)
         self.model.eval()
+        total_loss = float(running)
         return LocalResult(
             loss=total_loss / max(1, total_tokens), steps=n_steps, examples=seen,
             tokens=total_tokens, seconds=time.perf_counter() - start,
