@@ -76,9 +76,11 @@ def test_client_answers_any_decodable_message_without_crashing(world, msg):
 @given(replies=st.lists(messages, max_size=4))
 def test_server_rejects_malformed_updates_and_keeps_going(world, replies):
     _, server = world
-    updates = server._accept_updates(1, ["client_0", "client_1"], replies)
-    # Nothing here has the adapter's tensor names, so nothing may be accepted.
+    rejected = []
+    updates = server._accept_updates(1, ["client_0", "client_1"], replies, rejected)
+    # Nothing here has the adapter's tensor names, so nothing may be accepted: each is refused.
     assert updates == []
+    assert len(rejected) == len(replies)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ algorithm's local procedure, and the hostile behaviour `federation.attack` gives
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fedtune.algorithms import build_local
 from fedtune.algorithms.attacks import AttackedLocal, poison_examples
@@ -11,9 +11,12 @@ from fedtune.runtime.client import Client, ClientDataset
 from fedtune.seeding import derive_seed
 from fedtune.transport.compression import codec_of
 
+if TYPE_CHECKING:  # setup.py builds these two with itself
+    from fedtune.runtime.setup import Setup
+
 
 class ClientFactory:
-    def __init__(self, setup: Any):
+    def __init__(self, setup: Setup):
         self.setup = setup
 
     def client(self, name: str) -> Client:

@@ -10,11 +10,12 @@ from fedtune.eval.predictions import predictions_table, read_predictions
 from fedtune.eval.text_metrics import RULES
 from fedtune.models.adapters import save_adapter
 from fedtune.runtime.server import Server, ServerResult
+from fedtune.runtime.setup import Setup
 from fedtune.track.report import closing_table, make_summary
 from fedtune.track.rundir import RunDir
 
 
-def finish_run(setup: Any, run_dir: RunDir, server: Server, result: ServerResult) -> dict[str, Any]:
+def finish_run(setup: Setup, run_dir: RunDir, server: Server, result: ServerResult) -> dict[str, Any]:
     """Save the final adapter (standard PEFT directory) and summary.json; print the table."""
     recipe, evaluation = setup.recipe, setup.evaluation
     save_model(setup, result.global_state, run_dir.final_dir)
@@ -41,7 +42,7 @@ def finish_run(setup: Any, run_dir: RunDir, server: Server, result: ServerResult
     return summary
 
 
-def save_model(setup: Any, state, directory: Path) -> None:
+def save_model(setup: Setup, state, directory: Path) -> None:
     """The global adapter `state` as a standard PEFT directory with the tokenizer (BitFit: its
     biases), or as the algorithm saves it (Party.save); the slot holds `state` afterwards."""
     setup.view.load(state)
@@ -50,7 +51,7 @@ def save_model(setup: Any, state, directory: Path) -> None:
     setup.tokenizer.save_pretrained(directory)
 
 
-def _selection_summary(setup: Any, run_dir: RunDir, result: ServerResult) -> dict[str, Any]:
+def _selection_summary(setup: Setup, run_dir: RunDir, result: ServerResult) -> dict[str, Any]:
     """best/ (output.keep_best), the early-stopping figures, what the metrics measured and where
     the predictions are, for summary.json."""
     recipe = setup.recipe

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from fedtune.algorithms.base import State
 from fedtune.runtime.client import Client
+from fedtune.runtime.setup import Setup
 
 Endpoint = Callable[[bytes], bytes | None]   # encoded message in, encoded reply (or None) out
 
@@ -54,7 +55,7 @@ class InProcessHost:
         self.clients = dict(clients)
 
     @classmethod
-    def from_setup(cls, setup: Any) -> InProcessHost:
+    def from_setup(cls, setup: Setup) -> InProcessHost:
         """Every client of the recipe's split, built by `setup` (Setup.client) on its model."""
         return cls({name: setup.clients.client(name) for name in setup.data.clients})
 
@@ -83,9 +84,9 @@ class InProcessHost:
             self.clients[name].state[k] = value
 
 
-ENGINES: dict[str, Callable[[Any], ClientHost]] = {"inprocess": InProcessHost.from_setup}
+ENGINES: dict[str, Callable[[Setup], ClientHost]] = {"inprocess": InProcessHost.from_setup}
 
 
-def client_host(engine: str, setup: Any) -> ClientHost:
+def client_host(engine: str, setup: Setup) -> ClientHost:
     """The host `federation.engine` names, with the recipe's clients built by `setup`."""
     return ENGINES[engine](setup)

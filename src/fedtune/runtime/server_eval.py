@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,11 +15,14 @@ from fedtune.data.prompts import TokenizedExample
 from fedtune.eval.predictions import predictions_path, write_predictions
 from fedtune.track.rundir import RunDir
 
+if TYPE_CHECKING:  # setup.py builds these two with itself
+    from fedtune.runtime.setup import Setup
+
 
 class ServerEvaluation:
     """Global evaluation on a Setup's model (the server's job)."""
 
-    def __init__(self, setup: Any):
+    def __init__(self, setup: Setup):
         self.setup = setup
         self._test: list[TokenizedExample] | None = None
         self.predictions_dir: Path | None = None   # the run directory's predictions/ (server side)
