@@ -292,3 +292,8 @@ def test_values_that_clash_fail_their_trial_and_the_study_goes_on(tmp_path):
               if t.state == optuna.trial.TrialState.FAIL]
     assert failed[0].params == {"federation.clients_per_round": 3, "federation.clients": 2}
     assert "at most federation.clients (2)" in failed[0].user_attrs["error"]
+
+
+def test_a_storage_url_that_cannot_be_used_is_a_clear_error(tmp_path):
+    with pytest.raises(TuneError, match=r"tune storage 'nosuchdb://x/y'"):
+        tune(_recipe(tmp_path), storage="nosuchdb://x/y", run=FakeRun())
