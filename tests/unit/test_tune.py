@@ -171,7 +171,8 @@ def test_a_resumed_study_refuses_another_search_space(tmp_path):
 
 
 def test_median_pruning_stops_a_bad_trial_early(tmp_path):
-    data = _recipe(tmp_path, trials=3, pruner={"name": "median_stopping", "startup_trials": 2},
+    data = _recipe(tmp_path, trials=3, pruner={"name": "median_stopping", "startup_trials": 2,
+                                               "warmup_rounds": 2},
                    params={"train.lr": {"type": "categorical", "choices": [1e-2, 1e-4]}})
     base = load_recipe(data)
     from fedtune.tune import study as st
@@ -297,3 +298,13 @@ def test_values_that_clash_fail_their_trial_and_the_study_goes_on(tmp_path):
 def test_a_storage_url_that_cannot_be_used_is_a_clear_error(tmp_path):
     with pytest.raises(TuneError, match=r"tune storage 'nosuchdb://x/y'"):
         tune(_recipe(tmp_path), storage="nosuchdb://x/y", run=FakeRun())
+
+
+def test_the_median_pruner_waits_a_quarter_of_the_rounds_by_default(tmp_path):
+    from fedtune.tune.study import make_pruner
+
+    data = _recipe(tmp_path, pruner="median_stopping")
+    data["federation"]["rounds"] = 40
+    assert make_pruner(load_recipe(data))._n_warmup_steps == 10
+    data["tune"]["pruner"] = {"name": "median_stopping", "warmup_rounds": 0}
+    assert make_pruner(load_recipe(data))._n_warmup_steps == 0

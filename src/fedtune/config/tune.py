@@ -143,7 +143,9 @@ class PrunerSection(Section):
 
     name: Literal["median_stopping", "successive_halving", "hyperband", "none"] = "median_stopping"
     startup_trials: NonNegativeInt = 3     # median_stopping: trials run to the end before any pruning
-    warmup_rounds: NonNegativeInt = 0      # median_stopping: no pruning at or before this round
+    # median_stopping: no pruning before this round; default a quarter of federation.rounds (on the
+    # built-in benchmark the ranking after 10 % of the rounds says almost nothing: docs/tune.md)
+    warmup_rounds: NonNegativeInt | None = None
     min_rounds: PositiveInt | None = None  # halving/hyperband: the smallest budget (eval.every)
     reduction_factor: int = Field(3, ge=2)  # halving/hyperband: keep 1 in this many per rung
 

@@ -138,8 +138,9 @@ def make_sampler(tune: TuneSection, seed: int) -> optuna.samplers.BaseSampler:
 def make_pruner(recipe: Recipe) -> optuna.pruners.BasePruner:
     p, every = _tune(recipe).pruner, max(1, recipe.eval.every)
     if p.name == "median_stopping":
+        warmup = recipe.federation.rounds // 4 if p.warmup_rounds is None else p.warmup_rounds
         return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials,
-                                           n_warmup_steps=p.warmup_rounds, interval_steps=1)
+                                           n_warmup_steps=warmup, interval_steps=1)
     if p.name == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_rounds or every,
                                                       reduction_factor=p.reduction_factor)
