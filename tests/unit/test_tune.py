@@ -308,3 +308,19 @@ def test_the_median_pruner_waits_a_quarter_of_the_rounds_by_default(tmp_path):
     assert make_pruner(load_recipe(data))._n_warmup_steps == 10
     data["tune"]["pruner"] = {"name": "median_stopping", "warmup_rounds": 0}
     assert make_pruner(load_recipe(data))._n_warmup_steps == 0
+
+
+def test_the_first_trial_is_the_recipes_own_values(tmp_path):
+    data = _recipe(tmp_path, trials=2, params={
+        "train.lr": {"type": "log_uniform", "low": 1e-4, "high": 1e-1},
+        "federation.options.server_lr": {"type": "log_uniform", "low": 1e-3, "high": 1.0},
+        "adapter.r": {"type": "categorical", "choices": [4, 16]}})
+    data["federation"]["algorithm"] = "fedadam"
+    data["train"] = {"lr": 0.003}
+    run = FakeRun()
+    tune(data, run=run)
+    # lr from the recipe, server_lr FedAdam's default (0.01); adapter.r 8 is not a choice: sampled
+    first = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'runs' / 'tune-t' / 'study.db'}").trials[0]
+    assert first.params["train.lr"] == 0.003 and first.params["federation.options.server_lr"] == 0.01
+    assert first.params["adapter.r"] in (4, 16) and first.user_attrs["baseline"] is True
+    assert run.calls[0][0]["train.lr"] == 0.003

@@ -128,6 +128,16 @@ class TuneParam(Section):
         raise ValueError(f"{self.type} is continuous: the grid sampler needs categorical or int "
                          "parameters (list the values as choices)")
 
+    def contains(self, value: Any) -> bool:
+        """Whether `value` is one this distribution can propose."""
+        if self.type == "categorical":
+            return value in (self.choices or [])
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False
+        if self.type == "int" and (value != int(value) or (int(value) - int(self.low)) % int(self.step or 1)):
+            return False
+        return self.low <= value <= self.high   # type: ignore[operator]
+
     def endpoints(self) -> list[Any]:
         """The values a trial may take at the edges (each is checked against the recipe)."""
         if self.type == "categorical":
@@ -160,6 +170,7 @@ class TuneSection(Section):
     sampler: Literal["tpe", "random", "grid", "cmaes"] = "tpe"
     pruner: PrunerSection = Field(default_factory=PrunerSection)
     seed: int | None = None                # default: the recipe's seed
+    baseline: bool = True                  # the first trial: the recipe's own values (in range)
     study: str | None = None               # default: the recipe's name
     storage: str | None = None             # an SQLAlchemy URL; default: SQLite in the study dir
     # Low-fidelity knobs for the trials only (e.g. federation.clients_per_round: 2,

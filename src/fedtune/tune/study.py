@@ -132,7 +132,9 @@ def make_sampler(tune: TuneSection, seed: int) -> optuna.samplers.BaseSampler:
         except ImportError:
             raise TuneError("tune.sampler cmaes needs the cmaes package: pip install 'fedtune[tune]'") from None
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    return optuna.samplers.TPESampler(seed=seed)
+    # TPE samples at random until it has n_startup_trials trials (Optuna's default 10): on a
+    # budget of a few whole runs, a third of them (at least 2, at most 10).
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, tune.trials // 3)))
 
 
 def make_pruner(recipe: Recipe) -> optuna.pruners.BasePruner:
@@ -271,6 +273,10 @@ def open_study(recipe: Recipe, place: StudyPlace, *, resume: bool) -> optuna.Stu
             sampler=make_sampler(tune, seed), pruner=make_pruner(recipe))
         study.set_user_attr("recipe", text)
         study.set_user_attr("metric", tune.metric)
+        if tune.baseline and tune.sampler != "grid":   # a grid holds the recipe's values anyway
+            own = baseline_values(recipe)
+            if own:
+                study.enqueue_trial(own, user_attrs={"baseline": True})
         return study
     study = optuna.load_study(study_name=place.name, storage=storage)
     if study.user_attrs.get("recipe") != text:
@@ -283,6 +289,37 @@ def open_study(recipe: Recipe, place: StudyPlace, *, resume: bool) -> optuna.Stu
                               sampler=make_sampler(tune, joined), pruner=make_pruner(recipe))
     _retry_interrupted(study)
     return study
+
+
+def recipe_value(recipe: Recipe, path: str) -> Any:
+    """The recipe's own value at a key path (an algorithm option it leaves out: its default)."""
+    node: Any = recipe
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if isinstance(node, dict):
+            if part not in node and parts[:i] == ["federation", "options"]:
+                from fedtune.algorithms.catalog import CATALOG
+
+                field = CATALOG[recipe.federation.algorithm].config.model_fields.get(part)
+                return None if field is None or field.is_required() else field.get_default()
+            node = node.get(part)
+        else:
+            node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
+def baseline_values(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's own values of the searched key paths that the search space holds: the study's
+    first trial, so the untuned recipe is measured beside the tuned ones (values out of range
+    are left to the sampler)."""
+    out = {}
+    for key, param in _tune(recipe).params.items():
+        value = recipe_value(recipe, key)
+        if value is not None and param.contains(value):
+            out[key] = value
+    return out
 
 
 def _retry_interrupted(study: optuna.Study) -> None:
