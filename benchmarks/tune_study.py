@@ -21,8 +21,9 @@ from pathlib import Path
 SMALL = ["data.synthetic.examples_per_category=60", "train.local_steps=5", "train.batch_size=8"]
 
 
-def recipe(rounds: int, trials: int, out: str, full: bool) -> tuple[dict, list[str]]:
-    overrides = [*([] if full else SMALL), f"federation.rounds={rounds}", "eval.every=1",
+def recipe(rounds: int, trials: int, out: str, full: bool, steps: int | None) -> tuple[dict, list[str]]:
+    overrides = [*([] if full else SMALL), *([f"train.local_steps={steps}"] if steps else []),
+                 f"federation.rounds={rounds}", "eval.every=1",
                  "federation.algorithm=fedadam", f"output.dir={out}", "output.checkpoint_every=0"]
     tune = {"metric": "val_loss", "trials": trials, "sampler": "tpe",
             "pruner": {"name": "median_stopping", "startup_trials": 3, "warmup_rounds": max(1, rounds // 4)},
@@ -61,11 +62,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--full", action="store_true", help="the default recipe's data and local steps")
+    ap.add_argument("--local-steps", type=int, help="train.local_steps (default: 5, or 10 with --full)")
     ap.add_argument("--out", default="tune_study_runs")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
-    tune_spec, overrides = recipe(args.rounds, args.trials, str(out), args.full)
+    tune_spec, overrides = recipe(args.rounds, args.trials, str(out), args.full, args.local_steps)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     me = [sys.executable, __file__]
     started = time.perf_counter()
@@ -111,7 +113,8 @@ def report(out: Path, default: dict, study_wall: float, args) -> None:
     complete = [r for r in rows if r["state"] == "COMPLETE"]
     best = min(complete, key=lambda r: r["val_loss"]) if complete else None
     best_em = max((r["exact_match"] or 0.0 for r in complete), default=None)
-    print(f"\nFedAdam on the built-in benchmark ({' '.join([] if args.full else SMALL)} "
+    steps = [f"train.local_steps={args.local_steps}"] if args.local_steps else []
+    print(f"\nFedAdam on the built-in benchmark ({' '.join([*([] if args.full else SMALL), *steps])} "
           f"federation.rounds={args.rounds}), {args.trials} trials by {args.workers} workers + 1, "
           f"TPE + median pruner on val_loss; study wall {study_wall:.0f} s")
     print(f"{'':<36}{'val_loss':>10}{'exact_match':>13}")
