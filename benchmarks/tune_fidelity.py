@@ -18,6 +18,7 @@ import argparse
 import itertools
 import json
 import math
+import random
 import subprocess
 import sys
 import time
@@ -188,6 +189,7 @@ def main() -> None:
     base = [*scale, f"federation.rounds={args.rounds}", "eval.every=1"]
     configs = [(f"{alg}-lr{lr:g}", [*base, *extra, f"train.lr={lr}"])
                for (alg, extra), lr in itertools.product(ALGORITHMS.items(), LRS)]
+    random.Random(0).shuffle(configs)   # a partial result (see .partial.jsonl) spans the grid
     print(f"{len(configs)} configurations, {args.jobs} at a time: {' '.join(base)}", flush=True)
     started = time.perf_counter()
     partial = Path(args.out).with_suffix(".partial.jsonl")   # each configuration as it finishes
