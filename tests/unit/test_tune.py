@@ -324,3 +324,27 @@ def test_the_first_trial_is_the_recipes_own_values(tmp_path):
     assert first.params["train.lr"] == 0.003 and first.params["federation.options.server_lr"] == 0.01
     assert first.params["adapter.r"] in (4, 16) and first.user_attrs["baseline"] is True
     assert run.calls[0][0]["train.lr"] == 0.003
+
+
+def test_a_run_that_fails_fails_its_trial_and_the_study_goes_on(tmp_path):
+    from fedtune.errors import MessageError
+
+    run = FakeRun()
+
+    def diverging(recipe, on_eval=None):   # a client's NaN loss cannot travel: the run stops
+        if recipe.train.lr > 0.01:
+            raise MessageError("meta['metrics']['train_loss'] is nan; only finite floats may travel")
+        return run(recipe, on_eval)
+
+    data = _recipe(tmp_path, trials=2, sampler="grid",
+                   params={"train.lr": {"type": "categorical", "choices": [0.05, 0.001, 0.003]}})
+    out = tune(data, run=diverging)
+    assert out["counts"]["complete"] == 2 and out["counts"]["fail"] == 1
+    failed = [t for t in optuna.load_study(study_name="t", storage=out["storage"]).trials
+              if t.state == optuna.trial.TrialState.FAIL][0]
+    assert failed.params == {"train.lr": 0.05} and "is nan" in failed.user_attrs["error"]
+    # every trial failing: the study stops after as many failures as trials asked for
+    data["tune"].update(study="all-fail", sampler="random",
+                        params={"train.lr": {"type": "uniform", "low": 0.02, "high": 0.05}})
+    out = tune(data, run=diverging)
+    assert out["counts"]["fail"] == 2 and out["counts"]["complete"] == 0

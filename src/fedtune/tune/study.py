@@ -223,6 +223,12 @@ class Objective:
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
             raise
+        except FedtuneError as exc:   # e.g. a client's training diverged (NaN): this trial fails
+            self.log(f"{name}: failed after {time.perf_counter() - started:.0f} s: "
+                     f"{type(exc).__name__}: {exc}")
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+            trial.set_user_attr("wall_seconds", round(time.perf_counter() - started, 3))
+            raise
         wall = time.perf_counter() - started
         final = summary.get("final") or {}
         trial.set_user_attr("wall_seconds", round(wall, 3))
@@ -335,8 +341,18 @@ def counted(study: optuna.Study) -> int:
 
 
 def optimize(study: optuna.Study, objective: Objective, trials: int) -> None:
-    """Run trials until the study holds `trials` complete or pruned ones (over every worker)."""
+    """Run trials until the study holds `trials` complete or pruned ones (over every worker).
+
+    A trial whose values clash or whose run fails with a fedtune error (a client's training
+    diverged to NaN, ...) is marked failed and the study goes on; it stops once as many trials
+    have failed as it was asked to run (something is wrong with every trial)."""
     if counted(study) >= trials:
         return
-    study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(trials, states=COUNTED)],
-                   gc_after_trial=True, catch=(RecipeError,))   # values that clash: that trial fails
+
+    def too_many_failures(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))) >= trials:
+            study.stop()
+
+    study.optimize(objective, callbacks=[optuna.study.MaxTrialsCallback(trials, states=COUNTED),
+                                         too_many_failures],
+                   gc_after_trial=True, catch=(FedtuneError,))
