@@ -22,7 +22,8 @@ SMALL = ["data.synthetic.examples_per_category=60", "train.local_steps=5", "trai
 
 
 def recipe(rounds: int, trials: int, out: str, full: bool, steps: int | None) -> tuple[dict, list[str]]:
-    overrides = [*([] if full else SMALL), *([f"train.local_steps={steps}"] if steps else []),
+    small = [o for o in SMALL if not (steps and o.startswith("train.local_steps="))]
+    overrides = [*([] if full else small), *([f"train.local_steps={steps}"] if steps else []),
                  f"federation.rounds={rounds}", "eval.every=1",
                  "federation.algorithm=fedadam", f"output.dir={out}", "output.checkpoint_every=0"]
     tune = {"metric": "val_loss", "trials": trials, "sampler": "tpe",
@@ -91,10 +92,10 @@ def main() -> None:
     if untuned.returncode != 0:
         sys.exit(derr)
     default = json.loads(dout.strip().splitlines()[-1])
-    report(out, default, study_wall, args)
+    report(out, default, study_wall, args, overrides)
 
 
-def report(out: Path, default: dict, study_wall: float, args) -> None:
+def report(out: Path, default: dict, study_wall: float, args, overrides: list[str]) -> None:
     import optuna
 
     study_dir = out / "tune-default"
@@ -113,9 +114,9 @@ def report(out: Path, default: dict, study_wall: float, args) -> None:
     complete = [r for r in rows if r["state"] == "COMPLETE"]
     best = min(complete, key=lambda r: r["val_loss"]) if complete else None
     best_em = max((r["exact_match"] or 0.0 for r in complete), default=None)
-    steps = [f"train.local_steps={args.local_steps}"] if args.local_steps else []
-    print(f"\nFedAdam on the built-in benchmark ({' '.join([*([] if args.full else SMALL), *steps])} "
-          f"federation.rounds={args.rounds}), {args.trials} trials by {args.workers} workers + 1, "
+    shown = [o for o in overrides if not o.startswith(("output.", "federation.algorithm"))]
+    print(f"\nFedAdam on the built-in benchmark ({' '.join(shown)}), "
+          f"{args.trials} trials by {args.workers} workers + 1, "
           f"TPE + median pruner on val_loss; study wall {study_wall:.0f} s")
     print(f"{'':<36}{'val_loss':>10}{'exact_match':>13}")
     print(f"{'untuned default (lr 3e-3, server_lr 0.01)':<36}{default['final'].get('val_loss', float('nan')):>10.4f}"
