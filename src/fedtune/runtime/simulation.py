@@ -16,10 +16,12 @@ from fedtune.algorithms import build_strategy
 from fedtune.config import Recipe, load_recipe
 from fedtune.data.federated import FederatedData
 from fedtune.errors import RunDirError
+from fedtune.runtime.relay import Relay
 from fedtune.runtime.server import Server
 from fedtune.runtime.setup import Setup
 from fedtune.track.reporter import ConsoleReporter, NullReporter
 from fedtune.track.rundir import RunDir, naming_on_interrupt
+from fedtune.train.distributed import check_launch, is_follower, ranks
 from fedtune.transport.inprocess import InProcessTransport
 
 
@@ -46,9 +48,20 @@ class Simulation:
         for client in self.clients.values():  # simulated clients write their predictions here too
             client.predictions_dir = Path(run_dir.path) / "predictions"
         reporter = ConsoleReporter(setup.console) if recipe.output.progress else NullReporter()
+        endpoints = {name: c.handle_bytes for name, c in self.clients.items()}
+        launch = ranks()  # several ranks: each delivery goes to the other ranks first
+        relay = Relay(launch) if launch is not None else None
+        try:
+            return self._run(run_dir, resume, reporter,
+                             endpoints if relay is None else relay.relaying(endpoints), relay)
+        finally:
+            if relay is not None:
+                relay.stop()
+
+    def _run(self, run_dir: RunDir, resume: bool, reporter, endpoints, relay: Relay | None) -> dict[str, Any]:
+        recipe, setup = self.recipe, self.setup
         transport = InProcessTransport(
-            {name: c.handle_bytes for name, c in self.clients.items()},
-            max_message_bytes=recipe.transport.max_message_bytes,
+            endpoints, max_message_bytes=recipe.transport.max_message_bytes,
             on_delivery=reporter.client_done,
         )
         server = Server(
@@ -60,11 +73,29 @@ class Simulation:
             example_counts={name: len(c.data.train) for name, c in self.clients.items()},
         )
         start_round = resume_server(server, run_dir, setup.console) if resume else 1
+        if relay is not None and resume:
+            relay.barrier()  # the other ranks have read the same checkpoint's client states
         try:
             result = server.run(start_round)
         finally:
             reporter.close()
+            if relay is not None:
+                relay.stop()  # the rest (final evaluation, files) is rank 0's alone
         return setup.finish(run_dir, server, result)
+
+    def follow(self, resume_dir: Path | None = None) -> dict[str, Any]:
+        """A rank other than 0: train every client's turn with rank 0 (DDP) until it stops. It
+        keeps the clients' state in step and writes nothing."""
+        launch = ranks()
+        assert launch is not None and not launch.main
+        relay = Relay(launch)
+        if resume_dir is not None:
+            ckpt = RunDir.open(resume_dir).latest_checkpoint()
+            if ckpt is not None:
+                SimulatedClientStates(self.clients).load_state_dict(ckpt.client_state)
+            relay.barrier()
+        handled = relay.serve({name: c.handle_bytes for name, c in self.clients.items()})
+        return {"rank": launch.rank, "messages": handled}
 
 
 class SimulatedClientStates:
@@ -116,9 +147,15 @@ def run(recipe: Recipe | str | Path | dict | None = None, overrides: list[str] |
         if (run_dir.path / "summary.json").exists():
             raise RunDirError(f"{run_dir.path} has finished already (summary.json exists)")
         loaded = load_recipe(run_dir.recipe_path)
+        check_launch(loaded)
+        if is_follower():
+            return Simulation(loaded, Console(quiet=True)).follow(run_dir.path)
         with naming_on_interrupt(run_dir):
             return Simulation(loaded, console).run(run_dir, resume=True)
     loaded = load_recipe(recipe, overrides)
+    check_launch(loaded)
+    if is_follower():  # torchrun / accelerate launch: rank 0 alone names and writes the run
+        return Simulation(loaded, Console(quiet=True)).follow()
     explicit = loaded.output.name is not None
     if explicit:  # refuse an existing named directory before minutes of set-up
         RunDir.check_free(Path(loaded.output.dir) / loaded.output.name)

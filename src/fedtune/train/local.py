@@ -21,6 +21,7 @@ from fedtune.privacy.dp_sgd import (
     require_opacus,
     sample_rate,
 )
+from fedtune.train.distributed import DataParallel, OneProcess
 from fedtune.train.loss import token_loss_sum
 
 
@@ -67,11 +68,13 @@ def micro_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
 class LocalTrainer:
     """Runs a client's local steps on the shared model's trainable parameters."""
 
-    def __init__(self, model: torch.nn.Module, section: TrainSection, pad_id: int, device: torch.device):
+    def __init__(self, model: torch.nn.Module, section: TrainSection, pad_id: int, device: torch.device,
+                 parallel: DataParallel | OneProcess | None = None):
         self.model = model
         self.section = section
         self.pad_id = pad_id
         self.device = device
+        self.parallel = parallel or OneProcess()  # several ranks: each takes its share of a batch
         if section.dp_sgd is not None:
             require_opacus()
 
@@ -113,19 +116,29 @@ class LocalTrainer:
             finally:
                 self.model.eval()
         total_loss, total_tokens, seen = 0.0, 0, 0
+        parallel = self.parallel
+        model = parallel.wrap(self.model)  # DDP over the launch's ranks, else the model itself
         for _ in range(n_steps):
-            group = [collate([examples[i] for i in next(batches)], self.pad_id) for _ in range(s.grad_accum)]
+            indices = [next(batches) for _ in range(s.grad_accum)]
+            group = [collate([examples[i] for i in idx], self.pad_id) for idx in indices]
             group_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
-            for batch in group:
+            for j, (idx, batch) in enumerate(zip(indices, group)):
+                mine, weight = parallel.shard(idx)  # this rank's share of the micro-batch
+                if mine is not idx:
+                    batch = collate([examples[i] for i in mine], self.pad_id)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                loss_sum, n_tok = token_loss_sum(self.model, batch)
-                (loss_sum / group_tokens).backward()
-                total_loss += loss_sum.item()
-                total_tokens += n_tok
-                seen += batch["input_ids"].shape[0]
+                with parallel.syncing(model, last=j == len(group) - 1):
+                    loss_sum, n_tok = token_loss_sum(model, batch)
+                    (loss_sum * weight / group_tokens).backward()
+                if weight:
+                    total_loss += loss_sum.item()
+                    total_tokens += n_tok
+                    seen += batch["input_ids"].shape[0]
             self._step(params, optimizer, extra_loss, before_step)
             optimizer.zero_grad(set_to_none=True)
         self.model.eval()
+        total_loss, total_tokens, seen = parallel.totals(total_loss, total_tokens, seen)
+        total_tokens, seen = int(total_tokens), int(seen)
         return LocalResult(
             loss=total_loss / max(1, total_tokens), steps=n_steps, examples=seen,
             tokens=total_tokens, seconds=time.perf_counter() - start,
