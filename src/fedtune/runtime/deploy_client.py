@@ -23,10 +23,12 @@ from fedtune.errors import DataError, DeploymentError, MessageError
 from fedtune.runtime.client import Client
 from fedtune.runtime.deploy_server import require_grpc
 from fedtune.runtime.messages import MessageKind
+from fedtune.runtime.relay import Relay
 from fedtune.runtime.setup import Setup
 from fedtune.seeding import derive_seed
 from fedtune.track.report import human_bytes
 from fedtune.track.reporter import plain_console
+from fedtune.train.distributed import check_launch, is_follower, ranks
 from fedtune.transport.auth import client_token, with_name
 from fedtune.transport.codec import check_message, decode
 from fedtune.transport.framing import peek_header
@@ -71,6 +73,9 @@ def participate(recipe: Any = None, overrides: list[str] | None = None, *, name:
         overrides.append(f"transport.token_file={token_file}")
     loaded = load_recipe(recipe, overrides)
     require_grpc(loaded, "client")
+    check_launch(loaded)
+    if is_follower():  # torchrun / accelerate launch: train with rank 0, which talks to the server
+        return _follow(loaded, name, data)
     section = loaded.transport
     token = None
     if section.token_file is not None:
@@ -92,9 +97,28 @@ def participate(recipe: Any = None, overrides: list[str] | None = None, *, name:
         client = setup.client(name)
         client.predictions_dir = Path(loaded.output.dir) / name / "predictions"  # never sent
         client.secagg.require(loaded.federation.secure_aggregation)  # no plain FIT if enabled
-        return _Loop(connection, client, loaded, out).run()
+        launch = ranks()
+        relay = Relay(launch) if launch is not None else None
+        try:
+            return _Loop(connection, client, loaded, out, relay).run()
+        finally:
+            if relay is not None:
+                relay.stop()
     finally:
         connection.close()
+
+
+def _follow(recipe: Recipe, name: str, data: str | Path | None) -> dict[str, Any]:
+    """A rank other than 0 of a client: the same client, fed by rank 0 with every message it got
+    from the server; it trains with rank 0 (DDP), sends nothing and writes nothing."""
+    setup = Setup(recipe, Console(quiet=True), data=own_data(recipe, name, data) if data else None)
+    if name not in setup.data.clients:
+        raise DeploymentError(f"client '{name}' is not in the recipe's split")
+    client = setup.client(name)
+    client.secagg.require(recipe.federation.secure_aggregation)
+    launch = ranks()
+    handled = Relay(launch).serve({name: client.handle_bytes})
+    return {"client": name, "rank": launch.rank, "messages": handled}
 
 
 def fetch_emulator(connection: ServerConnection, recipe: Recipe, out: Console) -> tuple[Any, Any]:
@@ -157,8 +181,10 @@ def _download_bar(out: Console, show: bool):
 
 
 class _Loop:
-    def __init__(self, connection: ServerConnection, client: Client, recipe: Recipe, out: Console):
+    def __init__(self, connection: ServerConnection, client: Client, recipe: Recipe, out: Console,
+                 relay: Relay | None = None):
         self.conn, self.client, self.recipe, self.out = connection, client, recipe, out
+        self.relay = relay  # several ranks: each message goes to the other ranks before handling
         self.stats = ClientStats()
         self.name = client.name
 
@@ -210,6 +236,8 @@ class _Loop:
         if kind == "finish":
             return True
         start = time.perf_counter()
+        if self.relay is not None:
+            self.relay.send(self.name, data)
         reply = self.client.handle_bytes(data)
         del data
         if reply is None:

@@ -59,7 +59,7 @@ class Relay:
         n_name, n_data = (int(v) for v in sizes)
         if n_name == _STOP:
             return None
-        if not (0 < n_name <= 4096 and 0 <= n_data):
+        if not (0 < n_name <= 4096 and n_data >= 0):
             raise MessageError(f"relay: bad sizes from rank 0 ({n_name}, {n_data})")
         payload = torch.empty(n_name + n_data, dtype=torch.uint8)
         self._broadcast(payload)

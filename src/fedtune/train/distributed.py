@@ -3,6 +3,7 @@ device, and the data-parallel split of local training (DDP sums the shards' grad
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import inspect
 import logging
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from fedtune.errors import FedtuneError, RecipeError
+from fedtune.seeding import derive_seed
 
 log = logging.getLogger("fedtune.distributed")
 
@@ -57,9 +59,16 @@ def ranks() -> Ranks | None:
         state = PartialState(cpu=not torch.cuda.is_available())
         _RANKS = Ranks(state.process_index, state.num_processes, state.local_process_index,
                        torch.device(state.device))
+        atexit.register(_shut_down)
         if _RANKS.rank:  # rank 0 speaks for the party; the others only say what goes wrong
             logging.getLogger("fedtune").setLevel(logging.ERROR)
     return _RANKS
+
+
+def _shut_down() -> None:
+    """Leave the process group in order at exit (each rank on its own, no collective)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def is_follower() -> bool:
@@ -84,6 +93,9 @@ class OneProcess:
 
     def totals(self, *values: float) -> list[float]:
         return list(values)
+
+    def dropout_seed(self, seed: int) -> int:
+        return seed
 
 
 class DataParallel:
@@ -133,6 +145,12 @@ class DataParallel:
     def syncing(self, model: torch.nn.Module, last: bool) -> contextlib.AbstractContextManager:
         """Gradients are exchanged on the step's last micro-batch only (accumulated before)."""
         return contextlib.nullcontext() if last else model.no_sync()
+
+    def dropout_seed(self, seed: int) -> int:
+        """Rank 0 draws the dropout masks of one process; the others their own stream, so the
+        ranks' shards do not share masks (with dropout the update equals one process's in
+        distribution, not number for number)."""
+        return seed if self.ranks.main else derive_seed(seed, "dropout-rank", self.ranks.rank)
 
     def totals(self, *values: float) -> list[float]:
         """Sums over the ranks (the step's loss and token counts, for the metrics)."""

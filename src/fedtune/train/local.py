@@ -106,7 +106,7 @@ class LocalTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = self._optimizer(params, lr)
         batches = micro_batches(len(examples), s.batch_size, seed)
-        torch.manual_seed(seed)  # dropout masks
+        torch.manual_seed(self.parallel.dropout_seed(seed))  # dropout masks (each rank its own)
         self.model.train()
         n_steps = steps_for(s, len(examples))
         if s.dp_sgd is not None:
