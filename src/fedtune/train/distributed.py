@@ -122,12 +122,13 @@ class DataParallel:
             on_gpu = self.ranks.device.type == "cuda"
             # Every rank built the same model from the same seed: no start-up broadcast of the
             # frozen base (init_sync=False); buffers are constants of the model.
-            buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                       inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+            known = inspect.signature(DistributedDataParallel).parameters
+            options = {"forward_sync_buffers": False} if "forward_sync_buffers" in known else {
+                "broadcast_buffers": False}
+            if "init_sync" in known:  # torch >= 2.4
+                options["init_sync"] = False
             ddp = DistributedDataParallel(
-                model, device_ids=[self.ranks.device.index] if on_gpu else None,
-                init_sync=False, **buffers,
-            )
+                model, device_ids=[self.ranks.device.index] if on_gpu else None, **options)
             self._wrapped[id(model)] = ddp
         return ddp
 
