@@ -6,13 +6,25 @@ import torch
 import torch.nn.functional as F
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bool]:
+    """The forward arguments of a training batch: a padded batch has an attention mask; a packed
+    one (fedtune.train.packing) has position ids instead, from which the model builds its
+    block-diagonal mask. No key-value cache: nothing is generated."""
+    inputs: dict[str, torch.Tensor | bool] = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"]
+    else:
+        inputs["attention_mask"] = batch["attention_mask"]
+    return inputs
+
+
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over labelled positions, and how many there are.
 
     Summing (not averaging) per micro-batch lets callers weight every token equally across
     micro-batches, which is what makes gradient accumulation equal to one large batch.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**model_inputs(batch)).logits
     labels = batch["labels"][:, 1:]
     logits = logits[:, :-1, :]
     # Prompt-tuning style methods prepend virtual tokens to the logits; keep the real positions.
