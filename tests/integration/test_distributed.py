@@ -48,10 +48,10 @@ TRAINER = textwrap.dedent("""
             out.append(TokenizedExample(prompt + answer, [-100] * len(prompt) + answer))
         return out
 
-    def train(parallel=None):
+    def train(parallel=None, **options):
         m = model()
         section = TrainSection(local_steps=3, batch_size=3, grad_accum=2, optimizer="adamw",
-                               max_grad_norm=1.0, lr=0.01)
+                               max_grad_norm=1.0, lr=0.01, **options)
         trainer = LocalTrainer(m, section, pad_id=0, device=torch.device("cpu"), parallel=parallel)
         result = trainer.train(examples(), lr=0.01, seed=11)
         return {n: p.detach().clone() for n, p in m.named_parameters()}, result
@@ -59,9 +59,10 @@ TRAINER = textwrap.dedent("""
     if __name__ == "__main__":
         from fedtune.train.distributed import data_parallel, ranks
         params, result = train(data_parallel())
+        packed, _ = train(data_parallel(), packing=True, gradient_checkpointing=True)
         rank = ranks().rank
         torch.save({"params": params, "loss": result.loss, "tokens": result.tokens,
-                    "examples": result.examples, "world": ranks().world_size},
+                    "examples": result.examples, "world": ranks().world_size, "packed": packed},
                    f"{sys.argv[1]}/rank{rank}.pt")
 """)
 
@@ -113,6 +114,10 @@ def test_two_ranks_take_the_step_one_process_takes_on_the_same_batch(tmp_path):
     assert result.examples == 14 and all(r["examples"] == 14 for r in ranks)
     assert all(r["tokens"] == result.tokens for r in ranks)
     assert all(r["loss"] == pytest.approx(result.loss, rel=1e-6) for r in ranks)
+    # With packing (each rank packs its own share) and gradient checkpointing: the same again.
+    packed, _ = namespace["train"](packing=True, gradient_checkpointing=True)
+    _assert_close(ranks[0]["packed"], packed, atol=1e-6)
+    _assert_close(ranks[1]["packed"], ranks[0]["packed"], atol=0)
 
 
 def _recipe(tiny_recipe, tmp_path: Path, **overrides) -> dict:
