@@ -84,3 +84,14 @@ def test_dropout_masks_differ_between_ranks_but_rank_0_keeps_one_process_s():
     r1 = DataParallel(Ranks(1, 2, 1, torch.device("cpu")))
     assert r0.dropout_seed(11) == OneProcess().dropout_seed(11) == 11
     assert r1.dropout_seed(11) != 11
+
+
+def test_commands_that_do_not_train_on_several_devices_refuse_a_launcher(monkeypatch, capsys):
+    from fedtune.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["recipes"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "`fedtune recipes` runs as one process; start it without torchrun / accelerate launch" in err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["recipes"]) == 0
