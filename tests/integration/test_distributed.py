@@ -226,3 +226,18 @@ def test_a_deployed_client_on_two_ranks_gives_the_adapter_of_one_process(tiny_re
     assert max(v.abs().max().item() for k, v in expected.items() if "lora_B" in k) > 1e-3  # trained
     deployed = Path(recipe["output"]["dir"]) / "deployed"
     _assert_close(load_file(str(deployed / "final" / "adapter_model.safetensors")), expected, atol=1e-6)
+
+
+def test_an_error_on_rank_0_ends_every_rank_with_its_message_once(tiny_recipe, tmp_path):
+    recipe = _recipe(tiny_recipe, tmp_path)
+    taken = Path(recipe["output"]["dir"]) / "taken"
+    taken.mkdir(parents=True)
+    (taken / "keep.txt").write_text("mine")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc = subprocess.run(_torchrun("-m", "fedtune", "run", str(path), "output.name=taken"),
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=WAIT)
+    text = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode != 0
+    assert text.count(f"run directory {taken} already exists and is not empty") == 1
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]

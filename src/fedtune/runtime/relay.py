@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from fedtune.errors import MessageError
-from fedtune.train.distributed import Ranks
+from fedtune.train.distributed import Ranks, ranks
 
 log = logging.getLogger("fedtune.relay")
 
@@ -87,5 +87,9 @@ class Relay:
             handled += 1
         return handled
 
-    def barrier(self) -> None:
-        dist.barrier(group=self.group)
+
+
+def party_relay() -> Relay | None:
+    """The relay of this launch (made on every rank at the same point), or None for one process."""
+    launch = ranks()
+    return None if launch is None else Relay(launch)
