@@ -1,5 +1,5 @@
 """Several processes per party (torchrun / accelerate launch): the process group, each rank's
-device, and the data-parallel split of local training (DDP sums the shards' gradients)."""
+device, and the data-parallel split of local training (DDP over each micro-batch's shards)."""
 
 from __future__ import annotations
 
@@ -69,12 +69,6 @@ def _shut_down() -> None:
     """Leave the process group in order at exit (each rank on its own, no collective)."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def is_follower() -> bool:
-    """A rank other than 0 of a launch: it trains with rank 0 and writes or prints nothing."""
-    r = ranks()
-    return r is not None and not r.main
 
 
 class OneProcess:
