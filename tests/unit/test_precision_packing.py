@@ -209,7 +209,8 @@ def test_gradient_checkpointing_gives_the_same_step():
     plain, r_plain = _train(_lora_model())
     model = _lora_model()
     checkpointed, r_ckpt = _train(model, gradient_checkpointing=True)
-    assert model.get_base_model().is_gradient_checkpointing
+    base = model.get_base_model()
+    assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
     assert r_ckpt.loss == pytest.approx(r_plain.loss, rel=1e-6)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-6, msg=name)
@@ -219,3 +220,43 @@ def test_gradient_checkpointing_refused_for_a_model_without_it():
     model = _BoundaryBlind()
     with pytest.raises(ModelError, match="does not support gradient checkpointing"):
         LocalTrainer(model, TrainSection(gradient_checkpointing=True), 0, CPU)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss over response tokens only
+
+
+class _FixedLogits(torch.nn.Module):
+    """Returns the given logits (with `extra` virtual positions first, as prompt tuning does)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+        return SimpleNamespace(logits=self.logits)
+
+
+def test_response_loss_sum_takes_only_labelled_positions(monkeypatch):
+    import math
+
+    from fedtune.train import loss as loss_module
+
+    # Two examples of 3 tokens; 2 vocabulary entries; one virtual token in front of each.
+    logits = torch.tensor([[[9.0, 9.0], [0.0, 1.0], [2.0, 0.0], [5.0, 5.0]],
+                           [[9.0, 9.0], [1.0, 1.0], [0.0, 3.0], [5.0, 5.0]]])
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3),
+             "labels": torch.tensor([[-100, 1, 0], [-100, -100, 1]])}
+    # Example 0: label 1 from logits (0, 1), label 0 from (2, 0); example 1: label 1 from (0, 3).
+    # Positions 0 (virtual), and the last (predicts nothing) never count.
+    expected = (-math.log(math.e / (1 + math.e)) - math.log(math.e**2 / (math.e**2 + 1))
+                - math.log(math.e**3 / (1 + math.e**3)))
+    targets = loss_module.targets_of(batch["labels"])
+    assert targets.count == 3
+    total = loss_module.response_loss_sum(_FixedLogits(logits), batch, targets)
+    assert float(total) == pytest.approx(expected, rel=1e-6)
+    monkeypatch.setattr(loss_module, "CHUNK", 2)   # without gradients: chunks of 2 rows
+    with torch.no_grad():
+        chunked = loss_module.response_loss_sum(_FixedLogits(logits), batch, targets)
+    assert float(chunked) == pytest.approx(expected, rel=1e-6)
+    assert loss_module.token_loss_sum(_FixedLogits(logits), batch)[1] == 3

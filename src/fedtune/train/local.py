@@ -23,7 +23,7 @@ from fedtune.privacy.dp_sgd import (
     sample_rate,
 )
 from fedtune.train.distributed import DataParallel, OneProcess
-from fedtune.train.loss import token_loss_sum
+from fedtune.train.loss import response_loss_sum, targets_of
 from fedtune.train.packing import check_packing, collate_packed
 from fedtune.train.precision import Precision, base_dtype
 
@@ -137,7 +137,8 @@ class LocalTrainer:
                                            extra_loss, before_step)
             finally:
                 self.model.eval()
-        total_loss, total_tokens, seen = 0.0, 0, 0
+        running = torch.zeros((), device=self.device)
+        total_tokens, seen = 0, 0
         scaler = self.precision.scaler()
         parallel = self.parallel
         model = parallel.wrap(self.model)  # DDP over the launch's ranks, else the model itself
@@ -149,20 +150,21 @@ class LocalTrainer:
                 mine, weight = parallel.shard(idx)  # this rank's share of the micro-batch
                 if mine is not idx:
                     batch = self._collate([examples[i] for i in mine], self.pad_id)
+                targets = targets_of(batch["labels"]).to(self.device)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with parallel.syncing(model, last=j == len(group) - 1):
                     with self.precision.autocast():
-                        loss_sum, n_tok = token_loss_sum(model, batch)
+                        loss_sum = response_loss_sum(model, batch, targets)
                     scaled = loss_sum * weight / group_tokens
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 if weight:
-                    total_loss += loss_sum.item()
-                    total_tokens += n_tok
+                    running = running + loss_sum.detach()   # read once at the end: no wait per step
+                    total_tokens += targets.count
                     seen += len(mine)
             self._step(params, optimizer, extra_loss, before_step, scaler)
             optimizer.zero_grad(set_to_none=True)
         self.model.eval()
-        total_loss, total_tokens, seen = parallel.totals(total_loss, total_tokens, seen)
+        total_loss, total_tokens, seen = parallel.totals(float(running), total_tokens, seen)
         total_tokens, seen = int(total_tokens), int(seen)
         return LocalResult(
             loss=total_loss / max(1, total_tokens), steps=n_steps, examples=seen,
