@@ -9,7 +9,6 @@ rank 0 waits for the server or evaluates, which can take longer than a collectiv
 from __future__ import annotations
 
 import datetime
-import logging
 from collections.abc import Callable, Mapping
 
 import torch
@@ -17,8 +16,6 @@ import torch.distributed as dist
 
 from fedtune.errors import MessageError
 from fedtune.train.distributed import Ranks, ranks
-
-log = logging.getLogger("fedtune.relay")
 
 Endpoint = Callable[[bytes], "bytes | None"]
 WAIT = datetime.timedelta(days=7)   # how long the other ranks wait for rank 0's next message
