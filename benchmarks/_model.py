@@ -53,8 +53,9 @@ def build(args: argparse.Namespace, *, dtype=None, lora: bool = True, seed: int 
                                             target_modules=targets))
 
 
-def examples(args: argparse.Namespace, n: int, seed: int = 0):
-    """`n` examples of exactly `args.seq` tokens: a BOS, a prompt (masked), a response (trained)."""
+def examples(args: argparse.Namespace, n: int, seed: int = 0, mixed: bool = False):
+    """`n` examples of `args.seq` tokens (`mixed`: uniform in seq/8..seq): a BOS, a prompt (masked,
+    the first half), a response (trained)."""
     import torch
 
     from fedtune.data.prompts import IGNORE_INDEX, TokenizedExample
@@ -63,8 +64,9 @@ def examples(args: argparse.Namespace, n: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        ids = [1, *torch.randint(4, vocab, (args.seq - 1,), generator=gen).tolist()]
-        prompt = args.seq // 2
+        length = int(torch.randint(max(2, args.seq // 8), args.seq + 1, (1,), generator=gen)) if mixed else args.seq
+        ids = [1, *torch.randint(4, vocab, (length - 1,), generator=gen).tolist()]
+        prompt = length // 2
         out.append(TokenizedExample(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
     return out
 

@@ -40,12 +40,14 @@ def plain_loop(model, data, args, device, autocast_dtype) -> float:
     start = time.perf_counter()
     for step in range(args.steps):
         part = data[(step * args.batch) % len(data):][:args.batch]
-        ids = torch.tensor([ex.input_ids for ex in part], device=device)
-        labels = torch.tensor([ex.labels for ex in part], device=device)
+        width = max(len(ex.input_ids) for ex in part)   # right-padded to the longest
+        ids = torch.tensor([ex.input_ids + [0] * (width - len(ex.input_ids)) for ex in part], device=device)
+        labels = torch.tensor([ex.labels + [-100] * (width - len(ex.labels)) for ex in part], device=device)
+        mask = torch.tensor([[1] * len(ex.input_ids) + [0] * (width - len(ex.input_ids)) for ex in part],
+                            device=device)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
-            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
-                         use_cache=False).loss
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.unscale_(opt)
@@ -90,7 +92,9 @@ def main() -> None:
                     help="the base model's weights")
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="on both sides (fedtune's train.gradient_checkpointing)")
-    ap.add_argument("--packing", action="store_true", help="fedtune side only (equal lengths: no gain)")
+    ap.add_argument("--packing", action="store_true", help="fedtune side only (gains with --mixed)")
+    ap.add_argument("--mixed", action="store_true",
+                    help="examples of mixed lengths (uniform in seq/8..seq) instead of all seq long")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     args = ap.parse_args()
@@ -107,8 +111,8 @@ def main() -> None:
         model.get_base_model().gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    data = examples(args, args.batch * args.steps)
-    tokens = args.batch * args.steps * (args.seq - args.seq // 2)   # response tokens trained on
+    data = examples(args, args.batch * args.steps, mixed=args.mixed)
+    tokens = sum(sum(1 for t in ex.labels[1:] if t != -100) for ex in data)   # response tokens
 
     def reset() -> None:
         with torch.no_grad():
@@ -131,6 +135,7 @@ def main() -> None:
     row = {"device": str(device), "size": args.size, "params_m": round(params / 1e6, 1),
            "batch": args.batch, "seq": args.seq, "precision": mode, "weights": args.dtype,
            "gradient_checkpointing": args.gradient_checkpointing, "packing": args.packing,
+           "mixed_lengths": args.mixed,
            "plain_tokens_per_s": round(tokens / med["plain"], 1),
            "fedtune_tokens_per_s": round(tokens / med["fedtune"], 1),
            "ratio": round(ratio, 3), "runs": {k: [round(t, 3) for t in v] for k, v in times.items()}}
@@ -141,7 +146,7 @@ def main() -> None:
     print(f"{name}: Llama-architecture model, {params / 1e6:.1f}M parameters, LoRA r=8 on "
           f"{args.targets}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, precision "
           f"{mode} on {args.dtype} weights{', gradient checkpointing' if args.gradient_checkpointing else ''}"
-          f"{', packing' if args.packing else ''}; medians of {args.repeats} alternating runs\n")
+          f"{', packing' if args.packing else ''}{', mixed lengths' if args.mixed else ''}; medians of {args.repeats} alternating runs\n")
     print("| loop | response tokens / s | seconds per step |")
     print("|---|---:|---:|")
     for k in ("plain", "fedtune"):

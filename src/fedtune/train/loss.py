@@ -42,9 +42,9 @@ def targets_of(labels: torch.Tensor) -> Targets:
     return Targets(row, col, shifted[row, col], int(row.numel()))
 
 
-# Rows of logits turned into log-probabilities at once when no gradient is kept (evaluation,
-# zeroth-order steps): bounds the loss's memory to CHUNK x vocabulary beyond the logits.
-CHUNK = 2048
+# Logit entries turned into log-probabilities at once when no gradient is kept (evaluation,
+# zeroth-order steps): bounds the loss's own memory to about 2 x 64 MB beyond the logits.
+CHUNK = 1 << 24
 
 
 def response_loss_sum(model, batch: dict[str, torch.Tensor], targets: Targets) -> torch.Tensor:
@@ -62,7 +62,8 @@ def response_loss_sum(model, batch: dict[str, torch.Tensor], targets: Targets) -
     if torch.is_grad_enabled():
         return F.cross_entropy(flat.index_select(0, index).float(), targets.label, reduction="sum")
     total = flat.new_zeros((), dtype=torch.float32)
-    for part, label in zip(index.split(CHUNK), targets.label.split(CHUNK)):
+    rows = max(1, CHUNK // logits.shape[-1])
+    for part, label in zip(index.split(rows), targets.label.split(rows)):
         total = total + F.cross_entropy(flat.index_select(0, part).float(), label, reduction="sum")
     return total
 
