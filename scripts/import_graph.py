@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "fedtune"
 # The intended layers, bottom first; a group may import only its own layer and those below.
 LAYERS: list[set[str]] = [
     {"errors", "seeding", "wire"},
+    {"ranks"},
     {"config"},
     {"data", "models", "track"},
     {"privacy", "transport"},

@@ -30,7 +30,13 @@ class AlgorithmInfo:
     # `weighting` option) and clients send nothing else: it then works with secure aggregation,
     # which hands it one update holding that mean (runtime/secure_round.py).
     sum_only: bool = False
+    # Under a multi-process launch (torchrun / accelerate; runtime/launch.py): why the algorithm
+    # must run as one process (refused), or why every rank runs the same steps (said once).
+    one_process: str | None = None
+    unsplit_ranks: str | None = None
 
+
+_ZEROTH_ORDER = "estimates gradients from forward passes only"
 
 _ROWS = [
     AlgorithmInfo("fedavg", "fedavg", "Federated averaging of adapter updates, weighted by client "
@@ -65,15 +71,17 @@ _ROWS = [
                   "average (Sun et al. 2019, Can you really backdoor FL?).", o.NormBoundingConfig),
     AlgorithmInfo("fedmezo", "fedmezo", "MeZO zeroth-order local steps on the adapter, FedAvg, "
                   "personalised client learning rates (arXiv 2402.05926).", o.FedMeZOConfig,
-                  check=o.check_zeroth_order),
+                  check=o.check_zeroth_order, unsplit_ranks=_ZEROTH_ORDER),
     AlgorithmInfo("fedkseed", "fedkseed", "Zeroth-order full-parameter tuning over K shared seeds; "
                   "only K scalars travel (arXiv 2312.06353; pro: FedKSeed-Pro).", o.FedKSeedConfig,
                   # the pool moves by the weighted mean of the clients' K scalars (FedKSeed-Pro
                   # needs each client's own: check_fedkseed refuses it with secure aggregation)
-                  check=o.check_fedkseed, sum_only=True),
+                  check=o.check_fedkseed, sum_only=True, unsplit_ranks=_ZEROTH_ORDER),
     AlgorithmInfo("offsite", "offsite", "Offsite-tuning: clients tune the end layers of a "
                   "layer-dropped emulator, the server plugs them into the full model.",
-                  o.OffsiteConfig, check=o.check_offsite, sum_only=True),
+                  o.OffsiteConfig, check=o.check_offsite, sum_only=True,
+                  one_process="the emulator is distilled and trained in one process; launch it "
+                              "without torchrun/accelerate"),
 ]
 
 CATALOG: dict[str, AlgorithmInfo] = {row.name: row for row in _ROWS}

@@ -29,6 +29,7 @@ from fedtune.seeding import derive_seed, seed_everything
 from fedtune.track.reporter import quiet_libraries
 from fedtune.track.rundir import RunDir
 from fedtune.track.traffic import TrafficCounter
+from fedtune.train.distributed import data_parallel
 from fedtune.train.local import LocalTrainer
 from fedtune.transport.framing import SharedEncoder
 
@@ -71,7 +72,8 @@ class Setup:
             self.model, self.tokenizer, recipe.eval, template=recipe.data.template,
             max_length=recipe.data.max_length, device=self.device,
         )
-        self.trainer = LocalTrainer(self.model, recipe.train, self.tokenizer.pad_token_id, self.device)
+        self.trainer = LocalTrainer(self.model, recipe.train, self.tokenizer.pad_token_id, self.device,
+                                    parallel=data_parallel())  # DDP under torchrun / accelerate
         if "rouge_l" in recipe.eval.metrics:  # a missing package fails now, not after training
             from fedtune.eval.errors import require_module
 

@@ -14,6 +14,7 @@ import torch
 from fedtune.config import TrainSection
 from fedtune.data.prompts import TokenizedExample, collate
 from fedtune.errors import ModelError
+from fedtune.train.distributed import DataParallel, OneProcess
 from fedtune.train.dp_sgd import (
     DPSteps,
     PrivateGradients,
@@ -83,11 +84,13 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 class LocalTrainer:
     """Runs a client's local steps on the shared model's trainable parameters."""
 
-    def __init__(self, model: torch.nn.Module, section: TrainSection, pad_id: int, device: torch.device):
+    def __init__(self, model: torch.nn.Module, section: TrainSection, pad_id: int, device: torch.device,
+                 parallel: DataParallel | OneProcess | None = None):
         self.model = model
         self.section = section
         self.pad_id = pad_id
         self.device = device
+        self.parallel = parallel or OneProcess()  # several ranks: each takes its share of a batch
         if section.dp_sgd is not None:
             require_opacus()
         self.precision = Precision(section.precision, device, base_dtype(model))
@@ -125,7 +128,7 @@ class LocalTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = self._optimizer(params, lr)
         batches = micro_batches(len(examples), s.batch_size, seed)
-        torch.manual_seed(seed)  # dropout masks
+        torch.manual_seed(self.parallel.dropout_seed(seed))  # dropout masks (each rank its own)
         self.model.train()
         n_steps = steps_for(s, len(examples))
         if s.dp_sgd is not None:
@@ -137,24 +140,32 @@ class LocalTrainer:
         running = torch.zeros((), device=self.device)
         total_tokens, seen = 0, 0
         scaler = self.precision.scaler()
+        parallel = self.parallel
+        model = parallel.wrap(self.model)  # DDP over the launch's ranks, else the model itself
         for _ in range(n_steps):
-            chosen = [[examples[i] for i in next(batches)] for _ in range(s.grad_accum)]
-            group = [self._collate(part, self.pad_id) for part in chosen]
+            indices = [next(batches) for _ in range(s.grad_accum)]
+            group = [self._collate([examples[i] for i in idx], self.pad_id) for idx in indices]
             group_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
-            for part, batch in zip(chosen, group):
+            for j, (idx, batch) in enumerate(zip(indices, group)):
+                mine, weight = parallel.shard(idx)  # this rank's share of the micro-batch
+                if mine is not idx:
+                    batch = self._collate([examples[i] for i in mine], self.pad_id)
                 targets = targets_of(batch["labels"]).to(self.device)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                with self.precision.autocast():
-                    loss_sum = response_loss_sum(self.model, batch, targets)
-                scaled = loss_sum / group_tokens
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                running = running + loss_sum.detach()   # read once at the end: no wait per step
-                total_tokens += targets.count
-                seen += len(part)
+                with parallel.syncing(model, last=j == len(group) - 1):
+                    with self.precision.autocast():
+                        loss_sum = response_loss_sum(model, batch, targets)
+                    scaled = loss_sum * weight / group_tokens
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                if weight:
+                    running = running + loss_sum.detach()   # read once at the end: no wait per step
+                    total_tokens += targets.count
+                    seen += len(mine)
             self._step(params, optimizer, extra_loss, before_step, scaler)
             optimizer.zero_grad(set_to_none=True)
         self.model.eval()
-        total_loss = float(running)
+        total_loss, total_tokens, seen = parallel.totals(float(running), total_tokens, seen)
+        total_tokens, seen = int(total_tokens), int(seen)
         return LocalResult(
             loss=total_loss / max(1, total_tokens), steps=n_steps, examples=seen,
             tokens=total_tokens, seconds=time.perf_counter() - start,
