@@ -1,11 +1,12 @@
 """The server's whole run around the rounds: early stopping and the best adapter (output.keep_best),
-the clients' validation loss pooled per token, what a checkpoint carries and a restore gives back,
-and what the run's result reports. Expected values are worked out by hand on the tiny federation
+the clients' evaluation replies and validation loss pooled per token, what a checkpoint carries and
+a restore gives back, and what the run's result reports. Expected values are worked out by hand on the tiny federation
 (tiny_federation.py): FedAvg of one SGD step per client at rate 1."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from types import SimpleNamespace
 
@@ -186,11 +187,12 @@ def test_validation_loss_is_pooled_per_token_over_the_clients(tmp_path):
 
 @pytest.mark.parametrize("bad", [{"val_loss": -1.0, "val_tokens": 4}, {"val_loss": 0.5, "val_tokens": 0},
                                  {"val_loss": 0.5, "val_tokens": 2.5}, {"val_tokens": 3}])
-def test_a_bad_validation_figure_is_rejected_and_left_out_of_the_pool(tmp_path, bad):
+def test_a_bad_validation_figure_is_rejected_and_left_out_of_the_pool(tmp_path, bad, caplog):
     def edit(round_, replies):
         figures = {"client_0": {"val_loss": 2.0, "val_tokens": 3}, "client_1": bad}
         return [dataclasses.replace(m, meta={**m.meta, "metrics": figures[m.sender]}) for m in replies]
 
+    caplog.set_level(logging.WARNING, logger="fedtune.server")
     fed = build(tmp_path, [THREE_ONES, ONE_ZERO], edit=edit, eval={"clients": True})
     metrics = fed.server.evaluate(4, final=False)
     assert metrics == {"val_loss": 2.0, "val_clients": 1, "val_tokens": 3}
@@ -199,9 +201,76 @@ def test_a_bad_validation_figure_is_rejected_and_left_out_of_the_pool(tmp_path, 
     assert (event["round"], event["client"]) == (4, "client_1")
     assert event["values"]["reason"] == ("val_loss must be a finite number >= 0 and val_tokens a "
                                          "positive integer")
+    assert "round 4: rejected the validation figures of client_1: val_loss must be" in caplog.text
+
+
+def test_a_second_or_foreign_evaluation_reply_is_rejected_and_the_first_kept(tmp_path, caplog):
+    def edit(round_, replies):
+        first = next(m for m in replies if m.sender == "client_0")
+        again = dataclasses.replace(first, meta={**first.meta, "metrics": {"loss": 9.0}})
+        foreign = dataclasses.replace(first, sender="client_9", meta={**first.meta, "metrics": {"loss": 7.0}})
+        return [dataclasses.replace(m, meta={**m.meta, "metrics": {"loss": 0.5}}) for m in replies] + [
+            again, foreign]
+
+    caplog.set_level(logging.WARNING, logger="fedtune.server")
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], edit=edit, eval={"clients": True})
+    fed.server.evaluate(2, final=False)
+    assert fed.server.client_eval == {"client_0": {"loss": 0.5}, "client_1": {"loss": 0.5}}
+    assert fed.server.rejected == 2
+    events = fed.events("rejected")
+    assert [e["client"] for e in events] == ["client_0", "client_9"]
+    assert {e["values"]["reason"] for e in events} == {"not asked for an evaluation, or answered twice"}
+    assert "round 2: rejected the evaluation of client_9: not asked for an evaluation" in caplog.text
+
+
+@pytest.mark.parametrize("meta,reason", [
+    ({"n_examples": -1, "metrics": {"loss": 1.0}}, "meta.n_examples must be in [0, 1000], got -1"),
+    ({"n_examples": 1001, "metrics": {"loss": 1.0}}, "meta.n_examples must be in [0, 1000], got 1001"),
+    ({"n_examples": "2", "metrics": {"loss": 1.0}}, "meta.n_examples must be an integer, got str"),
+    ({"metrics": {"loss": 1.0}}, None),          # the count is optional
+    ({"n_examples": 1000}, None),                 # so are the figures: nothing recorded
+])
+def test_an_evaluation_reply_is_checked_before_its_figures_count(tmp_path, meta, reason):
+    def edit(round_, replies):
+        return [dataclasses.replace(m, meta=meta) if m.sender == "client_1" else m for m in replies]
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], edit=edit, eval={"clients": True},
+                federation={"max_examples_per_client": 1000})
+    fed.server.evaluate(1, final=False)
+    rejected = [e["values"]["reason"] for e in fed.events("rejected")]
+    assert rejected == ([reason] if reason else [])
+    recorded = "metrics" in meta and reason is None
+    assert fed.server.client_eval == ({"client_1": {"loss": 1.0}} if recorded else {})
+
+
+def test_evaluation_seconds_add_up_over_the_run(tmp_path):
+    import time
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO])
+    fed.server.evaluate_global = lambda state, generate, round_: time.sleep(0.02) or {"loss": 1.0}
+    fed.server.timings.eval = 100.0  # from earlier sessions of a resumed run
+    began = time.perf_counter()
+    fed.server.evaluate(1, final=False)
+    fed.server.evaluate(2, final=True)
+    took = time.perf_counter() - began
+    assert 0.04 <= fed.server.timings.eval - 100.0 <= took
 
 
 # -- counting, the result, checkpoints and restore ---------------------------------------------------------
+
+
+def test_an_error_reply_without_a_text_is_rejected_as_such(tmp_path):
+    from fedtune.runtime.messages import MessageKind
+
+    def edit(round_, replies):
+        return [dataclasses.replace(m, kind=MessageKind.ERROR, meta={}) if m.sender == "client_1" else m
+                for m in replies]
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], edit=edit)
+    fed.round(1)
+    (event,) = fed.events("rejected")
+    assert (event["client"], event["values"]["reason"]) == ("client_1", "client reported: ?")
+    assert fed.server.global_state["w"].tolist() == pytest.approx([0.5, 0.0])
 
 
 def test_every_rejected_reply_is_counted(tmp_path):
