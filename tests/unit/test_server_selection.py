@@ -334,3 +334,102 @@ def test_restore_refuses_damaged_figures_and_keeps_the_models_tensor_order(tmp_p
     assert s.initial is None and s.last_eval == {} and s.client_eval == {}
     assert s.selection.best_round is None and s.selection.stale == 0
     assert s.transport.counts.late == 2
+
+
+# -- the updates: what is refused, with which words, and the weights used ----------------------------------
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"n_examples": 0}, "meta.n_examples must be in [1, 1000], got 0"),
+    ({"n_examples": 1001}, "meta.n_examples must be in [1, 1000], got 1001"),
+    ({"n_examples": None}, "meta.n_examples must be an integer, got NoneType"),
+])
+def test_a_bad_example_count_is_refused_in_words_naming_the_key(tmp_path, change, reason, caplog):
+    caplog.set_level(logging.WARNING, logger="fedtune.server")
+
+    def edit(round_, replies):
+        return [dataclasses.replace(m, meta={**m.meta, **change}) if m.sender == "client_1" else m
+                for m in replies]
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], edit=edit, federation={"max_examples_per_client": 1000})
+    fed.round(1)
+    (event,) = fed.events("rejected")
+    assert (event["client"], event["values"]["reason"]) == ("client_1", reason)
+    assert f"round 1: rejected the reply of client_1: {reason}" in caplog.text
+
+
+def test_a_second_update_is_refused_in_words(tmp_path):
+    def edit(round_, replies):
+        return replies + [m for m in replies if m.sender == "client_1"]
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], edit=edit)
+    fed.round(1)
+    (event,) = fed.events("rejected")
+    assert event["values"]["reason"] == "not asked for an update this round, or answered twice"
+
+
+def test_a_simulated_client_may_claim_no_more_than_its_partition(tmp_path):
+    def edit(round_, replies):
+        return [dataclasses.replace(m, meta={**m.meta, "n_examples": 2}) if m.sender == "client_1" else m
+                for m in replies]
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], edit=edit)
+    fed.server.example_counts = {"client_0": 3, "client_1": 1}
+    fed.round(1)
+    (event,) = fed.events("rejected")
+    assert event["values"]["reason"] == "meta.n_examples must be in [1, 1], got 2"
+    assert fed.server.global_state["w"].tolist() == pytest.approx([0.5, 0.0])
+
+
+def test_an_update_without_figures_still_counts(tmp_path):
+    def edit(round_, replies):
+        return [dataclasses.replace(m, meta={"n_examples": m.meta["n_examples"]}) for m in replies]
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], edit=edit)
+    fed.round(1)
+    assert fed.server.rejected == 0
+    assert fed.server.global_state["w"].tolist() == pytest.approx(fedavg_rounds(1))
+    assert fed.events("round")[0]["values"]["train_loss"] is None
+
+
+def test_uniform_weighting_logs_a_weight_of_one_beside_the_claimed_count(tmp_path):
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], federation={"weighting": "uniform"})
+    fed.round(1)
+    fits = {e["client"]: e["values"] for e in fed.events("fit")}
+    assert (fits["client_0"]["weight"], fits["client_0"]["n_examples"]) == (1, 3)
+    assert (fits["client_1"]["weight"], fits["client_1"]["n_examples"]) == (1, 1)
+
+
+def test_a_lone_update_of_one_example_gives_the_rounds_train_loss(tmp_path):
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], endpoints={"client_0": lambda data: None})
+    fed.round(1)
+    # client_1's one example (1, 0) at w = 0: log(1 + e^0) − 0
+    assert fed.events("round")[0]["values"]["train_loss"] == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_the_strategy_hears_each_rounds_number(tmp_path):
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO])
+    strategy, calls = fed.server.strategy, []
+
+    class Listening:
+        def __getattr__(self, name):
+            return getattr(strategy, name)
+
+        def configure_fit(self, round_, clients, lr):
+            calls.append(("configure_fit", round_, list(clients), lr))
+            return strategy.configure_fit(round_, clients, lr)
+
+        def fit_tensors(self, round_, global_state):
+            calls.append(("fit_tensors", round_))
+            return strategy.fit_tensors(round_, global_state)
+
+        def aggregate_fit(self, round_, global_state, updates):
+            calls.append(("aggregate_fit", round_, [u.client for u in updates]))
+            return strategy.aggregate_fit(round_, global_state, updates)
+
+    fed.server.strategy = Listening()
+    fed.round(1)
+    fed.round(2)
+    clients = ["client_0", "client_1"]
+    assert calls == [("configure_fit", 1, clients, 1.0), ("fit_tensors", 1), ("aggregate_fit", 1, clients),
+                     ("configure_fit", 2, clients, 1.0), ("fit_tensors", 2), ("aggregate_fit", 2, clients)]
