@@ -150,15 +150,20 @@ def test_update_attacks_by_kind():
     assert corrupt_update(u, "none", 5.0) is u
     assert u["w"].tolist() == [1.0, -2.0]  # the honest update is not changed in place
 
+    seen = []
+
     class Honest:
         def server_tensor_specs(self, adapter):
             return {"extra": adapter}
 
         def fit(self, ctx, global_state):
+            seen.append((ctx, global_state))
             return LocalOutcome(update={"w": torch.ones(2)}, metrics={"train_loss": 1.0})
 
     attacked = AttackedLocal(Honest(), "scale", 4.0)
-    out = attacked.fit(None, {})
+    ctx, global_state = object(), {"w": torch.zeros(2)}
+    out = attacked.fit(ctx, global_state)
+    assert seen == [(ctx, global_state)]  # the honest procedure trains as usual
     assert out.update["w"].tolist() == [4.0, 4.0]
     assert out.metrics == {"train_loss": 1.0, "attack": "scale"}
     assert attacked.server_tensor_specs("s") == {"extra": "s"}
