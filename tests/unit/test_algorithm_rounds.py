@@ -352,6 +352,10 @@ def test_fedmezo_two_rounds_and_personal_learning_rates(tmp_path, signal):
         spread = max(abs(v - mean_s) for v in s.values())
         lrs = {n: lr + alpha * (s[n] - mean_s) / spread for n in names}
     close(fed.server.global_state["w"], x, tol=2e-4)
+    fits = {e["client"]: e["values"] for e in fed.events("fit") if e["round"] == 2}
+    assert [fits[n]["examples_seen"] for n in names] == [steps * 3, steps * 1, steps * 2]
+    assert all(fits[n]["steps"] == steps for n in names)
+    assert fits["client_2"]["train_loss"] == pytest.approx(outs["client_2"][1], abs=1e-5)
     assigned = fed.server.strategy.configure_fit(3, names, lr)
     for n in names:
         assert assigned[n]["lr"] == pytest.approx(lrs[n], abs=2e-3)
@@ -372,23 +376,29 @@ def test_fedmezo_rate_never_drops_to_zero():
 # -- FedKSeed and FedKSeed-Pro ------------------------------------------------------------------------
 
 
-def _kseed_expected(data, counts, *, k, eps, lr, steps, round_, pool, probs=None, pool_seed=0):
-    """(new pool, per-client folded vectors) by hand, starting each client from θ(pool)."""
+def _kseed_expected(data, counts, *, k, eps, lr, steps, round_, pool, probs=None, pool_seed=0,
+                    losses=None):
+    """(new pool, per-client folded vectors) by hand, starting each client from θ(pool);
+    `losses` (a dict) receives each client's mean of (L+ + L−)/2 over its steps."""
     zs = [_z(derive_seed(pool_seed, "kseed", j)) for j in range(k)]
     theta0 = [0.0, 0.0]
     start = [t - sum(pool[j] * zs[j][i] for j in range(k)) for i, t in enumerate(theta0)]
     folds = []
     for n, pairs in data.items():
         rng = np.random.default_rng(derive_seed(derive_seed(5, "fit", round_, n), "kseed-sample"))
-        w, folded = list(start), [0.0] * k
+        w, folded, seen = list(start), [0.0] * k, []
         for _ in range(steps):
             cand = int(rng.choice(k, p=probs)) if probs is not None else int(rng.integers(k))
             z = zs[cand]
-            g = (mean_loss([a + eps * b for a, b in zip(w, z)], pairs)
-                 - mean_loss([a - eps * b for a, b in zip(w, z)], pairs)) / (2 * eps)
+            plus = mean_loss([a + eps * b for a, b in zip(w, z)], pairs)
+            minus = mean_loss([a - eps * b for a, b in zip(w, z)], pairs)
+            g = (plus - minus) / (2 * eps)
+            seen.append((plus + minus) / 2)
             w = [a - lr * g * b for a, b in zip(w, z)]
             folded[cand] += lr * g
         folds.append(folded)
+        if losses is not None:
+            losses[n] = sum(seen) / len(seen)
     total = sum(counts)
     new_pool = [p + sum(c / total * f[j] for f, c in zip(folds, counts)) for j, p in enumerate(pool)]
     return new_pool, folds, zs
@@ -400,8 +410,16 @@ def test_fedkseed_round_moves_the_pool_by_the_weighted_folded_steps(tmp_path):
               steps=3, lr=lr, rounds=2)
     data = {"client_0": THREE_ONES, "client_1": ONE_ZERO}
     pool, _, zs = _kseed_expected(data, [3, 1], k=k, eps=eps, lr=lr, steps=3, round_=1, pool=[0.0] * k)
-    pool, _, zs = _kseed_expected(data, [3, 1], k=k, eps=eps, lr=lr, steps=3, round_=2, pool=pool)
+    losses = {}
+    pool, folds, zs = _kseed_expected(data, [3, 1], k=k, eps=eps, lr=lr, steps=3, round_=2, pool=pool,
+                                      losses=losses)
     close(fed.server.global_state["kseed/pool"], pool, tol=2e-4)
+    fits = {e["client"]: e["values"] for e in fed.events("fit") if e["round"] == 2}
+    for (name, pairs), folded in zip(data.items(), folds):
+        assert fits[name]["steps"] == 3 and fits[name]["skipped_steps"] == 0
+        assert fits[name]["examples_seen"] == 3 * len(pairs)  # full batches of the client's data
+        assert fits[name]["seeds_used"] == sum(v != 0 for v in folded)
+        assert fits[name]["train_loss"] == pytest.approx(losses[name], abs=1e-5)
     # θ(G) = θ0 − Σ G_k z_k is what a party rebuilds from the pool.
     fed.clients["client_0"].view.load(fed.server.global_state)
     close(fed.model.w.detach(), [-sum(pool[j] * zs[j][i] for j in range(k)) for i in range(2)], tol=2e-4)
