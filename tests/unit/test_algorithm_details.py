@@ -179,3 +179,101 @@ def test_poisoning_replaces_a_seeded_fraction():
                                                     not in {p.instruction for p in poisoned}]
     assert out == poison_examples(exs, trigger=" cf", target="T", fraction=0.3, seed=4)
     assert out != poison_examples(exs, trigger=" cf", target="T", fraction=0.3, seed=5)
+
+
+# -- the words a user reads: each message in full -------------------------------------------------------
+
+
+def _recipe_for_checks(**sections):
+    from fedtune.config import Recipe
+
+    data = {"federation": {"clients": 2, "rounds": 1, **sections.pop("federation", {})}, **sections}
+    return Recipe.model_validate(data)  # fedavg: no check of its own runs here
+
+
+@pytest.mark.parametrize("sections,options,message", [
+    ({"train": {"weight_decay": 0.1}}, {},
+     "train.weight_decay: fedkseed needs 0 (its model is rebuilt as θ0 − Σ G_k·z_k, which holds only "
+     "for plain steps)"),
+    ({"federation": {"compression": {"up": {"method": "fp16"}}}}, {},
+     "federation.compression.up: fedkseed sends K scalars, not adapter tensors; compression does not "
+     "apply (use none)"),
+    ({"federation": {"compression": {"down": {"method": "int8"}}}}, {},
+     "federation.compression.down: fedkseed sends K scalars, not adapter tensors; compression does "
+     "not apply (use none)"),
+    ({"federation": {"secure_aggregation": {"enabled": True}}}, {"pro": True},
+     "federation.secure_aggregation.enabled: FedKSeed-Pro (options.pro) learns its seed probabilities "
+     "from each client's own scalars, which secure aggregation hides; use pro: false (plain FedKSeed "
+     "needs only their sum)"),
+])
+def test_fedkseed_recipe_checks_in_full(sections, options, message):
+    from fedtune.algorithms.options import FedKSeedConfig, check_fedkseed
+
+    with pytest.raises(ValueError) as err:
+        check_fedkseed(FedKSeedConfig(**options), _recipe_for_checks(**sections))
+    assert str(err.value) == message
+    check_fedkseed(FedKSeedConfig(pro=False), _recipe_for_checks(
+        federation={"secure_aggregation": {"enabled": True}}))  # plain FedKSeed: fine
+
+
+def test_offsite_recipe_checks_in_full():
+    from fedtune.algorithms.options import OffsiteConfig, check_offsite
+
+    with pytest.raises(ValueError) as err:
+        check_offsite(OffsiteConfig(adapter_bottom=0, adapter_top=0), _recipe_for_checks())
+    assert str(err.value) == "federation.options: offsite needs adapter_bottom + adapter_top >= 1"
+    with pytest.raises(ValueError) as err:
+        check_offsite(OffsiteConfig(adapter_bottom=0, adapter_top=1), _recipe_for_checks(adapter={"method": "lora"}))
+    assert str(err.value) == ("adapter.method: offsite trains whole adapter layers of the emulator; "
+                              "set adapter.method=full (only those layers train)")
+    check_offsite(OffsiteConfig(adapter_bottom=1, adapter_top=0), _recipe_for_checks(adapter={"method": "full"}))
+
+
+def test_krum_refusals_in_full():
+    from fedtune.errors import RecipeError
+
+    g = {"w": torch.zeros(1)}
+    four = [ClientUpdate(str(i), {"w": torch.tensor([float(i)])}, 1) for i in range(4)]
+    with pytest.raises(RecipeError) as err:
+        build_strategy("krum", {"byzantine": 1}).aggregate_fit(1, g, four)
+    assert str(err.value) == ("federation.options.byzantine: krum with byzantine=1 needs more than 4 "
+                              "client updates per round, got 4; lower it or sample more clients")
+    five = four + [ClientUpdate("4", {"w": torch.tensor([4.0])}, 1)]
+    with pytest.raises(RecipeError) as err:
+        build_strategy("krum", {"byzantine": 1, "multi": 5}).aggregate_fit(1, g, five)
+    assert str(err.value) == ("federation.options.multi: multi-Krum can average at most n − byzantine = "
+                              "4 updates this round, got multi=5")
+    out = build_strategy("krum", {"byzantine": 1, "multi": 4}).aggregate_fit(1, g, five)
+    assert out["w"].item() == pytest.approx(1.5)  # multi = n − f is allowed: the four best, 0..3
+
+
+def test_server_optimiser_state_refusal_in_full():
+    s = build_strategy("fedadam", {})
+    with pytest.raises(ValueError) as err:
+        s.load_state_dict({"x/w": torch.zeros(1)})
+    assert str(err.value) == "unexpected server optimizer state 'x/w'; expected keys like m/<name>, v/<name>"
+
+
+def test_a_catalogued_algorithm_whose_module_does_not_register_it_is_named(monkeypatch):
+    from fedtune.algorithms import base, catalog
+    from fedtune.algorithms.options import FedAvgConfig
+
+    ghost = catalog.AlgorithmInfo("ghost", "fedavg", "registered nowhere", FedAvgConfig)
+    monkeypatch.setitem(catalog.CATALOG, "ghost", ghost)
+    with pytest.raises(RuntimeError) as err:
+        base.registry()
+    assert str(err.value) == "fedtune.algorithms.fedavg does not register 'ghost'"
+
+
+def test_result_metrics_carry_the_dp_sgd_figures():
+    from types import SimpleNamespace
+
+    from fedtune.algorithms.base import result_metrics
+
+    plain = SimpleNamespace(loss=0.5, steps=3, examples=12, seconds=1.5)
+    assert result_metrics(plain) == {"train_loss": 0.5, "steps": 3, "examples_seen": 12,
+                                     "train_seconds": 1.5}
+    dp = SimpleNamespace(steps=3, sample_rate=0.25, noise_multiplier=1.1)
+    assert result_metrics(SimpleNamespace(**vars(plain), dp=dp)) == {
+        "train_loss": 0.5, "steps": 3, "examples_seen": 12, "train_seconds": 1.5,
+        "dp_steps": 3, "dp_sample_rate": 0.25, "dp_noise_multiplier": 1.1}
