@@ -277,3 +277,11 @@ def test_result_metrics_carry_the_dp_sgd_figures():
     assert result_metrics(SimpleNamespace(**vars(plain), dp=dp)) == {
         "train_loss": 0.5, "steps": 3, "examples_seen": 12, "train_seconds": 1.5,
         "dp_steps": 3, "dp_sample_rate": 0.25, "dp_noise_multiplier": 1.1}
+
+
+def test_fedkseed_pro_statistics_stay_float64_whatever_a_checkpoint_holds():
+    s = build_strategy("fedkseed", {"num_seeds": 3, "pro": True})
+    s.load_state_dict({"pro/abs_sum": torch.tensor([1.0, 2.0, 0.0]), "pro/count": torch.tensor([1.0, 1.0, 0.0])})
+    state = s.state_dict()
+    assert state["pro/abs_sum"].dtype == state["pro/count"].dtype == torch.float64
+    assert state["pro/abs_sum"].tolist() == [1.0, 2.0, 0.0] and state["pro/count"].tolist() == [1.0, 1.0, 0.0]
