@@ -285,3 +285,72 @@ def test_fedkseed_pro_statistics_stay_float64_whatever_a_checkpoint_holds():
     state = s.state_dict()
     assert state["pro/abs_sum"].dtype == state["pro/count"].dtype == torch.float64
     assert state["pro/abs_sum"].tolist() == [1.0, 2.0, 0.0] and state["pro/count"].tolist() == [1.0, 1.0, 0.0]
+
+
+def test_plain_fedkseed_keeps_no_state_and_refuses_some():
+    s = build_strategy("fedkseed", {"num_seeds": 3})
+    assert s.state_dict() == {}
+    s.load_state_dict({})
+    with pytest.raises(ValueError, match="FedKSeed keeps no state"):
+        s.load_state_dict({"pro/abs_sum": torch.zeros(3)})
+
+
+def test_strategy_state_round_trips_names_with_slashes_exactly():
+    mezo = build_strategy("fedmezo", {})
+    mezo.aggregate_fit(1, {"w": torch.zeros(1)}, [
+        ClientUpdate("site/a", {"w": torch.zeros(1)}, 1, {"train_loss": 0.1}),
+        ClientUpdate("b", {"w": torch.zeros(1)}, 1, {"train_loss": 0.3})])
+    state = mezo.state_dict()
+    assert state["signal/site/a"].dtype == torch.float64
+    again = build_strategy("fedmezo", {})
+    again.load_state_dict(state)
+    assert again.history == {"site/a": [0.1], "b": [0.3]}  # float64: 0.1 comes back as 0.1
+    adam = build_strategy("fedadam", {})
+    adam.load_state_dict({"m/x/y": torch.ones(1), "v/x/y": torch.ones(1)})
+    assert set(adam.state_dict()) == {"m/x/y", "v/x/y"}
+
+
+def test_trimmed_mean_of_a_single_update_is_that_update():
+    out = trimmed_mean_aggregate([{"w": torch.tensor([2.0, -1.0])}], trim_ratio=0.4)
+    assert out["w"].tolist() == [2.0, -1.0]
+
+
+def test_krum_bounds_follow_the_number_of_byzantine_clients():
+    from fedtune.algorithms.robust import krum_scores
+
+    g = {"w": torch.zeros(1)}
+    three = [ClientUpdate(str(i), {"w": torch.tensor([float(v)])}, 1) for i, v in enumerate([0, 1, 5])]
+    s0 = build_strategy("krum", {"byzantine": 0})
+    assert s0.min_updates() == 3
+    assert s0.aggregate_fit(1, g, three)["w"].item() == 0.0  # scores 1, 1, 16: the earlier tie
+    s2 = build_strategy("krum", {"byzantine": 2})
+    assert s2.min_updates() == 7
+    six = [ClientUpdate(str(i), {"w": torch.tensor([float(i)])}, 1) for i in range(6)]
+    with pytest.raises(ValueError, match=r"more than 2\*byzantine \+ 2 = 6 updates, got 6"):
+        krum_scores([u.tensors for u in six], byzantine=2)
+
+
+def test_krum_scores_keep_float64_precision():
+    from fedtune.algorithms.robust import krum_scores
+
+    # f = 0, two neighbours: scores 1 + (1 + η)² for u1 and (1 + η)² + (1 − η)² for u2; u2 wins by
+    # about 2η = 2e-9, a difference float32 sums (ulp 2.4e-7 at 2) would lose.
+    eta = 1e-9
+    ups = [{"w": torch.tensor([v], dtype=torch.float64)} for v in (0.0, 1.0, 2.0 + eta, 3.0)]
+    scores = krum_scores(ups, byzantine=0)
+    assert float(scores[2]) < float(scores[1])
+    out = krum_aggregate([(u, 1.0) for u in ups], byzantine=0)
+    assert out["w"].item() == 2.0 + eta
+
+
+def test_krum_scores_are_exact_far_from_the_origin_with_many_clients():
+    from fedtune.algorithms.robust import krum_scores
+
+    # 30 clients at 1e4 + i·1e-3 (float64): squared distances of ~1e-6 that a ‖x‖² + ‖y‖² − 2x·y
+    # evaluation would swamp with rounding of ~1e-8.
+    values = [1e4 + i * 1e-3 + (i % 3) * 1e-4 for i in range(30)]
+    ups = [{"w": torch.tensor([v], dtype=torch.float64)} for v in values]
+    scores = krum_scores(ups, byzantine=1)
+    for i, v in enumerate(values):
+        d = sorted((v - u) ** 2 for j, u in enumerate(values) if j != i)
+        assert float(scores[i]) == pytest.approx(sum(d[:30 - 1 - 2]), rel=1e-6)
