@@ -354,3 +354,51 @@ def test_krum_scores_are_exact_far_from_the_origin_with_many_clients():
     for i, v in enumerate(values):
         d = sorted((v - u) ** 2 for j, u in enumerate(values) if j != i)
         assert float(scores[i]) == pytest.approx(sum(d[:30 - 1 - 2]), rel=1e-6)
+
+
+def test_median_picks_the_middle_of_five_and_takes_a_single_update():
+    ups = [{"w": torch.tensor([v])} for v in (9.0, -3.0, 4.0, 100.0, 0.0)]
+    assert median_aggregate(ups)["w"].item() == 4.0   # sorted: −3, 0, 4, 9, 100
+    assert median_aggregate(ups[:1])["w"].item() == 9.0
+
+
+def test_krum_ties_go_to_the_earlier_client_among_many():
+    # 20 one-hot updates: every pairwise distance is √2, so every score ties.
+    ups = [({"w": torch.eye(20)[i]}, 1.0) for i in range(20)]
+    assert krum_aggregate(ups, byzantine=0)["w"].tolist() == torch.eye(20)[0].tolist()
+    two = krum_aggregate(ups, byzantine=0, multi=2)["w"]
+    assert two.tolist() == ((torch.eye(20)[0] + torch.eye(20)[1]) / 2).tolist()
+
+
+def test_norm_bounding_measures_float32_updates_without_overflow():
+    big = [({"w": torch.tensor([1e20, 0.0])}, 1.0)]  # its square, 1e40, overflows float32
+    out = norm_bounding_aggregate(big, max_norm=2.0)
+    assert out["w"].tolist() == pytest.approx([2.0, 0.0])
+    one = norm_bounding_aggregate([({"w": torch.tensor([3.0, 4.0])}, 1.0)], max_norm=1.0)
+    assert one["w"].tolist() == pytest.approx([0.6, 0.8])  # a single update, clipped
+
+
+def test_norm_bounding_scales_bfloat16_updates_before_rounding():
+    import math
+
+    a, b = [2.0625, 1.546875], [-0.4765625, -1.4453125]   # exact in bfloat16
+    m = 0.5601472492317476
+    scaled = [[v * min(1.0, m / math.hypot(*u)) for v in u] for u in (a, b)]
+    mean = [(x + y) / 2 for x, y in zip(*scaled)]
+    ups = [({"w": torch.tensor(u, dtype=torch.bfloat16)}, 1.0) for u in (a, b)]
+    out = norm_bounding_aggregate(ups, max_norm=m)
+    assert out["w"].dtype == torch.bfloat16
+    assert out["w"].tolist() == torch.tensor(mean).to(torch.bfloat16).tolist()
+
+
+def test_flexlora_uniform_weighting_counts_each_client_once():
+    g = {"x.lora_A.default.weight": torch.zeros(1, 1), "x.lora_B.default.weight": torch.zeros(1, 1)}
+    ups = [ClientUpdate("a", {"x.lora_A.default.weight": torch.ones(1, 1),
+                              "x.lora_B.default.weight": torch.ones(1, 1)}, 3),
+           ClientUpdate("b", {"x.lora_A.default.weight": torch.ones(1, 1),
+                              "x.lora_B.default.weight": 3 * torch.ones(1, 1)}, 1)]
+    # products 1 and 3: uniform mean 2, by examples (3·1 + 3)/4 = 1.5
+    for weighting, product in (("uniform", 2.0), ("examples", 1.5)):
+        out = build_strategy("flexlora", {"weighting": weighting}).aggregate_fit(1, g, ups)
+        got = out["x.lora_B.default.weight"] @ out["x.lora_A.default.weight"]
+        assert got.item() == pytest.approx(product)
