@@ -402,3 +402,28 @@ def test_flexlora_uniform_weighting_counts_each_client_once():
         out = build_strategy("flexlora", {"weighting": weighting}).aggregate_fit(1, g, ups)
         got = out["x.lora_B.default.weight"] @ out["x.lora_A.default.weight"]
         assert got.item() == pytest.approx(product)
+
+
+def test_robust_means_refuse_zero_total_weight_and_keep_float64():
+    with pytest.raises(ValueError) as err:
+        norm_bounding_aggregate([({"w": torch.ones(1)}, 0.0)], max_norm=1.0)
+    assert str(err.value) == "the weights must sum to a positive number"
+    out = norm_bounding_aggregate(_cancelling(torch.float64), max_norm=10.0)
+    assert out["w"].item() == pytest.approx(TINY / 3, rel=1e-9)
+
+
+def test_median_of_float16_updates_near_the_top_of_their_range():
+    ups = [{"w": torch.tensor([40000.0], dtype=torch.float16)} for _ in range(2)]
+    out = median_aggregate(ups)  # (40000 + 40000) / 2, whose sum overflows float16
+    assert out["w"].dtype == torch.float16 and out["w"].item() == 40000.0
+
+
+def test_flexlora_takes_a_single_client_and_names_a_zero_weight():
+    g = {"x.lora_A.default.weight": torch.zeros(1, 2), "x.lora_B.default.weight": torch.zeros(1, 1)}
+    local = {"x.lora_A.default.weight": torch.tensor([[3.0, 4.0]]), "x.lora_B.default.weight": torch.ones(1, 1)}
+    out = flexlora_aggregate(g, [(local, 1.0)])
+    product = out["x.lora_B.default.weight"] @ out["x.lora_A.default.weight"]
+    torch.testing.assert_close(product, torch.tensor([[3.0, 4.0]]))
+    with pytest.raises(ValueError) as err:
+        flexlora_aggregate(g, [(local, 0.0)])
+    assert str(err.value) == "flexlora_aggregate needs updates with positive total weight"
