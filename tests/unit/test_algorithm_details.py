@@ -258,6 +258,7 @@ def test_a_catalogued_algorithm_whose_module_does_not_register_it_is_named(monke
     from fedtune.algorithms import base, catalog
     from fedtune.algorithms.options import FedAvgConfig
 
+    base.registry()
     ghost = catalog.AlgorithmInfo("ghost", "fedavg", "registered nowhere", FedAvgConfig)
     monkeypatch.setitem(catalog.CATALOG, "ghost", ghost)
     with pytest.raises(RuntimeError) as err:
@@ -427,3 +428,42 @@ def test_flexlora_takes_a_single_client_and_names_a_zero_weight():
     with pytest.raises(ValueError) as err:
         flexlora_aggregate(g, [(local, 0.0)])
     assert str(err.value) == "flexlora_aggregate needs updates with positive total weight"
+
+
+def test_refactorize_pads_a_tall_product():
+    b, a = refactorize(torch.tensor([[3.0], [4.0]]), 3)  # 2 × 1, rank 1; asked for rank 3
+    assert b.shape == (2, 3) and a.shape == (3, 1)
+    torch.testing.assert_close(b @ a, torch.tensor([[3.0], [4.0]], dtype=torch.float64))
+
+
+def test_flexlora_keeps_the_dtype_of_tensors_outside_the_lora_pairs():
+    g = {"head": torch.zeros(2)}
+    out = flexlora_aggregate(g, [({"head": torch.tensor([1.0, 2.0])}, 1.0), ({"head": torch.tensor([3.0, 0.0])}, 1.0)])
+    assert out["head"].dtype == torch.float32 and out["head"].tolist() == [2.0, 1.0]
+
+
+def test_register_records_everything_the_catalog_and_the_module_give(monkeypatch):
+    from fedtune.algorithms import base, catalog
+    from fedtune.algorithms.options import FedAvgConfig, check_offsite
+
+    base.registry()  # every real module imported (and registered) before the registry is swapped
+    row = catalog.AlgorithmInfo("ghost", "fedavg", "a test row", FedAvgConfig, check=check_offsite,
+                                sum_only=True)
+    monkeypatch.setitem(catalog.CATALOG, "ghost", row)
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+    def build(config, n):
+        return "strategy"
+
+    def local(config):
+        return "local"
+
+    def view(config, slot):
+        return "view"
+
+    spec = base.register("ghost", build, local=local, view=view)
+    assert (spec.name, spec.summary, spec.config, spec.build, spec.local, spec.view, spec.check,
+            spec.sum_only) == ("ghost", "a test row", FedAvgConfig, build, local, view, check_offsite, True)
+    assert base.registry()["ghost"] is spec
+    plain = base.AlgorithmSpec("x", "s", FedAvgConfig, build)
+    assert plain.check is None and plain.sum_only is False

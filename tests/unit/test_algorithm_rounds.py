@@ -107,6 +107,11 @@ def test_fedprox_round_adds_the_proximal_gradient_at_each_step(tmp_path):
     # client_0 by hand: 0.5, then 0.5 − (σ(0.5) − 1 + 0.25) = 0.6275 (0.8775 without the term)
     assert locals_[0][0] == pytest.approx(0.5 - (sigmoid(0.5) - 1 + 0.25))
     close(fed.server.global_state["w"], wmean(locals_, [3, 1]))
+    # The reported train loss is the data loss (no proximal term), averaged over the two steps:
+    # client_1 at w1 = 0, then at w1 = −0.5.
+    fits = {e["client"]: e["values"] for e in fed.events("fit")}
+    assert fits["client_1"]["train_loss"] == pytest.approx((math.log(2) + math.log1p(math.exp(-0.5))) / 2)
+    assert fits["client_1"]["steps"] == 2
 
 
 # -- SCAFFOLD: control variates and the sign of the correction ------------------------------------
