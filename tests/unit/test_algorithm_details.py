@@ -467,3 +467,40 @@ def test_register_records_everything_the_catalog_and_the_module_give(monkeypatch
     assert base.registry()["ghost"] is spec
     plain = base.AlgorithmSpec("x", "s", FedAvgConfig, build)
     assert plain.check is None and plain.sum_only is False
+
+
+def test_scaffold_weighting_and_a_fresh_strategys_state():
+    s = build_strategy("scaffold", {"weighting": "uniform"}, 2)
+    assert s.state_dict() == {}  # nothing to checkpoint before the first round
+    g = {"w": torch.zeros(1)}
+    s.fit_tensors(1, g)
+    ups = [ClientUpdate("a", {"w": torch.tensor([1.0]), "scaffold/dc/w": torch.zeros(1)}, 3),
+           ClientUpdate("b", {"w": torch.tensor([3.0]), "scaffold/dc/w": torch.zeros(1)}, 1)]
+    assert s.aggregate_fit(1, g, ups)["w"].item() == 2.0  # not (3·1 + 3)/4
+
+
+def test_pro_probabilities_normalise_between_the_smallest_and_largest_mean():
+    import math
+
+    from fedtune.algorithms.fedkseed import pro_probabilities
+
+    got = pro_probabilities(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))  # -> 0, 0.5, 1
+    e = [math.exp(v) for v in (0.0, 0.5, 1.0)]
+    assert got.tolist() == pytest.approx([v / sum(e) for v in e], rel=1e-6)
+    s = build_strategy("fedkseed", {"num_seeds": 3, "pro": True})
+    s.load_state_dict({"pro/abs_sum": torch.tensor([2.0, 2.0, 0.0], dtype=torch.float64),
+                       "pro/count": torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64)})
+    e = [math.exp(v) for v in (1.0, 0.5, 0.0)]  # means 2, 1, 0 (never seen)
+    assert s.probabilities().tolist() == pytest.approx([v / sum(e) for v in e], rel=1e-6)
+
+
+def test_server_steps_keep_the_global_precision_whatever_the_deltas_dtype():
+    from fedtune.algorithms.fedopt import fedyogi_step
+
+    g = {"w": torch.tensor([1.0001], dtype=torch.float32)}  # not representable in float16
+    new, _ = fedavgm_step(g, {"w": torch.zeros(1, dtype=torch.float16)}, {}, lr=1.0, momentum=0.9)
+    assert new["w"].item() == g["w"].item()
+    # Yogi when v equals Δ² exactly (v starts at τ² and Δ = τ): sign 0 leaves v as it is.
+    new, m, v = fedyogi_step({"w": torch.zeros(1)}, {"w": torch.tensor([0.5])}, {}, {},
+                             lr=1.0, beta1=0.0, beta2=0.9, tau=0.5)
+    assert v["w"].item() == 0.25 and new["w"].item() == pytest.approx(0.5 / (0.5 + 0.5))

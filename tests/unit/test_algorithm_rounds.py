@@ -118,10 +118,12 @@ def test_fedprox_round_adds_the_proximal_gradient_at_each_step(tmp_path):
 
 
 def test_scaffold_two_rounds_control_variates_and_correction(tmp_path):
-    lr, k = 1.0, 2
+    # Start off zero, so the two clients' pulls on w[0] differ in size: the server's c is then
+    # non-zero after round 1 and its sign matters in round 2. lr ≠ 1 tells K·η from K/η.
+    lr, k, w0 = 0.5, 2, (0.4, 0.0)
     a, b = THREE_ONES, [(0, 0)]  # both on w[0]: client_1 pulls the other way
-    fed = run(tmp_path, "scaffold", [a, b], steps=k, lr=lr, rounds=1)
-    x, c = [0.0, 0.0], [0.0, 0.0]
+    fed = run(tmp_path, "scaffold", [a, b], steps=k, lr=lr, rounds=1, w0=w0)
+    x, c = list(w0), [0.0, 0.0]
     ci = {0: [0.0, 0.0], 1: [0.0, 0.0]}
     weights = [3, 1]
 
@@ -144,13 +146,22 @@ def test_scaffold_two_rounds_control_variates_and_correction(tmp_path):
     close(fed.server.strategy.state_dict()["scaffold/c/w"], c)
     close(fed.clients["client_0"].state["scaffold/ci/w"], ci[0])
     close(fed.clients["client_1"].state["scaffold/ci/w"], ci[1])
+    assert abs(c[0]) > 0.01  # the case can tell the sign of c in round 2
     fed.round(2)
     x, c = one_round(x, c, ci)  # now c − c_i ≠ 0: the correction's sign matters
     close(fed.server.global_state["w"], x)
     close(fed.server.strategy.state_dict()["scaffold/c/w"], c)
     close(fed.clients["client_1"].state["scaffold/ci/w"], ci[1])
+    close(fed.clients["client_0"].state["scaffold/ci/w"], ci[0])
     # A flipped correction would land elsewhere: check that this case can tell.
     assert abs(ci[0][0]) > 0.05
+    fits = {e["client"]: e["values"] for e in fed.events("fit") if e["round"] == 1}
+    # client_1's one example (0, 0): loss log(1 + e^w) at w = 0.4, then after one plain step
+    # (round 1: c = c_i = 0), at w = 0.4 − 0.5·σ(0.4).
+    w_after = 0.4 - lr * sigmoid(0.4)
+    assert fits["client_1"]["steps"] == k
+    assert fits["client_1"]["train_loss"] == pytest.approx(
+        (math.log1p(math.exp(0.4)) + math.log1p(math.exp(w_after))) / 2, rel=1e-5)
 
 
 # -- server optimisers ------------------------------------------------------------------------------
