@@ -504,3 +504,14 @@ def test_server_steps_keep_the_global_precision_whatever_the_deltas_dtype():
     new, m, v = fedyogi_step({"w": torch.zeros(1)}, {"w": torch.tensor([0.5])}, {}, {},
                              lr=1.0, beta1=0.0, beta2=0.9, tau=0.5)
     assert v["w"].item() == 0.25 and new["w"].item() == pytest.approx(0.5 / (0.5 + 0.5))
+
+
+def test_scaffold_keeps_the_global_dtype():
+    from fedtune.algorithms.scaffold import scaffold_aggregate
+
+    g = {"w": torch.zeros(2, dtype=torch.bfloat16)}
+    new_x, new_c = scaffold_aggregate(g, {"w": torch.zeros(2)},
+                                      [({"w": torch.tensor([0.5, -1.0])}, {"w": torch.ones(2)}, 1.0)],
+                                      global_lr=2.0, n_clients=4)
+    assert new_x["w"].dtype == torch.bfloat16 and new_x["w"].tolist() == [1.0, -2.0]
+    assert new_c["w"].tolist() == [0.25, 0.25]
