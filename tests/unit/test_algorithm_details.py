@@ -515,3 +515,51 @@ def test_scaffold_keeps_the_global_dtype():
                                       global_lr=2.0, n_clients=4)
     assert new_x["w"].dtype == torch.bfloat16 and new_x["w"].tolist() == [1.0, -2.0]
     assert new_c["w"].tolist() == [0.25, 0.25]
+
+
+def _kseed_client(tmp_path, probs):
+    """FedKSeed-Pro's local procedure on the tiny federation's client_0, given `probs`."""
+    from tiny_federation import LogitModel, examples, federation, recipe
+
+    from fedtune.algorithms.base import LocalContext
+
+    r = recipe("fedkseed", 1, tmp=tmp_path, options={"num_seeds": 3, "pro": True, "eps": 0.01})
+    fed = federation(r, LogitModel([0.0, 0.0]), {"client_0": examples(0, [1, 0, 1])}, tmp=tmp_path)
+    client = fed.clients["client_0"]
+    ctx = LocalContext("client_0", 1, 7, 0.5, fed.slot, client.trainer, client.data.train, {},
+                       {"kseed/probs": torch.tensor(probs)}, {"lr": 0.5})
+    return client.local.fit(ctx, client.view.initial())
+
+
+@pytest.mark.parametrize("probs", [[0.5, -0.1, 0.6], [float("nan"), 0.5, 0.5], [0.0, 0.0, 0.0],
+                                   [float("inf"), 1.0, 1.0]])
+def test_fedkseed_pro_refuses_a_vector_that_is_not_a_distribution(tmp_path, probs):
+    from fedtune.errors import MessageError
+
+    with pytest.raises(MessageError) as err:
+        _kseed_client(tmp_path, probs)
+    assert str(err.value) == "kseed/probs: not a probability vector"
+
+
+def test_fedkseed_pro_samples_only_candidates_with_positive_probability(tmp_path):
+    out = _kseed_client(tmp_path, [0.0, 2.0, 0.0])  # unnormalised, with zeros: fine
+    folded = out.update["kseed/pool"]
+    assert folded[0] == 0 and folded[2] == 0 and folded[1] != 0
+
+
+@pytest.mark.parametrize("algorithm", ["fedkseed", "fedmezo"])
+def test_zeroth_order_rounds_draw_their_batches_from_the_seed(tmp_path, algorithm):
+    """Two runs of the same recipe give bit-identical results although batches are a random part
+    of the client's mixed examples: the batches come from the fit seed, not from chance."""
+    from tiny_federation import LogitModel, examples, federation, recipe
+
+    states = []
+    for run in ("a", "b"):
+        r = recipe(algorithm, 1, tmp=tmp_path / run, batch_size=3, steps=4,
+                   options={"num_seeds": 8} if algorithm == "fedkseed" else {})
+        data = {"client_0": examples(0, [1, 0, 0, 1, 1, 0, 1, 0]) + examples(1, [1, 1, 0, 1])}
+        fed = federation(r, LogitModel([0.0, 0.0]), data, tmp=tmp_path / run)
+        fed.round(1)
+        states.append({k: v.clone() for k, v in fed.server.global_state.items()})
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k])

@@ -393,9 +393,11 @@ def test_fedmezo_rate_never_drops_to_zero():
 
 
 def _kseed_expected(data, counts, *, k, eps, lr, steps, round_, pool, probs=None, pool_seed=0,
-                    losses=None):
+                    losses=None, clip=None, skipped=None, diffs=None):
     """(new pool, per-client folded vectors) by hand, starting each client from θ(pool);
-    `losses` (a dict) receives each client's mean of (L+ + L−)/2 over its steps."""
+    `losses` (a dict) receives each client's mean of (L+ + L−)/2 over its steps. `steps` may map
+    client -> steps; with `clip`, a step whose |L+ − L−| exceeds it moves nothing (counted in
+    `skipped`); `diffs` (a list) receives every |L+ − L−|."""
     zs = [_z(derive_seed(pool_seed, "kseed", j)) for j in range(k)]
     theta0 = [0.0, 0.0]
     start = [t - sum(pool[j] * zs[j][i] for j in range(k)) for i, t in enumerate(theta0)]
@@ -403,13 +405,18 @@ def _kseed_expected(data, counts, *, k, eps, lr, steps, round_, pool, probs=None
     for n, pairs in data.items():
         rng = np.random.default_rng(derive_seed(derive_seed(5, "fit", round_, n), "kseed-sample"))
         w, folded, seen = list(start), [0.0] * k, []
-        for _ in range(steps):
+        for _ in range(steps[n] if isinstance(steps, dict) else steps):
             cand = int(rng.choice(k, p=probs)) if probs is not None else int(rng.integers(k))
             z = zs[cand]
             plus = mean_loss([a + eps * b for a, b in zip(w, z)], pairs)
             minus = mean_loss([a - eps * b for a, b in zip(w, z)], pairs)
             g = (plus - minus) / (2 * eps)
             seen.append((plus + minus) / 2)
+            if diffs is not None:
+                diffs.append(abs(plus - minus))
+            if clip is not None and abs(plus - minus) > clip:
+                skipped[n] = skipped.get(n, 0) + 1
+                continue
             w = [a - lr * g * b for a, b in zip(w, z)]
             folded[cand] += lr * g
         folds.append(folded)
@@ -440,6 +447,32 @@ def test_fedkseed_round_moves_the_pool_by_the_weighted_folded_steps(tmp_path):
     fed.clients["client_0"].view.load(fed.server.global_state)
     close(fed.model.w.detach(), [-sum(pool[j] * zs[j][i] for j in range(k)) for i in range(2)], tol=2e-4)
 
+
+
+def test_fedkseed_skips_steps_whose_loss_difference_exceeds_the_clip(tmp_path):
+    # local_epochs 2 at batch size 2: client_0 (3 examples) takes ⌈6/2⌉ = 3 steps on batches of
+    # 2, 1, 2 examples; client_1 (1 example) one step. Each client's examples are alike, so a
+    # batch's loss depends only on w.
+    k, eps, lr = 3, 0.01, 0.5
+    data = {"client_0": THREE_ONES, "client_1": ONE_ZERO}
+    steps = {"client_0": 3, "client_1": 1}
+    clip, skipped, losses, diffs = 0.005, {}, {}, []
+    pool, folds, _ = _kseed_expected(data, [3, 1], k=k, eps=eps, lr=lr, steps=steps, round_=1,
+                                     pool=[0.0] * k, clip=clip, skipped=skipped, losses=losses, diffs=diffs)
+    assert 0 < sum(skipped.values()) < 4
+    # Differences just under the clip and up to 4× over it: the case tells |L+ − L−| from a
+    # multiple of it.
+    assert any(clip / 1.5 < d <= clip for d in diffs) and any(clip < d <= 4 * clip for d in diffs)
+    fed = run(tmp_path, "fedkseed", list(data.values()), steps=None, batch_size=2, lr=lr,
+              train__local_epochs=2, options={"num_seeds": k, "eps": eps, "loss_diff_clip": clip})
+    close(fed.server.global_state["kseed/pool"], pool, tol=2e-4)
+    fits = {e["client"]: e["values"] for e in fed.events("fit")}
+    for name, folded in zip(data, folds):
+        assert fits[name]["steps"] == steps[name]
+        assert fits[name]["skipped_steps"] == skipped.get(name, 0)
+        assert fits[name]["seeds_used"] == sum(v != 0 for v in folded)
+        assert fits[name]["train_loss"] == pytest.approx(losses[name], abs=1e-5)
+    assert fits["client_0"]["examples_seen"] == 5 and fits["client_1"]["examples_seen"] == 1
 
 
 def _pro_probabilities(folds, lr, abs_sum, count):
