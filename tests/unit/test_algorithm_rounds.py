@@ -370,7 +370,7 @@ def test_fedmezo_two_rounds_and_personal_learning_rates(tmp_path, signal):
     close(fed.server.global_state["w"], x, tol=2e-4)
     fits = {e["client"]: e["values"] for e in fed.events("fit") if e["round"] == 2}
     assert [fits[n]["examples_seen"] for n in names] == [steps * 3, steps * 1, steps * 2]
-    assert all(fits[n]["steps"] == steps for n in names)
+    assert all(fits[n]["steps"] == steps and 0 < fits[n]["train_seconds"] < 60 for n in names)
     assert fits["client_2"]["train_loss"] == pytest.approx(outs["client_2"][1], abs=1e-5)
     assigned = fed.server.strategy.configure_fit(3, names, lr)
     for n in names:
@@ -472,6 +472,7 @@ def test_fedkseed_skips_steps_whose_loss_difference_exceeds_the_clip(tmp_path):
         assert fits[name]["skipped_steps"] == skipped.get(name, 0)
         assert fits[name]["seeds_used"] == sum(v != 0 for v in folded)
         assert fits[name]["train_loss"] == pytest.approx(losses[name], abs=1e-5)
+        assert 0 < fits[name]["train_seconds"] < 60
     assert fits["client_0"]["examples_seen"] == 5 and fits["client_1"]["examples_seen"] == 1
 
 
