@@ -500,6 +500,9 @@ def test_server_steps_keep_the_global_precision_whatever_the_deltas_dtype():
     g = {"w": torch.tensor([1.0001], dtype=torch.float32)}  # not representable in float16
     new, _ = fedavgm_step(g, {"w": torch.zeros(1, dtype=torch.float16)}, {}, lr=1.0, momentum=0.9)
     assert new["w"].item() == g["w"].item()
+    new, _, _ = fedadam_step(g, {"w": torch.zeros(1, dtype=torch.float16)}, {}, {}, lr=1.0, beta1=0.9,
+                             beta2=0.99, tau=1e-3)
+    assert new["w"].item() == g["w"].item()
     # Yogi when v equals Δ² exactly (v starts at τ² and Δ = τ): sign 0 leaves v as it is.
     new, m, v = fedyogi_step({"w": torch.zeros(1)}, {"w": torch.tensor([0.5])}, {}, {},
                              lr=1.0, beta1=0.0, beta2=0.9, tau=0.5)
@@ -563,3 +566,25 @@ def test_zeroth_order_rounds_draw_their_batches_from_the_seed(tmp_path, algorith
         states.append({k: v.clone() for k, v in fed.server.global_state.items()})
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k])
+
+
+def test_fedkseed_pool_sums_in_float64_and_honours_uniform_weighting():
+    s = build_strategy("fedkseed", {"num_seeds": 1, "weighting": "uniform"})
+    g = {"kseed/pool": torch.zeros(1)}
+    s.configure_fit(1, ["a", "b", "c"], 0.1)
+    ups = [ClientUpdate(c, {"kseed/pool": torch.tensor([v])}, n)
+           for c, v, n in (("a", 1.0, 1), ("b", TINY, 5), ("c", -1.0, 1))]
+    out = s.aggregate_fit(1, g, ups)["kseed/pool"]
+    assert out.dtype == torch.float32 and out.item() == pytest.approx(TINY / 3, rel=1e-6)
+
+
+def test_fedkseed_forgets_each_rounds_rate_once_aggregated():
+    s = build_strategy("fedkseed", {"num_seeds": 2, "pro": True})
+    g = {"kseed/pool": torch.zeros(2)}
+    ups = [ClientUpdate("a", {"kseed/pool": torch.tensor([0.5, 0.0])}, 1)]
+    for round_ in (1, 2, 3):
+        s.configure_fit(round_, ["a"], 0.5)
+        g = s.aggregate_fit(round_, g, ups)
+    assert s.lrs == {}  # a long run keeps no rate per past round
+    s.aggregate_fit(4, g, ups)  # a round the strategy did not configure still aggregates
+    assert s.count.tolist() == [4.0, 0.0] and s.abs_sum[0].item() == pytest.approx(3 * 1.0 + 0.5)
