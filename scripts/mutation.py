@@ -3,7 +3,7 @@
     python scripts/mutation.py                      # every module below
     python scripts/mutation.py algorithms server    # some of them
     python scripts/mutation.py --survivors          # also print each surviving mutant's diff
-    python scripts/mutation.py server --retest      # after adding tests: retest the survivors only
+    python scripts/mutation.py server --retest      # after adding tests: survivors and unrun only
 
 Each module runs in its own work folder (`.mutation/<module>/`, a copy of src/ and tests/) with
 only the tests that matter for it, so a run fits a small machine; mutmut then runs, per mutant, only
@@ -141,8 +141,10 @@ def run(module: str, children: int, names: list[str] | None = None) -> int:
     return proc.returncode
 
 
-def tally(module: str, equivalent: dict[str, str]) -> tuple[Tally, list[str]]:
-    t, survivors = Tally(), []
+def tally(module: str, equivalent: dict[str, str]) -> tuple[Tally, list[str], list[str]]:
+    """The counts, the surviving mutants and the mutants not run yet (an interrupted run, or
+    functions changed since)."""
+    t, survivors, unrun = Tally(), [], []
     for meta in sorted((WORK / module / "mutants").rglob("*.py.meta")):
         codes = json.loads(meta.read_text())["exit_code_by_key"]
         for name, code in codes.items():
@@ -162,10 +164,11 @@ def tally(module: str, equivalent: dict[str, str]) -> tuple[Tally, list[str]]:
                 survivors.append(name)
             elif status == "not checked":
                 t.not_checked += 1
+                unrun.append(name)
             else:
                 t.other += 1
                 survivors.append(name)
-    return t, survivors
+    return t, survivors, unrun
 
 
 def show(module: str, name: str) -> str:
@@ -182,7 +185,7 @@ def main() -> int:
     parser.add_argument("--survivors", action="store_true", help="print each survivor's diff")
     parser.add_argument("--report-only", action="store_true", help="tally the last run, run nothing")
     parser.add_argument("--retest", action="store_true",
-                        help="retest only the last run's survivors (after adding tests)")
+                        help="test only the last run's survivors and unrun mutants (after adding tests)")
     args = parser.parse_args()
     modules = args.modules or list(MODULES)
     unknown = [m for m in modules if m not in MODULES]
@@ -194,14 +197,18 @@ def main() -> int:
     equivalent = load_equivalent()
     if not args.report_only:
         for module in modules:
-            names = tally(module, equivalent)[1] if args.retest else None
-            if args.retest and not names:
-                continue
-            print(f"mutating {module}{f' ({len(names)} survivors)' if names else ''} ...", flush=True)
+            names = None
+            if args.retest:
+                _, survivors, unrun = tally(module, equivalent)
+                names = survivors + unrun
+                if not names:
+                    continue
+            print(f"mutating {module}{f' ({len(names)} survivors or unrun)' if names else ''} ...",
+                  flush=True)
             run(module, args.children, names)
     rows, failed = [], False
     for module in modules:
-        t, survivors = tally(module, equivalent)
+        t, survivors, _ = tally(module, equivalent)
         rows.append((module, t))
         if args.survivors and survivors:
             print(f"\n## survivors in {module}")
