@@ -588,3 +588,14 @@ def test_fedkseed_forgets_each_rounds_rate_once_aggregated():
     assert s.lrs == {}  # a long run keeps no rate per past round
     s.aggregate_fit(4, g, ups)  # a round the strategy did not configure still aggregates
     assert s.count.tolist() == [4.0, 0.0] and s.abs_sum[0].item() == pytest.approx(3 * 1.0 + 0.5)
+
+
+def test_yogi_starts_float64_moments_at_the_float64_tau_squared():
+    from fedtune.algorithms.fedopt import fedyogi_step
+
+    g = {"w": torch.zeros(1, dtype=torch.float64)}
+    tau, beta2, d = 0.1, 0.9, 0.05   # τ² = 0.01 is not a float32 number
+    _, _, v = fedyogi_step(g, {"w": torch.tensor([d], dtype=torch.float64)}, {}, {},
+                           lr=1.0, beta1=0.0, beta2=beta2, tau=tau)
+    expected = tau * tau - (1 - beta2) * d * d  # sign(τ² − Δ²) = +1
+    assert v["w"].dtype == torch.float64 and v["w"].item() == pytest.approx(expected, rel=1e-12)

@@ -378,6 +378,43 @@ def test_fedmezo_two_rounds_and_personal_learning_rates(tmp_path, signal):
     assert len({round(v, 6) for v in lrs.values()}) == 3  # the case tells the clients apart
 
 
+class DecayModel(LogitModel):
+    """The logit model plus three tensors the loss never reads, named as a norm scale, a weight
+    and a bias: MeZO still perturbs and moves them, and weight decay spares the norm and the bias."""
+
+    def __init__(self):
+        super().__init__([0.0, 0.0])
+        self.norm_scale = torch.nn.Parameter(torch.tensor([2.0]))
+        self.head = torch.nn.Module()
+        self.head.weight = torch.nn.Parameter(torch.tensor([3.0]))
+        self.head.bias = torch.nn.Parameter(torch.tensor([4.0]))
+
+
+def test_fedmezo_weight_decay_spares_biases_and_norms(tmp_path):
+    # local_epochs 2 on two alike examples at batch size 2: two full-batch MeZO steps.
+    eps, lr, decay = 0.01, 0.5, 0.2
+    pairs = [(0, 1), (0, 1)]
+    fed = run(tmp_path, "fedmezo", [pairs], model=DecayModel(), steps=None, batch_size=2, lr=lr,
+              train__local_epochs=2, train__weight_decay=decay, options={"eps": eps})
+    theta = {"w": [0.0, 0.0], "norm_scale": [2.0], "head.weight": [3.0], "head.bias": [4.0]}
+    fit_seed = derive_seed(5, "fit", 1, "client_0")
+    for step in range(2):
+        gen = torch.Generator().manual_seed(derive_seed(fit_seed, "mezo", step) % 2**63)
+        z = {n: torch.randn((len(v),), generator=gen, dtype=torch.float32).double().tolist()
+             for n, v in theta.items()}  # in parameter order
+        w = theta["w"]
+        plus = mean_loss([a + eps * b for a, b in zip(w, z["w"])], pairs)
+        minus = mean_loss([a - eps * b for a, b in zip(w, z["w"])], pairs)
+        g = (plus - minus) / (2 * eps)
+        for n, v in theta.items():
+            keep = 1.0 if n in ("norm_scale", "head.bias") else 1 - lr * decay
+            theta[n] = [a * keep - lr * g * b for a, b in zip(v, z[n])]
+    for n, v in theta.items():
+        close(fed.server.global_state[n], v, tol=1e-4)
+    fits = fed.events("fit")
+    assert fits[0]["values"]["steps"] == 2 and fits[0]["values"]["examples_seen"] == 4
+
+
 def test_fedmezo_rate_never_drops_to_zero():
     s = build_strategy("fedmezo", {"alpha": 5.0}, 2)
     g = {"w": torch.zeros(1)}
