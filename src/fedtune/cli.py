@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
         )
         try:
+            check_launcher(args.command)
             return args.func(args)  # heavy commands call quiet_libraries (transformers) themselves
         except FedtuneError as exc:
             Console(stderr=True).print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True)
@@ -255,6 +256,18 @@ def main(argv: list[str] | None = None) -> int:
                 args.interrupted(args, exc) if hasattr(args, "interrupted") else "interrupted",
                 markup=False, soft_wrap=True)
             return 143 if isinstance(exc, Terminated) else 130
+
+
+LAUNCHED_COMMANDS = ("run", "client")  # what runs on several processes (docs/scaling.md)
+
+
+def check_launcher(command: str) -> None:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1), only `run` and `client` take part."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.strip() not in ("", "0", "1") and command not in LAUNCHED_COMMANDS:
+        raise FedtuneError(f"`fedtune {command}` runs as one process; start it without torchrun / "
+                           f"accelerate launch (WORLD_SIZE={world}); only `fedtune run` and "
+                           "`fedtune client` train on several devices (docs/scaling.md)")
 
 
 def run_interrupted(args: argparse.Namespace, exc: BaseException) -> str:

@@ -330,11 +330,20 @@ class TrainSection(Section):
     max_grad_norm: PositiveFloat | None = 1.0
     optimizer: Literal["adamw", "sgd"] = "adamw"
     dp_sgd: DPSGDSection | None = None
+    # Mixed precision of the local step (docs/scaling.md): autocast in bf16, or fp16 with a
+    # gradient scaler; `auto` = bf16 on a GPU that has it, fp16 on one that does not, fp32 on CPU.
+    # Trainable (adapter) weights stay float32 whatever the base's dtype.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False   # recompute activations in backward: less memory, ~30% slower
+    packing: bool = False   # pack each micro-batch's examples into few rows, no padding (same loss)
 
     @model_validator(mode="after")
     def _check(self) -> TrainSection:
         if self.local_steps is not None and self.local_epochs is not None:
             raise ValueError("set local_steps or local_epochs, not both")
+        if self.packing and self.dp_sgd is not None:
+            raise ValueError("packing is not available with dp_sgd: DP-SGD clips each example's "
+                             "gradient separately, so examples cannot share a row")
         if self.local_steps is None and self.local_epochs is None:
             object.__setattr__(self, "local_steps", 10)
         return self

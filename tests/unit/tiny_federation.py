@@ -55,7 +55,8 @@ class LogitModel(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.tensor(w, dtype=torch.float32))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                use_cache: bool = False):
         one = self.w[input_ids]
         return SimpleNamespace(logits=torch.stack([torch.zeros_like(one), one], dim=-1))
 
@@ -70,7 +71,8 @@ class LoraLogitModel(torch.nn.Module):
         self.proj.lora_A = torch.nn.ParameterDict({"default": torch.nn.Parameter(torch.tensor(a))})
         self.proj.lora_B = torch.nn.ParameterDict({"default": torch.nn.Parameter(torch.tensor(b))})
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                use_cache: bool = False):
         w = (self.proj.lora_B["default"] @ self.proj.lora_A["default"])[0]
         one = w[input_ids]
         return SimpleNamespace(logits=torch.stack([torch.zeros_like(one), one], dim=-1))

@@ -105,9 +105,13 @@ def attach_adapter(model, section: AdapterSection) -> PeftModel | torch.nn.Modul
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     config = build_peft_config(section, model)
     try:
-        return get_peft_model(model, config)
+        # peft keeps the adapter's weights in float32 on a bf16/fp16 base (autocast_adapter_dtype),
+        # as QLoRA practice does: small updates are not lost to rounding, and what travels stays
+        # float32. `full` and `bitfit` train the base's own weights, in the base's dtype.
+        wrapped = get_peft_model(model, config, autocast_adapter_dtype=True)
     except (TypeError, ValueError, KeyError, AttributeError, ImportError) as exc:
         raise ModelError(f"adapter: cannot apply {section.method!r} to this model: {exc}") from None
+    return wrapped
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,8 +19,13 @@ log = logging.getLogger("fedtune.models")
 
 
 def pick_device(spec: str) -> torch.device:
+    if spec in ("auto", "cuda") and torch.cuda.is_available():
+        from fedtune.train.distributed import ranks
+
+        launch = ranks()  # torchrun / accelerate launch: each rank on its own GPU
+        return launch.device if launch is not None else torch.device("cuda")
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"model.device is {spec!r} but CUDA is not available; use 'auto' or 'cpu'")
     return torch.device(spec)

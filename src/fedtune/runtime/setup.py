@@ -34,6 +34,7 @@ from fedtune.seeding import derive_seed, seed_everything
 from fedtune.track.report import closing_table, make_summary
 from fedtune.track.reporter import quiet_libraries
 from fedtune.track.rundir import RunDir
+from fedtune.train.distributed import data_parallel
 from fedtune.train.local import LocalTrainer
 
 log = logging.getLogger("fedtune.setup")
@@ -73,7 +74,8 @@ class Setup:
             self.model, self.tokenizer, recipe.eval, template=recipe.data.template,
             max_length=recipe.data.max_length, device=self.device,
         )
-        self.trainer = LocalTrainer(self.model, recipe.train, self.tokenizer.pad_token_id, self.device)
+        self.trainer = LocalTrainer(self.model, recipe.train, self.tokenizer.pad_token_id, self.device,
+                                    parallel=data_parallel())  # DDP under torchrun / accelerate
         self._test: list[TokenizedExample] | None = None
         self.predictions_dir: Path | None = None   # the run directory's predictions/ (server side)
         self.last_predictions: Path | None = None  # the latest global predictions file

@@ -7,6 +7,7 @@ and clients are really encoded, so byte counts and checks are those of a deploym
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,12 @@ from fedtune.algorithms import build_strategy
 from fedtune.config import Recipe, load_recipe
 from fedtune.data.federated import FederatedData
 from fedtune.errors import RunDirError
+from fedtune.runtime.relay import Relay, party_relay
 from fedtune.runtime.server import Server
 from fedtune.runtime.setup import Setup
 from fedtune.track.reporter import ConsoleReporter, NullReporter
 from fedtune.track.rundir import RunDir, naming_on_interrupt
+from fedtune.train.distributed import check_launch
 from fedtune.transport.inprocess import InProcessTransport
 
 
@@ -39,15 +42,18 @@ class Simulation:
     def slot(self):
         return self.setup.slot
 
-    def run(self, run_dir: RunDir, resume: bool = False) -> dict[str, Any]:
+    def run(self, run_dir: RunDir, resume: bool = False, relay: Relay | None = None) -> dict[str, Any]:
+        """Run the federation into `run_dir`. `relay`: this is rank 0 of a multi-process launch,
+        and every delivery goes to the other ranks first (they train with this one)."""
         recipe, setup = self.recipe, self.setup
         setup.keep_emulator(run_dir, resume)
         setup.write_split(run_dir)
         for client in self.clients.values():  # simulated clients write their predictions here too
             client.predictions_dir = Path(run_dir.path) / "predictions"
         reporter = ConsoleReporter(setup.console) if recipe.output.progress else NullReporter()
+        endpoints = {name: c.handle_bytes for name, c in self.clients.items()}
         transport = InProcessTransport(
-            {name: c.handle_bytes for name, c in self.clients.items()},
+            endpoints if relay is None else relay.relaying(endpoints),
             max_message_bytes=recipe.transport.max_message_bytes,
             on_delivery=reporter.client_done,
         )
@@ -64,7 +70,20 @@ class Simulation:
             result = server.run(start_round)
         finally:
             reporter.close()
+            if relay is not None:
+                relay.stop()  # the rest (final evaluation, files) is rank 0's alone
         return setup.finish(run_dir, server, result)
+
+    def follow(self, relay: Relay, resume_dir: Path | None = None) -> dict[str, Any]:
+        """A rank other than 0: train every client's turn with rank 0 (DDP) until it stops. It
+        keeps the clients' state in step and writes nothing. Resuming, it reads the checkpoint's
+        client states before the first message (rank 0 writes no checkpoint before then)."""
+        if resume_dir is not None:
+            ckpt = RunDir.open(resume_dir).latest_checkpoint()
+            if ckpt is not None:
+                SimulatedClientStates(self.clients).load_state_dict(ckpt.client_state)
+        handled = relay.serve({name: c.handle_bytes for name, c in self.clients.items()})
+        return {"rank": relay.ranks.rank, "messages": handled}
 
 
 class SimulatedClientStates:
@@ -116,14 +135,39 @@ def run(recipe: Recipe | str | Path | dict | None = None, overrides: list[str] |
         if (run_dir.path / "summary.json").exists():
             raise RunDirError(f"{run_dir.path} has finished already (summary.json exists)")
         loaded = load_recipe(run_dir.recipe_path)
-        with naming_on_interrupt(run_dir):
-            return Simulation(loaded, console).run(run_dir, resume=True)
+
+        def resumed(relay: Relay | None) -> dict[str, Any]:
+            with naming_on_interrupt(run_dir):
+                return Simulation(loaded, console).run(run_dir, resume=True, relay=relay)
+
+        return _on_every_rank(loaded, resumed, resume_dir=run_dir.path)
     loaded = load_recipe(recipe, overrides)
-    explicit = loaded.output.name is not None
-    if explicit:  # refuse an existing named directory before minutes of set-up
-        RunDir.check_free(Path(loaded.output.dir) / loaded.output.name)
-    simulation = Simulation(loaded, console)
-    run_dir = RunDir.create(loaded.output.dir, _run_name(loaded), explicit=explicit)
-    run_dir.write_recipe(loaded.to_yaml())
-    with naming_on_interrupt(run_dir):
-        return simulation.run(run_dir)
+
+    def fresh(relay: Relay | None) -> dict[str, Any]:
+        explicit = loaded.output.name is not None
+        if explicit:  # refuse an existing named directory before minutes of set-up
+            RunDir.check_free(Path(loaded.output.dir) / loaded.output.name)
+        simulation = Simulation(loaded, console)
+        run_dir = RunDir.create(loaded.output.dir, _run_name(loaded), explicit=explicit)
+        run_dir.write_recipe(loaded.to_yaml())
+        with naming_on_interrupt(run_dir):
+            return simulation.run(run_dir, relay=relay)
+
+    return _on_every_rank(loaded, fresh)
+
+
+def _on_every_rank(recipe: Recipe, lead: Callable[[Relay | None], dict[str, Any]],
+                   resume_dir: Path | None = None) -> dict[str, Any]:
+    """`lead` in one process; under torchrun / accelerate launch, `lead` on rank 0 (it alone
+    names and writes the run) and the clients' training with it on the other ranks, which leave
+    when rank 0 is done or fails."""
+    check_launch(recipe)
+    relay = party_relay()
+    if relay is None:
+        return lead(None)
+    if not relay.ranks.main:
+        return Simulation(recipe, Console(quiet=True)).follow(relay, resume_dir)
+    try:
+        return lead(relay)
+    finally:
+        relay.stop()

@@ -13,6 +13,7 @@ import torch
 
 from fedtune.config import TrainSection
 from fedtune.data.prompts import TokenizedExample, collate
+from fedtune.errors import ModelError
 from fedtune.privacy.dp_sgd import (
     DPSteps,
     PrivateGradients,
@@ -21,7 +22,10 @@ from fedtune.privacy.dp_sgd import (
     require_opacus,
     sample_rate,
 )
-from fedtune.train.loss import token_loss_sum
+from fedtune.train.distributed import DataParallel, OneProcess
+from fedtune.train.loss import response_loss_sum, targets_of
+from fedtune.train.packing import check_packing, collate_packed
+from fedtune.train.precision import Precision, base_dtype
 
 
 @dataclass
@@ -64,16 +68,37 @@ def micro_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
             yield order[start:start + batch_size]
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them.
+
+    The non-reentrant variant works with a frozen base (no input needs a gradient) and with
+    peft's wrappers; transformers applies it in training mode only.
+    """
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(target, "supports_gradient_checkpointing", False):
+        raise ModelError(f"train.gradient_checkpointing: {type(target).__name__} does not "
+                         "support gradient checkpointing")
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class LocalTrainer:
     """Runs a client's local steps on the shared model's trainable parameters."""
 
-    def __init__(self, model: torch.nn.Module, section: TrainSection, pad_id: int, device: torch.device):
+    def __init__(self, model: torch.nn.Module, section: TrainSection, pad_id: int, device: torch.device,
+                 parallel: DataParallel | OneProcess | None = None):
         self.model = model
         self.section = section
         self.pad_id = pad_id
         self.device = device
+        self.parallel = parallel or OneProcess()  # several ranks: each takes its share of a batch
         if section.dp_sgd is not None:
             require_opacus()
+        self.precision = Precision(section.precision, device, base_dtype(model))
+        if section.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        if section.packing:
+            check_packing(model, device, int(model.get_input_embeddings().num_embeddings))
+        self._collate = collate_packed if section.packing else collate
 
     def _optimizer(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
         s = self.section
@@ -103,7 +128,7 @@ class LocalTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = self._optimizer(params, lr)
         batches = micro_batches(len(examples), s.batch_size, seed)
-        torch.manual_seed(seed)  # dropout masks
+        torch.manual_seed(self.parallel.dropout_seed(seed))  # dropout masks (each rank its own)
         self.model.train()
         n_steps = steps_for(s, len(examples))
         if s.dp_sgd is not None:
@@ -112,34 +137,60 @@ class LocalTrainer:
                                            extra_loss, before_step)
             finally:
                 self.model.eval()
-        total_loss, total_tokens, seen = 0.0, 0, 0
+        running = torch.zeros((), device=self.device)
+        total_tokens, seen = 0, 0
+        scaler = self.precision.scaler()
+        parallel = self.parallel
+        model = parallel.wrap(self.model)  # DDP over the launch's ranks, else the model itself
         for _ in range(n_steps):
-            group = [collate([examples[i] for i in next(batches)], self.pad_id) for _ in range(s.grad_accum)]
+            indices = [next(batches) for _ in range(s.grad_accum)]
+            group = [self._collate([examples[i] for i in idx], self.pad_id) for idx in indices]
             group_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
-            for batch in group:
+            for j, (idx, batch) in enumerate(zip(indices, group)):
+                mine, weight = parallel.shard(idx)  # this rank's share of the micro-batch
+                if mine is not idx:
+                    batch = self._collate([examples[i] for i in mine], self.pad_id)
+                targets = targets_of(batch["labels"]).to(self.device)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                loss_sum, n_tok = token_loss_sum(self.model, batch)
-                (loss_sum / group_tokens).backward()
-                total_loss += loss_sum.item()
-                total_tokens += n_tok
-                seen += batch["input_ids"].shape[0]
-            self._step(params, optimizer, extra_loss, before_step)
+                with parallel.syncing(model, last=j == len(group) - 1):
+                    with self.precision.autocast():
+                        loss_sum = response_loss_sum(model, batch, targets)
+                    scaled = loss_sum * weight / group_tokens
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                if weight:
+                    running = running + loss_sum.detach()   # read once at the end: no wait per step
+                    total_tokens += targets.count
+                    seen += len(mine)
+            self._step(params, optimizer, extra_loss, before_step, scaler)
             optimizer.zero_grad(set_to_none=True)
         self.model.eval()
+        total_loss, total_tokens, seen = parallel.totals(float(running), total_tokens, seen)
+        total_tokens, seen = int(total_tokens), int(seen)
         return LocalResult(
             loss=total_loss / max(1, total_tokens), steps=n_steps, examples=seen,
             tokens=total_tokens, seconds=time.perf_counter() - start,
         )
 
-    def _step(self, params, optimizer, extra_loss, before_step) -> None:
-        """The optimizer step on the gradients in `p.grad` (after the data terms are in)."""
+    def _step(self, params, optimizer, extra_loss, before_step, scaler=None) -> None:
+        """The optimizer step on the gradients in `p.grad` (after the data terms are in).
+
+        With fp16's gradient scaler the data gradients are unscaled first, so the proximal term,
+        SCAFFOLD's correction and clipping see true values; a step whose gradients overflowed is
+        skipped (and the scale lowered) rather than written into the adapter as inf or NaN.
+        """
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         if extra_loss is not None:
             extra_loss().backward()
         if before_step is not None:
             before_step()
         if self.section.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.section.max_grad_norm)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
 
     def _train_private(self, examples, params, optimizer, n_steps, seed, start,
                        extra_loss, before_step) -> LocalResult:

@@ -1,0 +1,151 @@
+"""The GPU path, run once on a GPU machine: every check in its own process, in order of value, each
+with a time limit; a report in Markdown at the end (and in --out).
+
+Checks: the built-in benchmark in fp32, bf16 (bf16 autocast) and fp16 (fp16 weights, gradient
+scaler) on the GPU; LoRA on a bf16 base against QLoRA (4-bit NF4, bitsandbytes) on a ~0.9B model
+built from a config; peak memory of one local step (gradient checkpointing on and off, bf16
+weights, zeroth-order, inference: benchmarks/memory.py); fedtune's local step against a plain
+loop (benchmarks/local_step.py); several processes per client (torchrun over the GPUs present).
+
+    bash benchmarks/gpu_check.sh            # on the GPU machine (sets up, then runs this)
+    python benchmarks/gpu_check.py --only default-bf16,memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+
+RUN = """
+import json, math, pathlib, sys, time, torch, fedtune
+from safetensors.torch import load_file
+overrides = json.loads(sys.argv[1])
+start = time.time()
+s = fedtune.run(sys.argv[2], overrides)
+f = s.get("final") or {}
+final = pathlib.Path(s["final_adapter"])
+losses = [e["values"]["train_loss"] for e in map(json.loads, (final.parent / "metrics.jsonl").open())
+          if isinstance(e.get("values"), dict) and e["values"].get("train_loss") is not None]
+tensors = load_file(str(next(final.glob("*.safetensors"))))
+print("RESULT " + json.dumps({"exact_match": f.get("exact_match"), "test_loss": f.get("loss"),
+      "train_loss_first_last": [losses[0], losses[-1]] if losses else None,
+      "train_losses_finite": all(math.isfinite(x) for x in losses),
+      "adapter_finite": all(bool(torch.isfinite(t).all()) for t in tensors.values()),
+      "adapter_dtypes": sorted({str(t.dtype) for t in tensors.values()}),
+      "wall_s": round(time.time() - start, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+      "adapter_parameters": s.get("adapter_parameters"), "train_s": s.get("train_seconds")}))
+"""
+
+BUILD_1B = """
+import sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM, AutoTokenizer
+from fedtune.models.hub import resolve_model_path
+cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
+                  num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=1024,
+                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+torch.manual_seed(0)
+with torch.device("cuda"):
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+model.save_pretrained(sys.argv[1])
+AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny")).save_pretrained(sys.argv[1])
+print("RESULT {\\"params\\": %d}" % sum(p.numel() for p in model.parameters()))
+"""
+
+SHORT = ["federation.rounds=20", "eval.every=20"]
+LARGE = ["federation.rounds=1", "train.local_steps=5", "train.batch_size=8", "data.max_length=128",
+         "eval.at_start=false", "eval.every=0", "eval.clients=false", "output.checkpoint_every=0",
+         "data.synthetic.examples_per_category=40"]
+
+
+def checks(tmp: Path, n_gpus: int) -> list[tuple[str, list[str], int]]:
+    """(name, command, seconds allowed), most valuable first."""
+    def run(name: str, overrides: list[str], recipe: str = "default") -> list[str]:
+        return [PY, "-c", RUN, json.dumps([*overrides, f"output.dir={tmp / name}", "output.progress=false",
+                                           "model.device=cuda"]), recipe]
+
+    m1b = tmp / "llama-0.9b"
+    out = [
+        ("default-bf16", run("default-bf16", ["train.precision=bf16", *SHORT]), 150),
+        ("default-fp16", run("default-fp16", ["train.precision=fp16", "model.dtype=float16", *SHORT]), 150),
+        ("default-fp32", run("default-fp32", ["train.precision=fp32", "model.dtype=float32", *SHORT]), 150),
+        ("build-0.9b", [PY, "-c", BUILD_1B, str(m1b)], 120),
+        ("lora-0.9b-bf16", run("lora-0.9b-bf16", [f"model.name={m1b}", "model.dtype=bfloat16", *LARGE]), 150),
+        ("qlora-0.9b-nf4", run("qlora-0.9b-nf4", [f"model.name={m1b}", "adapter.method=qlora", *LARGE]), 150),
+        ("lora-0.9b-bf16-ckpt", run("lora-0.9b-bf16-ckpt", [f"model.name={m1b}", "model.dtype=bfloat16",
+                                                            "train.gradient_checkpointing=true", *LARGE]), 150),
+        ("local-step-1b-bf16", [PY, str(HERE / "local_step.py"), "--json", "--device", "cuda", "--size", "1b",
+                                "--batch", "8", "--seq", "512", "--dtype", "bfloat16", "--precision", "bf16",
+                                "--steps", "10"], 180),
+        ("local-step-1b-bf16-mixed-packing", [PY, str(HERE / "local_step.py"), "--json", "--device", "cuda",
+                                             "--size", "1b", "--batch", "8", "--seq", "512", "--dtype", "bfloat16",
+                                             "--precision", "bf16", "--steps", "10", "--mixed", "--packing"], 120),
+        ("local-step-small-fp32", [PY, str(HERE / "local_step.py"), "--json", "--device", "cuda", "--size",
+                                   "small", "--precision", "fp32", "--steps", "20"], 120),
+        ("memory", [PY, str(HERE / "memory.py"), "--json", "--device", "cuda", "--size", "1b", "--batch", "8",
+                    "--seq", "1024", "--rows", "inference,lora,lora+ckpt,inference-bf16,lora-bf16,"
+                    "lora-bf16+ckpt,fedmezo,fedkseed"], 240),
+    ]
+    ddp = os.environ.get("FEDTUNE_GPU_CHECK_DDP")   # the command of the several-processes check
+    if ddp:
+        out.append(("ddp", ["bash", "-c", ddp.replace("{n}", str(n_gpus)).replace("{out}", str(tmp / "ddp"))], 150))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="comma-separated check names")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_check"))
+    ap.add_argument("--tmp", default="/tmp/gpu_check_work")
+    args = ap.parse_args()
+    out, tmp = Path(args.out), Path(args.tmp)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    n_gpus = torch.cuda.device_count()
+    only = {c for c in args.only.split(",") if c}
+    report = [f"# GPU check, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+              f"{n_gpus} x {torch.cuda.get_device_name(0) if n_gpus else 'no GPU'}; torch {torch.__version__}"]
+    for mod in ("transformers", "peft", "accelerate", "bitsandbytes"):
+        try:
+            report[-1] += f", {mod} {__import__(mod).__version__}"
+        except Exception as exc:   # a missing package is reported, not fatal
+            report[-1] += f", {mod} missing ({type(exc).__name__})"
+    report.append("")
+    print("\n".join(report), flush=True)
+    for name, cmd, limit in checks(tmp, n_gpus):
+        if only and name not in only:
+            continue
+        start = time.time()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+            status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+            stdout, stderr = proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            status = f"timed out after {limit} s"
+            stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            stderr = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        seconds = time.time() - start
+        with open(out / "gpu_check.log", "a") as log:
+            log.write(f"\n===== {name}: {status}, {seconds:.0f} s\n$ {' '.join(cmd)[:400]}\n"
+                      f"{stdout}\n{stderr[-6000:]}\n")
+        results = [line[len("RESULT "):] for line in stdout.splitlines() if line.startswith("RESULT ")]
+        body = results[-1] if results else "\n".join(stdout.strip().splitlines()[-12:])
+        if status != "ok":
+            body += "\n" + "\n".join(stderr.strip().splitlines()[-4:])
+        section = [f"## {name}: {status} ({seconds:.0f} s)", "", "```", body.strip(), "```", ""]
+        print("\n".join(section), flush=True)
+        report.extend(section)
+        (out / "gpu_check.md").write_text("\n".join(report) + "\n")
+
+
+if __name__ == "__main__":
+    main()
