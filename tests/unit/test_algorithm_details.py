@@ -599,3 +599,35 @@ def test_yogi_starts_float64_moments_at_the_float64_tau_squared():
                            lr=1.0, beta1=0.0, beta2=beta2, tau=tau)
     expected = tau * tau - (1 - beta2) * d * d  # sign(τ² − Δ²) = +1
     assert v["w"].dtype == torch.float64 and v["w"].item() == pytest.approx(expected, rel=1e-12)
+
+
+def _mezo_round(s, losses: dict, round_=1):
+    g = {"w": torch.zeros(1)}
+    s.aggregate_fit(round_, g, [ClientUpdate(c, {"w": torch.zeros(1)}, 1, {"train_loss": v})
+                                for c, v in losses.items()])
+
+
+def test_fedmezo_equal_signals_give_every_client_the_base_rate():
+    s = build_strategy("fedmezo", {"alpha": 0.5})
+    _mezo_round(s, {"a": 2.0, "b": 2.0})
+    assert s.configure_fit(2, ["a", "b"], 0.1) == {"a": {"lr": 0.1}, "b": {"lr": 0.1}}
+
+
+def test_fedmezo_mean5_signal_averages_each_clients_own_history():
+    s = build_strategy("fedmezo", {"alpha": 0.5, "signal": "loss_mean5"})
+    _mezo_round(s, {"a": 1.0, "b": 2.5, "c": 2.0}, 1)
+    _mezo_round(s, {"a": 3.0, "c": 2.0}, 2)          # b sat this round out
+    # signals: a mean(1, 3) = 2, b 2.5, c 2 -> mean 13/6, spread 1/3: Φ = −0.5, 1, −0.5
+    lrs = s.configure_fit(3, ["a", "b", "c"], 1.0)
+    assert [lrs[c]["lr"] for c in "abc"] == pytest.approx([0.75, 1.5, 0.75])
+
+
+def test_fedmezo_ignores_a_missing_or_nan_loss_and_honours_uniform_weighting():
+    s = build_strategy("fedmezo", {"alpha": 0.5, "weighting": "uniform"})
+    g = {"w": torch.zeros(1)}
+    out = s.aggregate_fit(1, g, [
+        ClientUpdate("a", {"w": torch.tensor([1.0])}, 3, {"train_loss": float("nan")}),
+        ClientUpdate("b", {"w": torch.tensor([3.0])}, 1, {}),
+        ClientUpdate("c", {"w": torch.tensor([2.0])}, 1, {"train_loss": 1.0})])
+    assert out["w"].item() == pytest.approx(2.0)  # not (3 + 3 + 2)/5
+    assert s.history == {"c": [1.0]}
