@@ -631,3 +631,24 @@ def test_fedmezo_ignores_a_missing_or_nan_loss_and_honours_uniform_weighting():
         ClientUpdate("c", {"w": torch.tensor([2.0])}, 1, {"train_loss": 1.0})])
     assert out["w"].item() == pytest.approx(2.0)  # not (3 + 3 + 2)/5
     assert s.history == {"c": [1.0]}
+
+
+def test_dp_fedavg_before_any_round_and_at_the_clip_boundary():
+    s = build_strategy("dp_fedavg", {"clip_norm": 5.0, "noise_multiplier": 0.0}, 4)
+    assert s.round_metrics() == {"epsilon": 0.0, "delta": 1e-5, "clipped_fraction": 0.0}
+    s.load_state_dict({})  # a checkpoint without rates: none spent yet
+    assert s.rates == []
+    g = {"w": torch.zeros(2)}
+    s.aggregate_fit(1, g, [ClientUpdate("a", {"w": torch.tensor([3.0, 4.0])}, 1),   # norm 5 = C
+                           ClientUpdate("b", {"w": torch.tensor([6.0, 8.0])}, 1)])  # norm 10 > C
+    assert s.round_metrics()["clipped_fraction"] == 0.5  # only norms above C count as clipped
+
+
+def test_the_privacy_accountant_is_quieted_without_silencing_fedtune():
+    import logging
+
+    from fedtune.algorithms.dp_fedavg import dp_epsilon
+
+    assert dp_epsilon(1.0, [0.5], 1e-5) > 0
+    assert logging.getLogger("absl").level == logging.ERROR
+    assert logging.getLogger("fedtune.server").getEffectiveLevel() <= logging.WARNING
