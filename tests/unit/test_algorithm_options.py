@@ -118,3 +118,21 @@ def test_every_algorithm_refuses_an_unknown_option(name):
 def test_a_choice_outside_the_listed_ones_is_refused(name, key, value):
     with pytest.raises(RecipeError, match=rf"federation\.options\.{key}"):
         algorithm_options(name, {key: value})
+
+
+def test_every_problem_with_the_options_is_listed_in_one_message():
+    with pytest.raises(RecipeError) as err:
+        algorithm_options("fedprox", {"mu": -1, "muu": 2})
+    assert str(err.value) == ("federation.options.mu: Input should be greater than or equal to 0; "
+                              "federation.options.muu: unknown key (options of fedprox: mu, weighting)")
+
+
+def test_a_strategy_built_without_a_client_count_assumes_one_client():
+    import torch
+
+    from fedtune.algorithms import build_strategy
+    from fedtune.algorithms.base import ClientUpdate
+
+    s = build_strategy("dp_fedavg", {"noise_multiplier": 0.0})
+    s.aggregate_fit(1, {"w": torch.zeros(1)}, [ClientUpdate("a", {"w": torch.zeros(1)}, 1)])
+    assert s.rates == [1.0]  # one of one client sampled
