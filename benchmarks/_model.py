@@ -96,7 +96,7 @@ class Peak:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device) / 2**20
         else:
-            self.base = _status_mb("VmRSS")
+            self.base = status_mb("VmRSS")
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")   # reset the peak-RSS counter
         self.start = time.perf_counter()
@@ -110,11 +110,11 @@ class Peak:
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device) / 2**20
         else:
-            self.peak = _status_mb("VmHWM")
+            self.peak = status_mb("VmHWM")
         self.above = self.peak - self.base
 
 
-def _status_mb(field: str) -> float:
+def status_mb(field: str) -> float:
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field):

@@ -5,7 +5,8 @@ Checks: the built-in benchmark in fp32, bf16 (bf16 autocast) and fp16 (fp16 weig
 scaler) on the GPU; LoRA on a bf16 base against QLoRA (4-bit NF4, bitsandbytes) on a ~0.9B model
 built from a config; peak memory of one local step (gradient checkpointing on and off, bf16
 weights, zeroth-order, inference: benchmarks/memory.py); fedtune's local step against a plain
-loop (benchmarks/local_step.py); several processes per client (torchrun over the GPUs present).
+loop (benchmarks/local_step.py); several processes per client (torchrun over the GPUs present; with
+one GPU, two ranks share it over gloo), against one process.
 
     bash benchmarks/gpu_check.sh            # on the GPU machine (sets up, then runs this)
     python benchmarks/gpu_check.py --only default-bf16,memory
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -91,12 +93,36 @@ def checks(tmp: Path, n_gpus: int) -> list[tuple[str, list[str], int]]:
                                    "small", "--precision", "fp32", "--steps", "20"], 120),
         ("memory", [PY, str(HERE / "memory.py"), "--json", "--device", "cuda", "--size", "1b", "--batch", "8",
                     "--seq", "1024", "--rows", "inference,lora,lora+ckpt,inference-bf16,lora-bf16,"
-                    "lora-bf16+ckpt,fedmezo,fedkseed"], 240),
+                    "lora-bf16+ckpt,fedmezo"], 200),
     ]
-    ddp = os.environ.get("FEDTUNE_GPU_CHECK_DDP")   # the command of the several-processes check
-    if ddp:
-        out.append(("ddp", ["bash", "-c", ddp.replace("{n}", str(n_gpus)).replace("{out}", str(tmp / "ddp"))], 150))
-    return out
+    # Several processes per client: one process against N ranks (NCCL over the GPUs present; with
+    # one GPU, 2 ranks sharing it over gloo), same recipe, dropout 0, float32: same final adapter.
+    ranks, env, backend = (n_gpus, "", "nccl") if n_gpus >= 2 else (2, "FEDTUNE_DIST_BACKEND=gloo ", "gloo")
+    common = ("default model.device=cuda model.dtype=float32 train.precision=fp32 adapter.dropout=0 "
+              "federation.rounds=3 eval.every=3 eval.clients=false output.progress=false")
+    ddp = (f"{PY} -m fedtune run {common} output.dir={tmp / 'ddp-1'} > /dev/null && "
+           f"{env}{PY} -m torch.distributed.run --standalone --nproc-per-node {ranks} -m fedtune run "
+           f"{common} output.dir={tmp / 'ddp-n'} && {PY} -c {shlex.quote(COMPARE)} {tmp / 'ddp-1'} "
+           f"{tmp / 'ddp-n'} {ranks} {backend}")
+    out.append(("ddp", ["bash", "-c", ddp], 200))
+    order = ["default-bf16", "default-fp16", "ddp", "build-0.9b", "qlora-0.9b-nf4", "lora-0.9b-bf16",
+             "local-step-1b-bf16", "memory", "lora-0.9b-bf16-ckpt", "local-step-1b-bf16-mixed-packing",
+             "default-fp32", "local-step-small-fp32"]
+    return sorted(out, key=lambda c: order.index(c[0]) if c[0] in order else len(order))
+
+
+COMPARE = """
+import json, pathlib, sys
+from safetensors.torch import load_file
+one, many = (next(pathlib.Path(p).glob("*/final")) for p in sys.argv[1:3])
+a, b = (load_file(str(next(d.glob("*.safetensors")))) for d in (one, many))
+s1, sn = (json.loads((d.parent / "summary.json").read_text()) for d in (one, many))
+print("RESULT " + json.dumps({"ranks": int(sys.argv[3]), "backend": sys.argv[4],
+      "max_abs_diff": max(float((a[k] - b[k]).abs().max()) for k in a),
+      "max_abs_value": max(float(a[k].abs().max()) for k in a),
+      "exact_match": [s1["final"].get("exact_match"), sn["final"].get("exact_match")],
+      "wall_s": [s1["wall_seconds"], sn["wall_seconds"]], "bytes_up": [s1["bytes_up"], sn["bytes_up"]]}))
+"""
 
 
 def main() -> None:

@@ -25,13 +25,7 @@ import subprocess
 import sys
 import time
 
-
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
+from _model import status_mb
 
 
 def worker(mode: str, args: argparse.Namespace) -> None:
@@ -55,7 +49,7 @@ def worker(mode: str, args: argparse.Namespace) -> None:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     opt = torch.optim.AdamW(params, lr=1e-4) if mode == "backprop" else None
     gc.collect()
-    base = _rss_mb("VmRSS")
+    base = status_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS counter
     start = time.perf_counter()
@@ -71,7 +65,7 @@ def worker(mode: str, args: argparse.Namespace) -> None:
         g, _ = projected_gradient(model, params, batch, seed=1, eps=1e-3)
         apply_zo_update(params, seed=1, grad=g, lr=1e-4)
     seconds = time.perf_counter() - start
-    print(json.dumps({"mode": mode, "base_mb": base, "peak_mb": _rss_mb("VmHWM"), "seconds": seconds,
+    print(json.dumps({"mode": mode, "base_mb": base, "peak_mb": status_mb("VmHWM"), "seconds": seconds,
                       "params": sum(p.numel() for p in model.parameters()),
                       "trainable": sum(p.numel() for p in params)}))
 

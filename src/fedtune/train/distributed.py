@@ -54,15 +54,29 @@ def ranks() -> Ranks | None:
                 raise FedtuneError(f"accelerate launch with {what}: fedtune trains several devices per "
                                   "client with DDP only (see docs/scaling.md); launch without "
                                   f"--use_{what.lower()} (or torchrun)")
-        from accelerate import PartialState
+        if os.environ.get("FEDTUNE_DIST_BACKEND", "").lower() == "gloo" and torch.cuda.is_available():
+            _RANKS = _gloo_on_shared_gpus()
+        else:
+            from accelerate import PartialState
 
-        state = PartialState(cpu=not torch.cuda.is_available())
-        _RANKS = Ranks(state.process_index, state.num_processes, state.local_process_index,
-                       torch.device(state.device))
+            state = PartialState(cpu=not torch.cuda.is_available())
+            _RANKS = Ranks(state.process_index, state.num_processes, state.local_process_index,
+                           torch.device(state.device))
         atexit.register(_shut_down)
         if _RANKS.rank:  # rank 0 speaks for the party; the others only say what goes wrong
             logging.getLogger("fedtune").setLevel(logging.ERROR)
     return _RANKS
+
+
+def _gloo_on_shared_gpus() -> Ranks:
+    """FEDTUNE_DIST_BACKEND=gloo: more ranks than GPUs, rank r on GPU r mod count, gradients
+    exchanged over gloo. For trying the multi-rank path on a machine with one GPU (NCCL refuses
+    two ranks on one device); slower than NCCL, never for real training."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    torch.distributed.init_process_group("gloo")
+    return Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size(), local, device)
 
 
 def _shut_down() -> None:
