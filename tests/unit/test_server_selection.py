@@ -433,3 +433,29 @@ def test_the_strategy_hears_each_rounds_number(tmp_path):
     clients = ["client_0", "client_1"]
     assert calls == [("configure_fit", 1, clients, 1.0), ("fit_tensors", 1), ("aggregate_fit", 1, clients),
                      ("configure_fit", 2, clients, 1.0), ("fit_tensors", 2), ("aggregate_fit", 2, clients)]
+
+
+def test_an_update_larger_than_the_adapter_is_refused_by_the_transport_before_decoding(tmp_path):
+    from fedtune.transport.codec import encode
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO])
+    honest = fed.transport.endpoints["client_1"]
+
+    def oversized(data):
+        reply = decode(honest(data))
+        return encode(dataclasses.replace(reply, tensors={"w": torch.zeros(1 << 21)}))
+
+    fed.transport.endpoints["client_1"] = oversized
+    fed.round(1)
+    # The server told the transport what this round's updates may carry: the 8 MB reply is
+    # refused unread, so the server never sees it (missing, not rejected by the server).
+    assert [c for c, _ in fed.transport.rejected] == ["client_1"]
+    assert fed.server.rejected == 0 and fed.server.missing == 1
+    assert fed.server.global_state["w"].tolist() == pytest.approx([0.5, 0.0])
+
+
+def test_a_secure_round_logs_its_learning_rate(tmp_path):
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO, ONE_ZERO], lr=0.5,
+                federation={"secure_aggregation": {"enabled": True}})
+    fed.round(1)
+    assert fed.events("round")[0]["values"]["lr"] == 0.5
