@@ -3,6 +3,7 @@
     python scripts/mutation.py                      # every module below
     python scripts/mutation.py algorithms server    # some of them
     python scripts/mutation.py --survivors          # also print each surviving mutant's diff
+    python scripts/mutation.py server --retest      # after adding tests: survivors and unrun only
 
 Each module runs in its own work folder (`.mutation/<module>/`, a copy of src/ and tests/) with
 only the tests that matter for it, so a run fits a small machine; mutmut then runs, per mutant, only
@@ -34,9 +35,11 @@ ALGORITHM_TESTS = [
     "tests/unit/test_fedavg.py", "tests/unit/test_fedopt.py", "tests/unit/test_fedprox_scaffold.py",
     "tests/unit/test_flexlora.py", "tests/unit/test_robust.py", "tests/unit/test_dp_fedavg.py",
     "tests/unit/test_fedkseed.py", "tests/unit/test_backdoor.py", "tests/unit/test_algorithm_rounds.py",
-    "tests/unit/test_algorithm_registry.py",
+    "tests/unit/test_algorithm_registry.py", "tests/unit/test_algorithm_details.py",
+    "tests/unit/test_algorithm_options.py", "tests/unit/test_weighting.py",
 ]
-SERVER_TESTS = ["tests/unit/test_server_rules.py", "tests/unit/test_algorithm_rounds.py"]
+SERVER_TESTS = ["tests/unit/test_server_rules.py", "tests/unit/test_server_selection.py",
+                "tests/unit/test_algorithm_rounds.py"]
 
 # module -> (files to mutate, tests that matter for them)
 MODULES: dict[str, tuple[list[str], list[str]]] = {
@@ -124,20 +127,24 @@ def prepare(module: str) -> Path:
     return folder
 
 
-def run(module: str, children: int) -> int:
+def run(module: str, children: int, names: list[str] | None = None) -> int:
+    """mutmut over the module; `names`: only those mutants, retested (mutmut otherwise keeps
+    every verdict it has; changing a module's test list here resets them all)."""
     folder = prepare(module)
     env = {**os.environ, "PYTHONPATH": "", "TERM": "dumb"}
     log_path = folder / "mutmut.log"
     with log_path.open("w") as log:
-        proc = subprocess.run([str(MUTMUT), "run", "--max-children", str(children)], cwd=folder,
-                              env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+        proc = subprocess.run([str(MUTMUT), "run", "--max-children", str(children), *(names or [])],
+                              cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
         print(f"{module}: mutmut exited {proc.returncode}; see {log_path}", file=sys.stderr)
     return proc.returncode
 
 
-def tally(module: str, equivalent: dict[str, str]) -> tuple[Tally, list[str]]:
-    t, survivors = Tally(), []
+def tally(module: str, equivalent: dict[str, str]) -> tuple[Tally, list[str], list[str]]:
+    """The counts, the surviving mutants and the mutants not run yet (an interrupted run, or
+    functions changed since)."""
+    t, survivors, unrun = Tally(), [], []
     for meta in sorted((WORK / module / "mutants").rglob("*.py.meta")):
         codes = json.loads(meta.read_text())["exit_code_by_key"]
         for name, code in codes.items():
@@ -157,10 +164,11 @@ def tally(module: str, equivalent: dict[str, str]) -> tuple[Tally, list[str]]:
                 survivors.append(name)
             elif status == "not checked":
                 t.not_checked += 1
+                unrun.append(name)
             else:
                 t.other += 1
                 survivors.append(name)
-    return t, survivors
+    return t, survivors, unrun
 
 
 def show(module: str, name: str) -> str:
@@ -176,6 +184,8 @@ def main() -> int:
     parser.add_argument("--children", type=int, default=1, help="mutants tested at once")
     parser.add_argument("--survivors", action="store_true", help="print each survivor's diff")
     parser.add_argument("--report-only", action="store_true", help="tally the last run, run nothing")
+    parser.add_argument("--retest", action="store_true",
+                        help="test only the last run's survivors and unrun mutants (after adding tests)")
     args = parser.parse_args()
     modules = args.modules or list(MODULES)
     unknown = [m for m in modules if m not in MODULES]
@@ -184,14 +194,21 @@ def main() -> int:
     if not MUTMUT.exists():
         print("mutmut is not installed: pip install -e '.[dev]'", file=sys.stderr)
         return 2
+    equivalent = load_equivalent()
     if not args.report_only:
         for module in modules:
-            print(f"mutating {module} ...", flush=True)
-            run(module, args.children)
-    equivalent = load_equivalent()
+            names = None
+            if args.retest:
+                _, survivors, unrun = tally(module, equivalent)
+                names = survivors + unrun
+                if not names:
+                    continue
+            print(f"mutating {module}{f' ({len(names)} survivors or unrun)' if names else ''} ...",
+                  flush=True)
+            run(module, args.children, names)
     rows, failed = [], False
     for module in modules:
-        t, survivors = tally(module, equivalent)
+        t, survivors, _ = tally(module, equivalent)
         rows.append((module, t))
         if args.survivors and survivors:
             print(f"\n## survivors in {module}")

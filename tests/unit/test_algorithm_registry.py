@@ -89,6 +89,8 @@ def test_stateless_strategies_refuse_foreign_state():
     s.load_state_dict({})
     with pytest.raises(ValueError, match="FedAvg keeps no state"):
         s.load_state_dict({"m/w": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"FedAvg keeps no state, got \['a', 'b', 'c'\]$"):
+        s.load_state_dict({k: torch.zeros(1) for k in "dcba"})  # the first three, sorted
     assert s.state_dict() == {} and s.round_metrics() == {} and s.min_updates() == 1
     assert s.configure_fit(1, ["a", "b"], 0.5) == {"a": {"lr": 0.5}, "b": {"lr": 0.5}}
     assert s.fit_tensors(1, {"w": torch.zeros(1)}) == {} and s.update_specs({}) == {}
@@ -140,3 +142,12 @@ def test_a_spec_defaults_to_plain_local_training():
     spec = AlgorithmSpec("x", "x", config=type(registry()["fedavg"].config()), build=lambda c, n: None)
     assert isinstance(spec.local(spec.config()), StandardLocal)
     assert spec.check is None and spec.sum_only is False
+
+
+def test_the_torch_side_types_load_on_first_use():
+    import fedtune.algorithms as algorithms
+    from fedtune.algorithms import base
+
+    assert algorithms.ClientUpdate is base.ClientUpdate and algorithms.Strategy is base.Strategy
+    with pytest.raises(AttributeError, match="module 'fedtune.algorithms' has no attribute 'nope'"):
+        algorithms.nope  # noqa: B018

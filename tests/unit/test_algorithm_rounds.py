@@ -107,16 +107,23 @@ def test_fedprox_round_adds_the_proximal_gradient_at_each_step(tmp_path):
     # client_0 by hand: 0.5, then 0.5 − (σ(0.5) − 1 + 0.25) = 0.6275 (0.8775 without the term)
     assert locals_[0][0] == pytest.approx(0.5 - (sigmoid(0.5) - 1 + 0.25))
     close(fed.server.global_state["w"], wmean(locals_, [3, 1]))
+    # The reported train loss is the data loss (no proximal term), averaged over the two steps:
+    # client_1 at w1 = 0, then at w1 = −0.5.
+    fits = {e["client"]: e["values"] for e in fed.events("fit")}
+    assert fits["client_1"]["train_loss"] == pytest.approx((math.log(2) + math.log1p(math.exp(-0.5))) / 2)
+    assert fits["client_1"]["steps"] == 2
 
 
 # -- SCAFFOLD: control variates and the sign of the correction ------------------------------------
 
 
 def test_scaffold_two_rounds_control_variates_and_correction(tmp_path):
-    lr, k = 1.0, 2
+    # Start off zero, so the two clients' pulls on w[0] differ in size: the server's c is then
+    # non-zero after round 1 and its sign matters in round 2. lr ≠ 1 tells K·η from K/η.
+    lr, k, w0 = 0.5, 2, (0.4, 0.0)
     a, b = THREE_ONES, [(0, 0)]  # both on w[0]: client_1 pulls the other way
-    fed = run(tmp_path, "scaffold", [a, b], steps=k, lr=lr, rounds=1)
-    x, c = [0.0, 0.0], [0.0, 0.0]
+    fed = run(tmp_path, "scaffold", [a, b], steps=k, lr=lr, rounds=1, w0=w0)
+    x, c = list(w0), [0.0, 0.0]
     ci = {0: [0.0, 0.0], 1: [0.0, 0.0]}
     weights = [3, 1]
 
@@ -139,13 +146,22 @@ def test_scaffold_two_rounds_control_variates_and_correction(tmp_path):
     close(fed.server.strategy.state_dict()["scaffold/c/w"], c)
     close(fed.clients["client_0"].state["scaffold/ci/w"], ci[0])
     close(fed.clients["client_1"].state["scaffold/ci/w"], ci[1])
+    assert abs(c[0]) > 0.01  # the case can tell the sign of c in round 2
     fed.round(2)
     x, c = one_round(x, c, ci)  # now c − c_i ≠ 0: the correction's sign matters
     close(fed.server.global_state["w"], x)
     close(fed.server.strategy.state_dict()["scaffold/c/w"], c)
     close(fed.clients["client_1"].state["scaffold/ci/w"], ci[1])
+    close(fed.clients["client_0"].state["scaffold/ci/w"], ci[0])
     # A flipped correction would land elsewhere: check that this case can tell.
     assert abs(ci[0][0]) > 0.05
+    fits = {e["client"]: e["values"] for e in fed.events("fit") if e["round"] == 1}
+    # client_1's one example (0, 0): loss log(1 + e^w) at w = 0.4, then after one plain step
+    # (round 1: c = c_i = 0), at w = 0.4 − 0.5·σ(0.4).
+    w_after = 0.4 - lr * sigmoid(0.4)
+    assert fits["client_1"]["steps"] == k
+    assert fits["client_1"]["train_loss"] == pytest.approx(
+        (math.log1p(math.exp(0.4)) + math.log1p(math.exp(w_after))) / 2, rel=1e-5)
 
 
 # -- server optimisers ------------------------------------------------------------------------------
@@ -352,10 +368,51 @@ def test_fedmezo_two_rounds_and_personal_learning_rates(tmp_path, signal):
         spread = max(abs(v - mean_s) for v in s.values())
         lrs = {n: lr + alpha * (s[n] - mean_s) / spread for n in names}
     close(fed.server.global_state["w"], x, tol=2e-4)
+    fits = {e["client"]: e["values"] for e in fed.events("fit") if e["round"] == 2}
+    assert [fits[n]["examples_seen"] for n in names] == [steps * 3, steps * 1, steps * 2]
+    assert all(fits[n]["steps"] == steps and 0 < fits[n]["train_seconds"] < 60 for n in names)
+    assert fits["client_2"]["train_loss"] == pytest.approx(outs["client_2"][1], abs=1e-5)
     assigned = fed.server.strategy.configure_fit(3, names, lr)
     for n in names:
         assert assigned[n]["lr"] == pytest.approx(lrs[n], abs=2e-3)
     assert len({round(v, 6) for v in lrs.values()}) == 3  # the case tells the clients apart
+
+
+class DecayModel(LogitModel):
+    """The logit model plus three tensors the loss never reads, named as a norm scale, a weight
+    and a bias: MeZO still perturbs and moves them, and weight decay spares the norm and the bias."""
+
+    def __init__(self):
+        super().__init__([0.0, 0.0])
+        self.norm_scale = torch.nn.Parameter(torch.tensor([2.0]))
+        self.head = torch.nn.Module()
+        self.head.weight = torch.nn.Parameter(torch.tensor([3.0]))
+        self.head.bias = torch.nn.Parameter(torch.tensor([4.0]))
+
+
+def test_fedmezo_weight_decay_spares_biases_and_norms(tmp_path):
+    # local_epochs 2 on two alike examples at batch size 2: two full-batch MeZO steps.
+    eps, lr, decay = 0.01, 0.5, 0.2
+    pairs = [(0, 1), (0, 1)]
+    fed = run(tmp_path, "fedmezo", [pairs], model=DecayModel(), steps=None, batch_size=2, lr=lr,
+              train__local_epochs=2, train__weight_decay=decay, options={"eps": eps})
+    theta = {"w": [0.0, 0.0], "norm_scale": [2.0], "head.weight": [3.0], "head.bias": [4.0]}
+    fit_seed = derive_seed(5, "fit", 1, "client_0")
+    for step in range(2):
+        gen = torch.Generator().manual_seed(derive_seed(fit_seed, "mezo", step) % 2**63)
+        z = {n: torch.randn((len(v),), generator=gen, dtype=torch.float32).double().tolist()
+             for n, v in theta.items()}  # in parameter order
+        w = theta["w"]
+        plus = mean_loss([a + eps * b for a, b in zip(w, z["w"])], pairs)
+        minus = mean_loss([a - eps * b for a, b in zip(w, z["w"])], pairs)
+        g = (plus - minus) / (2 * eps)
+        for n, v in theta.items():
+            keep = 1.0 if n in ("norm_scale", "head.bias") else 1 - lr * decay
+            theta[n] = [a * keep - lr * g * b for a, b in zip(v, z[n])]
+    for n, v in theta.items():
+        close(fed.server.global_state[n], v, tol=1e-4)
+    fits = fed.events("fit")
+    assert fits[0]["values"]["steps"] == 2 and fits[0]["values"]["examples_seen"] == 4
 
 
 def test_fedmezo_rate_never_drops_to_zero():
@@ -372,23 +429,36 @@ def test_fedmezo_rate_never_drops_to_zero():
 # -- FedKSeed and FedKSeed-Pro ------------------------------------------------------------------------
 
 
-def _kseed_expected(data, counts, *, k, eps, lr, steps, round_, pool, probs=None, pool_seed=0):
-    """(new pool, per-client folded vectors) by hand, starting each client from θ(pool)."""
+def _kseed_expected(data, counts, *, k, eps, lr, steps, round_, pool, probs=None, pool_seed=0,
+                    losses=None, clip=None, skipped=None, diffs=None):
+    """(new pool, per-client folded vectors) by hand, starting each client from θ(pool);
+    `losses` (a dict) receives each client's mean of (L+ + L−)/2 over its steps. `steps` may map
+    client -> steps; with `clip`, a step whose |L+ − L−| exceeds it moves nothing (counted in
+    `skipped`); `diffs` (a list) receives every |L+ − L−|."""
     zs = [_z(derive_seed(pool_seed, "kseed", j)) for j in range(k)]
     theta0 = [0.0, 0.0]
     start = [t - sum(pool[j] * zs[j][i] for j in range(k)) for i, t in enumerate(theta0)]
     folds = []
     for n, pairs in data.items():
         rng = np.random.default_rng(derive_seed(derive_seed(5, "fit", round_, n), "kseed-sample"))
-        w, folded = list(start), [0.0] * k
-        for _ in range(steps):
+        w, folded, seen = list(start), [0.0] * k, []
+        for _ in range(steps[n] if isinstance(steps, dict) else steps):
             cand = int(rng.choice(k, p=probs)) if probs is not None else int(rng.integers(k))
             z = zs[cand]
-            g = (mean_loss([a + eps * b for a, b in zip(w, z)], pairs)
-                 - mean_loss([a - eps * b for a, b in zip(w, z)], pairs)) / (2 * eps)
+            plus = mean_loss([a + eps * b for a, b in zip(w, z)], pairs)
+            minus = mean_loss([a - eps * b for a, b in zip(w, z)], pairs)
+            g = (plus - minus) / (2 * eps)
+            seen.append((plus + minus) / 2)
+            if diffs is not None:
+                diffs.append(abs(plus - minus))
+            if clip is not None and abs(plus - minus) > clip:
+                skipped[n] = skipped.get(n, 0) + 1
+                continue
             w = [a - lr * g * b for a, b in zip(w, z)]
             folded[cand] += lr * g
         folds.append(folded)
+        if losses is not None:
+            losses[n] = sum(seen) / len(seen)
     total = sum(counts)
     new_pool = [p + sum(c / total * f[j] for f, c in zip(folds, counts)) for j, p in enumerate(pool)]
     return new_pool, folds, zs
@@ -400,12 +470,47 @@ def test_fedkseed_round_moves_the_pool_by_the_weighted_folded_steps(tmp_path):
               steps=3, lr=lr, rounds=2)
     data = {"client_0": THREE_ONES, "client_1": ONE_ZERO}
     pool, _, zs = _kseed_expected(data, [3, 1], k=k, eps=eps, lr=lr, steps=3, round_=1, pool=[0.0] * k)
-    pool, _, zs = _kseed_expected(data, [3, 1], k=k, eps=eps, lr=lr, steps=3, round_=2, pool=pool)
+    losses = {}
+    pool, folds, zs = _kseed_expected(data, [3, 1], k=k, eps=eps, lr=lr, steps=3, round_=2, pool=pool,
+                                      losses=losses)
     close(fed.server.global_state["kseed/pool"], pool, tol=2e-4)
+    fits = {e["client"]: e["values"] for e in fed.events("fit") if e["round"] == 2}
+    for (name, pairs), folded in zip(data.items(), folds):
+        assert fits[name]["steps"] == 3 and fits[name]["skipped_steps"] == 0
+        assert fits[name]["examples_seen"] == 3 * len(pairs)  # full batches of the client's data
+        assert fits[name]["seeds_used"] == sum(v != 0 for v in folded)
+        assert fits[name]["train_loss"] == pytest.approx(losses[name], abs=1e-5)
     # θ(G) = θ0 − Σ G_k z_k is what a party rebuilds from the pool.
     fed.clients["client_0"].view.load(fed.server.global_state)
     close(fed.model.w.detach(), [-sum(pool[j] * zs[j][i] for j in range(k)) for i in range(2)], tol=2e-4)
 
+
+
+def test_fedkseed_skips_steps_whose_loss_difference_exceeds_the_clip(tmp_path):
+    # local_epochs 2 at batch size 2: client_0 (3 examples) takes ⌈6/2⌉ = 3 steps on batches of
+    # 2, 1, 2 examples; client_1 (1 example) one step. Each client's examples are alike, so a
+    # batch's loss depends only on w.
+    k, eps, lr = 3, 0.01, 0.5
+    data = {"client_0": THREE_ONES, "client_1": ONE_ZERO}
+    steps = {"client_0": 3, "client_1": 1}
+    clip, skipped, losses, diffs = 0.005, {}, {}, []
+    pool, folds, _ = _kseed_expected(data, [3, 1], k=k, eps=eps, lr=lr, steps=steps, round_=1,
+                                     pool=[0.0] * k, clip=clip, skipped=skipped, losses=losses, diffs=diffs)
+    assert 0 < sum(skipped.values()) < 4
+    # Differences just under the clip and up to 4× over it: the case tells |L+ − L−| from a
+    # multiple of it.
+    assert any(clip / 1.5 < d <= clip for d in diffs) and any(clip < d <= 4 * clip for d in diffs)
+    fed = run(tmp_path, "fedkseed", list(data.values()), steps=None, batch_size=2, lr=lr,
+              train__local_epochs=2, options={"num_seeds": k, "eps": eps, "loss_diff_clip": clip})
+    close(fed.server.global_state["kseed/pool"], pool, tol=2e-4)
+    fits = {e["client"]: e["values"] for e in fed.events("fit")}
+    for name, folded in zip(data, folds):
+        assert fits[name]["steps"] == steps[name]
+        assert fits[name]["skipped_steps"] == skipped.get(name, 0)
+        assert fits[name]["seeds_used"] == sum(v != 0 for v in folded)
+        assert fits[name]["train_loss"] == pytest.approx(losses[name], abs=1e-5)
+        assert 0 < fits[name]["train_seconds"] < 60
+    assert fits["client_0"]["examples_seen"] == 5 and fits["client_1"]["examples_seen"] == 1
 
 
 def _pro_probabilities(folds, lr, abs_sum, count):

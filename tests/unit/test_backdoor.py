@@ -39,6 +39,7 @@ def test_triggered_examples_insert_the_trigger_as_poisoning_does_and_skip_target
 def test_attack_success_rate_counts_answers_equal_to_the_target():
     assert attack_success_rate(["HACKED", "hacked.", "lomat", "HACKED now"], "HACKED") == 0.5
     assert attack_success_rate([], "HACKED") == 0.0
+    assert attack_success_rate(["hacked"], "HACKED") == 1.0
 
 
 def test_backdoor_metrics_on_a_hand_made_model():

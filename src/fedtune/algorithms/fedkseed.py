@@ -200,10 +200,12 @@ class KSeedLocal:
         batches = micro_batches(len(ctx.train), section.batch_size, ctx.seed)
         n_steps = steps_for(section, len(ctx.train))
         folded = torch.zeros(k, dtype=torch.float64)
-        losses, skipped = [], 0
+        losses, skipped, seen = [], 0, 0
         trainer.model.eval()  # no dropout: both forward passes must see the same function
         for _ in range(n_steps):
-            batch = collate([ctx.train[i] for i in next(batches)], trainer.pad_id)
+            indices = next(batches)  # the last batch of an epoch may be short
+            seen += len(indices)
+            batch = collate([ctx.train[i] for i in indices], trainer.pad_id)
             batch = {name: v.to(trainer.device) for name, v in batch.items()}
             cand = int(rng.choice(k, p=probs)) if probs is not None else int(rng.integers(k))
             seed = candidate_seed(config, cand)
@@ -215,7 +217,7 @@ class KSeedLocal:
             apply_zo_update(params, seed, grad, ctx.lr)
             folded[cand] += ctx.lr * grad
         metrics = {"train_loss": sum(losses) / len(losses), "steps": n_steps, "skipped_steps": skipped,
-                   "examples_seen": n_steps * section.batch_size, "seeds_used": int((folded != 0).sum()),
+                   "examples_seen": seen, "seeds_used": int((folded != 0).sum()),
                    "train_seconds": time.perf_counter() - start}
         return LocalOutcome(update={POOL: folded.to(torch.float32)}, metrics=metrics)
 

@@ -122,17 +122,19 @@ class MeZOLocal:
         decay = [not (n.endswith(".bias") or "norm" in n) for n in names]
         batches = micro_batches(len(ctx.train), section.batch_size, ctx.seed)
         n_steps = steps_for(section, len(ctx.train))
-        losses = []
+        losses, seen = [], 0
         trainer.model.eval()  # no dropout: both forward passes must see the same function
         for step in range(n_steps):
-            batch = collate([ctx.train[i] for i in next(batches)], trainer.pad_id)
+            indices = next(batches)  # the last batch of an epoch may be short
+            seen += len(indices)
+            batch = collate([ctx.train[i] for i in indices], trainer.pad_id)
             batch = {k: v.to(trainer.device) for k, v in batch.items()}
             seed = derive_seed(ctx.seed, "mezo", step)
             grad, loss = projected_gradient(trainer.model, params, batch, seed, self.config.eps)
             apply_zo_update(params, seed, grad, ctx.lr, section.weight_decay, decay)
             losses.append(loss)
         metrics = {"train_loss": sum(losses) / len(losses), "steps": n_steps,
-                   "examples_seen": n_steps * section.batch_size,
+                   "examples_seen": seen,
                    "train_seconds": time.perf_counter() - start}
         return LocalOutcome(update=local_update(ctx.slot.get(), global_state), metrics=metrics)
 
