@@ -260,7 +260,7 @@ def test_evaluation_seconds_add_up_over_the_run(tmp_path):
 
 
 def test_an_error_reply_without_a_text_is_rejected_as_such(tmp_path):
-    from fedtune.runtime.messages import MessageKind
+    from fedtune.wire import MessageKind
 
     def edit(round_, replies):
         return [dataclasses.replace(m, kind=MessageKind.ERROR, meta={}) if m.sender == "client_1" else m

@@ -38,6 +38,7 @@ from fedtune.algorithms.base import (
     LocalOutcome,
     ModelView,
     State,
+    refuse_state,
     register,
 )
 from fedtune.algorithms.fedavg import client_weights
@@ -158,7 +159,7 @@ class FedKSeed:
             self.abs_sum = state["pro/abs_sum"].to(torch.float64).clone()
             self.count = state["pro/count"].to(torch.float64).clone()
         else:
-            super().load_state_dict(state)
+            refuse_state(self, state)
 
     def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
         return {}
