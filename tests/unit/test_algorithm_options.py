@@ -127,12 +127,12 @@ def test_every_problem_with_the_options_is_listed_in_one_message():
                               "federation.options.muu: unknown key (options of fedprox: mu, weighting)")
 
 
-def test_a_strategy_built_without_a_client_count_assumes_one_client():
+def test_dp_fedavg_samples_against_the_federation_size_it_was_built_for():
     import torch
 
     from fedtune.algorithms import build_strategy
     from fedtune.algorithms.base import ClientUpdate
 
-    s = build_strategy("dp_fedavg", {"noise_multiplier": 0.0})
+    s = build_strategy("dp_fedavg", {"noise_multiplier": 0.0}, 4)
     s.aggregate_fit(1, {"w": torch.zeros(1)}, [ClientUpdate("a", {"w": torch.zeros(1)}, 1)])
-    assert s.rates == [1.0]  # one of one client sampled
+    assert s.rates == [0.25]  # one of four clients sampled

@@ -151,3 +151,20 @@ def test_the_torch_side_types_load_on_first_use():
     assert algorithms.ClientUpdate is base.ClientUpdate and algorithms.Strategy is base.Strategy
     with pytest.raises(AttributeError, match="module 'fedtune.algorithms' has no attribute 'nope'"):
         algorithms.nope  # noqa: B018
+
+
+def test_only_strategies_built_for_a_federation_size_ask_for_it():
+    from fedtune.algorithms import build_strategy, registry
+
+    sized = sorted(name for name, spec in registry().items() if spec.needs_clients)
+    assert sized == ["dp_fedavg", "scaffold"]
+    for name in sized:
+        with pytest.raises(ValueError, match=f"the {name} strategy needs the number of clients"):
+            build_strategy(name, {"noise_multiplier": 0.0} if name == "dp_fedavg" else {})
+    # SCAFFOLD's server control variate is the mean over all N clients: c += sum(dc) / N.
+    s = build_strategy("scaffold", {}, 4)
+    g = {"w": torch.zeros(1)}
+    s.fit_tensors(1, g)
+    s.aggregate_fit(1, g, [ClientUpdate("a", {"w": torch.zeros(1), "scaffold/dc/w": torch.tensor([2.0])}, 1)])
+    assert s.state_dict()["scaffold/c/w"].item() == 0.5
+    assert build_strategy("fedavg", {}).__class__.__name__ == "FedAvg"   # no size needed

@@ -30,9 +30,16 @@ def registry() -> dict[str, AlgorithmSpec]:
     return full_registry()
 
 
-def build_strategy(name: str, options: dict, n_clients: int = 1) -> Strategy:
-    """The server-side strategy of an algorithm for a federation of `n_clients` clients."""
-    return registry()[name].build(algorithm_options(name, options), n_clients)
+def build_strategy(name: str, options: dict, n_clients: int | None = None) -> Strategy:
+    """The server-side strategy of an algorithm; those whose rule depends on the federation's
+    size (SCAFFOLD's control-variate mean, DP-FedAvg's sampling rate) need `n_clients`."""
+    spec = registry()[name]
+    config = algorithm_options(name, options)
+    if not spec.needs_clients:
+        return spec.build(config)
+    if n_clients is None or n_clients < 1:
+        raise ValueError(f"the {name} strategy needs the number of clients in the federation")
+    return spec.build(config, n_clients)
 
 
 def build_local(name: str, options: dict) -> LocalProcedure:

@@ -178,18 +178,19 @@ class AlgorithmSpec:
     name: str
     summary: str
     config: type[BaseModel]
-    build: Callable[[BaseModel, int], Strategy]          # (options, number of clients)
+    build: Callable[..., Strategy]   # (options), or (options, number of clients) with needs_clients
     local: Callable[[BaseModel], LocalProcedure] = _standard_local
     view: Callable[[BaseModel, Any], ModelView] = _adapter_view   # (options, AdapterSlot)
     check: Callable[[BaseModel, Any], None] | None = None           # (options, Recipe)
     sum_only: bool = False        # see catalog.AlgorithmInfo
     party: Callable[[BaseModel, Any], Party] = standard_party       # (options, Recipe): party.py
+    needs_clients: bool = False   # the strategy is built for a federation of a known size
 
 
 _REGISTRY: dict[str, AlgorithmSpec] = {}
 
 
-def register(name: str, build: Callable[[BaseModel, int], Strategy], *,
+def register(name: str, build: Callable[..., Strategy], *, needs_clients: bool = False,
              local: Callable[[BaseModel], LocalProcedure] = _standard_local,
              view: Callable[[BaseModel, Any], ModelView] = _adapter_view,
              party: Callable[[BaseModel, Any], Party] = standard_party) -> AlgorithmSpec:
@@ -201,7 +202,7 @@ def register(name: str, build: Callable[[BaseModel, int], Strategy], *,
         raise ValueError(f"algorithm {name!r} is registered twice")
     spec = AlgorithmSpec(name=name, summary=info.summary, config=info.config, build=build,
                          local=local, view=view, check=info.check, sum_only=info.sum_only,
-                         party=party)
+                         party=party, needs_clients=needs_clients)
     _REGISTRY[name] = spec
     return spec
 

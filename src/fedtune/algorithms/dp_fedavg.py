@@ -108,4 +108,4 @@ class DPFedAvg:
         return 1
 
 
-SPEC = register("dp_fedavg", DPFedAvg)
+SPEC = register("dp_fedavg", DPFedAvg, needs_clients=True)

@@ -67,4 +67,4 @@ class FedAvg:
         return 1
 
 
-SPEC = register("fedavg", lambda config, n_clients: FedAvg(config))
+SPEC = register("fedavg", lambda config: FedAvg(config))

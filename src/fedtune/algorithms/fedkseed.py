@@ -223,4 +223,4 @@ class KSeedLocal:
         return LocalOutcome(update={POOL: folded.to(torch.float32)}, metrics=metrics)
 
 
-SPEC = register("fedkseed", lambda config, n_clients: FedKSeed(config), local=KSeedLocal, view=KSeedView)
+SPEC = register("fedkseed", lambda config: FedKSeed(config), local=KSeedLocal, view=KSeedView)

@@ -139,4 +139,4 @@ class MeZOLocal:
         return LocalOutcome(update=local_update(ctx.slot.get(), global_state), metrics=metrics)
 
 
-SPEC = register("fedmezo", lambda config, n_clients: FedMeZO(config), local=MeZOLocal)
+SPEC = register("fedmezo", lambda config: FedMeZO(config), local=MeZOLocal)

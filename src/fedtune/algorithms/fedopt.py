@@ -144,7 +144,7 @@ class ServerOptimizer:
         return 1
 
 
-def _build_fedavgm(c: FedAvgMConfig, n_clients: int) -> ServerOptimizer:
+def _build_fedavgm(c: FedAvgMConfig) -> ServerOptimizer:
     def step(g: State, d: State, s: dict[str, State]) -> tuple[State, dict[str, State]]:
         new, v = fedavgm_step(g, d, s["v"], lr=c.server_lr, momentum=c.momentum)
         return new, {"v": v}
@@ -153,7 +153,7 @@ def _build_fedavgm(c: FedAvgMConfig, n_clients: int) -> ServerOptimizer:
 
 
 def _build_adaptive(
-    rule: Callable[..., tuple[State, State, State]], c: Any, n_clients: int
+    rule: Callable[..., tuple[State, State, State]], c: Any
 ) -> ServerOptimizer:
     """The strategy of an adaptive rule (bound with functools.partial when registered)."""
     hyper = c.model_dump(exclude={"server_lr", "weighting"})

@@ -43,4 +43,4 @@ class ProxLocal:
                             metrics=result_metrics(result))
 
 
-SPEC = register("fedprox", lambda config, n_clients: FedAvg(FedAvgConfig(weighting=config.weighting)), local=ProxLocal)
+SPEC = register("fedprox", lambda config: FedAvg(FedAvgConfig(weighting=config.weighting)), local=ProxLocal)

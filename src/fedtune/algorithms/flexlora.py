@@ -101,4 +101,4 @@ class FlexLoRA:
         return 1
 
 
-SPEC = register("flexlora", lambda config, n_clients: FlexLoRA(config))
+SPEC = register("flexlora", lambda config: FlexLoRA(config))

@@ -123,5 +123,5 @@ def _party(options: Any, recipe: Any) -> OffsiteParty:
     return OffsiteParty(options, recipe)
 
 
-SPEC = register("offsite", lambda config, n_clients: FedAvg(FedAvgConfig(weighting=config.weighting)),
+SPEC = register("offsite", lambda config: FedAvg(FedAvgConfig(weighting=config.weighting)),
                 party=_party)

@@ -170,16 +170,16 @@ class RobustAggregation:
         return {}
 
 
-def _build_median(c: MedianConfig, n_clients: int) -> RobustAggregation:
+def _build_median(c: MedianConfig) -> RobustAggregation:
     return RobustAggregation(c, lambda ups: median_aggregate([u.tensors for u in ups]))
 
 
-def _build_trimmed_mean(c: TrimmedMeanConfig, n_clients: int) -> RobustAggregation:
+def _build_trimmed_mean(c: TrimmedMeanConfig) -> RobustAggregation:
     return RobustAggregation(
         c, lambda ups: trimmed_mean_aggregate([u.tensors for u in ups], trim_ratio=c.trim_ratio))
 
 
-def _build_krum(c: KrumConfig, n_clients: int) -> RobustAggregation:
+def _build_krum(c: KrumConfig) -> RobustAggregation:
     def rule(ups: list[ClientUpdate]) -> State:
         n = len(ups)
         if n <= 2 * c.byzantine + 2:
@@ -198,7 +198,7 @@ def _build_krum(c: KrumConfig, n_clients: int) -> RobustAggregation:
     return RobustAggregation(c, rule, min_updates=max(2 * c.byzantine + 3, c.multi + c.byzantine))
 
 
-def _build_norm_bounding(c: NormBoundingConfig, n_clients: int) -> RobustAggregation:
+def _build_norm_bounding(c: NormBoundingConfig) -> RobustAggregation:
     def rule(ups: list[ClientUpdate]) -> State:
         weights = client_weights(ups, c.weighting)
         return norm_bounding_aggregate([(u.tensors, w) for u, w in zip(ups, weights)],

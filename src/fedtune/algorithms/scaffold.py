@@ -115,4 +115,4 @@ class ScaffoldLocal:
         return LocalOutcome(update=delta, extra=dc, metrics=result_metrics(result))
 
 
-SPEC = register("scaffold", Scaffold, local=ScaffoldLocal)
+SPEC = register("scaffold", Scaffold, local=ScaffoldLocal, needs_clients=True)
