@@ -16,7 +16,7 @@ from fedtune.track.rundir import RunDir
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_after_round_1_stops_the_run_resumably(signum, code, tiny_recipe, tmp_path,
-                                                        monkeypatch, capsys):
+                                                        monkeypatch, capsys, request):
     recipe = tiny_recipe(federation__rounds=2, federation__clients=2, eval__every=0,
                          eval__at_start=False, eval__exact_match=False)
     path = tmp_path / "r.yaml"
@@ -30,6 +30,10 @@ def test_a_signal_after_round_1_stops_the_run_resumably(signum, code, tiny_recip
         return saved
 
     monkeypatch.setattr(RunDir, "save_checkpoint", save_then_signal)
+    # A shell without job control starts background jobs with SIGINT ignored (POSIX), and Python
+    # then keeps it ignored: give this test the interactive default, Ctrl-C raising KeyboardInterrupt.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous_int))
     before = signal.getsignal(signal.SIGTERM)
     assert main(["run", str(path), "output.name=stopped"]) == code
     assert signal.getsignal(signal.SIGTERM) == before  # the command's handler is gone again
