@@ -75,6 +75,57 @@ def refuse_state(strategy: object, state: State) -> None:
         raise ValueError(f"{type(strategy).__name__} keeps no state, got {sorted(state)[:3]}")
 
 
+def _same_lr_for_all(self, round_: int, clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
+    return same_lr(clients, lr)
+
+
+def _no_tensors(self, round_: int, global_state: State) -> State:
+    return {}
+
+
+def _no_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
+    return {}
+
+
+def _no_state(self) -> State:
+    return {}
+
+
+def _refuse_state(self, state: State) -> None:
+    refuse_state(self, state)
+
+
+def _no_metrics(self) -> dict[str, Any]:
+    return {}
+
+
+def _one_update(self) -> int:
+    return 1
+
+
+PLAIN_BODIES = {
+    "configure_fit": _same_lr_for_all,   # every client trains at the round's learning rate
+    "fit_tensors": _no_tensors,          # nothing sent beside the global model
+    "update_specs": _no_specs,           # updates shaped like the adapter only
+    "state_dict": _no_state,             # no server state to checkpoint ...
+    "load_state_dict": _refuse_state,    # ... so only an empty one restores
+    "round_metrics": _no_metrics,
+    "min_updates": _one_update,
+}
+
+
+def plain(cls: type) -> type:
+    """Class decorator: give a strategy the plain body of each Strategy method it does not write.
+
+    Composition, not inheritance: the bodies are set on the class itself (its `vars` hold the
+    whole Protocol and it inherits from `object` only), and a class overrides one by defining it.
+    """
+    for name, body in PLAIN_BODIES.items():
+        if name not in vars(cls):
+            setattr(cls, name, body)
+    return cls
+
+
 @dataclass
 class LocalContext:
     """What a client's local procedure works with in one round."""

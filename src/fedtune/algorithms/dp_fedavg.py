@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fedtune.algorithms.base import ClientUpdate, State, register, same_lr
+from fedtune.algorithms.base import ClientUpdate, State, plain, register
 from fedtune.algorithms.options import DPFedAvgConfig
 from fedtune.seeding import derive_seed
 
@@ -66,6 +66,7 @@ def dp_epsilon(noise_multiplier: float, sampling_rates: list[float], delta: floa
     return float(accountant.get_epsilon(delta))
 
 
+@plain
 class DPFedAvg:
     def __init__(self, config: DPFedAvgConfig, n_clients: int):
         self.config = config
@@ -94,18 +95,6 @@ class DPFedAvg:
 
     def load_state_dict(self, state: State) -> None:
         self.rates = state["dp/rates"].tolist() if "dp/rates" in state else []
-
-    def configure_fit(self, round_: int, clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
-        return same_lr(clients, lr)
-
-    def fit_tensors(self, round_: int, global_state: State) -> State:
-        return {}
-
-    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def min_updates(self) -> int:
-        return 1
 
 
 SPEC = register("dp_fedavg", DPFedAvg, needs_clients=True)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
-from fedtune.algorithms.base import ClientUpdate, State, refuse_state, register, same_lr
+from fedtune.algorithms.base import ClientUpdate, State, plain, register
 from fedtune.algorithms.options import FedAvgConfig
 
 
@@ -37,6 +36,7 @@ def client_weights(updates: Sequence[ClientUpdate], weighting: str) -> list[floa
     return [float(u.n_examples) for u in updates]
 
 
+@plain
 class FedAvg:
     def __init__(self, config: FedAvgConfig):
         self.config = config
@@ -44,27 +44,6 @@ class FedAvg:
     def aggregate_fit(self, round_: int, global_state: State, updates: list[ClientUpdate]) -> State:
         weights = client_weights(updates, self.config.weighting)
         return fedavg_aggregate(global_state, [(u.tensors, w) for u, w in zip(updates, weights)])
-
-    def configure_fit(self, round_: int, clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
-        return same_lr(clients, lr)
-
-    def fit_tensors(self, round_: int, global_state: State) -> State:
-        return {}
-
-    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def state_dict(self) -> State:
-        return {}
-
-    def load_state_dict(self, state: State) -> None:
-        refuse_state(self, state)
-
-    def round_metrics(self) -> dict[str, Any]:
-        return {}
-
-    def min_updates(self) -> int:
-        return 1
 
 
 SPEC = register("fedavg", lambda config: FedAvg(config))

@@ -8,6 +8,7 @@ The global model travels as ONE vector G of K scalars (`kseed/pool`, 16 KB for K
 
     θ(G) = θ0 − Σ_k G_k · z_k,       applied for the k with G_k ≠ 0 in ascending k,
 
+
 with θ0 the initial trainable tensors every party builds from the recipe. A client uploads the same
 kind of vector, its steps folded per candidate (a_k = Σ η·g over its steps on k); its local model is
 exactly θ(G + a) up to float rounding, so the server's G ← G + Σ_i w_i·a_i (w_i normalised) is
@@ -38,6 +39,7 @@ from fedtune.algorithms.base import (
     LocalOutcome,
     ModelView,
     State,
+    plain,
     refuse_state,
     register,
 )
@@ -116,6 +118,7 @@ class KSeedView(ModelView):
         self._cached_key, self._cached = key, [p.detach().clone() for p in params]
 
 
+@plain
 class FedKSeed:
     def __init__(self, config: FedKSeedConfig):
         self.config = config
@@ -160,15 +163,6 @@ class FedKSeed:
             self.count = state["pro/count"].to(torch.float64).clone()
         else:
             refuse_state(self, state)
-
-    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def round_metrics(self) -> dict[str, Any]:
-        return {}
-
-    def min_updates(self) -> int:
-        return 1
 
 
 class KSeedLocal:

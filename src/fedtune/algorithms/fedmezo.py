@@ -19,6 +19,7 @@ from fedtune.algorithms.base import (
     LocalOutcome,
     State,
     local_update,
+    plain,
     register,
 )
 from fedtune.algorithms.fedavg import client_weights, fedavg_aggregate
@@ -42,6 +43,7 @@ def personal_phi(signals: dict[str, float]) -> dict[str, float]:
     return {c: (s - mean) / spread for c, s in signals.items()}
 
 
+@plain
 class FedMeZO:
     def __init__(self, config: FedMeZOConfig):
         self.config = config
@@ -85,18 +87,6 @@ class FedMeZO:
 
     def load_state_dict(self, state: State) -> None:
         self.history = {k.split("/", 1)[1]: v.tolist() for k, v in state.items()}
-
-    def fit_tensors(self, round_: int, global_state: State) -> State:
-        return {}
-
-    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def round_metrics(self) -> dict[str, Any]:
-        return {}
-
-    def min_updates(self) -> int:
-        return 1
 
 
 class MeZOLocal:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fedtune.algorithms.base import ClientUpdate, State, register, same_lr
+from fedtune.algorithms.base import ClientUpdate, State, plain, register
 from fedtune.algorithms.fedavg import client_weights, fedavg_aggregate
 from fedtune.algorithms.options import FedAvgMConfig
 
@@ -97,6 +97,7 @@ def fedadagrad_step(
 StepFn = Callable[[State, State, dict[str, State]], tuple[State, dict[str, State]]]
 
 
+@plain
 class ServerOptimizer:
     """A FedOpt strategy: the clients' mean update is a pseudo-gradient for a server-side step.
 
@@ -127,21 +128,6 @@ class ServerOptimizer:
                                  f"expected keys like {'/<name>, '.join(slots)}/<name>")
             slots[kind][name] = tensor.clone()
         self.slots = slots
-
-    def configure_fit(self, round_: int, clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
-        return same_lr(clients, lr)
-
-    def fit_tensors(self, round_: int, global_state: State) -> State:
-        return {}
-
-    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def round_metrics(self) -> dict[str, Any]:
-        return {}
-
-    def min_updates(self) -> int:
-        return 1
 
 
 def _build_fedavgm(c: FedAvgMConfig) -> ServerOptimizer:

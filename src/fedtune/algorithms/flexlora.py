@@ -11,11 +11,10 @@ Bai et al. 2024). Tensors that are not LoRA factors are averaged as in FedAvg.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
-from fedtune.algorithms.base import ClientUpdate, State, refuse_state, register, same_lr
+from fedtune.algorithms.base import ClientUpdate, State, plain, register
 from fedtune.algorithms.fedavg import client_weights
 from fedtune.algorithms.options import FlexLoRAConfig
 
@@ -69,6 +68,7 @@ def flexlora_aggregate(global_state: State, local_states: Sequence[tuple[State, 
     return out
 
 
+@plain
 class FlexLoRA:
     def __init__(self, config: FlexLoRAConfig):
         self.config = config
@@ -78,27 +78,6 @@ class FlexLoRA:
         locals_ = [({k: global_state[k] + u.tensors[k] for k in global_state}, w)
                    for u, w in zip(updates, weights)]
         return flexlora_aggregate(global_state, locals_)
-
-    def configure_fit(self, round_: int, clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
-        return same_lr(clients, lr)
-
-    def fit_tensors(self, round_: int, global_state: State) -> State:
-        return {}
-
-    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def state_dict(self) -> State:
-        return {}
-
-    def load_state_dict(self, state: State) -> None:
-        refuse_state(self, state)
-
-    def round_metrics(self) -> dict[str, Any]:
-        return {}
-
-    def min_updates(self) -> int:
-        return 1
 
 
 SPEC = register("flexlora", lambda config: FlexLoRA(config))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from fedtune.algorithms.base import ClientUpdate, State, refuse_state, register, same_lr
+from fedtune.algorithms.base import ClientUpdate, State, plain, register
 from fedtune.algorithms.fedavg import client_weights
 from fedtune.algorithms.options import (
     KrumConfig,
@@ -136,6 +136,7 @@ def apply_update(global_state: State, update: State) -> State:
     return out
 
 
+@plain
 class RobustAggregation:
     """Strategy for one robust rule: new global = global + rule(updates); keeps no state."""
 
@@ -150,24 +151,6 @@ class RobustAggregation:
 
     def aggregate_fit(self, round_: int, global_state: State, updates: list[ClientUpdate]) -> State:
         return apply_update(global_state, self._rule(updates))
-
-    def configure_fit(self, round_: int, clients: list[str], lr: float) -> dict[str, dict[str, Any]]:
-        return same_lr(clients, lr)
-
-    def fit_tensors(self, round_: int, global_state: State) -> State:
-        return {}
-
-    def update_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def state_dict(self) -> State:
-        return {}
-
-    def load_state_dict(self, state: State) -> None:
-        refuse_state(self, state)
-
-    def round_metrics(self) -> dict[str, Any]:
-        return {}
 
 
 def _build_median(c: MedianConfig) -> RobustAggregation:
