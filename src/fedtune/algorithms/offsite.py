@@ -19,7 +19,7 @@ import torch
 
 from fedtune.algorithms.base import register
 from fedtune.algorithms.fedavg import FedAvg, FedAvgConfig
-from fedtune.algorithms.party import GlobalEvaluation, State
+from fedtune.algorithms.party import GlobalEvaluation, StandardParty, State
 from fedtune.wire import Message
 
 log = logging.getLogger("fedtune.offsite")
@@ -85,15 +85,10 @@ class OffsiteParty:
     def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.server.full if self.server is not None else model
 
-    def after_round(self, round_: int, global_state: State) -> State:
-        return global_state
-
-    def state_dict(self) -> State:
-        return {}
-
-    def load_state_dict(self, state: State) -> None:
-        if state:
-            raise ValueError(f"offsite-tuning keeps no server state, got {sorted(state)[:3]}")
+    # Nothing happens between rounds and nothing is checkpointed: the standard party's bodies.
+    after_round = StandardParty.after_round
+    state_dict = StandardParty.state_dict
+    load_state_dict = StandardParty.load_state_dict
 
     def save(self, state: State, directory: Path) -> bool:
         """The plugged-in full model, as a model directory (`fedtune eval --adapter` reads it)."""
