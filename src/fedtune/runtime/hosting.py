@@ -9,15 +9,14 @@ with these methods and a name in ENGINES, chosen by `federation.engine`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
 from fedtune.algorithms.base import State
 from fedtune.runtime.client import Client
 from fedtune.runtime.setup import Setup
-
-Endpoint = Callable[[bytes], bytes | None]   # encoded message in, encoded reply (or None) out
+from fedtune.transport.inprocess import Endpoint, Replies
 
 
 class ClientHost(Protocol):
@@ -29,6 +28,15 @@ class ClientHost(Protocol):
 
     def endpoints(self) -> dict[str, Endpoint]:
         """Client -> where the transport delivers its messages (read when a run starts)."""
+        ...
+
+    def deliver(self, batch: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, bytes | None]]:
+        """One collect's messages, `(client, encoded request)` in send order, as a lazy iterable
+        (each request is encoded when pulled: pull one at a time to hold one at a time); yield
+        `(client, encoded reply or None)` for every request as it is done, in any order, a
+        client's own requests answered in the order sent. The transport checks and counts the
+        replies. A host runs the batch as it can: one after another, on parallel workers, or
+        several clients trained together."""
         ...
 
     def example_counts(self) -> dict[str, int]:
@@ -64,6 +72,10 @@ class InProcessHost:
 
     def endpoints(self) -> dict[str, Endpoint]:
         return {name: c.handle_bytes for name, c in self.clients.items()}
+
+    def deliver(self, batch: Iterable[tuple[str, bytes]]) -> Replies:
+        for name, data in batch:  # one at a time, in send order, on the shared model
+            yield name, self.clients[name].handle_bytes(data)
 
     def example_counts(self) -> dict[str, int]:
         return {name: len(c.data.train) for name, c in self.clients.items()}
