@@ -34,6 +34,8 @@ class AlgorithmInfo:
     # must run as one process (refused), or why every rank runs the same steps (said once).
     one_process: str | None = None
     unsplit_ranks: str | None = None
+    # Why its simulated clients cannot live in Ray actors (federation.engine: ray), if so.
+    no_ray: str | None = None
 
 
 _ZEROTH_ORDER = "estimates gradients from forward passes only"
@@ -81,7 +83,9 @@ _ROWS = [
                   "layer-dropped emulator, the server plugs them into the full model.",
                   o.OffsiteConfig, check=o.check_offsite, sum_only=True,
                   one_process="the emulator is distilled and trained in one process; launch it "
-                              "without torchrun/accelerate"),
+                              "without torchrun/accelerate",
+                  no_ray="the clients train the emulator the server's party distils and keeps "
+                         "with the run; actors would each distil their own"),
 ]
 
 CATALOG: dict[str, AlgorithmInfo] = {row.name: row for row in _ROWS}

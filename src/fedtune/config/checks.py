@@ -8,7 +8,8 @@ checks, by registering a function here under a key the schema calls `run_checks`
     adapter.method                   (normal name, as written)   fedtune.models.recipe_checks
     adapter                          AdapterSection              fedtune.models.recipe_checks
     algorithm                        name                        fedtune.algorithms.recipe_checks
-    federation                       FederationSection           fedtune.algorithms.recipe_checks
+    federation                       FederationSection           fedtune.algorithms.recipe_checks,
+                                                                 fedtune.runtime.recipe_checks
     bench.algorithm                  BenchAlgorithm              fedtune.algorithms.recipe_checks
     recipe                           Recipe                      fedtune.algorithms.recipe_checks
     federation.secure_aggregation    SecureAggregationSection    fedtune.privacy.recipe_checks
@@ -30,6 +31,7 @@ PROVIDERS = (
     "fedtune.transport.recipe_checks",
     "fedtune.privacy.recipe_checks",
     "fedtune.algorithms.recipe_checks",
+    "fedtune.runtime.recipe_checks",
 )
 
 _CHECKS: dict[str, list[Callable[..., None]]] = {}

@@ -190,9 +190,21 @@ class SecureAggregationSection(Section):
         return self.threshold if self.threshold is not None else max(2, n_clients // 2 + 1)
 
 
+class RaySection(Section):
+    """`federation.engine: ray` (docs/scaling.md): simulated clients in Ray actors, each loading
+    the base model once and hosting a fixed share of the clients. Without `address` a local Ray
+    is started for the run (no dashboard); with one (`host:port` or `auto`) it joins that cluster."""
+
+    address: str | None = None
+    num_actors: PositiveInt = 2
+    cpus_per_actor: PositiveFloat = 1.0
+    gpus_per_actor: float = Field(0.0, ge=0.0)   # fractional: 0.5 puts two actors on one GPU
+
+
 class FederationSection(Section):
     algorithm: str = "fedavg"
-    engine: Literal["inprocess"] = "inprocess"   # where simulated clients live (runtime/hosting.py)
+    engine: Literal["inprocess", "ray"] = "inprocess"   # where simulated clients live (runtime/hosting.py)
+    ray: RaySection = Field(default_factory=RaySection)
     options: dict[str, Any] = Field(default_factory=dict)
     clients: PositiveInt = 3
     clients_per_round: PositiveInt | None = None

@@ -96,7 +96,14 @@ class InProcessHost:
             self.clients[name].state[k] = value
 
 
-ENGINES: dict[str, Callable[[Setup], ClientHost]] = {"inprocess": InProcessHost.from_setup}
+def _ray_host(setup: Setup) -> ClientHost:
+    from fedtune.runtime.ray_host import RayHost  # imports ray: only when the engine is chosen
+
+    return RayHost.from_setup(setup)
+
+
+ENGINES: dict[str, Callable[[Setup], ClientHost]] = {"inprocess": InProcessHost.from_setup,
+                                                     "ray": _ray_host}
 
 
 def client_host(engine: str, setup: Setup) -> ClientHost:

@@ -19,6 +19,9 @@ def check_launch(recipe: Recipe) -> None:
     if r is None:
         return
     algorithm = recipe.federation.algorithm
+    if recipe.federation.engine != "inprocess":
+        raise RecipeError(f"federation.engine {recipe.federation.engine} under a multi-process "
+                          "launch: its actors are the parallel workers; launch it as one process")
     if recipe.train.dp_sgd is not None:
         raise RecipeError("train.dp_sgd under a multi-process launch: opacus' per-example clipping "
                           "and noise are not combined with DDP's gradient averaging here (the "

@@ -16,7 +16,7 @@ from rich.console import Console
 from fedtune.algorithms import build_strategy
 from fedtune.config import Recipe, load_recipe
 from fedtune.data.federated import FederatedData
-from fedtune.errors import RunDirError
+from fedtune.errors import RecipeError, RunDirError
 from fedtune.runtime.client import Client
 from fedtune.runtime.finish import finish_run
 from fedtune.runtime.hosting import client_host
@@ -33,6 +33,9 @@ class Simulation:
     """One server and every client of the recipe in this process, over the in-process transport."""
 
     def __init__(self, recipe: Recipe, console: Console | None = None, data: FederatedData | None = None):
+        if data is not None and recipe.federation.engine != "inprocess":
+            raise RecipeError(f"federation.engine {recipe.federation.engine}: the clients build "
+                              "their data from the recipe; a FederatedData object is in-process only")
         self.setup = Setup(recipe, console, data=data)
         self.recipe = recipe
         self.host = client_host(recipe.federation.engine, self.setup)
@@ -83,6 +86,9 @@ class Simulation:
             reporter.close()
             if relay is not None:
                 relay.stop()  # the rest (final evaluation, files) is rank 0's alone
+            close = getattr(self.host, "close", None)
+            if close is not None:  # a host with workers of its own (Ray actors)
+                close()
         return finish_run(setup, run_dir, server, result)
 
     def follow(self, relay: Relay, resume_dir: Path | None = None) -> dict[str, Any]:
