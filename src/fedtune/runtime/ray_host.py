@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -162,15 +163,24 @@ class RayHost:
         if self.started:
             self.ray.shutdown()
 
-    def _revive(self, actor: int) -> None:
-        """A restarted actor gets back its clients' last checkpointed state and where to write."""
-        calls = [self.actors[actor].load_state.remote(self.saved[actor])] if self.saved[actor] else []
+    def _revive(self, actor: int, wait: float = 300.0) -> None:
+        """A restarted actor gets back its clients' last checkpointed state and where to write
+        (waiting up to `wait` seconds while Ray restarts it)."""
+        handle, deadline = self.actors[actor], time.monotonic() + wait
+        while True:
+            try:
+                self.ray.get(handle.example_counts.remote())  # it is up again
+                break
+            except self.ray.exceptions.ActorUnavailableError:  # restarting
+                if time.monotonic() > deadline:
+                    raise FedtuneError(f"ray actor {actor} did not restart within {wait:g} s") from None
+                time.sleep(0.5)
+            except self.ray.exceptions.RayActorError as exc:
+                raise FedtuneError(f"ray actor {actor} did not come back after a failure: {exc}") from None
+        calls = [handle.load_state.remote(self.saved[actor])] if self.saved[actor] else []
         if self.predictions is not None:
-            calls.append(self.actors[actor].write_predictions_to.remote(self.predictions))
-        try:
-            self.ray.get(calls)
-        except self.ray.exceptions.RayActorError as exc:
-            raise FedtuneError(f"ray actor {actor} did not come back after a failure: {exc}") from None
+            calls.append(handle.write_predictions_to.remote(self.predictions))
+        self.ray.get(calls)
         if self.saved[actor] is None:
             log.warning("ray actor %d restarted: its clients %s start with no persistent state "
                         "(no checkpoint yet)", actor, self.names_of(actor))
