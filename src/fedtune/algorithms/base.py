@@ -48,6 +48,12 @@ class Strategy(Protocol):
         """The new global state from the clients' updates."""
         ...
 
+    def fold(self, round_: int, global_state: State) -> Any:
+        """A `Fold` (algorithms/folding.py) that streams this round's updates into the aggregate
+        as they arrive, where the aggregate is a weighted sum; None when aggregate_fit needs every
+        update at once (median, Krum, ...), so the server collects them."""
+        ...
+
     def state_dict(self) -> State:
         """Tensors to checkpoint so a resumed run continues exactly."""
         ...
@@ -103,6 +109,10 @@ def _one_update(self) -> int:
     return 1
 
 
+def _no_fold(self, round_: int, global_state: State) -> None:
+    return None
+
+
 PLAIN_BODIES = {
     "configure_fit": _same_lr_for_all,   # every client trains at the round's learning rate
     "fit_tensors": _no_tensors,          # nothing sent beside the global model
@@ -111,6 +121,7 @@ PLAIN_BODIES = {
     "load_state_dict": _refuse_state,    # ... so only an empty one restores
     "round_metrics": _no_metrics,
     "min_updates": _one_update,
+    "fold": _no_fold,                    # aggregate_fit sees every update at once
 }
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from fedtune.algorithms.base import ClientUpdate, State, plain, register
+from fedtune.algorithms.folding import WeightedSum, fold_all
 from fedtune.algorithms.options import DPFedAvgConfig
 from fedtune.seeding import derive_seed
 
@@ -66,6 +67,35 @@ def dp_epsilon(noise_multiplier: float, sampling_rates: list[float], delta: floa
     return float(accountant.get_epsilon(delta))
 
 
+class _DPFold:
+    """A DP-FedAvg round streamed: each update clipped as it arrives and added to the running
+    sum; at the end their mean plus the Gaussian noise (dp_fedavg_aggregate's arithmetic)."""
+
+    def __init__(self, strategy: DPFedAvg, global_state: State, generator: torch.Generator):
+        self.strategy, self.global_state, self.generator = strategy, global_state, generator
+        self.running = WeightedSum({k: v.float() for k, v in global_state.items()})
+        self.clipped = 0
+
+    def add(self, update: ClientUpdate) -> None:
+        clipped, norm = clip_update(update.tensors, self.strategy.config.clip_norm)
+        self.clipped += norm > self.strategy.config.clip_norm
+        self.running.add(clipped, 1.0)
+
+    def finish(self) -> State:
+        c, m = self.strategy.config, self.running.count
+        if m == 0:
+            raise ValueError("dp_fedavg_aggregate needs at least one update")
+        self.strategy.clipped_fraction = self.clipped / m
+        self.strategy.rates.append(m / self.strategy.n_clients)
+        std = c.noise_multiplier * c.clip_norm / m
+        mean = self.running.mean()
+        out = {}
+        for name, g in self.global_state.items():
+            noise = torch.randn(g.shape, generator=self.generator, dtype=torch.float32) * std
+            out[name] = (g.float() + mean[name] + noise).to(g.dtype)
+        return out
+
+
 @plain
 class DPFedAvg:
     def __init__(self, config: DPFedAvgConfig, n_clients: int):
@@ -74,16 +104,14 @@ class DPFedAvg:
         self.rates: list[float] = []
         self.clipped_fraction = 0.0
 
-    def aggregate_fit(self, round_: int, global_state: State, updates: list[ClientUpdate]) -> State:
+    def fold(self, round_: int, global_state: State) -> _DPFold:
         c = self.config
         seed = (derive_seed(c.noise_seed, "dp-noise", round_) if c.noise_seed is not None
                 else secrets.randbits(63))
-        gen = torch.Generator().manual_seed(seed)
-        norms = [update_norm(u.tensors) for u in updates]
-        self.clipped_fraction = sum(n > c.clip_norm for n in norms) / len(norms)
-        self.rates.append(len(updates) / self.n_clients)
-        return dp_fedavg_aggregate(global_state, [u.tensors for u in updates], clip_norm=c.clip_norm,
-                                   noise_multiplier=c.noise_multiplier, generator=gen)
+        return _DPFold(self, global_state, torch.Generator().manual_seed(seed))
+
+    def aggregate_fit(self, round_: int, global_state: State, updates: list[ClientUpdate]) -> State:
+        return fold_all(self.fold(round_, global_state), updates)
 
     def round_metrics(self) -> dict[str, Any]:
         eps = dp_epsilon(self.config.noise_multiplier, self.rates, self.config.delta)

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from fedtune.algorithms.base import ClientUpdate, State, plain, register
-from fedtune.algorithms.fedavg import client_weights, fedavg_aggregate
+from fedtune.algorithms.fedavg import fedavg_aggregate, update_weight
+from fedtune.algorithms.folding import WeightedSum, fold_all
 from fedtune.algorithms.options import FedAvgMConfig
 
 # The round's pseudo-gradient Δ is the weighted mean of the client updates (local − global),
@@ -93,6 +94,21 @@ def fedadagrad_step(
     )
 
 
+class _OptimizerFold:
+    """A FedOpt round streamed: the running weighted sum of the updates, whose mean is the
+    pseudo-gradient of the server's step at the end."""
+
+    def __init__(self, optimizer: ServerOptimizer, global_state: State):
+        self.optimizer, self.global_state = optimizer, global_state
+        self.running = WeightedSum(global_state)
+
+    def add(self, update: ClientUpdate) -> None:
+        self.running.add(update.tensors, update_weight(update, self.optimizer.config.weighting))
+
+    def finish(self) -> State:
+        return self.optimizer.step(self.global_state, self.running.mean())
+
+
 # A rule's step: (global, Δ, slots by kind) -> (new global, new slots by kind).
 StepFn = Callable[[State, State, dict[str, State]], tuple[State, dict[str, State]]]
 
@@ -110,9 +126,16 @@ class ServerOptimizer:
         self._step = step
         self.slots: dict[str, State] = {kind: {} for kind in slots}
 
+    def fold(self, round_: int, global_state: State) -> _OptimizerFold:
+        return _OptimizerFold(self, global_state)
+
     def aggregate_fit(self, round_: int, global_state: State, updates: list[ClientUpdate]) -> State:
-        weights = client_weights(updates, self.config.weighting)
-        delta = pseudo_gradient(global_state, [(u.tensors, w) for u, w in zip(updates, weights)])
+        if not updates:
+            raise ValueError("fedavg_aggregate needs at least one update")
+        return fold_all(self.fold(round_, global_state), updates)
+
+    def step(self, global_state: State, delta: State) -> State:
+        """The server optimizer's step on the round's pseudo-gradient (updates its slots)."""
         new_state, self.slots = self._step(global_state, delta, self.slots)
         return new_state
 
