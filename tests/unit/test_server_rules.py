@@ -52,6 +52,9 @@ class Tampering:
         self.seen.setdefault(round, []).extend(replies)
         return self.edit(round, replies)
 
+    def collect_each(self, round, expected, timeout=None):
+        yield from self.collect(round, expected, timeout)
+
 
 def build(tmp_path, data, *, edit=None, endpoints=None, **kw):
     names = [f"client_{i}" for i in range(len(data))]

@@ -423,16 +423,27 @@ def test_the_strategy_hears_each_rounds_number(tmp_path):
             calls.append(("fit_tensors", round_))
             return strategy.fit_tensors(round_, global_state)
 
-        def aggregate_fit(self, round_, global_state, updates):
-            calls.append(("aggregate_fit", round_, [u.client for u in updates]))
-            return strategy.aggregate_fit(round_, global_state, updates)
+        def fold(self, round_, global_state):  # FedAvg streams: its fold hears the round
+            calls.append(("fold", round_))
+            inner = strategy.fold(round_, global_state)
+
+            class Heard:
+                def add(self, update):
+                    calls.append(("add", round_, update.client))
+                    inner.add(update)
+
+                def finish(self):
+                    calls.append(("finish", round_))
+                    return inner.finish()
+            return Heard()
 
     fed.server.strategy = Listening()
     fed.round(1)
     fed.round(2)
-    clients = ["client_0", "client_1"]
-    assert calls == [("configure_fit", 1, clients, 1.0), ("fit_tensors", 1), ("aggregate_fit", 1, clients),
-                     ("configure_fit", 2, clients, 1.0), ("fit_tensors", 2), ("aggregate_fit", 2, clients)]
+    assert calls == [("configure_fit", 1, ["client_0", "client_1"], 1.0), ("fit_tensors", 1), ("fold", 1),
+                     ("add", 1, "client_0"), ("add", 1, "client_1"), ("finish", 1),
+                     ("configure_fit", 2, ["client_0", "client_1"], 1.0), ("fit_tensors", 2), ("fold", 2),
+                     ("add", 2, "client_0"), ("add", 2, "client_1"), ("finish", 2)]
 
 
 def test_an_update_larger_than_the_adapter_is_refused_by_the_transport_before_decoding(tmp_path):

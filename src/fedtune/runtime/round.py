@@ -34,8 +34,9 @@ class Rejection:
 class RoundOutcome:
     """One round's exchange: what to aggregate, who is in it, who is not and why, what to log.
 
-    A plain round hands over each client's valid `updates`; a secure one (`secure`) only `mean`,
-    the weighted mean of the survivors' updates (None when the round stopped before unmasking).
+    A plain round hands over each client's valid `updates` (or, streamed, their `fold` with the
+    updates' figures only); a secure one (`secure`) only `mean`, the weighted mean of the
+    survivors' updates (None when the round stopped before unmasking).
     """
 
     secure: bool = False
@@ -47,3 +48,4 @@ class RoundOutcome:
     rejected: list[Rejection] = field(default_factory=list)
     train_loss: float | None = None                                 # their weighted mean loss
     info: dict[str, Any] = field(default_factory=dict)              # extra round-summary figures
+    fold: Any = None   # streaming aggregation (algorithms/folding.py): `updates` hold no tensors

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from fedtune.algorithms.base import ClientUpdate, State, Strategy
+from fedtune.algorithms.folding import Fold
 from fedtune.algorithms.party import Party, StandardParty
 from fedtune.config import Recipe
 from fedtune.errors import MessageError
@@ -252,16 +253,19 @@ class Server:
         for client in chosen:
             self.transport.send(Message(MessageKind.FIT, round_, SERVER, client,
                                         tensors=tensors, meta=instructions[client]))
-        replies = self.transport.collect(round_, chosen, timeout=self.reply_timeout)
         rejected: list[Rejection] = []
-        updates = self._accept_updates(round_, chosen, replies, rejected)
+        folding = getattr(self.strategy, "fold", None)  # streaming aggregation, where it can
+        fold = folding(round_, self.global_state) if folding is not None else None
+        updates = self._accept_updates(
+            round_, chosen, self.transport.collect_each(round_, chosen, timeout=self.reply_timeout),
+            rejected, fold)
         accepted = {u.client for u in updates}
         return RoundOutcome(
             updates=updates, counted=[u.client for u in updates],
             left={c: "no valid update this round" for c in chosen if c not in accepted},
             fit_logs={u.client: {**u.metrics, "n_examples": self.claimed.get(u.client, u.n_examples),
                                  "weight": u.n_examples} for u in updates},
-            rejected=rejected, train_loss=mean_train_loss(updates))
+            rejected=rejected, train_loss=mean_train_loss(updates), fold=fold)
 
     def _aggregate(self, round_: int, outcome: RoundOutcome) -> None:
         """The new global state from the round's outcome, where it has enough to aggregate."""
@@ -274,7 +278,8 @@ class Server:
         min_replies = min(self.recipe.transport.min_replies, len(outcome.counted) + len(outcome.left))
         needed = self.strategy.min_updates()
         if updates and len(updates) >= max(min_replies, needed):
-            self.global_state = self.strategy.aggregate_fit(round_, self.global_state, updates)
+            self.global_state = (outcome.fold.finish() if outcome.fold is not None else  # streamed
+                                 self.strategy.aggregate_fit(round_, self.global_state, updates))
         elif updates and len(updates) < needed:
             log.warning("round %d: %d valid update(s), fewer than the %d that %s needs; the global "
                         "adapter is unchanged", round_, len(updates), needed, self.recipe.federation.algorithm)
@@ -284,12 +289,14 @@ class Server:
         else:
             log.warning("round %d: no valid update arrived; the global adapter is unchanged", round_)
 
-    def _accept_updates(self, round_: int, chosen: list[str], replies: list[Message],
-                        rejected: list[Rejection]) -> list[ClientUpdate]:
+    def _accept_updates(self, round_: int, chosen: list[str], replies: Iterable[Message],
+                        rejected: list[Rejection], fold: Fold | None = None) -> list[ClientUpdate]:
         """The valid updates of the round's clients, in `chosen` order; every other reply is
         rejected, logged and counted. Each update's weight (ClientUpdate.n_examples) is set here,
         the one place for every strategy: 1 under federation.weighting `uniform`, otherwise the
-        client's claim, refused above what the server knows or allows (max_examples)."""
+        client's claim, refused above what the server knows or allows (max_examples). With a
+        `fold` (streaming aggregation), each valid update is folded in as it arrives and kept
+        without its tensors, so the round holds O(1) updates."""
         updates: dict[str, ClientUpdate] = {}
         self.claimed = {}
         uniform = self.recipe.federation.weighting == "uniform"
@@ -306,10 +313,15 @@ class Server:
                 metrics = peer_values.metrics(msg.meta.get("metrics", {}))
                 wire, extra = self.up.split(msg.tensors)
                 tensors = {**self.up.unpack(wire), **extra}
-                updates[msg.sender] = ClientUpdate(msg.sender, tensors, 1 if uniform else n, metrics)
+                update = ClientUpdate(msg.sender, tensors, 1 if uniform else n, metrics)
+                if fold is not None:
+                    fold.add(update)
+                    update.tensors = {}
+                updates[msg.sender] = update
                 self.claimed[msg.sender] = n
             except MessageError as exc:
                 rejected.append(Rejection(msg.sender, "reply", str(exc)))
+            del msg
         return [updates[c] for c in chosen if c in updates]
 
     def max_examples(self, client: str) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from fedtune.track.traffic import DIRECTIONS, Direction, TrafficCounter
@@ -34,6 +34,14 @@ class ServerTransport(Protocol):
         self, round: int, expected: Collection[str], timeout: float | None = None
     ) -> list[Message]:
         """Deliver what was sent and return the valid replies of ``expected`` clients for ``round``."""
+        ...
+
+    def collect_each(
+        self, round: int, expected: Collection[str], timeout: float | None = None
+    ) -> Iterator[Message]:
+        """As ``collect``, each valid reply yielded as it arrives and not kept by the transport
+        (the server's streaming aggregation holds O(1) updates). Consume it to the end: the
+        exchange ends (and the round's leftovers are dropped) when it does."""
         ...
 
     def counter_state(self) -> dict[str, int]:

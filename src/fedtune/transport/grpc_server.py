@@ -190,8 +190,13 @@ class GrpcServerTransport:
         self.mailbox.expect(round, answer, clients, None if specs is None else dict(specs))
 
     def collect(self, round: int, expected: Collection[str], timeout: float | None = None) -> list[Message]:
+        return list(self.collect_each(round, expected, timeout))
+
+    def collect_each(self, round: int, expected: Collection[str],
+                     timeout: float | None = None) -> Iterator[Message]:
         self.encoder.clear()
-        return self.mailbox.collect(round, expected, self.section.round_timeout if timeout is None else timeout)
+        yield from self.mailbox.collect_each(round, expected,
+                                             self.section.round_timeout if timeout is None else timeout)
 
     # -- handlers -------------------------------------------------------------------------------
 

@@ -88,7 +88,14 @@ class InProcessTransport:
     def collect(
         self, round: int, expected: Collection[str], timeout: float | None = None
     ) -> list[Message]:
-        """Deliver every queued message in send order; return valid replies from ``expected``.
+        """Every valid reply of ``collect_each``, in a list."""
+        return list(self.collect_each(round, expected, timeout))
+
+    def collect_each(
+        self, round: int, expected: Collection[str], timeout: float | None = None
+    ) -> Iterator[Message]:
+        """Deliver every queued message in send order; yield each valid reply from ``expected``
+        as it is done (nothing is kept here: the caller may fold it in and drop it).
 
         ``timeout`` is accepted for interface parity and ignored: delivery is a direct call.
         A reply is rejected (logged, kept in ``rejected``) if it does not decode, or if its
@@ -96,7 +103,6 @@ class InProcessTransport:
         """
         del timeout
         expected_set = set(expected)
-        replies: list[Message] = []
         sent: dict[str, deque[tuple[MessageKind, int]]] = {}  # per client: what it was asked
         for client, reply_bytes in self.deliver(self._requests(sent)):
             if not sent.get(client):
@@ -120,9 +126,9 @@ class InProcessTransport:
             except MessageError as error:
                 self._reject(client, str(error))
                 continue
-            replies.append(reply)
+            yield reply
+            del reply
         self._expected.clear()
-        return replies
 
     def _requests(self, sent: dict[str, deque[tuple[MessageKind, int]]]) -> Iterator[tuple[str, bytes]]:
         """The queued messages, each encoded (and its down-bytes counted) only when the host

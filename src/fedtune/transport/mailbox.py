@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 from fedtune.transport.base import TrafficCounter
@@ -138,20 +138,50 @@ class Mailbox:
         return max([NO_TENSORS.max_bytes(ceiling), *(e.max_bytes(ceiling) for e in expected)])
 
     def collect(self, round_: int, expected: Collection[str], timeout: float) -> list[Message]:
-        """Replies of `expected` for `round_`, once all arrived or `timeout` passed.
+        """Every reply of `collect_each`, in a list."""
+        return list(self.collect_each(round_, expected, timeout))
+
+    def collect_each(self, round_: int, expected: Collection[str], timeout: float) -> Iterator[Message]:
+        """Replies of `expected` for `round_`, each yielded (and forgotten here) as it arrives,
+        until all arrived or `timeout` passed.
 
         With nothing expected, waits until every connected client has taken its messages. Then
         ends the exchange: pending requests are cancelled, undelivered messages dropped.
         """
         wanted = set(expected)
+        seen: set[str] = set()
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while not self._done(round_, wanted):
-                left = deadline - time.monotonic()
-                if left <= 0 or self._closing:
+        try:
+            while True:
+                with self._cond:
+                    ready = self._take(round_, wanted)
+                    while not ready and not self._done(round_, wanted, seen):
+                        left = deadline - time.monotonic()
+                        if left <= 0 or self._closing:
+                            break
+                        self._cond.wait(min(left, _WAIT_SLICE))
+                        ready = self._take(round_, wanted)
+                if not ready:
                     break
-                self._cond.wait(min(left, _WAIT_SLICE))
-            got = [m for m in self._replies if m.round == round_ and m.sender in wanted]
+                for message in ready:
+                    seen.add(message.sender)
+                    yield message
+                del ready, message
+        finally:
+            self._end_exchange(round_)
+        missing = sorted(wanted - seen)
+        if missing:
+            log.warning("round %d: no reply from %s within %g s", round_, ", ".join(missing), timeout)
+
+    def _take(self, round_: int, wanted: set[str]) -> list[Message]:
+        """Remove and return the arrived replies of `wanted` for `round_` (under the lock)."""
+        got = [m for m in self._replies if m.round == round_ and m.sender in wanted]
+        if got:
+            self._replies = [m for m in self._replies if not (m.round == round_ and m.sender in wanted)]
+        return got
+
+    def _end_exchange(self, round_: int) -> None:
+        with self._cond:
             self._replies.clear()
             self._expected.clear()
             for name, state in self._clients.items():
@@ -165,14 +195,10 @@ class Mailbox:
                     state.outbox.clear()
                 if state.in_flight is not None:
                     state.in_flight[1].cancelled = True
-        missing = sorted(wanted - {m.sender for m in got})
-        if missing:
-            log.warning("round %d: no reply from %s within %g s", round_, ", ".join(missing), timeout)
-        return got
 
-    def _done(self, round_: int, wanted: set[str]) -> bool:
+    def _done(self, round_: int, wanted: set[str], seen: set[str]) -> bool:
         if wanted:
-            return wanted <= {m.sender for m in self._replies if m.round == round_}
+            return wanted <= seen
         return all(not (s.outbox or s.in_flight) for s in self._clients.values() if s.session)
 
     def wait_for_clients(self, timeout: float) -> list[str]:
