@@ -76,6 +76,9 @@ class Scaffold:
     def min_updates(self) -> int:
         return 1
 
+    def fold(self, round_: int, global_state: State) -> None:
+        return None  # the server collects the round's updates (each carries its Δc as well)
+
 
 def _float32(specs: dict[str, Any]) -> dict[str, Any]:
     from fedtune.wire import TensorSpec
