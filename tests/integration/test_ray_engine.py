@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import fedtune
 from fedtune.config import load_recipe
-from fedtune.errors import RecipeError
+from fedtune.errors import FedtuneError, RecipeError
 from fedtune.runtime.simulation import Simulation
 
 ray = pytest.importorskip("ray")  # the dev extra installs it: CI runs these
@@ -129,6 +129,14 @@ def test_resume_after_the_driver_is_killed_is_exact(tiny_recipe, ray_session, tm
         assert torch.equal(got[key], want[key]), key
     assert resumed["bytes_down"] == reference["bytes_down"]
     assert sorted(e["round"] for e in _events(run_dir) if e["kind"] == "round") == [1, 2, 3]
+
+
+def test_engine_ray_refuses_actors_the_cluster_has_no_room_for(tiny_recipe, ray_session):
+    recipe = load_recipe(tiny_recipe(federation__engine="ray", federation__ray={"num_actors": 3}))
+    with pytest.raises(FedtuneError, match=r"3 actors x 1 CPU = 3 CPUs, but the Ray cluster has 2"):
+        Simulation(recipe)
+    with pytest.raises(RecipeError, match="a FederatedData object is in-process only"):
+        Simulation(load_recipe(tiny_recipe(federation__engine="ray")), data=object())
 
 
 def test_engine_ray_refuses_what_it_cannot_host(tiny_recipe, four_layer_dir):

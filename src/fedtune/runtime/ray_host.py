@@ -227,6 +227,6 @@ def _check_room(ray: Any, section: Any) -> None:
         need = section.num_actors * each
         if need > have.get(what, 0.0) + 1e-9 and each > 0:
             raise FedtuneError(
-                f"federation.ray: {section.num_actors} actors x {each} {what} = {need:g} {what}s, but "
+                f"federation.ray: {section.num_actors} actors x {each:g} {what} = {need:g} {what}s, but "
                 f"the Ray cluster has {have.get(what, 0.0):g}; lower ray.num_actors or "
                 f"ray.{what.lower()}s_per_actor")
