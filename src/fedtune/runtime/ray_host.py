@@ -109,7 +109,7 @@ class RayHost:
     def endpoints(self) -> dict[str, Endpoint]:
         """One remote call per message (the relay path; `deliver` is the parallel one)."""
         def endpoint(name: str) -> Endpoint:
-            return lambda data: next(iter(self.deliver([(name, data)])))[1]
+            return lambda data: list(self.deliver([(name, data)]))[0][1]
         return {name: endpoint(name) for name in self.order}
 
     def deliver(self, batch: Iterable[tuple[str, bytes]]) -> Replies:
