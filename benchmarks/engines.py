@@ -2,7 +2,8 @@
 
 `engines`: a Llama of hidden 256 and 4 layers built from a config (fedtune's built-in character
 tokenizer), LoRA r=8, 10 local steps of batch 8, 10 clients per round for 3 rounds, with 10 and
-with 100 clients; in-process vs Ray with 1 and 2 actors. Each run is `fedtune.run` in a fresh
+with 100 clients; in-process (torch's default threads, and 1 thread as each Ray actor of 1 CPU
+has) vs Ray with 1 and 2 actors. Each run is `fedtune.run` in a fresh
 process; the figures are its wall time and time inside local training (summary.json), the peak
 memory of the whole process tree (the driver, and with a local Ray its raylet, GCS and actors,
 sampled every 0.1 s with psutil) and the peak of each actor process.
@@ -13,6 +14,7 @@ with the updates collected (the strategy's fold turned off: what fedtune did bef
 
     python benchmarks/engines.py engines                       # the whole table (minutes)
     python benchmarks/engines.py engines --clients 10 --engines inprocess,ray1
+    python benchmarks/engines.py engines --rounds 1 --steps 3      # a shorter workload
     python benchmarks/engines.py server-memory --clients 50
 """
 
@@ -27,7 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ENGINES = {"inprocess": ("inprocess", 0), "ray1": ("ray", 1), "ray2": ("ray", 2)}
+# key -> (federation.engine, actors, OMP/torch threads of the run's process: None = torch's default)
+ENGINES = {"inprocess": ("inprocess", 0, None), "inprocess1t": ("inprocess", 0, 1),
+           "ray1": ("ray", 1, None), "ray2": ("ray", 2, None)}
 
 
 def make_model(path: Path) -> str:
@@ -93,12 +97,15 @@ def tree_peak(proc: subprocess.Popen) -> tuple[int, dict[str, int]]:
     return peak, actors
 
 
-def run_one(raw: dict) -> dict:
-    """`fedtune.run(raw)` in a fresh process, its process tree watched; the summary's figures."""
+def run_one(raw: dict, threads: int | None = None) -> dict:
+    """`fedtune.run(raw)` in a fresh process, its process tree watched; the summary's figures.
+    `threads`: OMP_NUM_THREADS for it (Ray gives each 1-CPU actor 1 thread by itself)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(raw, f)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
                                                          os.environ.get("PYTHONPATH", "")])}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen([sys.executable, __file__, "_run", f.name], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak, actors = tree_peak(proc)
@@ -117,11 +124,12 @@ def engines(args: argparse.Namespace) -> None:
     rows = []
     for clients in [int(c) for c in args.clients.split(",")]:
         for key in args.engines.split(","):
-            engine, actors = ENGINES[key]
+            engine, actors, threads = ENGINES[key]
             raw = recipe(model, str(Path(args.work) / "runs"), f"{key}-{clients}-{time.time_ns()}",
-                         clients=clients, per_round=10, rounds=args.rounds, engine=engine, actors=actors)
+                         clients=clients, per_round=10, rounds=args.rounds, engine=engine, actors=actors,
+                         steps=args.steps)
             started = time.perf_counter()
-            got = run_one(raw)
+            got = run_one(raw, threads)
             got["process"] = time.perf_counter() - started
             rows.append((clients, key, got))
             print(json.dumps({"clients": clients, "engine": key, **got}), flush=True)
@@ -228,8 +236,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["engines", "server-memory"])
     ap.add_argument("--clients", default=None, help="engines: 10,100 ; server-memory: 50")
-    ap.add_argument("--engines", default="inprocess,ray1,ray2")
+    ap.add_argument("--engines", default="inprocess,inprocess1t,ray1,ray2")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="local steps per client and round")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "fedtune-engines"))
     args = ap.parse_args()
     if args.what == "engines":
