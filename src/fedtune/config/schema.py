@@ -355,6 +355,7 @@ class EvalSection(Section):
     max_new_tokens: PositiveInt = 32
     batch_size: PositiveInt = 16
     clients: bool = True
+    client_subset: PositiveInt | None = None   # client evaluation visits these many (a fixed, seeded set)
     max_examples: PositiveInt | None = None
     humaneval: HumanEvalSection | None = None   # run at the end of training on the server
 

@@ -25,7 +25,7 @@ from fedtune.train.local import LocalTrainer
 from fedtune.transport.adapter_wire import AdapterWire
 from fedtune.transport.codec import check_message, decode, encode, specs_of
 from fedtune.transport.compression import CompressionConfig
-from fedtune.wire import Message, MessageKind
+from fedtune.wire import Message, MessageKind, TensorSpec
 
 log = logging.getLogger("fedtune.client")
 
@@ -56,7 +56,10 @@ class Client:
         server: str = "server",
         max_message_bytes: int | None = None,
         view: ModelView | None = None,
+        specs: dict[str, TensorSpec] | None = None,
     ):
+        """`specs`: the global state's tensor specs where the caller knows them (a simulation's
+        clients share one set), saving a copy of the adapter to read them."""
         self.name = name
         self.local = local or StandardLocal()
         self.state: State = {}  # persistent algorithm state of this client (CPU tensors)
@@ -70,7 +73,7 @@ class Client:
         self.rejected = 0  # messages from the server refused (undecodable, or a bad value)
         self.secagg = SecAggParticipant(name)  # secure-aggregation rounds (runtime/secure_client.py)
         self.view = view or ModelView(slot)  # how the global state becomes the model's tensors
-        self._specs = specs_of(self.view.initial())
+        self._specs = dict(specs) if specs is not None else specs_of(self.view.initial())
         up, down = compression or (CompressionConfig(), CompressionConfig())
         self.up, self.down = AdapterWire(up, self._specs), AdapterWire(down, self._specs)
         self.predictions_dir: Path | None = None  # where this client writes its predictions
