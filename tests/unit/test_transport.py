@@ -11,7 +11,7 @@ import torch
 from fedtune.errors import MessageError, RunDirError
 from fedtune.transport.base import ServerTransport, TrafficCounter
 from fedtune.transport.codec import decode, encode
-from fedtune.transport.inprocess import InProcessTransport
+from fedtune.transport.inprocess import InProcessTransport, sequential
 from fedtune.wire import Message, MessageKind
 
 # ---------------------------------------------------------------- TrafficCounter
@@ -182,3 +182,66 @@ def test_unknown_receiver_and_hook_and_close():
     transport.close()
     assert transport.collect(1, expected=["a"]) == []
     assert delivered == ["b", "a"]
+
+
+def test_sequential_delivery_encodes_each_request_when_pulled():
+    """The default delivery pulls one request, answers it, then pulls the next: at most one
+    encoded request is alive, and its bytes are counted only when it is pulled."""
+    log: list[str] = []
+    transport = InProcessTransport({n: echo_client(n, log) for n in ["a", "b"]})
+    seen_down: list[int] = []
+
+    def endpoint_with_probe(name):
+        inner = echo_client(name, log)
+
+        def endpoint(data: bytes):
+            seen_down.append(transport.traffic.total("down"))
+            return inner(data)
+        return endpoint
+
+    transport.endpoints = {n: endpoint_with_probe(n) for n in ["a", "b"]}
+    transport.deliver = sequential(transport.endpoints)
+    transport.send(fit("a"))
+    transport.send(fit("b"))
+    transport.collect(1, expected=["a", "b"])
+    down = len(encode(fit("a")))
+    assert seen_down == [down, 2 * down]  # b's request was not encoded while a trained
+
+
+def test_batched_host_delivery_answers_out_of_order():
+    """A host's deliver gets the whole batch (so it can run clients in parallel) and may yield
+    the replies in any order; each is checked against what its own client was sent."""
+    log: list[str] = []
+    endpoints = {n: echo_client(n, log) for n in ["a", "b", "c"]}
+    batches: list[list[str]] = []
+
+    def deliver(batch):
+        requests = list(batch)  # the whole round at once
+        batches.append([client for client, _ in requests])
+        # clients in reverse, each client's own requests in the order sent (a stable sort)
+        for client, data in sorted(requests, key=lambda r: r[0], reverse=True):
+            yield client, endpoints[client](data)
+
+    delivered: list[str] = []
+    transport = InProcessTransport(endpoints, deliver=deliver, on_delivery=delivered.append)
+    for name in ["a", "b", "c"]:
+        transport.send(fit(name))
+    transport.send(Message(MessageKind.FINISH, 1, "server", "b"))
+    replies = transport.collect(1, expected=["a", "b", "c"])
+    assert batches == [["a", "b", "c", "b"]]
+    assert [r.sender for r in replies] == ["c", "b", "a"]
+    assert delivered == ["c", "b", "b", "a"] and log[1:3] == ["b:fit", "b:finish"]
+    assert transport.traffic.total("down") == 3 * len(encode(fit("a"))) + len(
+        encode(Message(MessageKind.FINISH, 1, "server", "b")))
+    assert transport.rejected == []
+
+
+def test_host_replying_for_a_client_it_was_not_sent_is_an_error():
+    def deliver(batch):
+        for _client, _data in batch:
+            yield "zed", None
+
+    transport = InProcessTransport({"a": lambda data: None}, deliver=deliver)
+    transport.send(fit("a"))
+    with pytest.raises(TypeError, match="'zed', which it was not sent"):
+        transport.collect(1, expected=["a"])

@@ -9,7 +9,7 @@ with these methods and a name in ENGINES, chosen by `federation.engine`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Protocol
@@ -19,9 +19,8 @@ from fedtune.errors import MessageError
 from fedtune.runtime.client import Client
 from fedtune.runtime.setup import Setup
 from fedtune.transport.codec import read_header
+from fedtune.transport.inprocess import Endpoint, Replies
 from fedtune.wire import MessageKind
-
-Endpoint = Callable[[bytes], bytes | None]   # encoded message in, encoded reply (or None) out
 
 
 class ClientHost(Protocol):
@@ -33,6 +32,15 @@ class ClientHost(Protocol):
 
     def endpoints(self) -> dict[str, Endpoint]:
         """Client -> where the transport delivers its messages (read when a run starts)."""
+        ...
+
+    def deliver(self, batch: Iterable[tuple[str, bytes]]) -> Iterator[tuple[str, bytes | None]]:
+        """One collect's messages, `(client, encoded request)` in send order, as a lazy iterable
+        (each request is encoded when pulled: pull one at a time to hold one at a time); yield
+        `(client, encoded reply or None)` for every request as it is done, in any order, a
+        client's own requests answered in the order sent. The transport checks and counts the
+        replies. A host runs the batch as it can: one after another, on parallel workers, or
+        several clients trained together."""
         ...
 
     def example_counts(self) -> Mapping[str, int]:
@@ -114,6 +122,10 @@ class InProcessHost:
         """Read when a client's reply is checked, by which time it is built: exact (its tokenized
         training examples), and no client is tokenized for it."""
         return _ExampleCounts(self)
+
+    def deliver(self, batch: Iterable[tuple[str, bytes]]) -> Replies:
+        for name, data in batch:  # one at a time, in send order, on the shared model
+            yield name, self._deliver(name, data)
 
     def write_predictions_to(self, directory: Path) -> None:
         self._predictions = directory

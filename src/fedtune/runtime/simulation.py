@@ -65,6 +65,7 @@ class Simulation:
             endpoints if relay is None else relay.relaying(endpoints),
             max_message_bytes=recipe.transport.max_message_bytes,
             on_delivery=reporter.client_done,
+            deliver=self.host.deliver if relay is None else None,  # relayed: one at a time
         )
         server = Server(
             recipe, strategy=build_strategy(recipe.federation.algorithm, recipe.federation.options,

@@ -22,12 +22,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from fedtune.data.prompts import IGNORE_INDEX, TokenizedExample, collate
 from fedtune.errors import FedtuneError
 from fedtune.train.distributed import OneProcess
 from fedtune.train.local import LocalResult, LocalTrainer, micro_batches, steps_for
-from fedtune.train.loss import response_loss_sum, targets_of
+from fedtune.train.loss import model_inputs, targets_of
 
 State = dict[str, torch.Tensor]
 Params = dict[str, torch.Tensor]
@@ -67,6 +68,7 @@ class MultiLoRA:
         self.trainer = trainer
         self.model = trainer.model
         self.layers = _lora_layers(self.model, slot_params)
+        self.dtypes = {n: p.dtype for n, p in slot_params.items()}
         self._routing: tuple[list[Params], list[int]] | None = None
 
     @staticmethod
@@ -89,7 +91,7 @@ class MultiLoRA:
         missing = sorted(set(names) - set(state))
         if missing:
             raise NotBatchable(f"the adapter state lacks {missing[:3]}")
-        return {n: state[n].detach().to(device=device, dtype=torch.float32).clone().requires_grad_(True)
+        return {n: state[n].detach().to(device=device, dtype=self.dtypes[n]).clone().requires_grad_(True)
                 for n in names}
 
     @contextlib.contextmanager
@@ -181,10 +183,6 @@ class MultiLoRA:
 
 def _per_token_losses(model, batch: dict[str, torch.Tensor], targets) -> torch.Tensor:
     """Cross-entropy of every labelled position (float32), in `targets` order."""
-    import torch.nn.functional as F
-
-    from fedtune.train.loss import model_inputs
-
     logits = model(**model_inputs(batch)).logits
     offset = logits.shape[1] - batch["input_ids"].shape[1]
     flat = logits.reshape(-1, logits.shape[-1])

@@ -1,10 +1,15 @@
-"""Simulation transport: real encoded bytes handed to client callables in one process, in order."""
+"""Simulation transport: real encoded bytes handed to the simulated clients' host, in batches.
+
+Each `collect` hands the host the round's messages together through one `Deliver` call (a lazy
+batch of `(client, request bytes)`), so a host may run its clients in parallel (Ray actors,
+batched training) or one after another (`sequential`, the default: today's in-process order).
+"""
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 
 from fedtune.errors import MessageError
 from fedtune.transport.base import TrafficCounter
@@ -15,13 +20,28 @@ from fedtune.wire import Message, MessageKind
 logger = logging.getLogger("fedtune.transport")
 
 Endpoint = Callable[[bytes], bytes | None]
+Batch = Iterable[tuple[str, bytes]]              # (client, encoded request), encoded when pulled
+Replies = Iterator[tuple[str, bytes | None]]     # (client, encoded reply or None), as each is done
+Deliver = Callable[[Batch], Replies]
+
+
+def sequential(endpoints: Mapping[str, Endpoint]) -> Deliver:
+    """Delivery one message at a time in batch order: pull a request, call its client, yield the
+    reply, pull the next (so one encoded request is alive at a time)."""
+    def deliver(batch: Batch) -> Replies:
+        for client, data in batch:
+            yield client, endpoints[client](data)
+    return deliver
 
 
 class InProcessTransport:
     """A ServerTransport whose clients are callables taking request bytes and returning reply bytes.
 
     Messages are really encoded and decoded, so byte counts and checks match a networked run.
-    Delivery is strictly sequential in send order (simulated clients share one base model).
+    `deliver` (a ClientHost's `deliver`) receives each collect's messages as one lazy batch, in
+    send order, and yields the replies as they are done, in any order; a client's own messages
+    must be answered in the order sent. Without it, `sequential(endpoints)`. `on_delivery(client)`
+    is called as each delivery is done (the progress display).
     """
 
     def __init__(
@@ -30,8 +50,10 @@ class InProcessTransport:
         *,
         max_message_bytes: int = 2**31,
         on_delivery: Callable[[str], None] | None = None,
+        deliver: Deliver | None = None,
     ) -> None:
         self.endpoints = dict(endpoints)
+        self.deliver = deliver or sequential(self.endpoints)
         self.max_message_bytes = max_message_bytes
         self.on_delivery = on_delivery
         self.traffic = TrafficCounter()
@@ -75,15 +97,13 @@ class InProcessTransport:
         del timeout
         expected_set = set(expected)
         replies: list[Message] = []
-        while self._queue:
-            message = self._queue.popleft()
-            client, message_kind, message_round = message.receiver, message.kind, message.round
-            data = encode(message)
-            self.traffic.record(direction="down", client=client, round=message.round, nbytes=len(data))
-            del message
+        sent: dict[str, deque[tuple[MessageKind, int]]] = {}  # per client: what it was asked
+        for client, reply_bytes in self.deliver(self._requests(sent)):
+            if not sent.get(client):
+                raise TypeError(f"the client host replied for '{client}', which it was not sent")
+            message_kind, message_round = sent[client].popleft()
             if self.on_delivery is not None:
                 self.on_delivery(client)
-            reply_bytes = self.endpoints[client](data)
             if reply_bytes is None:
                 continue
             if not isinstance(reply_bytes, (bytes, bytearray, memoryview)):
@@ -103,6 +123,18 @@ class InProcessTransport:
             replies.append(reply)
         self._expected.clear()
         return replies
+
+    def _requests(self, sent: dict[str, deque[tuple[MessageKind, int]]]) -> Iterator[tuple[str, bytes]]:
+        """The queued messages, each encoded (and its down-bytes counted) only when the host
+        pulls it; what each client was asked is noted in `sent` for checking its reply."""
+        while self._queue:
+            message = self._queue.popleft()
+            client = message.receiver
+            sent.setdefault(client, deque()).append((message.kind, message.round))
+            data = encode(message)
+            self.traffic.record(direction="down", client=client, round=message.round, nbytes=len(data))
+            del message
+            yield client, data
 
     def close(self) -> None:
         """Drop anything still queued."""
