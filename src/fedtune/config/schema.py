@@ -193,6 +193,7 @@ class SecureAggregationSection(Section):
 class FederationSection(Section):
     algorithm: str = "fedavg"
     engine: Literal["inprocess"] = "inprocess"   # where simulated clients live (runtime/hosting.py)
+    parallel_clients: PositiveInt = 1   # clients of a round trained together (runtime/batched.py)
     options: dict[str, Any] = Field(default_factory=dict)
     clients: PositiveInt = 3
     clients_per_round: PositiveInt | None = None

@@ -7,6 +7,7 @@ deployment (one client per process). It touches the model only through its Adapt
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,14 +94,22 @@ class Client:
 
     def handle_bytes(self, data: bytes) -> bytes | None:
         """Transport endpoint: decode, handle, encode. A bad message gets an ERROR reply."""
+        msg = self.decode(data)
+        return None if msg is None else self.answer(msg, self.handle)
+
+    def decode(self, data: bytes) -> Message | None:
+        """The server's message, or None (rejected and counted) if it does not decode."""
         try:
-            msg = decode(data, max_bytes=self.max_message_bytes)
+            return decode(data, max_bytes=self.max_message_bytes)
         except MessageError as exc:
             self.rejected += 1
             log.warning("%s: rejected a message: %s", self.name, exc)
             return None
+
+    def answer(self, msg: Message, how: Callable[[Message], Message | None]) -> bytes | None:
+        """`how(msg)` encoded; a FedtuneError becomes an ERROR reply (counted)."""
         try:
-            reply = self.handle(msg)
+            reply = how(msg)
         except FedtuneError as exc:
             self.rejected += 1
             log.warning("%s: cannot handle %s of round %d: %s", self.name, msg.kind.value, msg.round, exc)
@@ -108,22 +117,31 @@ class Client:
                             meta={"error": str(exc)[:500]})
         return None if reply is None else encode(reply)
 
-    def _load_global(self, msg: Message, extra_specs: dict | None = None) -> tuple[State, State]:
-        """Check the message's tensors, load the global adapter; returns (adapter, extra tensors)."""
+    def _load_global(self, msg: Message, extra_specs: dict | None = None,
+                     slot: AdapterSlot | None = None) -> tuple[State, State]:
+        """Check the message's tensors, load the global adapter (into `slot` if given, else
+        through the view); returns (adapter, extra tensors)."""
         check_message(msg, kinds={msg.kind}, tensor_specs={**self.down.wire, **(extra_specs or {})})
         wire, extra = self.down.split(msg.tensors)
         adapter = self.down.unpack(wire)
-        self.view.load(adapter)
+        if slot is None:
+            self.view.load(adapter)
+        else:
+            slot.set(adapter)
         return adapter, extra
 
-    def fit(self, msg: Message) -> Message:
+    def fit(self, msg: Message, *, slot: AdapterSlot | None = None,
+            trainer: LocalTrainer | None = None) -> Message:
+        """Local training on the global adapter of `msg`. `slot` and `trainer`: where this
+        client's tensors live and what trains them when not the shared model's (batched
+        multi-client training, runtime/batched.py)."""
         if "lr" not in msg.meta:
             raise MessageError(f"fit message of round {msg.round} has no 'lr' in its meta")
         lr = peer_values.learning_rate(msg.meta["lr"], f"fit message of round {msg.round}: meta.lr")
-        adapter, extra = self._load_global(msg, self.local.server_tensor_specs(self._specs))
+        adapter, extra = self._load_global(msg, self.local.server_tensor_specs(self._specs), slot)
         ctx = LocalContext(
             client=self.name, round=msg.round, seed=derive_seed(self.seed, "fit", msg.round, self.name),
-            lr=lr, slot=self.slot, trainer=self.trainer, train=self.data.train,
+            lr=lr, slot=slot or self.slot, trainer=trainer or self.trainer, train=self.data.train,
             state=self.state, server_tensors=extra, meta=msg.meta,
         )
         outcome = self.local.fit(ctx, adapter)

@@ -16,11 +16,12 @@ from typing import Protocol
 
 from fedtune.algorithms.base import State
 from fedtune.errors import MessageError
+from fedtune.runtime.batched import BatchedFits
 from fedtune.runtime.client import Client
 from fedtune.runtime.setup import Setup
 from fedtune.transport.codec import read_header
 from fedtune.transport.inprocess import Endpoint, Replies
-from fedtune.wire import MessageKind
+from fedtune.wire import Message, MessageKind
 
 
 class ClientHost(Protocol):
@@ -76,6 +77,7 @@ class InProcessHost:
         self._pending: dict[str, State] = {}          # resumed state of clients not yet built
         self._predictions: Path | None = None
         self.clients: Mapping[str, Client] = _Clients(self)
+        self.batched: BatchedFits | None = None   # federation.parallel_clients > 1
 
     @classmethod
     def lazy(cls, names: list[str], build: Callable[[str], Client]) -> InProcessHost:
@@ -87,7 +89,11 @@ class InProcessHost:
     @classmethod
     def from_setup(cls, setup: Setup) -> InProcessHost:
         """Every client of the recipe's split, built by `setup` (Setup.client) when first sampled."""
-        return cls.lazy(list(setup.data.clients), setup.clients.client)
+        host = cls.lazy(list(setup.data.clients), setup.clients.client)
+        k = setup.recipe.federation.parallel_clients
+        if k > 1:
+            host.batched = BatchedFits(setup.trainer, setup.slot.params, k)
+        return host
 
     def client(self, name: str) -> Client:
         """The client `name`, built now if it was not yet (KeyError for a name not in the run)."""
@@ -124,8 +130,45 @@ class InProcessHost:
         return _ExampleCounts(self)
 
     def deliver(self, batch: Iterable[tuple[str, bytes]]) -> Replies:
-        for name, data in batch:  # one at a time, in send order, on the shared model
-            yield name, self._deliver(name, data)
+        if self.batched is None:
+            for name, data in batch:  # one at a time, in send order, on the shared model
+                yield name, self._deliver(name, data)
+            return
+        yield from self._deliver_batched(list(batch), self.batched)
+
+    def _deliver_batched(self, items: list[tuple[str, bytes]], batched: BatchedFits) -> Replies:
+        """FITs that can batch go in groups of up to `batched.k` (send order; a client's other
+        messages never overtake its FIT); everything else one at a time. Replies in send order."""
+        replies: dict[int, bytes | None] = {}
+        group: list[tuple[int, Client, Message]] = []
+        done = 0
+
+        def flush() -> None:
+            answers = batched.answer([(c, m) for _, c, m in group]) if group else []
+            replies.update({i: a for (i, _, _), a in zip(group, answers)})
+            group.clear()
+
+        for i, (name, data) in enumerate(items):
+            if name not in self._built and _is_finish(data):
+                replies[i] = None
+            else:
+                client = self.client(name)
+                msg = client.decode(data)
+                if msg is not None and batched.accepts(client, msg) \
+                        and all(c is not client for _, c, _ in group):
+                    group.append((i, client, msg))
+                    if len(group) < batched.k:
+                        continue
+                flush()
+                if i not in replies:
+                    replies[i] = None if msg is None else client.answer(msg, client.handle)
+            while done in replies:
+                yield items[done][0], replies.pop(done)
+                done += 1
+        flush()
+        while done in replies:
+            yield items[done][0], replies.pop(done)
+            done += 1
 
     def write_predictions_to(self, directory: Path) -> None:
         self._predictions = directory
