@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from fedtune.errors import MessageError
-from fedtune.transport.codec import TensorSpec
+from fedtune.transport.codec import TensorSpec, all_finite
 
 Method = Literal["none", "fp16", "bf16", "int8", "topk"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -169,7 +169,7 @@ def compress(
         if config.method == "none":
             wire[name] = t
             continue
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise MessageError(f"tensor '{name}' has non-finite values; it cannot be sent")
         if config.method in _CAST_DTYPES:
             wire[name] = _cast(t, _CAST_DTYPES[config.method])
@@ -214,7 +214,7 @@ def check_wire(wire: Any, expected: Mapping[str, TensorSpec], *, finite: bool = 
                 f"wire '{name}' is {tuple(tensor.shape)} {tensor.dtype}, "
                 f"expected {tuple(spec.shape)} {spec.dtype}"
             )
-        if finite and tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+        if finite and tensor.dtype.is_floating_point and not all_finite(tensor):
             raise MessageError(f"wire '{name}' has non-finite values")
 
 
@@ -269,7 +269,7 @@ def decompress(
         source = tensor.dtype
         tensor = tensor.to(spec.dtype)
         if spec.dtype.is_floating_point and _may_overflow(config, source, spec.dtype) \
-                and not bool(torch.isfinite(tensor).all()):
+                and not all_finite(tensor):
             raise MessageError(f"tensor '{name}' overflows {spec.dtype} when rebuilt")
         out[name] = tensor
     return out
