@@ -166,9 +166,9 @@ class MultiLoRA:
                     optimizer.zero_grad(set_to_none=True)
         finally:
             model.eval()
-        seconds = time.perf_counter() - start
+        share = (time.perf_counter() - start) / len(jobs)  # each its share: the sums stay the wall time
         return [LocalResult(loss=float(r) / max(1, t), steps=n_steps, examples=n, tokens=t,
-                            seconds=seconds) for r, t, n in zip(running, tokens, seen)]
+                            seconds=share) for r, t, n in zip(running, tokens, seen)]
 
     def _step(self, job: Job, optimizer: torch.optim.Optimizer) -> None:
         """One client's optimizer step, as LocalTrainer._step takes it (without a scaler)."""
