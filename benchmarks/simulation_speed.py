@@ -54,12 +54,13 @@ def make_model(directory: str) -> None:
         eos_token_id=tok.eos_token_id)).save_pretrained(directory)
 
 
-def recipe(model_dir: str, out: str, clients: int, parallel: int, rounds: int = ROUNDS) -> dict:
+def recipe(model_dir: str, out: str, clients: int, parallel: int, rounds: int = ROUNDS,
+           max_length: int = 128) -> dict:
     per_category = math.ceil(PER_CLIENT * clients / (6 * (1 - TEST_FRACTION))) + 1
     return {
         "name": "speed", "seed": SEED, "model": {"name": model_dir},
         "data": {"source": "synthetic", "synthetic": {"examples_per_category": per_category},
-                 "template": "compact", "max_length": 128, "test_fraction": TEST_FRACTION,
+                 "template": "compact", "max_length": max_length, "test_fraction": TEST_FRACTION,
                  "val_fraction": 0.0, "split": {"method": "iid"}},
         "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
                     "target_modules": ["q_proj", "v_proj"]},
@@ -85,7 +86,8 @@ def run_fedtune(args: argparse.Namespace) -> dict:
     import fedtune
 
     with tempfile.TemporaryDirectory() as out:
-        summary = fedtune.run(recipe(args.model_dir, out, args.clients, args.parallel, args.rounds))
+        summary = fedtune.run(recipe(args.model_dir, out, args.clients, args.parallel, args.rounds,
+                                     args.max_length))
     total = time.perf_counter() - STARTED
     return {"total": total, "rounds": summary["wall_seconds"] - summary["eval_seconds"],
             "startup": total - summary["wall_seconds"], "eval": summary["eval_seconds"],
@@ -105,7 +107,7 @@ def run_ideal(args: argparse.Namespace) -> dict:
     from fedtune.data.prompts import collate, tokenize_examples
 
     torch.set_num_threads(args.threads)
-    section = load_recipe(recipe(args.model_dir, "/tmp", args.clients, 1)).data
+    section = load_recipe(recipe(args.model_dir, "/tmp", args.clients, 1, args.rounds, args.max_length)).data
     data = build_federated_data(section, args.clients, SEED)
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     torch.manual_seed(SEED)
@@ -126,7 +128,7 @@ def run_ideal(args: argparse.Namespace) -> dict:
             name = names[i]
             if name not in tokenized:
                 tokenized[name] = tokenize_examples(data.clients[name].train, tok, template="compact",
-                                                    max_length=128)[0]
+                                                    max_length=args.max_length)[0]
             examples = tokenized[name]
             with torch.no_grad():
                 for n, p in params.items():
@@ -161,6 +163,7 @@ def main() -> None:
                     help="federation.parallel_clients values, run at the first --clients size")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=ROUNDS)
+    ap.add_argument("--max-length", type=int, default=128, help="data.max_length (tokens per example)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--worker", choices=["fedtune", "ideal"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -182,19 +185,23 @@ def main() -> None:
                 print(f"repeat {rep + 1}: {kind} {n} clients K={k} ...", file=sys.stderr, flush=True)
                 cmd = [sys.executable, __file__, "--worker", kind, "--model-dir", model_dir,
                        "--clients", str(n), "--parallel-one", str(k), "--threads", str(args.threads),
-                       "--rounds", str(args.rounds)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                results[(kind, n, k)].append(json.loads(out.strip().splitlines()[-1]))
+                       "--rounds", str(args.rounds), "--max-length", str(args.max_length)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(f"  failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
+                    continue
+                results[(kind, n, k)].append(json.loads(proc.stdout.strip().splitlines()[-1]))
 
     def med(kind, n, k, key):
-        return statistics.median(r[key] for r in results[(kind, n, k)])
+        found = [r[key] for r in results[(kind, n, k)]]
+        return statistics.median(found) if found else float("nan")
 
     import torch
 
     device = "cpu"
     print(f"\n# Simulation speed on {device} ({args.threads} threads): 4-layer Llama (hidden 256), LoRA r=8 "
           f"q/v, {PER_CLIENT} examples per client, {STEPS} local steps of batch {BATCH}, "
-          f"{PER_ROUND} clients per round, {args.rounds} rounds; medians of {args.repeats}, interleaved. "
+          f"{PER_ROUND} clients per round, {args.rounds} rounds, examples of at most {args.max_length} tokens; medians of {args.repeats}, interleaved. "
           f"torch {torch.__version__}.\n")
     print("| clients | fedtune total ÷ ideal | rounds ÷ ideal | peak memory ÷ ideal "
           "| start-up s fedtune / ideal | rounds s fedtune / ideal | peak MB fedtune / ideal | fedtune final eval s |")
