@@ -1,8 +1,9 @@
 """fedtune's simulation against the sequential "ideal" loop, on one workload, side by side.
 
 The workload (built here, no download): a random 4-layer Llama of hidden size 256 with the shipped
-tokenizer, LoRA r=8 on q/v (dropout 0), 64 examples per client of the built-in synthetic
-benchmark, 10 local steps of batch 8 (AdamW, clipping at 1.0), 10 clients per round, 3 rounds.
+tokenizer, LoRA r=8 on q/v (dropout 0), 64 examples per client (short arithmetic and copying
+tasks written by this script: the built-in synthetic benchmark has too few distinct examples for
+1000 clients), 10 local steps of batch 8 (AdamW, clipping at 1.0), 10 clients per round, 3 rounds.
 
 The ideal is the plain program a person would write: one process, one model, a PyTorch loop over
 the round's clients in turn (each client's examples tokenized when it is first sampled, the same
@@ -54,19 +55,44 @@ def make_model(directory: str) -> None:
         eos_token_id=tok.eos_token_id)).save_pretrained(directory)
 
 
+def make_data(directory: str, clients: int) -> str:
+    """Alpaca-layout rows, enough for `clients` x 64 training examples (the synthetic benchmark
+    has too few distinct examples for 1000 clients): small arithmetic and copying tasks."""
+    import random
+    from pathlib import Path
+
+    rng = random.Random(SEED)
+    path = Path(directory) / "data.jsonl"
+    rows = math.ceil(PER_CLIENT * clients / (1 - TEST_FRACTION)) + 10
+    with path.open("w") as f:
+        for _ in range(rows):
+            a, b = rng.randrange(1000), rng.randrange(1000)
+            task = rng.randrange(3)
+            if task == 0:
+                row = {"instruction": f"Add {a} and {b}.", "input": "", "output": str(a + b)}
+            elif task == 1:
+                row = {"instruction": "Repeat the word.", "input": f"w{a}x{b}", "output": f"w{a}x{b}"}
+            else:
+                row = {"instruction": f"What is {a} minus {b}?", "input": "", "output": str(a - b)}
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
 def recipe(model_dir: str, out: str, clients: int, parallel: int, rounds: int = ROUNDS,
-           max_length: int = 128) -> dict:
+           max_length: int = 128, steps: int = STEPS, data: str | None = None) -> dict:
     per_category = math.ceil(PER_CLIENT * clients / (6 * (1 - TEST_FRACTION))) + 1
+    source = ({"source": "synthetic", "synthetic": {"examples_per_category": per_category}}
+              if data is None else {"source": data, "format": "alpaca",
+                                    "max_examples": math.ceil(PER_CLIENT * clients / (1 - TEST_FRACTION)) + 1})
     return {
         "name": "speed", "seed": SEED, "model": {"name": model_dir},
-        "data": {"source": "synthetic", "synthetic": {"examples_per_category": per_category},
-                 "template": "compact", "max_length": max_length, "test_fraction": TEST_FRACTION,
+        "data": {**source, "template": "compact", "max_length": max_length, "test_fraction": TEST_FRACTION,
                  "val_fraction": 0.0, "split": {"method": "iid"}},
         "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
                     "target_modules": ["q_proj", "v_proj"]},
         "federation": {"clients": clients, "clients_per_round": min(PER_ROUND, clients),
                        "rounds": rounds, "parallel_clients": parallel},
-        "train": {"local_steps": STEPS, "batch_size": BATCH, "lr": LR, "precision": "fp32"},
+        "train": {"local_steps": steps, "batch_size": BATCH, "lr": LR, "precision": "fp32"},
         "eval": {"every": 0, "at_start": False, "clients": False, "max_examples": 8,
                  "max_new_tokens": 1},
         "output": {"dir": out, "progress": False, "checkpoint_every": rounds},
@@ -87,7 +113,7 @@ def run_fedtune(args: argparse.Namespace) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         summary = fedtune.run(recipe(args.model_dir, out, args.clients, args.parallel, args.rounds,
-                                     args.max_length))
+                                     args.max_length, args.steps, args.data))
     total = time.perf_counter() - STARTED
     return {"total": total, "rounds": summary["wall_seconds"] - summary["eval_seconds"],
             "startup": total - summary["wall_seconds"], "eval": summary["eval_seconds"],
@@ -107,7 +133,8 @@ def run_ideal(args: argparse.Namespace) -> dict:
     from fedtune.data.prompts import collate, tokenize_examples
 
     torch.set_num_threads(args.threads)
-    section = load_recipe(recipe(args.model_dir, "/tmp", args.clients, 1, args.rounds, args.max_length)).data
+    section = load_recipe(recipe(args.model_dir, "/tmp", args.clients, 1, args.rounds, args.max_length,
+                                   args.steps, args.data)).data
     data = build_federated_data(section, args.clients, SEED)
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     torch.manual_seed(SEED)
@@ -136,7 +163,7 @@ def run_ideal(args: argparse.Namespace) -> dict:
             optimizer = torch.optim.AdamW(list(params.values()), lr=LR)
             order = np.random.default_rng([SEED, round_, i]).permutation(len(examples)).tolist()
             model.train()
-            for step in range(STEPS):
+            for step in range(args.steps):
                 at = (step * BATCH) % len(examples)
                 batch = collate([examples[j] for j in order[at:at + BATCH]], tok.pad_token_id)
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -163,6 +190,8 @@ def main() -> None:
                     help="federation.parallel_clients values, run at the first --clients size")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=ROUNDS)
+    ap.add_argument("--steps", type=int, default=STEPS, help="local steps per client turn")
+    ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--max-length", type=int, default=128, help="data.max_length (tokens per example)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--worker", choices=["fedtune", "ideal"], help=argparse.SUPPRESS)
@@ -180,12 +209,14 @@ def main() -> None:
     results: dict[tuple, list[dict]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as model_dir:
         make_model(model_dir)
+        data = make_data(model_dir, max(args.clients))
         for rep in range(args.repeats):
             for kind, n, k in configs:   # interleaved: each repeat runs every configuration once
                 print(f"repeat {rep + 1}: {kind} {n} clients K={k} ...", file=sys.stderr, flush=True)
                 cmd = [sys.executable, __file__, "--worker", kind, "--model-dir", model_dir,
                        "--clients", str(n), "--parallel-one", str(k), "--threads", str(args.threads),
-                       "--rounds", str(args.rounds), "--max-length", str(args.max_length)]
+                       "--rounds", str(args.rounds), "--max-length", str(args.max_length),
+                       "--steps", str(args.steps), "--data", data]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(f"  failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
@@ -200,7 +231,7 @@ def main() -> None:
 
     device = "cpu"
     print(f"\n# Simulation speed on {device} ({args.threads} threads): 4-layer Llama (hidden 256), LoRA r=8 "
-          f"q/v, {PER_CLIENT} examples per client, {STEPS} local steps of batch {BATCH}, "
+          f"q/v, {PER_CLIENT} examples per client, {args.steps} local steps of batch {BATCH}, "
           f"{PER_ROUND} clients per round, {args.rounds} rounds, examples of at most {args.max_length} tokens; medians of {args.repeats}, interleaved. "
           f"torch {torch.__version__}.\n")
     print("| clients | fedtune total ÷ ideal | rounds ÷ ideal | peak memory ÷ ideal "
