@@ -129,3 +129,30 @@ def test_an_attacked_client_trains_alone(tiny_recipe, caplog):
     assert groups == [["client_0"], ["client_2"]]   # client_1 (attacked) between them, on its own
     assert list(replies) == ["client_0", "client_1", "client_2"]
     assert any("AttackedLocal" in r.getMessage() for r in caplog.records)
+
+
+def test_clients_with_different_local_work_train_in_separate_groups(tiny_recipe, monkeypatch):
+    raw = _recipe(tiny_recipe, "x", "fedavg", {}, 3)
+    raw["train"] = {"local_epochs": 0.5, "batch_size": 2, "lr": 0.5, "optimizer": "sgd"}
+    raw["data"]["split"] = {"method": "quantity", "alpha": 0.5}
+    recipe = load_recipe(raw)
+    setup = Setup(recipe, Console(quiet=True))
+    alone = InProcessHost.lazy(list(setup.data.clients), setup.clients.client)
+    together = InProcessHost.from_setup(setup)
+    from fedtune.train.local import steps_for
+
+    steps = [steps_for(recipe.train, len(alone.client(n).data.train)) for n in alone.names()]
+    assert len(set(steps)) > 1, steps   # the split gives the clients different local work
+    trained: list[int] = []
+    real = together.batched.engine.train
+    monkeypatch.setattr(together.batched.engine, "train", lambda jobs: trained.append(len(jobs)) or real(jobs))
+    fits = _fits(setup, alone, seed=4)
+    a = dict(alone.deliver(iter(fits)))
+    b = dict(together.deliver(iter(fits)))
+    expected_groups = sorted(steps.count(s) for s in set(steps))
+    assert sorted(trained) == expected_groups
+    for name in a:
+        ma, mb = decode(a[name]), decode(b[name])
+        assert mb.meta["metrics"]["steps"] == ma.meta["metrics"]["steps"]
+        for key in ma.tensors:
+            torch.testing.assert_close(mb.tensors[key], ma.tensors[key], rtol=1e-5, atol=1e-7)
