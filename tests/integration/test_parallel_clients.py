@@ -48,11 +48,12 @@ def _fits(setup: Setup, host: InProcessHost, seed: int) -> list[tuple[str, bytes
     return out
 
 
-@pytest.mark.parametrize(("algorithm", "options"), [
-    ("fedavg", {}), ("fedprox", {"mu": 5.0}), ("scaffold", {}),
+@pytest.mark.parametrize(("algorithm", "options", "train"), [
+    ("fedavg", {}, {}), ("fedprox", {"mu": 5.0}, {}), ("scaffold", {}, {}),
+    ("fedavg", {}, {"gradient_checkpointing": True, "grad_accum": 2}),
 ])
-def test_each_batched_client_replies_what_it_would_alone(tiny_recipe, algorithm, options):
-    recipe = load_recipe(_recipe(tiny_recipe, "x", algorithm, options, 3))
+def test_each_batched_client_replies_what_it_would_alone(tiny_recipe, algorithm, options, train):
+    recipe = load_recipe(_recipe(tiny_recipe, "x", algorithm, options, 3, **train))
     setup = Setup(recipe, Console(quiet=True))
     alone = InProcessHost.lazy(list(setup.data.clients), setup.clients.client)
     together = InProcessHost.from_setup(setup)

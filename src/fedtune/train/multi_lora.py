@@ -150,12 +150,14 @@ class MultiLoRA:
                     owner = torch.repeat_interleave(torch.arange(len(jobs)), torch.tensor(rows))[targets.row]
                     targets = targets.to(device)
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    with self.routed(params, rows), self.trainer.precision.autocast():
-                        losses = _per_token_losses(model, batch, targets)
-                    owner = owner.to(device)
-                    sums = torch.zeros(len(jobs), device=device).index_add(0, owner, losses)
-                    weights = torch.tensor([1.0 / n for n in group_tokens], device=device)
-                    (sums * weights).sum().backward()
+                    # backward inside the routing too: gradient checkpointing runs the forward again
+                    with self.routed(params, rows):
+                        with self.trainer.precision.autocast():
+                            losses = _per_token_losses(model, batch, targets)
+                        owner = owner.to(device)
+                        sums = torch.zeros(len(jobs), device=device).index_add(0, owner, losses)
+                        weights = torch.tensor([1.0 / n for n in group_tokens], device=device)
+                        (sums * weights).sum().backward()
                     counts = torch.bincount(owner, minlength=len(jobs)).tolist()
                     for k in range(len(jobs)):
                         running[k] = running[k] + sums[k].detach()
