@@ -3,8 +3,8 @@
 Each client runs its own unchanged `fit` (checks, its algorithm's local procedure, its reply) in a
 worker thread, on a slot of its own tensors and a trainer that only records what it asks for;
 when every client of the group has asked, the engine trains them all at once and each `fit`
-continues with its result. Algorithms whose local procedure is plain training, FedProx's or
-SCAFFOLD's run batched; everything else (other procedures, attacks, other adapter methods,
+continues with its result. Local procedures that declare themselves batchable
+(algorithms.base.batchable: plain training, FedProx's and SCAFFOLD's today) run batched; everything else (other procedures, attacks, other adapter methods,
 DP-SGD, packing, fp16 scaling, clients with different numbers of local steps) runs one client
 after another, with the reason logged once.
 """
@@ -18,9 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from fedtune.algorithms.base import ModelView, StandardLocal
-from fedtune.algorithms.fedprox import ProxLocal
-from fedtune.algorithms.scaffold import ScaffoldLocal
+from fedtune.algorithms.base import ModelView, batchable
 from fedtune.runtime.client import Client
 from fedtune.train.local import LocalResult, LocalTrainer, steps_for
 from fedtune.train.multi_lora import Job, MultiLoRA, NotBatchable
@@ -28,9 +26,6 @@ from fedtune.transport.codec import check_message
 from fedtune.wire import Message, MessageKind
 
 log = logging.getLogger("fedtune.batched")
-
-BATCHED_LOCALS = (StandardLocal, ProxLocal, ScaffoldLocal)   # exact types: no wrappers (attacks)
-
 
 class _OwnSlot:
     """One client's trainable tensors during a batched fit (AdapterSlot's interface)."""
@@ -84,8 +79,8 @@ class BatchedFits:
         if self.engine is None or msg.kind != MessageKind.FIT or client.secagg.wants(msg):
             return False
         reason = None
-        if type(client.local) not in BATCHED_LOCALS:
-            reason = f"{type(client.local).__name__} (only plain, FedProx and SCAFFOLD local training batch)"
+        if not batchable(client.local):
+            reason = f"{type(client.local).__name__} (a local procedure that does not declare itself batchable)"
         elif type(client.view) is not ModelView:
             reason = f"the algorithm's {type(client.view).__name__}"
         if reason is not None:
