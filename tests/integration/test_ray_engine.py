@@ -145,3 +145,8 @@ def test_engine_ray_refuses_what_it_cannot_host(tiny_recipe, four_layer_dir):
                                 model__name=four_layer_dir))
     with pytest.raises(RecipeError, match="ray.address 'nowhere' must be host:port"):
         load_recipe(tiny_recipe(federation__engine="ray", federation__ray={"address": "nowhere"}))
+
+
+def test_engine_ray_refuses_parallel_clients(tiny_recipe):
+    with pytest.raises(RecipeError, match="parallel_clients"):
+        load_recipe(tiny_recipe(federation__engine="ray", federation__parallel_clients=2))

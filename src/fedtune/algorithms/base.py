@@ -179,6 +179,8 @@ class LocalProcedure(Protocol):
 class StandardLocal:
     """Plain local training (FedAvg and every server-side-only algorithm)."""
 
+    batchable = True   # see batchable() below
+
     def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
         return {}
 
@@ -188,6 +190,14 @@ class StandardLocal:
     def fit(self, ctx: LocalContext, global_state: State) -> LocalOutcome:
         result = ctx.trainer.train(ctx.train, lr=ctx.lr, seed=ctx.seed)
         return LocalOutcome(update=local_update(ctx.slot.get(), global_state), metrics=result_metrics(result))
+
+
+def batchable(local: LocalProcedure) -> bool:
+    """Whether several clients' `fit` of this procedure may train together (runtime/batched.py):
+    its class says `batchable = True` when its fit calls ctx.trainer.train once and touches the
+    model only through ctx.slot (`params`, `get`, `set`), its hooks acting on `ctx.slot.params`.
+    Read from the class itself, so a wrapper (an attack) is not batchable unless it says so."""
+    return bool(type(local).__dict__.get("batchable", False))
 
 
 def local_update(local: State, global_state: State) -> State:

@@ -25,6 +25,7 @@ def proximal_term(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tenso
 
 
 class ProxLocal:
+    batchable = True   # base.batchable(): trains through ctx.trainer.train on ctx.slot.params only
     def __init__(self, config: FedProxConfig):
         self.mu = config.mu
 

@@ -87,6 +87,7 @@ def _float32(specs: dict[str, Any]) -> dict[str, Any]:
 
 
 class ScaffoldLocal:
+    batchable = True   # base.batchable(): trains through ctx.trainer.train on ctx.slot.params only
     def __init__(self, config: ScaffoldConfig):
         self.config = config
 

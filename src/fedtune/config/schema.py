@@ -205,6 +205,7 @@ class FederationSection(Section):
     algorithm: str = "fedavg"
     engine: Literal["inprocess", "ray"] = "inprocess"   # where simulated clients live (runtime/hosting.py)
     ray: RaySection = Field(default_factory=RaySection)
+    parallel_clients: PositiveInt = 1   # clients of a round trained together (runtime/batched.py)
     options: dict[str, Any] = Field(default_factory=dict)
     clients: PositiveInt = 3
     clients_per_round: PositiveInt | None = None
@@ -367,6 +368,7 @@ class EvalSection(Section):
     max_new_tokens: PositiveInt = 32
     batch_size: PositiveInt = 16
     clients: bool = True
+    client_subset: PositiveInt | None = None   # client evaluation visits these many (a fixed, seeded set)
     max_examples: PositiveInt | None = None
     humaneval: HumanEvalSection | None = None   # run at the end of training on the server
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from fedtune.data.examples import Example
@@ -87,12 +88,39 @@ def render_prompt(example: Example, template: str | PromptTemplate, tokenizer: A
         ) from None
 
 
-@dataclass
 class TokenizedExample:
-    """Token ids and labels: -100 on BOS and prompt tokens, the ids on response tokens and EOS."""
+    """Token ids and labels: -100 on BOS and prompt tokens, the ids on response tokens and EOS.
 
-    input_ids: list[int]
-    labels: list[int]
+    Kept compact, as two int32 arrays (`ids`, `label_ids`: 4 bytes a token, not a Python int
+    and a list slot each); `input_ids` and `labels` give them back as lists."""
+
+    __slots__ = ("ids", "label_ids")
+
+    def __init__(self, input_ids: Sequence[int] | np.ndarray, labels: Sequence[int] | np.ndarray):
+        self.ids = np.asarray(input_ids, dtype=np.int32)
+        self.label_ids = np.asarray(labels, dtype=np.int32)
+        if self.ids.ndim != 1 or self.ids.shape != self.label_ids.shape:
+            raise ValueError(f"input_ids and labels must be two flat sequences of one length, got "
+                             f"shapes {self.ids.shape} and {self.label_ids.shape}")
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.ids.tolist()
+
+    @property
+    def labels(self) -> list[int]:
+        return self.label_ids.tolist()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TokenizedExample):
+            return NotImplemented
+        return bool(np.array_equal(self.ids, other.ids) and np.array_equal(self.label_ids, other.label_ids))
+
+    def __repr__(self) -> str:
+        return f"TokenizedExample(input_ids={self.input_ids}, labels={self.labels})"
 
 
 @dataclass
@@ -204,13 +232,13 @@ def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.T
     """Right-pad a batch: `input_ids` (pad_id), `attention_mask` (0 on padding), `labels` (-100)."""
     if not batch:
         raise ValueError("collate needs at least one example")
-    width = max(len(ex.input_ids) for ex in batch)
+    width = max(len(ex) for ex in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     for row, ex in enumerate(batch):
-        n = len(ex.input_ids)
-        input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
+        n = len(ex)
+        input_ids[row, :n] = torch.from_numpy(ex.ids)
         attention_mask[row, :n] = 1
-        labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
+        labels[row, :n] = torch.from_numpy(ex.label_ids)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from fedtune.train.local import LocalTrainer
 from fedtune.transport.adapter_wire import AdapterWire
 from fedtune.transport.codec import all_finite, check_message, decode, encode, specs_of
 from fedtune.transport.compression import CompressionConfig
-from fedtune.wire import Message, MessageKind
+from fedtune.wire import Message, MessageKind, TensorSpec
 
 log = logging.getLogger("fedtune.client")
 
@@ -72,7 +73,10 @@ class Client:
         server: str = "server",
         max_message_bytes: int | None = None,
         view: ModelView | None = None,
+        specs: dict[str, TensorSpec] | None = None,
     ):
+        """`specs`: the global state's tensor specs where the caller knows them (a simulation's
+        clients share one set), saving a copy of the adapter to read them."""
         self.name = name
         self.local = local or StandardLocal()
         self.state: State = {}  # persistent algorithm state of this client (CPU tensors)
@@ -86,7 +90,7 @@ class Client:
         self.rejected = 0  # messages from the server refused (undecodable, or a bad value)
         self.secagg = SecAggParticipant(name)  # secure-aggregation rounds (runtime/secure_client.py)
         self.view = view or ModelView(slot)  # how the global state becomes the model's tensors
-        self._specs = specs_of(self.view.initial())
+        self._specs = dict(specs) if specs is not None else specs_of(self.view.initial())
         up, down = compression or (CompressionConfig(), CompressionConfig())
         self.up, self.down = AdapterWire(up, self._specs), AdapterWire(down, self._specs)
         self.predictions_dir: Path | None = None  # where this client writes its predictions
@@ -106,14 +110,22 @@ class Client:
 
     def handle_bytes(self, data: bytes) -> bytes | None:
         """Transport endpoint: decode, handle, encode. A bad message gets an ERROR reply."""
+        msg = self.decode(data)
+        return None if msg is None else self.answer(msg, self.handle)
+
+    def decode(self, data: bytes) -> Message | None:
+        """The server's message, or None (rejected and counted) if it does not decode."""
         try:
-            msg = decode(data, max_bytes=self.max_message_bytes)
+            return decode(data, max_bytes=self.max_message_bytes)
         except MessageError as exc:
             self.rejected += 1
             log.warning("%s: rejected a message: %s", self.name, exc)
             return None
+
+    def answer(self, msg: Message, how: Callable[[Message], Message | None]) -> bytes | None:
+        """`how(msg)` encoded; a FedtuneError becomes an ERROR reply (counted)."""
         try:
-            reply = self.handle(msg)
+            reply = how(msg)
         except LocalDivergence as exc:  # the request was fine; this client's work was not
             reply = self._error(msg, exc)
         except FedtuneError as exc:
@@ -131,22 +143,31 @@ class Client:
         log.warning("%s: cannot handle %s of round %d: %s", self.name, msg.kind.value, msg.round, exc)
         return Message(MessageKind.ERROR, msg.round, self.name, self.server, meta={"error": str(exc)[:500]})
 
-    def _load_global(self, msg: Message, extra_specs: dict | None = None) -> tuple[State, State]:
-        """Check the message's tensors, load the global adapter; returns (adapter, extra tensors)."""
+    def _load_global(self, msg: Message, extra_specs: dict | None = None,
+                     slot: AdapterSlot | None = None) -> tuple[State, State]:
+        """Check the message's tensors, load the global adapter (into `slot` if given, else
+        through the view); returns (adapter, extra tensors)."""
         check_message(msg, kinds={msg.kind}, tensor_specs={**self.down.wire, **(extra_specs or {})})
         wire, extra = self.down.split(msg.tensors)
         adapter = self.down.unpack(wire)
-        self.view.load(adapter)
+        if slot is None:
+            self.view.load(adapter)
+        else:
+            slot.set(adapter)
         return adapter, extra
 
-    def fit(self, msg: Message) -> Message:
+    def fit(self, msg: Message, *, slot: AdapterSlot | None = None,
+            trainer: LocalTrainer | None = None) -> Message:
+        """Local training on the global adapter of `msg`. `slot` and `trainer`: where this
+        client's tensors live and what trains them when not the shared model's (batched
+        multi-client training, runtime/batched.py)."""
         if "lr" not in msg.meta:
             raise MessageError(f"fit message of round {msg.round} has no 'lr' in its meta")
         lr = peer_values.learning_rate(msg.meta["lr"], f"fit message of round {msg.round}: meta.lr")
-        adapter, extra = self._load_global(msg, self.local.server_tensor_specs(self._specs))
+        adapter, extra = self._load_global(msg, self.local.server_tensor_specs(self._specs), slot)
         ctx = LocalContext(
             client=self.name, round=msg.round, seed=derive_seed(self.seed, "fit", msg.round, self.name),
-            lr=lr, slot=self.slot, trainer=self.trainer, train=self.data.train,
+            lr=lr, slot=slot or self.slot, trainer=trainer or self.trainer, train=self.data.train,
             state=self.state, server_tensors=extra, meta=msg.meta,
         )
         before = dict(self.state)  # procedures replace state tensors, never change them in place

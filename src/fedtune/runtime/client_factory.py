@@ -9,7 +9,9 @@ from fedtune.algorithms import build_local
 from fedtune.algorithms.attacks import AttackedLocal, poison_examples
 from fedtune.runtime.client import Client, ClientDataset
 from fedtune.seeding import derive_seed
+from fedtune.transport.codec import specs_of
 from fedtune.transport.compression import codec_of
+from fedtune.wire import TensorSpec
 
 if TYPE_CHECKING:  # setup.py builds these two with itself
     from fedtune.runtime.setup import Setup
@@ -18,6 +20,13 @@ if TYPE_CHECKING:  # setup.py builds these two with itself
 class ClientFactory:
     def __init__(self, setup: Setup):
         self.setup = setup
+        self._specs: dict[str, TensorSpec] | None = None  # the global state's, read once
+
+    def specs(self) -> dict[str, TensorSpec]:
+        """The global state's tensor specs (every client's: the view's initial state, read once)."""
+        if self._specs is None:
+            self._specs = specs_of(self.setup.view.initial())
+        return self._specs
 
     def client(self, name: str) -> Client:
         """The client `name` of the recipe's split, on the shared model."""
@@ -45,4 +54,4 @@ class ClientFactory:
         return Client(name, dataset, slot=setup.slot, trainer=setup.trainer,
                       evaluator=setup.evaluator, seed=recipe.seed, local=local, view=setup.view,
                       compression=(codec_of(fed.compression.up), codec_of(fed.compression.down)),
-                      max_message_bytes=recipe.transport.max_message_bytes)
+                      max_message_bytes=recipe.transport.max_message_bytes, specs=self.specs())

@@ -13,6 +13,10 @@ def engine(fed: Any) -> None:
     """`federation.engine: ray` only for algorithms whose clients can live in actors."""
     if fed.engine != "ray":
         return
+    if fed.parallel_clients > 1:
+        raise ValueError("parallel_clients trains clients together on the in-process engine's one "
+                         "model; engine ray runs each actor's clients one after another (set "
+                         "parallel_clients: 1, or use engine: inprocess)")
     info = CATALOG.get(fed.algorithm)
     if info is not None and info.no_ray is not None:
         raise ValueError(f"engine ray cannot host {fed.algorithm}'s clients: {info.no_ray}; "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -96,7 +96,7 @@ class Server:
         reporter: Reporter | None = None,
         reply_timeout: float | None = None,
         client_state: ClientStateStore | None = None,
-        example_counts: dict[str, int] | None = None,
+        example_counts: Mapping[str, int] | None = None,
         party: Party | None = None,
         on_eval: Callable[[int, dict[str, Any]], bool] | None = None,
     ):
@@ -110,13 +110,16 @@ class Server:
         self.strategy = strategy
         self.transport = transport
         self.clients = list(clients)
+        subset = recipe.eval.client_subset  # the clients each client evaluation visits
+        self.eval_clients = (self.clients if subset is None else
+                             sample_clients(self.clients, subset, recipe.seed, 0))
         self.global_state = global_state
         self.run_dir = run_dir
         self.evaluate_global = evaluate_global
         self.reporter = reporter or NullReporter()
         self.reply_timeout = reply_timeout
         self.client_state = client_state
-        self.example_counts = dict(example_counts or {})
+        self.example_counts = example_counts if example_counts is not None else {}  # read lazily
         self.party = party or StandardParty()
         self.on_eval = on_eval
         self.claimed: dict[str, int] = {}  # this round's claimed example counts (logged)
@@ -348,14 +351,14 @@ class Server:
         if self.recipe.eval.clients:
             reports: dict[str, dict[str, Any]] = {}
             tensors = self.down.pack(self.global_state)
-            for client in self.clients:
+            for client in self.eval_clients:
                 self.transport.send(Message(MessageKind.EVALUATE, round_, SERVER, client,
                                             tensors=tensors, meta={"generate": final or self.selection.may_stop()}))
             answered: set[str] = set()
-            for msg in self.transport.collect(round_, self.clients, timeout=self.reply_timeout):
+            for msg in self.transport.collect(round_, self.eval_clients, timeout=self.reply_timeout):
                 try:
                     check_message(msg, kinds={MessageKind.EVAL_RESULT}, round=round_)
-                    if msg.sender not in self.clients or msg.sender in answered:
+                    if msg.sender not in self.eval_clients or msg.sender in answered:
                         raise MessageError("not asked for an evaluation, or answered twice")
                     values = peer_values.metrics(msg.meta.get("metrics", {}))
                     if "n_examples" in msg.meta:

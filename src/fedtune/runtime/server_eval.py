@@ -30,8 +30,12 @@ class ServerEvaluation:
         self._mc_items: list | None = None
 
     def _global_test(self) -> list[TokenizedExample]:
+        """The global test set as evaluated: its first eval.max_examples examples only are
+        tokenized (the set grows with the clients, the evaluation does not)."""
         if self._test is None:
-            self._test = self.setup.tokenize("global test", self.setup.data.test)
+            cap = self.setup.recipe.eval.max_examples
+            test = self.setup.data.test
+            self._test = self.setup.tokenize("global test", test[:cap] if cap else test)
         return self._test
 
     def write_split(self, run_dir: RunDir) -> None:

@@ -43,7 +43,7 @@ def collate_packed(batch: Sequence[TokenizedExample], pad_id: int,
     so a packed row is never wider than the padded batch): `input_ids`, `labels`, `position_ids`."""
     if not batch:
         raise ValueError("collate_packed needs at least one example")
-    lengths = [len(ex.input_ids) for ex in batch]
+    lengths = [len(ex) for ex in batch]
     rows = pack_rows(lengths, capacity or max(lengths))
     width = max(sum(lengths[i] for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -55,8 +55,8 @@ def collate_packed(batch: Sequence[TokenizedExample], pad_id: int,
         at = 0
         for i in row:
             ex, n = batch[i], lengths[i]
-            input_ids[r, at:at + n] = torch.tensor(ex.input_ids, dtype=torch.long)
-            labels[r, at:at + n] = torch.tensor(ex.labels, dtype=torch.long)
+            input_ids[r, at:at + n] = torch.from_numpy(ex.ids)
+            labels[r, at:at + n] = torch.from_numpy(ex.label_ids)
             labels[r, at] = IGNORE_INDEX   # never predicted from the previous example's last token
             position_ids[r, at:at + n] = torch.arange(n)
             at += n

@@ -35,6 +35,7 @@ class AdapterWire:
         wire = {k: v for k, v in tensors.items() if k in self.wire}
         return wire, {k: v for k, v in tensors.items() if k not in self.wire}
 
-    def unpack(self, wire: State) -> State:
-        """The adapter tensors, rebuilt from checked wire tensors (MessageError if inconsistent)."""
-        return decompress(wire, self.config, self.specs)
+    def unpack(self, wire: State, *, finite_checked: bool = True) -> State:
+        """The adapter tensors, rebuilt from checked wire tensors (MessageError if inconsistent).
+        `finite_checked`: they came out of codec.decode, which refused any non-finite float."""
+        return decompress(wire, self.config, self.specs, finite_checked=finite_checked)

@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from fedtune.errors import MessageError
-from fedtune.transport.codec import TensorSpec
+from fedtune.transport.codec import TensorSpec, all_finite
 
 Method = Literal["none", "fp16", "bf16", "int8", "topk"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -169,7 +169,7 @@ def compress(
         if config.method == "none":
             wire[name] = t
             continue
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise MessageError(f"tensor '{name}' has non-finite values; it cannot be sent")
         if config.method in _CAST_DTYPES:
             wire[name] = _cast(t, _CAST_DTYPES[config.method])
@@ -193,8 +193,9 @@ def compress(
 # ---------------------------------------------------------------- decompress (untrusted input)
 
 
-def check_wire(wire: Any, expected: Mapping[str, TensorSpec]) -> None:
-    """Raise MessageError unless ``wire`` holds exactly the expected tensors."""
+def check_wire(wire: Any, expected: Mapping[str, TensorSpec], *, finite: bool = True) -> None:
+    """Raise MessageError unless ``wire`` holds exactly the expected tensors (and, with
+    ``finite``, only finite float values)."""
     if not isinstance(wire, Mapping):
         raise MessageError(f"wire tensors must be a dict, got {type(wire).__name__}")
     missing = sorted(set(expected) - set(wire))
@@ -213,7 +214,7 @@ def check_wire(wire: Any, expected: Mapping[str, TensorSpec]) -> None:
                 f"wire '{name}' is {tuple(tensor.shape)} {tensor.dtype}, "
                 f"expected {tuple(spec.shape)} {spec.dtype}"
             )
-        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+        if finite and tensor.dtype.is_floating_point and not all_finite(tensor):
             raise MessageError(f"wire '{name}' has non-finite values")
 
 
@@ -245,13 +246,18 @@ def decompress(
     wire: Mapping[str, torch.Tensor],
     config: CompressionConfig,
     specs: Mapping[str, TensorSpec],
+    *,
+    finite_checked: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Rebuild tensors with exactly the names, shapes and dtypes of ``specs``.
 
-    ``wire`` is untrusted: wrong names, shapes or dtypes, bad indices or scales, and values
-    that would overflow the original dtype raise MessageError.
+    ``wire`` is untrusted: wrong names, shapes or dtypes, bad indices or scales, non-finite
+    values, and values that would overflow the original dtype raise MessageError.
+    ``finite_checked``: every float of ``wire`` is known finite (codec.decode checked each one),
+    so only a rebuild that can overflow (int8 scales, top-k values, a cast to a narrower float)
+    is checked again: each value is checked once on the default path, not three times.
     """
-    check_wire(wire, wire_specs(specs, config))
+    check_wire(wire, wire_specs(specs, config), finite=not finite_checked)
     out: dict[str, torch.Tensor] = {}
     for name, spec in specs.items():
         if config.method in ("none", *_CAST_DTYPES):
@@ -260,8 +266,20 @@ def decompress(
             tensor = _int8_decode(wire, name, spec, config.block_size)
         else:
             tensor = _topk_decode(wire, name, spec)
+        source = tensor.dtype
         tensor = tensor.to(spec.dtype)
-        if spec.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+        if spec.dtype.is_floating_point and _may_overflow(config, source, spec.dtype) \
+                and not all_finite(tensor):
             raise MessageError(f"tensor '{name}' overflows {spec.dtype} when rebuilt")
         out[name] = tensor
     return out
+
+
+def _may_overflow(config: CompressionConfig, source: torch.dtype, target: torch.dtype) -> bool:
+    """Whether rebuilding finite wire values can give a non-finite tensor: int8's products, or a
+    cast to a float type of smaller range (a plain or widening cast of finite values cannot)."""
+    if config.method in ("int8", "topk"):
+        return True
+    if not source.is_floating_point:
+        return True
+    return torch.finfo(target).max < torch.finfo(source).max

@@ -1,0 +1,258 @@
+"""Batched multi-client LoRA training: K clients' local steps through ONE pass of the shared base.
+
+Every simulated client shares the frozen base model; only their LoRA tensors differ. Here the
+micro-batches of K clients are concatenated (right-padded to one width), the base runs forward
+and backward once over all of them, and every LoRA layer routes each client's rows through that
+client's own A and B (one batched matmul over the K adapters, as multi-LoRA serving does for
+inference). Each client keeps its own leaf tensors, optimizer, data order (its seeded
+micro-batches), loss normalisation (its own response tokens), gradient clipping, learning rate and
+algorithm hooks (FedProx's proximal term, SCAFFOLD's correction), so with dropout 0 each client's
+result is its sequential result up to float rounding.
+
+What cannot batch is refused with the reason (`NotBatchable`) and runs sequentially: adapter
+methods other than plain LoRA (DoRA, LoRA bias, trainable tensors outside A and B), DP-SGD,
+packing, fp16 loss scaling, several ranks, and clients with different numbers of local steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fedtune.data.prompts import IGNORE_INDEX, TokenizedExample, collate
+from fedtune.errors import FedtuneError
+from fedtune.train.distributed import OneProcess
+from fedtune.train.local import LocalResult, LocalTrainer, micro_batches, steps_for
+from fedtune.train.loss import model_inputs, targets_of
+
+State = dict[str, torch.Tensor]
+Params = dict[str, torch.Tensor]
+
+
+class NotBatchable(FedtuneError):
+    """These clients' local work cannot run batched; it runs one client after another."""
+
+
+@dataclass
+class Job:
+    """One client's local training: its examples, rate, seed, starting adapter and the
+    algorithm's hooks on its own tensors (`extra_loss` once per step, `before_step` before
+    clipping), as LocalTrainer.train takes them."""
+
+    examples: Sequence[TokenizedExample]
+    lr: float
+    seed: int
+    params: Params                                   # leaf tensors, trained in place
+    extra_loss: Callable[[], torch.Tensor] | None = None
+    before_step: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class _LoraLayer:
+    module: torch.nn.Module
+    a: str          # slot names of this layer's A and B weights
+    b: str
+    scaling: float
+    dropout: torch.nn.Module
+
+
+class MultiLoRA:
+    """The shared peft LoRA model, able to run K clients' adapters in one pass."""
+
+    def __init__(self, trainer: LocalTrainer, slot_params: dict[str, torch.nn.Parameter]):
+        self.trainer = trainer
+        self.model = trainer.model
+        self.layers = _lora_layers(self.model, slot_params)
+        self.dtypes = {n: p.dtype for n, p in slot_params.items()}
+        self._routing: tuple[list[Params], list[int]] | None = None
+
+    @staticmethod
+    def check_trainer(trainer: LocalTrainer) -> None:
+        """Raise NotBatchable unless the trainer's settings allow batched steps."""
+        s = trainer.section
+        if s.dp_sgd is not None:
+            raise NotBatchable("train.dp_sgd clips and noises each client's examples on their own")
+        if s.packing:
+            raise NotBatchable("train.packing packs one client's examples per row")
+        if trainer.precision.scaler() is not None:
+            raise NotBatchable("fp16's loss scaler skips steps per client")
+        if not isinstance(trainer.parallel, OneProcess):
+            raise NotBatchable("several ranks split each client's batch already")
+
+    def leaves(self, state: State) -> Params:
+        """A client's own trainable tensors (on the model's device), starting at `state`."""
+        device = self.trainer.device
+        names = [n for layer in self.layers for n in (layer.a, layer.b)]
+        missing = sorted(set(names) - set(state))
+        if missing:
+            raise NotBatchable(f"the adapter state lacks {missing[:3]}")
+        return {n: state[n].detach().to(device=device, dtype=self.dtypes[n]).clone().requires_grad_(True)
+                for n in names}
+
+    @contextlib.contextmanager
+    def routed(self, params: list[Params], rows: list[int]) -> Iterator[None]:
+        """Within: the model's LoRA layers route the first rows[0] rows of a batch through
+        params[0], the next rows[1] through params[1], and so on."""
+        self._routing = (params, rows)
+        saved = []
+        for layer in self.layers:
+            saved.append(layer.module.__dict__.get("forward"))
+            layer.module.forward = _routed_forward(self, layer)
+        try:
+            yield
+        finally:
+            self._routing = None
+            for layer, old in zip(self.layers, saved):
+                if old is None:
+                    del layer.module.forward
+                else:
+                    layer.module.forward = old
+
+    def train(self, jobs: list[Job]) -> list[LocalResult]:
+        """Train every job's tensors in place, together; one LocalResult per job."""
+        self.check_trainer(self.trainer)
+        s = self.trainer.section
+        if not jobs:
+            return []
+        steps = {steps_for(s, len(job.examples)) for job in jobs}
+        if len(steps) != 1:
+            raise NotBatchable(f"the clients take different numbers of local steps ({sorted(steps)})")
+        if any(not job.examples for job in jobs):
+            raise ValueError("a client with no training examples cannot train")
+        n_steps = steps.pop()
+        start = time.perf_counter()
+        device, pad = self.trainer.device, self.trainer.pad_id
+        optimizers = [self.trainer._optimizer(list(job.params.values()), job.lr) for job in jobs]
+        batches = [micro_batches(len(job.examples), s.batch_size, job.seed) for job in jobs]
+        running = [torch.zeros((), device=device) for _ in jobs]
+        tokens = [0] * len(jobs)
+        seen = [0] * len(jobs)
+        params = [job.params for job in jobs]
+        model = self.model
+        model.train()
+        try:
+            for _ in range(n_steps):
+                indices = [[next(it) for _ in range(s.grad_accum)] for it in batches]
+                per_client = [[collate([job.examples[i] for i in idx], pad) for idx in client]
+                              for job, client in zip(jobs, indices)]
+                group_tokens = [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group)
+                                for group in per_client]
+                for j in range(s.grad_accum):
+                    parts = [group[j] for group in per_client]
+                    rows = [len(p["input_ids"]) for p in parts]
+                    batch = _concatenate(parts, pad)
+                    targets = targets_of(batch["labels"])
+                    owner = torch.repeat_interleave(torch.arange(len(jobs)), torch.tensor(rows))[targets.row]
+                    targets = targets.to(device)
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    # backward inside the routing too: gradient checkpointing runs the forward again
+                    with self.routed(params, rows):
+                        with self.trainer.precision.autocast():
+                            losses = _per_token_losses(model, batch, targets)
+                        owner = owner.to(device)
+                        sums = torch.zeros(len(jobs), device=device).index_add(0, owner, losses)
+                        weights = torch.tensor([1.0 / n for n in group_tokens], device=device)
+                        (sums * weights).sum().backward()
+                    counts = torch.bincount(owner, minlength=len(jobs)).tolist()
+                    for k in range(len(jobs)):
+                        running[k] = running[k] + sums[k].detach()
+                        tokens[k] += counts[k]
+                        seen[k] += rows[k]
+                for job, optimizer in zip(jobs, optimizers):
+                    self._step(job, optimizer)
+                    optimizer.zero_grad(set_to_none=True)
+        finally:
+            model.eval()
+        share = (time.perf_counter() - start) / len(jobs)  # each its share: the sums stay the wall time
+        return [LocalResult(loss=float(r) / max(1, t), steps=n_steps, examples=n, tokens=t,
+                            seconds=share) for r, t, n in zip(running, tokens, seen)]
+
+    def _step(self, job: Job, optimizer: torch.optim.Optimizer) -> None:
+        """One client's optimizer step, as LocalTrainer._step takes it (without a scaler)."""
+        if job.extra_loss is not None:
+            job.extra_loss().backward()
+        if job.before_step is not None:
+            job.before_step()
+        if self.trainer.section.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(job.params.values()), self.trainer.section.max_grad_norm)
+        optimizer.step()
+
+
+def _per_token_losses(model, batch: dict[str, torch.Tensor], targets) -> torch.Tensor:
+    """Cross-entropy of every labelled position (float32), in `targets` order."""
+    logits = model(**model_inputs(batch)).logits
+    offset = logits.shape[1] - batch["input_ids"].shape[1]
+    flat = logits.reshape(-1, logits.shape[-1])
+    index = targets.row * logits.shape[1] + offset + targets.col
+    return F.cross_entropy(flat.index_select(0, index).float(), targets.label, reduction="none")
+
+
+def _concatenate(parts: list[dict[str, torch.Tensor]], pad: int) -> dict[str, torch.Tensor]:
+    """The clients' collated micro-batches as one, right-padded to the widest."""
+    width = max(p["input_ids"].shape[1] for p in parts)
+    fill = {"input_ids": pad, "attention_mask": 0, "labels": IGNORE_INDEX}
+    return {key: torch.cat([torch.nn.functional.pad(p[key], (0, width - p[key].shape[1]), value=value)
+                            for p in parts]) for key, value in fill.items()}
+
+
+def _routed_forward(engine: MultiLoRA, layer: _LoraLayer) -> Callable[..., torch.Tensor]:
+    module = layer.module
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = module.base_layer(x, *args, **kwargs)
+        assert engine._routing is not None
+        params, rows = engine._routing
+        a = torch.stack([p[layer.a] for p in params])          # (K, r, in)
+        b = torch.stack([p[layer.b] for p in params])          # (K, out, r)
+        h = layer.dropout(x.to(a.dtype))
+        if len(set(rows)) == 1:                                # one batched matmul over the K adapters
+            k = len(rows)
+            xs = h.reshape(k, -1, h.shape[-1])                  # (K, rows*T, in)
+            delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
+            delta = delta.reshape(*h.shape[:-1], b.shape[1])
+        else:                                                  # unequal micro-batches: one matmul each
+            pieces = h.split(rows)
+            delta = torch.cat([(piece @ a[k].T) @ b[k].T for k, piece in enumerate(pieces)])
+        return (result + delta * layer.scaling).to(result.dtype)
+
+    return forward
+
+
+def _lora_layers(model: torch.nn.Module, slot_params: dict[str, torch.nn.Parameter]) -> list[_LoraLayer]:
+    """The plain LoRA layers and the slot names of their A and B weights; NotBatchable when the
+    trainable tensors are anything else."""
+    by_id = {id(p): name for name, p in slot_params.items()}
+    layers: list[_LoraLayer] = []
+    covered: set[str] = set()
+    for module in model.modules():
+        lora_a = getattr(module, "lora_A", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or not hasattr(module, "base_layer"):
+            continue
+        active = [n for n in getattr(module, "active_adapters", []) if n in lora_a]
+        if not active:
+            continue
+        if len(active) != 1:
+            raise NotBatchable("several active LoRA adapters on one layer")
+        key = active[0]
+        if getattr(module, "use_dora", {}).get(key, False) or key in getattr(module, "lora_variant", {}):
+            raise NotBatchable("DoRA (or another LoRA variant) is not batched; plain LoRA is")
+        a, b = module.lora_A[key], module.lora_B[key]
+        if not isinstance(a, torch.nn.Linear) or not isinstance(b, torch.nn.Linear) or b.bias is not None:
+            raise NotBatchable(f"{type(module).__name__}: only LoRA on linear layers without a LoRA bias")
+        names = by_id.get(id(a.weight)), by_id.get(id(b.weight))
+        if names[0] is None or names[1] is None:
+            continue  # not trained (frozen adapter)
+        layers.append(_LoraLayer(module, names[0], names[1], float(module.scaling[key]),
+                                 module.lora_dropout[key]))
+        covered.update(names)
+    rest = sorted(set(slot_params) - covered)
+    if rest:
+        raise NotBatchable(f"trainable tensors outside LoRA's A and B ({rest[:3]})")
+    if not layers:
+        raise NotBatchable("the model has no LoRA layers")
+    return layers
