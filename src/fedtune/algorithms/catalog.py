@@ -82,6 +82,25 @@ _ROWS = [
                   o.OffsiteConfig, check=o.check_offsite, sum_only=True,
                   one_process="the emulator is distilled and trained in one process; launch it "
                               "without torchrun/accelerate"),
+    # personalised FL (docs/algorithms.md, "Personalised FL"); what travels is summed, so each
+    # works with secure aggregation; personal tensors never leave the client
+    AlgorithmInfo("fedavg_ft", "fedavg_ft", "FedAvg + FT: each client fine-tunes a copy of the "
+                  "global adapter before it evaluates (the pFL-Bench -FT baseline).",
+                  o.FedAvgFTConfig, sum_only=True),
+    AlgorithmInfo("ditto", "ditto", "Ditto: a personal adapter per client with a proximal pull "
+                  "λ towards the global one (Li et al. 2021).", o.DittoConfig, sum_only=True),
+    AlgorithmInfo("fedrep", "fedrep", "FedRep-style partial sharing: personal adapter part "
+                  "(top layers) and shared part trained in alternation (Collins et al. 2021).",
+                  o.FedRepConfig, sum_only=True),
+    AlgorithmInfo("fedsa_lora", "fedsa_lora", "FedSA-LoRA: share and average LoRA A, keep B "
+                  "per client (Guo et al. 2025).", o.LoraSplitConfig, check=o.check_lora_split,
+                  sum_only=True),
+    AlgorithmInfo("ffa_lora", "ffa_lora", "FFA-LoRA: freeze LoRA A at its seeded initial "
+                  "values, train and share B only (Sun et al. 2024).", o.LoraSplitConfig,
+                  check=o.check_lora_split, sum_only=True),
+    AlgorithmInfo("pfedme", "pfedme", "pFedMe: personal adapters via Moreau envelopes, K inner "
+                  "steps per batch, server mixing β (T. Dinh et al. 2020).", o.PFedMeConfig,
+                  sum_only=True),
 ]
 
 CATALOG: dict[str, AlgorithmInfo] = {row.name: row for row in _ROWS}

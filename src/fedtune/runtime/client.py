@@ -10,7 +10,14 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedtune.algorithms.base import LocalContext, LocalProcedure, ModelView, StandardLocal, State
+from fedtune.algorithms.base import (
+    LocalContext,
+    LocalProcedure,
+    ModelView,
+    PersonalContext,
+    StandardLocal,
+    State,
+)
 from fedtune.data.examples import Example
 from fedtune.data.prompts import TokenizedExample
 from fedtune.errors import FedtuneError, MessageError
@@ -131,13 +138,20 @@ class Client:
                        tensors={**self.up.pack(outcome.update, self.state), **outcome.extra},
                        meta={"n_examples": len(self.data.train), "metrics": outcome.metrics})
 
-    def _evaluate_personal(self) -> dict:
-        """The algorithm's personal model of this client (LocalProcedure.personal) on its test
-        part, as `personal_<metric>` (no generation; {} without one)."""
-        personal = self.local.personal(self.state)
-        if personal is None or self.evaluator is None or not self.data.test:
+    def _evaluate_personal(self, round_: int, global_state: State) -> dict:
+        """The algorithm's personal model of this client (LocalProcedure.personal: tensors
+        overlaid on the global model in the slot) on its test part, as `personal_<metric>` (no
+        generation; {} without one)."""
+        if self.evaluator is None or not self.data.test:
             return {}
-        self.view.load(personal)
+        ctx = PersonalContext(client=self.name, round=round_,
+                              seed=derive_seed(self.seed, "personal", round_, self.name),
+                              slot=self.slot, trainer=self.trainer, train=self.data.train,
+                              state=self.state, global_state=global_state)
+        personal = self.local.personal(ctx)
+        if personal is None:
+            return {}
+        self.slot.overlay(personal)
         found = self.evaluator.evaluate(self.data.test, self.data.test_raw, with_generation=False)
         return {f"personal_{k}": v for k, v in found.items() if k != "n_examples"}
 
@@ -145,7 +159,7 @@ class Client:
         """The global adapter on this client's test part (generating answers when the server asks,
         the predictions written to `predictions_dir`, never sent) and its validation part (loss)."""
         generate = peer_values.flag(msg.meta.get("generate", False), "evaluate message: meta.generate")
-        self._load_global(msg)
+        adapter, _ = self._load_global(msg)
         metrics: dict = {}
         if self.evaluator is not None and self.data.test:
             records: list[dict] = []
@@ -161,6 +175,6 @@ class Client:
             val = self.evaluator.loss(self.data.val)
             if "loss" in val:
                 metrics.update(val_loss=val["loss"], val_tokens=val["n_tokens"])
-        metrics.update(self._evaluate_personal())
+        metrics.update(self._evaluate_personal(msg.round, adapter))
         return Message(MessageKind.EVAL_RESULT, msg.round, self.name, self.server,
                        meta={"n_examples": len(self.data.test), "metrics": metrics})

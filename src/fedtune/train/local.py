@@ -114,8 +114,9 @@ class LocalTrainer:
         seed: int,
         extra_loss: Callable[[], torch.Tensor] | None = None,
         before_step: Callable[[], None] | None = None,
+        steps: int | None = None,
     ) -> LocalResult:
-        """Train in place.
+        """Train in place (`steps` optimizer steps; default: the recipe's budget, `steps_for`).
 
         `extra_loss` (e.g. FedProx's proximal term) is added once per optimizer step;
         `before_step` runs after the step's gradients are complete, before clipping (e.g.
@@ -130,7 +131,7 @@ class LocalTrainer:
         batches = micro_batches(len(examples), s.batch_size, seed)
         torch.manual_seed(self.parallel.dropout_seed(seed))  # dropout masks (each rank its own)
         self.model.train()
-        n_steps = steps_for(s, len(examples))
+        n_steps = steps if steps is not None else steps_for(s, len(examples))
         if s.dp_sgd is not None:
             try:
                 return self._train_private(examples, params, optimizer, n_steps, seed, start,
