@@ -138,10 +138,10 @@ class Client:
                        tensors={**self.up.pack(outcome.update, self.state), **outcome.extra},
                        meta={"n_examples": len(self.data.train), "metrics": outcome.metrics})
 
-    def _evaluate_personal(self, round_: int, global_state: State) -> dict:
+    def _evaluate_personal(self, round_: int, global_state: State, generate: bool) -> dict:
         """The algorithm's personal model of this client (LocalProcedure.personal: tensors
-        overlaid on the global model in the slot) on its test part, as `personal_<metric>` (no
-        generation; {} without one)."""
+        overlaid on the global model in the slot) on its test part, as `personal_<metric>`
+        (generating answers when the global model's are; {} without one)."""
         if self.evaluator is None or not self.data.test:
             return {}
         ctx = PersonalContext(client=self.name, round=round_,
@@ -152,7 +152,7 @@ class Client:
         if personal is None:
             return {}
         self.slot.overlay(personal)
-        found = self.evaluator.evaluate(self.data.test, self.data.test_raw, with_generation=False)
+        found = self.evaluator.evaluate(self.data.test, self.data.test_raw, with_generation=generate)
         return {f"personal_{k}": v for k, v in found.items() if k != "n_examples"}
 
     def evaluate(self, msg: Message) -> Message:
@@ -175,6 +175,6 @@ class Client:
             val = self.evaluator.loss(self.data.val)
             if "loss" in val:
                 metrics.update(val_loss=val["loss"], val_tokens=val["n_tokens"])
-        metrics.update(self._evaluate_personal(msg.round, adapter))
+        metrics.update(self._evaluate_personal(msg.round, adapter, generate))
         return Message(MessageKind.EVAL_RESULT, msg.round, self.name, self.server,
                        meta={"n_examples": len(self.data.test), "metrics": metrics})

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from fedtune.algorithms import build_local
 from fedtune.algorithms.attacks import AttackedLocal, poison_examples
+from fedtune.algorithms.personal import HoldoutLocal
 from fedtune.runtime.client import Client, ClientDataset
 from fedtune.seeding import derive_seed
 from fedtune.transport.compression import codec_of
@@ -42,6 +43,8 @@ class ClientFactory:
             local = AttackedLocal(local, attack.kind, attack.factor)
         elif attack is not None and attack.kind == "backdoor" and attack.boost != 1.0:
             local = AttackedLocal(local, "scale", attack.boost)  # model replacement
+        if name in fed.holdout_names():  # never trains; adapts the global model to evaluate
+            local = HoldoutLocal(local, fed.holdout_steps)
         return Client(name, dataset, slot=setup.slot, trainer=setup.trainer,
                       evaluator=setup.evaluator, seed=recipe.seed, local=local, view=setup.view,
                       compression=(codec_of(fed.compression.up), codec_of(fed.compression.down)),

@@ -109,6 +109,8 @@ class Server:
         self.strategy = strategy
         self.transport = transport
         self.clients = list(clients)
+        holdout = set(recipe.federation.holdout_names())  # evaluated, never trained
+        self.training = [c for c in self.clients if c not in holdout]
         self.global_state = global_state
         self.run_dir = run_dir
         self.evaluate_global = evaluate_global
@@ -205,7 +207,7 @@ class Server:
         """One round: the exchange (plain, or secure aggregation) returns what it produced; this
         alone aggregates, runs the algorithm's work between rounds, counts and logs."""
         fed, train = self.recipe.federation, self.recipe.train
-        chosen = sample_clients(self.clients, fed.per_round(), self.recipe.seed, round_)
+        chosen = sample_clients(self.training, fed.per_round(), self.recipe.seed, round_)
         lr = lr_for_round(train, round_, fed.rounds)
         instructions = self.strategy.configure_fit(round_, chosen, lr)
         self.reporter.round_begin(round_, fed.rounds, len(chosen))
