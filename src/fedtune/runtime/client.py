@@ -7,6 +7,7 @@ deployment (one client per process). It touches the model only through its Adapt
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,9 @@ class Client:
         up, down = compression or (CompressionConfig(), CompressionConfig())
         self.up, self.down = AdapterWire(up, self._specs), AdapterWire(down, self._specs)
         self.predictions_dir: Path | None = None  # where this client writes its predictions
+        # A backdoor experiment (federation.attack): (generate, test examples) -> attack success on
+        # this client's test part, for its global and personal model (client_factory sets it).
+        self.backdoor_probe: Callable[[Callable, list[Example]], dict] | None = None
 
     # -- message handling -----------------------------------------------------------------------
 
@@ -153,7 +157,14 @@ class Client:
             return {}
         self.slot.overlay(personal)
         found = self.evaluator.evaluate(self.data.test, self.data.test_raw, with_generation=generate)
+        found.update(self._backdoor(generate))
         return {f"personal_{k}": v for k, v in found.items() if k != "n_examples"}
+
+    def _backdoor(self, generate: bool) -> dict:
+        """The backdoor's success on this client's triggered test prompts (the model now loaded)."""
+        if self.backdoor_probe is None or not generate or self.evaluator is None or not self.data.test_raw:
+            return {}
+        return self.backdoor_probe(self.evaluator.generate, self.data.test_raw)
 
     def evaluate(self, msg: Message) -> Message:
         """The global adapter on this client's test part (generating answers when the server asks,
@@ -171,6 +182,7 @@ class Client:
                     write_predictions(path, records)
                 except OSError as exc:  # the figures still go to the server
                     log.warning("%s: could not write its predictions to %s: %s", self.name, path, exc)
+        metrics.update(self._backdoor(generate))
         if self.evaluator is not None and self.data.val:
             val = self.evaluator.loss(self.data.val)
             if "loss" in val:
