@@ -56,7 +56,11 @@ def test_closing_table_shows_personal_rows_and_summary(tiny_recipe, capsys):
     from fedtune.track.report import closing_table
 
     summary = fedtune.run(tiny_recipe(federation__algorithm="fedavg_ft", federation__options={"ft_steps": 1},
+                                      federation__attack={"kind": "backdoor", "clients": ["client_0"]},
                                       eval__at_start=False, eval__every=0, output__name="ft"))
+    for m in summary["per_client"].values():   # the backdoor measured on every client's models
+        assert 0.0 <= m["backdoor_success"] <= 1.0 and 0.0 <= m["personal_backdoor_success"] <= 1.0
+    assert "backdoor_success" in summary["pfl"]["participating"]["personal"]
     console = Console(width=200, record=True)
     console.print(closing_table(summary))
     text = console.export_text()
