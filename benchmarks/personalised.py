@@ -28,7 +28,7 @@ import fedtune
 from fedtune.config import load_recipe
 from fedtune.data.synthetic import generate_examples
 
-METHODS = ["fedavg", "fedavg_ft", "ditto", "fedrep", "fedsa_lora", "ffa_lora", "pfedme"]
+METHODS = ["fedavg", "fedavg_ft", "ditto", "fedrep", "fedsa_lora", "ffa_lora", "pfedme", "pfedgate"]
 BACKDOOR_METHODS = ["fedavg", "fedavg_ft", "ditto", "fedrep", "fedsa_lora"]
 
 

@@ -5,6 +5,7 @@ personal models reported beside the global one, and a resumed run equal to an un
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -245,3 +246,84 @@ def test_fedrep_top_layer_default_and_bad_split(tmp_path):
         fedrep_personal(FedRepConfig(personal=["nothing"]), names)
     with pytest.raises(ModelError, match="nothing would be shared"):
         fedrep_personal(FedRepConfig(top_layers=3), names)
+
+
+# -- pFedGate --------------------------------------------------------------------------------
+
+class TwoLoraModel(torch.nn.Module):
+    """Logits (0, (B_p·A_p + B_q·A_q)[0, t]) at token t: two LoRA blocks of 3 numbers each, and a
+    frozen one-dimensional embedding of 1.0 for every token (the gate's input is then 1.0)."""
+
+    def __init__(self, p: tuple[float, float], q: tuple[float, float]):
+        super().__init__()
+        self.emb = torch.nn.Embedding(2, 1)
+        self.emb.weight.data.fill_(1.0)
+        self.emb.weight.requires_grad_(False)
+        for name, (a, b) in (("p", p), ("q", q)):
+            m = torch.nn.Module()
+            m.lora_A = torch.nn.ParameterDict({"default": torch.nn.Parameter(torch.tensor([[a, 0.0]]))})
+            m.lora_B = torch.nn.ParameterDict({"default": torch.nn.Parameter(torch.tensor([[b]]))})
+            setattr(self, name, m)
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        w = sum(getattr(self, n).lora_B["default"] @ getattr(self, n).lora_A["default"] for n in "pq")[0]
+        one = w[input_ids]
+        return SimpleNamespace(logits=torch.stack([torch.zeros_like(one), one], dim=-1))
+
+
+def _gate_scores(gate_state: dict, floor: float) -> list[float]:
+    w, b = gate_state["linear.weight"][:, 0], gate_state["linear.bias"]
+    return [max(sigmoid(float(w[i]) + float(b[i])), floor) for i in range(2)]
+
+
+def test_pfedgate_one_round_by_hand(tmp_path):
+    from fedtune.algorithms.pfedgate import Gate
+    from fedtune.seeding import derive_seed
+
+    (ap, bp), (aq, bq) = (0.8, 0.5), (-0.4, 0.3)
+    model = TwoLoraModel((ap, bp), (aq, bq))
+    fed = _fed(tmp_path, "pfedgate", model, {"sparsity": 0.5, "gate_lr": 0.5}, adapter={"method": "lora"})
+    names = ["p.lora_A.default", "p.lora_B.default", "q.lora_A.default", "q.lora_B.default"]
+    assert list(fed.server.global_state) == names
+    fed.round(1)
+    new = {n: [] for n in names}
+    for name, f in (("client_0", 1.0), ("client_1", 0.0)):
+        torch.manual_seed(derive_seed(derive_seed(5, "fit", 1, name), "pfedgate-init"))
+        init = Gate(1, 2, floor=0.1).state_dict()
+        g = _gate_scores(init, 0.1)
+        keep = [g[0] >= g[1], g[1] > g[0]]       # budget 3 of 6: the higher-scoring block only
+        s = [g[i] * keep[i] for i in range(2)]
+        w0 = s[0] * bp * ap + s[1] * bq * aq
+        err = sigmoid(w0) - f
+        new["p.lora_A.default"].append(ap - ETA * err * s[0] * bp)
+        new["p.lora_B.default"].append(bp - ETA * err * s[0] * ap)
+        new["q.lora_A.default"].append(aq - ETA * err * s[1] * bq)
+        new["q.lora_B.default"].append(bq - ETA * err * s[1] * aq)
+        kept = {k[len("personal/gate."):]: v for k, v in fed.clients[name].state.items()}
+        assert set(kept) == {"linear.weight", "linear.bias"}
+        assert not torch.equal(kept["linear.bias"], init["linear.bias"])   # the gate learned
+    for n in names:
+        got = fed.server.global_state[n].flatten()[0].item()
+        assert got == pytest.approx(sum(new[n]) / 2, abs=1e-6), n
+    assert _sent_names(fed, MessageKind.UPDATE) == set(names)       # the gate never travels
+    # the personal model: each B scaled by the client's gate over its data (knapsack applied)
+    gate = {k[len("personal/gate."):]: v for k, v in fed.clients["client_0"].state.items()}
+    g = _gate_scores(gate, 0.1)
+    s = [g[0] if g[0] >= g[1] else 0.0, g[1] if g[1] > g[0] else 0.0]
+    glob = {n: fed.server.global_state[n].flatten() for n in names}
+    w0 = (s[0] * glob["p.lora_B.default"][0] * glob["p.lora_A.default"][0]
+          + s[1] * glob["q.lora_B.default"][0] * glob["q.lora_A.default"][0]).item()
+    metrics = _evaluate(fed, "client_0")
+    assert metrics["personal_loss"] == pytest.approx(_loss(w0, [1, 1, 0]), abs=1e-5)
+
+
+def test_knapsack_keeps_the_best_blocks_that_fit():
+    from fedtune.algorithms.pfedgate import knapsack_keep
+
+    assert knapsack_keep([0.2, 0.9, 0.5], [3, 3, 3], 6) == [False, True, True]
+    assert knapsack_keep([0.2, 0.9, 0.5], [3, 3, 3], 4.5) == [False, True, False]
+    assert knapsack_keep([0.2, 0.9, 0.5], [3, 10, 3], 1) == [False, True, False]   # never empty
+    assert knapsack_keep([0.9, 0.8, 0.1], [1, 5, 1], 2) == [True, False, True]

@@ -101,6 +101,9 @@ _ROWS = [
     AlgorithmInfo("pfedme", "pfedme", "pFedMe: personal adapters via Moreau envelopes, K inner "
                   "steps per batch, server mixing β (T. Dinh et al. 2020).", o.PFedMeConfig,
                   sum_only=True),
+    AlgorithmInfo("pfedgate", "pfedgate", "pFedGate on LoRA: a per-client gating layer keeps a "
+                  "sparse, scaled subset of the shared adapter's modules under a budget (Chen et "
+                  "al. 2023).", o.PFedGateConfig, check=o.check_lora_split, sum_only=True),
 ]
 
 CATALOG: dict[str, AlgorithmInfo] = {row.name: row for row in _ROWS}

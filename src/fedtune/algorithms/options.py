@@ -223,3 +223,10 @@ def check_lora_split(config: BaseModel, recipe: Any) -> None:
     if recipe.adapter.method not in ("lora", "qlora"):
         raise ValueError(f"adapter.method: {recipe.federation.algorithm} shares or freezes LoRA's "
                          f"A / B factors; use lora or qlora (got {recipe.adapter.method!r})")
+
+
+class PFedGateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sparsity: float = Field(0.5, gt=0.0, le=1.0)      # s: the share of the adapter a client keeps
+    gate_lr: float = Field(0.1, gt=0.0)               # the gating layer's learning rate (SGD)
+    weighting: Weighting = "examples"
