@@ -40,12 +40,13 @@ def base(args, out: Path, name: str) -> dict:
                  "test_fraction": 0.2, "split": {"method": "meta"}},
         "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.05,
                     "target_modules": "all-linear"},
-        "federation": {"clients": 6, "rounds": args.rounds, "holdout_clients": 1,
+        "federation": {"clients": args.clients, "rounds": args.rounds, "holdout_clients": 1,
                        "holdout_steps": args.local_steps},
-        "train": {"local_steps": args.local_steps, "batch_size": 16, "lr": 0.003},
+        "train": {"local_steps": args.local_steps, "batch_size": args.batch_size, "lr": args.lr},
         "eval": {"at_start": False, "every": 0, "max_new_tokens": 8, "batch_size": 64},
         "output": {"dir": str(out), "progress": False, "checkpoint_every": 0},
-        "bench": {"algorithms": METHODS, "local_only": True, "centralised": False},
+        "bench": {"algorithms": [m if m != "pfedme" else {"name": m, "options": {"inner_steps": 2}}
+                                 for m in args.methods], "local_only": True, "centralised": False},
     }
 
 
@@ -69,7 +70,7 @@ def run_bench(args, out: Path, name: str, recipe: dict) -> None:
 
 def run_backdoor(args, out: Path) -> None:
     rows = []
-    for method in BACKDOOR_METHODS:
+    for method in [m for m in BACKDOOR_METHODS if m in args.methods]:
         recipe = base(args, out, f"backdoor-{method}")
         recipe["federation"].update(algorithm=method, holdout_clients=0, attack={
             "kind": "backdoor", "clients": ["client_0"], "poison_fraction": 0.5})
@@ -103,6 +104,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-steps", type=int, default=5)
     p.add_argument("--examples", type=int, default=150, help="examples per task category")
+    p.add_argument("--clients", type=int, default=6, help="clients of the meta split (one held out)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=0.003)
+    p.add_argument("--methods", nargs="*", default=METHODS)
     p.add_argument("--only", choices=["bench", "dolly", "backdoor"], nargs="*")
     p.add_argument("--out", default=None)
     args = p.parse_args()
