@@ -327,3 +327,44 @@ def test_knapsack_keeps_the_best_blocks_that_fit():
     assert knapsack_keep([0.2, 0.9, 0.5], [3, 3, 3], 4.5) == [False, True, False]
     assert knapsack_keep([0.2, 0.9, 0.5], [3, 10, 3], 1) == [False, True, False]   # never empty
     assert knapsack_keep([0.9, 0.8, 0.1], [1, 5, 1], 2) == [True, False, True]
+
+
+# -- holdout (unseen) clients ------------------------------------------------------------------
+
+def test_a_holdout_client_never_trains_and_adapts_the_global_model(tmp_path):
+    from fedtune.algorithms.personal import HoldoutLocal
+
+    model = LogitModel([0.0, 0.0])
+    fed = _fed(tmp_path, "fedavg", model, federation__holdout_clients=["client_1"],
+               federation__holdout_steps=2, eval={"clients": True})
+    unseen = fed.clients["client_1"]
+    unseen.local = HoldoutLocal(unseen.local, steps=2)
+    assert fed.server.training == ["client_0"]
+    fed.round(1)
+    fed.round(2)
+    w2 = sgd(sgd(0.0, 1.0, ETA), 1.0, ETA)      # client_0 alone trains
+    assert fed.server.global_state["w"][0].item() == pytest.approx(w2, abs=1e-6)
+    assert _sent_names(fed, MessageKind.UPDATE) == {"w"}
+    assert {m.sender for m in fed.transport.sent if m.kind == MessageKind.UPDATE} == {"client_0"}
+    metrics = _evaluate(fed, "client_1")
+    assert metrics["loss"] == pytest.approx(_loss(w2, [0, 0, 1]), abs=1e-5)
+    adapted = sgd(w2, 0.0, ETA, steps=2)         # its own data (f = 0) at train.lr, 2 steps
+    assert metrics["personal_loss"] == pytest.approx(_loss(adapted, [0, 0, 1]), abs=1e-5)
+    assert unseen.state == {}
+
+
+def test_holdout_settings_are_checked_at_load_time():
+    from fedtune.config import load_recipe
+    from fedtune.errors import RecipeError
+
+    for bad, message in ((["client_7"], "holdout_clients \\['client_7'\\] are not clients"),
+                         (3, "leaves no client to train"),
+                         (["client_0", "client_0"], "listed twice")):
+        with pytest.raises(RecipeError, match=message):
+            load_recipe({"federation": {"clients": 3, "holdout_clients": bad}})
+    with pytest.raises(RecipeError, match="set eval.clients: true"):
+        load_recipe({"federation": {"clients": 3, "holdout_clients": 1}, "eval": {"clients": False}})
+    with pytest.raises(RecipeError, match="at most the 2 clients that train"):
+        load_recipe({"federation": {"clients": 3, "holdout_clients": 1, "clients_per_round": 3}})
+    fed = load_recipe({"federation": {"clients": 4, "holdout_clients": 1, "sample_fraction": 0.5}}).federation
+    assert fed.holdout_names() == ["client_3"] and fed.per_round() == 2   # round(0.5 × 3 training)

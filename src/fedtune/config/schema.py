@@ -629,6 +629,13 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _holdout_evaluated(self) -> Recipe:
+        if self.federation.holdout_names() and not self.eval.clients:
+            raise ValueError("federation.holdout_clients: holdout clients only take part in the "
+                             "clients' evaluation; set eval.clients: true (or holdout_clients: 0)")
+        return self
+
+    @model_validator(mode="after")
     def _selection(self) -> Recipe:
         watched = [("output.keep_best", self.output.keep_best)]
         if self.eval.early_stopping is not None:
