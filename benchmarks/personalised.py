@@ -112,6 +112,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="fedtune-pfl-"))
+    out.mkdir(parents=True, exist_ok=True)
     which = args.only or ["bench", "dolly", "backdoor"]
     print(f"rounds {args.rounds}, local steps {args.local_steps}, {args.examples} examples per "
           f"category, output {out}", flush=True)
