@@ -75,8 +75,11 @@ class Gate(torch.nn.Module):
         self.linear = torch.nn.Linear(hidden, blocks)
         self.floor = floor
 
+    def per_example(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.linear(features))
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.linear(features)).mean(0).clamp(min=self.floor)
+        return self.per_example(features).mean(0).clamp(min=self.floor)
 
 
 def pooled_embeddings(model: torch.nn.Module, input_ids: torch.Tensor,
@@ -99,7 +102,10 @@ class GatedModel(torch.nn.Module):
         self.params = dict(model.named_parameters())
 
     def scales(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        g = self.gate(pooled_embeddings(self.model, input_ids, attention_mask))
+        return self.masked(self.gate(pooled_embeddings(self.model, input_ids, attention_mask)))
+
+    def masked(self, g: torch.Tensor) -> torch.Tensor:
+        """g_b·keep_b in value; the gradient reaches g through the hard mask (straight-through)."""
         keep = torch.tensor(knapsack_keep(g.detach().tolist(), self.sizes, self.budget),
                             dtype=g.dtype, device=g.device)
         return g * (keep - g.detach() + g)
@@ -127,8 +133,9 @@ class PFedGateLocal:
         sizes = [ctx.slot.params[a].numel() + ctx.slot.params[b].numel() for a, b in blocks]
         hidden = model.get_input_embeddings().weight.shape[1]
         s = self.config.sparsity
-        torch.manual_seed(derive_seed(ctx.seed, "pfedgate-init"))  # used the first time only
-        gate = Gate(hidden, len(blocks), floor=min(0.1, s)).to(ctx.trainer.device)
+        with torch.random.fork_rng(devices=[]):   # seeded, without touching the global RNG
+            torch.manual_seed(derive_seed(ctx.seed, "pfedgate-init"))  # used the first time only
+            gate = Gate(hidden, len(blocks), floor=min(0.1, s)).to(ctx.trainer.device)
         kept = {k[len(GATE):]: v for k, v in ctx.state.items() if k.startswith(GATE)}
         if kept:
             gate.load_state_dict(kept)
@@ -151,11 +158,15 @@ class PFedGateLocal:
     def personal(self, ctx: PersonalContext) -> State | None:
         if not any(k.startswith(GATE) for k in ctx.state) or not ctx.train:
             return {}
-        gated = self._gated(ctx)
-        batch = collate(ctx.train, ctx.trainer.pad_id)
-        with torch.no_grad():
-            scale = gated.scales(batch["input_ids"].to(ctx.trainer.device),
-                                 batch["attention_mask"].to(ctx.trainer.device))
+        gated, device = self._gated(ctx), ctx.trainer.device
+        size = ctx.trainer.section.batch_size
+        with torch.no_grad():   # the gate over the client's whole training part, batch by batch
+            rows = []
+            for start in range(0, len(ctx.train), size):
+                batch = collate(ctx.train[start:start + size], ctx.trainer.pad_id)
+                rows.append(gated.gate.per_example(pooled_embeddings(
+                    gated.model, batch["input_ids"].to(device), batch["attention_mask"].to(device))))
+            scale = gated.masked(torch.cat(rows).mean(0).clamp(min=gated.gate.floor))
         adapter = ctx.slot.get()
         return {b: adapter[b] * float(scale[i]) for i, (_, b) in enumerate(gated.blocks)}
 
