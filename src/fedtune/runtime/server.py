@@ -359,7 +359,8 @@ class Server:
                     self.client_eval[msg.sender] = values
                     reports[msg.sender] = values
                     self.run_dir.log(round_, msg.sender, "eval", {"scope": "client", **values})
-            metrics = {**metrics, **self._validation(round_, reports)}
+            training = set(self.training)  # holdout clients are no part of the validation figure
+            metrics = {**metrics, **self._validation(round_, {c: v for c, v in reports.items() if c in training})}
         self.timings.eval += time.perf_counter() - start
         self.reporter.eval_result(round_, metrics)
         return metrics
