@@ -52,7 +52,8 @@ def test_bench_rows_use_the_global_model_where_there_is_no_personal_one():
                           bytes_down=700, pfl=pfl)
     local = VariantResult("local-only (mean)", "local-only mean", [], {},
                           {"client_0": {"loss": 0.5, "n_examples": 1}, "client_1": {"loss": 1.5, "n_examples": 3}})
-    rows = {r["variant"]: r for r in pfl_rows([local, plain], rounds=10)}
+    local.per_client["client_9"] = {"loss": 100.0, "n_examples": 50}   # a holdout client: left out
+    rows = {r["variant"]: r for r in pfl_rows([local, plain], rounds=10, holdout=["client_9"])}
     assert rows["fedavg"]["personal_exact_match_mean"] == pytest.approx(0.5)
     assert rows["fedavg"]["global_loss"] == pytest.approx(1.5)
     assert rows["fedavg"]["bytes_per_round"] == 100.0

@@ -5,6 +5,7 @@ global), the unseen (holdout) clients' adapted figures, and the bytes per round.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from fedtune.baselines.results import VariantResult, _fmt
@@ -14,20 +15,21 @@ from fedtune.track.pfl import summarise
 STATS = ("mean", "std", "bottom_10")
 
 
-def variant_pfl(r: VariantResult) -> dict[str, Any] | None:
+def variant_pfl(r: VariantResult, holdout: Collection[str] = ()) -> dict[str, Any] | None:
     """pFL figures of a variant: the run's own (summary.json `pfl`); for the local-only mean, each
-    client's own model on its own test part is its personal model (no global model)."""
+    participating client's own model on its own test part is its personal model (no global model;
+    the holdout clients are left out, as they are from the federated variants' figures)."""
     if r.kind == LOCAL_MEAN:
-        own = summarise(r.per_client, sorted(r.per_client)).get("global")
+        own = summarise(r.per_client, sorted(c for c in r.per_client if c not in holdout)).get("global")
         return {"participating": {"personal": own}} if own else None
     return r.pfl
 
 
-def pfl_rows(results: list[VariantResult], rounds: int) -> list[dict[str, Any]]:
+def pfl_rows(results: list[VariantResult], rounds: int, holdout: Collection[str] = ()) -> list[dict[str, Any]]:
     """One row per federated variant (and the local-only mean): flat keys, None where absent."""
     rows = []
     for r in results:
-        pfl = variant_pfl(r)
+        pfl = variant_pfl(r, holdout)
         if not pfl:
             continue
         seen = pfl.get("participating") or {}
@@ -47,9 +49,9 @@ def pfl_rows(results: list[VariantResult], rounds: int) -> list[dict[str, Any]]:
     return rows
 
 
-def pfl_markdown(results: list[VariantResult], rounds: int) -> str:
+def pfl_markdown(results: list[VariantResult], rounds: int, holdout: Collection[str] = ()) -> str:
     """The table as markdown (empty when no variant has client figures)."""
-    rows = pfl_rows(results, rounds)
+    rows = pfl_rows(results, rounds, holdout)
     if not rows:
         return ""
     header = ["variant", "global EM", "personal EM mean", "std", "bottom 10 %", "global loss",

@@ -150,7 +150,7 @@ def bench(recipe: Recipe | str | Path | dict | None = None, overrides: list[str]
     console.print(rich_table(ordered, title=title))
     for line in comparison(ordered):
         console.print(line, highlight=False)
-    pfl = pfl_markdown(ordered, budget["rounds"])
+    pfl = pfl_markdown(ordered, budget["rounds"], loaded.federation.holdout_names())
     if pfl:
         console.print(pfl, highlight=False, markup=False)
     console.print(f"{time.perf_counter() - started:.0f} s for {len(variants)} runs; "
@@ -166,6 +166,7 @@ def write_results(out_dir: Path, results: list[VariantResult], *, recipe: Recipe
         {"recipe": recipe.name, "budget": budget, "variants": [r.as_dict() for r in results]},
         indent=1) + "\n")
     (out_dir / "results.md").write_text(to_markdown(results, title=title, budget=budget["rule"])
-                                        + pfl_markdown(results, budget["rounds"]))
+                                        + pfl_markdown(results, budget["rounds"],
+                                                       recipe.federation.holdout_names()))
     (out_dir / "results.csv").write_text(to_csv(results))
     write_report(out_dir, results, title=title, budget=budget["rule"])
