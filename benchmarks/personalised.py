@@ -73,7 +73,8 @@ def run_backdoor(args, out: Path) -> None:
     for method in [m for m in BACKDOOR_METHODS if m in args.methods]:
         recipe = base(args, out, f"backdoor-{method}")
         recipe["federation"].update(algorithm=method, holdout_clients=0, attack={
-            "kind": "backdoor", "clients": ["client_0"], "poison_fraction": 0.5})
+            "kind": "backdoor", "clients": ["client_0"], "poison_fraction": args.poison,
+            "boost": args.boost})
         recipe.pop("bench")
         recipe["output"]["name"] = f"backdoor-{method}"
         s = fedtune.run(recipe)
@@ -91,7 +92,8 @@ def run_backdoor(args, out: Path) -> None:
                      mean("personal_exact_match", benign) if "personal_exact_match" in per[benign[0]]
                      else mean("exact_match", benign), s["final"].get("exact_match")))
         print(f"backdoor {method}: done", flush=True)
-    print("\n## Backdoor (client_0 poisons 50 % of its data; trigger ' cf', target 'HACKED')\n")
+    print(f"\n## Backdoor (client_0 poisons {args.poison:.0%} of its data, update x {args.boost:g}; "
+          "trigger ' cf', target 'HACKED')\n")
     print("| method | ASR global model | ASR attacker's personal | ASR benign personal (mean) | "
           "benign personal EM | global EM |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -108,6 +110,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=0.003)
     p.add_argument("--methods", nargs="*", default=METHODS)
+    p.add_argument("--poison", type=float, default=0.5, help="backdoor: share of the attacker's data")
+    p.add_argument("--boost", type=float, default=1.0, help="backdoor: the attacker's update scale")
     p.add_argument("--only", choices=["bench", "dolly", "backdoor"], nargs="*")
     p.add_argument("--out", default=None)
     args = p.parse_args()
