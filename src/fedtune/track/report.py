@@ -144,6 +144,9 @@ def _pfl_rows(table: Table, pfl: Any, cells: Any) -> None:
     """pFL-Bench's client summary: weighted mean, std and bottom 10 % per group and model."""
     if not isinstance(pfl, dict):
         return
+    participating = pfl.get("participating")
+    if "unseen" not in pfl and not (isinstance(participating, dict) and "personal" in participating):
+        return  # no personal model, no unseen client: the standard table (summary.json has them)
     stats = (("mean", "weighted mean"), ("std", "std"), ("bottom_10", "bottom 10 %"))
     for group in ("participating", "unseen"):
         models = pfl.get(group)
