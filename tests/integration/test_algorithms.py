@@ -177,7 +177,10 @@ def test_every_registered_algorithm_runs_two_rounds(tiny_recipe):
         assert summary["rounds"] == 2 and summary["algorithm"] == name
         initial, final = summary["initial"]["loss"], summary["final"]["loss"]
         assert math.isfinite(initial) and math.isfinite(final), name
-        assert final != initial, f"{name}: two rounds left the global model unchanged"
+        if name == "fedsa_lora":  # its global model is the shared A with B at its initial zero,
+            assert final == initial  # i.e. the base model: only the personal models change
+        else:
+            assert final != initial, f"{name}: two rounds left the global model unchanged"
         assert abs(final - initial) < 1.0, f"{name}: the loss jumped from {initial} to {final}"
         assert summary["missing_updates"] == 0, name
         run_dir = Path(summary["final_adapter"]).parent

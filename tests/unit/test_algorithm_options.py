@@ -29,6 +29,13 @@ DEFAULTS = {
     "offsite": {"adapter_bottom": 1, "adapter_top": 1, "drop_ratio": 0.5, "weighting": "examples",
                 "distill": {"steps": 0, "lr": 1e-4, "batch_size": 8, "lm_weight": 1.0, "kd_weight": 1.0,
                             "data": "synthetic", "examples": 2000}},
+    "fedavg_ft": {"ft_steps": 5, "ft_lr": None, "weighting": "examples"},
+    "ditto": {"lam": 0.1, "personal_steps": None, "personal_lr": None, "weighting": "examples"},
+    "fedrep": {"personal": [], "top_layers": 1, "personal_steps": None, "weighting": "examples"},
+    "fedsa_lora": {"weighting": "examples"},
+    "ffa_lora": {"weighting": "examples"},
+    "pfedme": {"lam": 15.0, "inner_steps": 5, "personal_lr": None, "beta": 1.0, "weighting": "examples"},
+    "pfedgate": {"sparsity": 0.5, "gate_lr": 0.1, "weighting": "examples"},
 }
 
 
@@ -83,6 +90,19 @@ EDGES = [
     ("offsite", "adapter_top", 0, -1),
     ("offsite", "drop_ratio", 0.0, -1e-9),
     ("offsite", "drop_ratio", 0.999, 1.0),
+    ("fedavg_ft", "ft_steps", 1, 0),
+    ("fedavg_ft", "ft_lr", 1e-9, 0.0),
+    ("ditto", "lam", 0.0, -1e-9),
+    ("ditto", "personal_steps", 1, 0),
+    ("ditto", "personal_lr", 1e-9, 0.0),
+    ("fedrep", "top_layers", 1, 0),
+    ("fedrep", "personal_steps", 1, 0),
+    ("pfedme", "lam", 1e-9, 0.0),
+    ("pfedme", "inner_steps", 1, 0),
+    ("pfedme", "beta", 1e-9, 0.0),
+    ("pfedgate", "sparsity", 1.0, 1.0 + 1e-9),
+    ("pfedgate", "sparsity", 1e-9, 0.0),
+    ("pfedgate", "gate_lr", 1e-9, 0.0),
 ]
 
 

@@ -17,8 +17,9 @@ from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, StandardLocal, 
 from fedtune.config import Recipe
 from fedtune.errors import RecipeError
 
-ALL = ["dp_fedavg", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedkseed", "fedmezo", "fedprox",
-       "fedyogi", "flexlora", "krum", "median", "norm_bounding", "offsite", "scaffold", "trimmed_mean"]
+ALL = ["ditto", "dp_fedavg", "fedadagrad", "fedadam", "fedavg", "fedavg_ft", "fedavgm", "fedkseed",
+       "fedmezo", "fedprox", "fedrep", "fedsa_lora", "fedyogi", "ffa_lora", "flexlora", "krum", "median",
+       "norm_bounding", "offsite", "pfedgate", "pfedme", "scaffold", "trimmed_mean"]
 
 
 def test_every_algorithm_is_registered_once_and_listed_sorted():
@@ -33,7 +34,8 @@ def test_every_algorithm_is_registered_once_and_listed_sorted():
 
 def test_sum_only_is_set_for_exactly_the_algorithms_that_use_only_the_weighted_mean():
     assert sorted(n for n, s in registry().items() if s.sum_only) == [
-        "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedkseed", "fedprox", "fedyogi", "offsite"]
+        "ditto", "fedadagrad", "fedadam", "fedavg", "fedavg_ft", "fedavgm", "fedkseed", "fedprox",
+        "fedrep", "fedsa_lora", "fedyogi", "ffa_lora", "offsite", "pfedgate", "pfedme"]
 
 
 def test_unknown_and_bad_options_name_the_key_and_list_the_allowed_ones():

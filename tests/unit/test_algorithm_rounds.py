@@ -592,7 +592,8 @@ def test_topk_up_codec_sends_the_largest_entries_and_keeps_the_rest_as_residual(
 def test_every_registered_algorithm_has_a_round_test_here():
     import pathlib
 
-    text = pathlib.Path(__file__).read_text()
+    here = pathlib.Path(__file__)
+    text = here.read_text() + (here.parent / "test_personalised.py").read_text()  # personalised FL
     missing = [a for a in available_algorithms() if f'"{a}"' not in text]
     assert not missing, f"algorithms without a hand-computed round test: {missing}"
     assert InProcessTransport  # the rounds above go through the real transport

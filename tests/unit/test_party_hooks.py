@@ -46,8 +46,8 @@ class KeepsPersonal:
         ctx.state["personal/w"] = torch.tensor([3.0, 0.0])
         return self.standard.fit(ctx, global_state)
 
-    def personal(self, state):
-        return {"w": state["personal/w"]} if "personal/w" in state else None
+    def personal(self, ctx):
+        return {"w": ctx.state["personal/w"]} if "personal/w" in ctx.state else None
 
 
 def _loss(w: float, answers: list[int]) -> float:

@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from fedtune.algorithms.base import LocalContext, LocalOutcome, LocalProcedure, State
+from fedtune.algorithms.base import (
+    LocalContext,
+    LocalOutcome,
+    LocalProcedure,
+    PersonalContext,
+    State,
+)
 from fedtune.data.examples import Example
 from fedtune.eval.metrics import exact_match
 
@@ -31,8 +37,8 @@ class AttackedLocal:
     def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
         return self.inner.server_tensor_specs(adapter)
 
-    def personal(self, state: State) -> State | None:
-        return self.inner.personal(state)
+    def personal(self, ctx: PersonalContext) -> State | None:
+        return self.inner.personal(ctx)
 
     def fit(self, ctx: LocalContext, global_state: State) -> LocalOutcome:
         outcome = self.inner.fit(ctx, global_state)

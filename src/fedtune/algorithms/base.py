@@ -154,6 +154,22 @@ class LocalContext:
 
 
 @dataclass
+class PersonalContext:
+    """What a client's personal model is made from at an evaluation: its persistent state, and
+    the global model just loaded into the slot (an FT procedure may train it: the client reloads
+    the global model before anything else uses the slot)."""
+
+    client: str
+    round: int
+    seed: int                 # derived from (recipe seed, "personal", round, client)
+    slot: Any                 # AdapterSlot: the shared model, holding the global model now
+    trainer: Any              # LocalTrainer
+    train: list               # the client's tokenized training examples
+    state: State              # the client's persistent algorithm state
+    global_state: State       # the global state just loaded (the view's form)
+
+
+@dataclass
 class LocalOutcome:
     update: State                                    # local − global, for the adapter tensors
     extra: State = field(default_factory=dict)       # further tensors to send (e.g. Δc)
@@ -169,10 +185,12 @@ class LocalProcedure(Protocol):
 
     def fit(self, ctx: LocalContext, global_state: State) -> LocalOutcome: ...
 
-    def personal(self, state: State) -> State | None:
-        """The client's own model, kept in its persistent `state` (personalised FL, e.g. a
-        personal adapter), in the form of the global state; the client evaluates it on its test
-        part beside the global model and reports it as `personal_<metric>`. None: there is none."""
+    def personal(self, ctx: PersonalContext) -> State | None:
+        """The client's own model (personalised FL): the model's trainable tensors, by parameter
+        name, that it holds in place of the global model's (all of them, some, or {} for the
+        global model itself), from its persistent `ctx.state` or adapted from the global model now
+        in the slot (FT). The client overlays them on the global model and evaluates the result on
+        its test part beside the global one, as `personal_<metric>`. None: there is none."""
         ...
 
 
@@ -184,7 +202,7 @@ class StandardLocal:
     def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
         return {}
 
-    def personal(self, state: State) -> State | None:
+    def personal(self, ctx: PersonalContext) -> State | None:
         return None
 
     def fit(self, ctx: LocalContext, global_state: State) -> LocalOutcome:

@@ -86,6 +86,29 @@ _ROWS = [
                               "without torchrun/accelerate",
                   no_ray="the clients train the emulator the server's party distils and keeps "
                          "with the run; actors would each distil their own"),
+    # personalised FL (docs/algorithms.md, "Personalised FL"); what travels is summed, so each
+    # works with secure aggregation; personal tensors never leave the client
+    AlgorithmInfo("fedavg_ft", "fedavg_ft", "FedAvg + FT: each client fine-tunes a copy of the "
+                  "global adapter before it evaluates (the pFL-Bench -FT baseline).",
+                  o.FedAvgFTConfig, sum_only=True),
+    AlgorithmInfo("ditto", "ditto", "Ditto: a personal adapter per client with a proximal pull "
+                  "λ towards the global one (Li et al. 2021).", o.DittoConfig, sum_only=True),
+    AlgorithmInfo("fedrep", "fedrep", "FedRep-style partial sharing: personal adapter part "
+                  "(top layers) and shared part trained in alternation (Collins et al. 2021).",
+                  o.FedRepConfig, sum_only=True),
+    AlgorithmInfo("fedsa_lora", "fedsa_lora", "FedSA-LoRA: share and average LoRA A, keep B "
+                  "per client (Guo et al. 2025).", o.LoraSplitConfig, check=o.check_lora_split,
+                  sum_only=True),
+    AlgorithmInfo("ffa_lora", "ffa_lora", "FFA-LoRA: freeze LoRA A at its seeded initial "
+                  "values, train and share B only (Sun et al. 2024).", o.LoraSplitConfig,
+                  check=o.check_lora_split, sum_only=True),
+    AlgorithmInfo("pfedme", "pfedme", "pFedMe: personal adapters via Moreau envelopes, K inner "
+                  "steps per batch, server mixing β (T. Dinh et al. 2020).", o.PFedMeConfig,
+                  sum_only=True),
+    AlgorithmInfo("pfedgate", "pfedgate", "pFedGate on LoRA: a per-client gating layer keeps a "
+                  "sparse, scaled subset of the shared adapter's modules under a budget (Chen et "
+                  "al. 2023).", o.PFedGateConfig, check=o.check_lora_split, sum_only=True,
+                  unsplit_ranks="its gated model trains whole batches in each process"),
 ]
 
 CATALOG: dict[str, AlgorithmInfo] = {row.name: row for row in _ROWS}

@@ -170,3 +170,63 @@ def check_offsite(config: OffsiteConfig, recipe: Any) -> None:
     if recipe.adapter.method != "full":
         raise ValueError("adapter.method: offsite trains whole adapter layers of the emulator; "
                          "set adapter.method=full (only those layers train)")
+
+
+# -- personalised FL (docs/algorithms.md, "Personalised FL") ---------------------------------
+
+class FedAvgFTConfig(BaseModel):
+    """FedAvg + FT: each client fine-tunes (a copy of) the global adapter before it evaluates."""
+
+    model_config = ConfigDict(extra="forbid")
+    ft_steps: int = Field(5, ge=1)
+    ft_lr: float | None = Field(None, gt=0.0)          # None: train.lr
+    weighting: Weighting = "examples"
+
+
+class DittoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lam: float = Field(0.1, ge=0.0)                     # λ of the proximal pull towards w
+    personal_steps: int | None = Field(None, ge=1)      # None: the recipe's local budget
+    personal_lr: float | None = Field(None, gt=0.0)     # None: the round's learning rate
+    weighting: Weighting = "examples"
+
+
+class FedRepConfig(BaseModel):
+    """Personal part: tensors whose name contains one of `personal`, else the adapter tensors of
+    the top `top_layers` layers."""
+
+    model_config = ConfigDict(extra="forbid")
+    personal: list[str] = Field(default_factory=list)
+    top_layers: int = Field(1, ge=1)
+    personal_steps: int | None = Field(None, ge=1)      # τ_h; None: the recipe's local budget
+    weighting: Weighting = "examples"
+
+
+class LoraSplitConfig(BaseModel):
+    """FedSA-LoRA (share A, keep B) and FFA-LoRA (freeze A, share B)."""
+
+    model_config = ConfigDict(extra="forbid")
+    weighting: Weighting = "examples"
+
+
+class PFedMeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lam: float = Field(15.0, gt=0.0)                    # λ of the Moreau envelope
+    inner_steps: int = Field(5, ge=1)                   # K steps to approximate θ per batch
+    personal_lr: float | None = Field(None, gt=0.0)     # for θ; None: the round's learning rate
+    beta: float = Field(1.0, gt=0.0)                    # server: w ← w + β·mean(w_i − w)
+    weighting: Weighting = "examples"
+
+
+def check_lora_split(config: BaseModel, recipe: Any) -> None:
+    """FedSA-LoRA and FFA-LoRA split LoRA's A and B factors: they need a LoRA adapter."""
+    if recipe.adapter.method not in ("lora", "qlora"):
+        raise ValueError(f"adapter.method: {recipe.federation.algorithm} shares or freezes LoRA's "
+                         f"A / B factors; use lora or qlora (got {recipe.adapter.method!r})")
+
+
+class PFedGateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sparsity: float = Field(0.5, gt=0.0, le=1.0)      # s: the share of the adapter a client keeps
+    gate_lr: float = Field(0.1, gt=0.0)               # the gating layer's learning rate (SGD)
+    weighting: Weighting = "examples"

@@ -33,6 +33,7 @@ class VariantResult:
     wall_seconds: float = 0.0
     run_dir: str | None = None
     history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    pfl: dict[str, Any] | None = None   # the run's pFL-Bench figures (summary.json `pfl`)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,6 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
+from fedtune.baselines.pfl_table import pfl_markdown
 from fedtune.baselines.report import write_report
 from fedtune.baselines.results import (
     METRICS,
@@ -98,6 +99,7 @@ def run_variant(variant: Variant, data: FederatedData, bench_dir: Path, console:
         bytes_down=summary["bytes_down"] if federated else 0,
         wall_seconds=summary["wall_seconds"], run_dir=str(run_dir.path),
         history=history_from_events(run_dir.events()),
+        pfl=summary.get("pfl") if federated else None,
     )
     run_dir.write_json("variant.json", {
         "variant": variant.name, "kind": variant.kind, "trained_on": variant.trained_on,
@@ -148,6 +150,9 @@ def bench(recipe: Recipe | str | Path | dict | None = None, overrides: list[str]
     console.print(rich_table(ordered, title=title))
     for line in comparison(ordered):
         console.print(line, highlight=False)
+    pfl = pfl_markdown(ordered, budget["rounds"], loaded.federation.holdout_names())
+    if pfl:
+        console.print(pfl, highlight=False, markup=False)
     console.print(f"{time.perf_counter() - started:.0f} s for {len(variants)} runs; "
                   f"report: {bench_dir.path / 'report.html'}")
     return BenchResult(bench_dir.path, ordered, budget)
@@ -160,6 +165,8 @@ def write_results(out_dir: Path, results: list[VariantResult], *, recipe: Recipe
     (out_dir / "results.json").write_text(json.dumps(
         {"recipe": recipe.name, "budget": budget, "variants": [r.as_dict() for r in results]},
         indent=1) + "\n")
-    (out_dir / "results.md").write_text(to_markdown(results, title=title, budget=budget["rule"]))
+    (out_dir / "results.md").write_text(to_markdown(results, title=title, budget=budget["rule"])
+                                        + pfl_markdown(results, budget["rounds"],
+                                                       recipe.federation.holdout_names()))
     (out_dir / "results.csv").write_text(to_csv(results))
     write_report(out_dir, results, title=title, budget=budget["rule"])

@@ -74,7 +74,8 @@ def _baseline_recipe(recipe: Recipe, name: str, train: dict[str, Any]) -> Recipe
     bench evaluates every client's test part)."""
     d = recipe.model_dump(mode="json")
     d["federation"].update(algorithm="fedavg", options={}, clients=1, clients_per_round=None,
-                           sample_fraction=None, compression={}, attack={}, secure_aggregation={})
+                           sample_fraction=None, compression={}, attack={}, secure_aggregation={},
+                           holdout_clients=0)
     d["train"].update({"local_steps": None, "local_epochs": None, **train})
     d["transport"]["min_replies"] = 1
     d["eval"]["clients"] = False

@@ -219,6 +219,11 @@ class FederationSection(Section):
     # (simulation) or above max_examples_per_client (deployment); `uniform` weighs each by 1.
     weighting: Literal["examples", "uniform"] = "examples"
     max_examples_per_client: PositiveInt = 1_000_000
+    # Unseen clients (docs/evaluation.md): a number (the last n clients) or a list of names that
+    # never train; at each evaluation each adapts the global model with holdout_steps local steps
+    # on its own data and reports that as its personal model.
+    holdout_clients: NonNegativeInt | list[str] = 0
+    holdout_steps: NonNegativeInt = 5
 
     @field_validator("algorithm")
     @classmethod
@@ -240,16 +245,41 @@ class FederationSection(Section):
         if unknown:
             raise ValueError(f"attack.clients {unknown} are not clients of this federation "
                              f"(client_0 ... client_{self.clients - 1})")
+        self._check_holdout(names)
         run_checks("federation", self)   # the algorithm's options, secure aggregation (algorithms)
         return self
 
+    def _check_holdout(self, names: set[str]) -> None:
+        if isinstance(self.holdout_clients, list):
+            unknown = [c for c in self.holdout_clients if c not in names]
+            if unknown:
+                raise ValueError(f"holdout_clients {unknown} are not clients of this federation "
+                                 f"(client_0 ... client_{self.clients - 1})")
+            if len(set(self.holdout_clients)) != len(self.holdout_clients):
+                raise ValueError("holdout_clients: a client is listed twice")
+        training = self.clients - len(self.holdout_names())
+        if training < 1:
+            raise ValueError(f"holdout_clients: leaves no client to train (federation.clients is "
+                             f"{self.clients})")
+        if self.clients_per_round is not None and self.clients_per_round > training:
+            raise ValueError(f"clients_per_round ({self.clients_per_round}) must be at most the "
+                             f"{training} clients that train (federation.clients minus holdout_clients)")
+
+    def holdout_names(self) -> list[str]:
+        """The clients that never train: those listed, or the last `holdout_clients` ones."""
+        if isinstance(self.holdout_clients, list):
+            return list(self.holdout_clients)
+        n = self.holdout_clients
+        return [f"client_{i}" for i in range(self.clients - n, self.clients)]
+
     def per_round(self) -> int:
-        """How many clients take part in each round."""
+        """How many clients take part in each round (of those that train)."""
+        training = self.clients - len(self.holdout_names())
         if self.clients_per_round is not None:
             return self.clients_per_round
         if self.sample_fraction is not None:
-            return max(1, round(self.sample_fraction * self.clients))
-        return self.clients
+            return max(1, round(self.sample_fraction * training))
+        return training
 
 
 class DPSGDSection(Section):
@@ -610,6 +640,13 @@ class Recipe(Section):
                 f"transport.min_replies ({self.transport.min_replies}) is more than the clients "
                 f"taking part in a round ({self.federation.per_round()})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _holdout_evaluated(self) -> Recipe:
+        if self.federation.holdout_names() and not self.eval.clients:
+            raise ValueError("federation.holdout_clients: holdout clients only take part in the "
+                             "clients' evaluation; set eval.clients: true (or holdout_clients: 0)")
         return self
 
     @model_validator(mode="after")

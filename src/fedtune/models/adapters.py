@@ -187,6 +187,15 @@ class AdapterSlot:
         for name, param in self.params.items():
             param.copy_(state[name])
 
+    @torch.no_grad()
+    def overlay(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy some of the tensors in (a client's personal part over the global model)."""
+        unknown = sorted(state.keys() - self.params.keys())[:3]
+        if unknown:
+            raise ModelError(f"adapter state does not match the model: unexpected {unknown}")
+        for name, tensor in state.items():
+            self.params[name].copy_(tensor)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.params.values())
 

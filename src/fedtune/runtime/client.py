@@ -12,7 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedtune.algorithms.base import LocalContext, LocalProcedure, ModelView, StandardLocal, State
+from fedtune.algorithms.base import (
+    LocalContext,
+    LocalProcedure,
+    ModelView,
+    PersonalContext,
+    StandardLocal,
+    State,
+)
 from fedtune.data.examples import Example
 from fedtune.data.prompts import TokenizedExample
 from fedtune.errors import FedtuneError, MessageError
@@ -94,6 +101,9 @@ class Client:
         up, down = compression or (CompressionConfig(), CompressionConfig())
         self.up, self.down = AdapterWire(up, self._specs), AdapterWire(down, self._specs)
         self.predictions_dir: Path | None = None  # where this client writes its predictions
+        # A backdoor experiment (federation.attack): (generate, test examples) -> attack success on
+        # this client's test part, for its global and personal model (client_factory sets it).
+        self.backdoor_probe: Callable[[Callable, list[Example]], dict] | None = None
 
     # -- message handling -----------------------------------------------------------------------
 
@@ -186,21 +196,35 @@ class Client:
                        tensors={**self.up.pack(outcome.update, self.state), **outcome.extra},
                        meta={"n_examples": len(self.data.train), "metrics": outcome.metrics})
 
-    def _evaluate_personal(self) -> dict:
-        """The algorithm's personal model of this client (LocalProcedure.personal) on its test
-        part, as `personal_<metric>` (no generation; {} without one)."""
-        personal = self.local.personal(self.state)
-        if personal is None or self.evaluator is None or not self.data.test:
+    def _evaluate_personal(self, round_: int, global_state: State, generate: bool) -> dict:
+        """The algorithm's personal model of this client (LocalProcedure.personal: tensors
+        overlaid on the global model in the slot) on its test part, as `personal_<metric>`
+        (generating answers when the global model's are; {} without one)."""
+        if self.evaluator is None or not self.data.test:
             return {}
-        self.view.load(personal)
-        found = self.evaluator.evaluate(self.data.test, self.data.test_raw, with_generation=False)
+        ctx = PersonalContext(client=self.name, round=round_,
+                              seed=derive_seed(self.seed, "personal", round_, self.name),
+                              slot=self.slot, trainer=self.trainer, train=self.data.train,
+                              state=self.state, global_state=global_state)
+        personal = self.local.personal(ctx)
+        if personal is None:
+            return {}
+        self.slot.overlay(personal)
+        found = self.evaluator.evaluate(self.data.test, self.data.test_raw, with_generation=generate)
+        found.update(self._backdoor(generate))
         return {f"personal_{k}": v for k, v in found.items() if k != "n_examples"}
+
+    def _backdoor(self, generate: bool) -> dict:
+        """The backdoor's success on this client's triggered test prompts (the model now loaded)."""
+        if self.backdoor_probe is None or not generate or self.evaluator is None or not self.data.test_raw:
+            return {}
+        return self.backdoor_probe(self.evaluator.generate, self.data.test_raw)
 
     def evaluate(self, msg: Message) -> Message:
         """The global adapter on this client's test part (generating answers when the server asks,
         the predictions written to `predictions_dir`, never sent) and its validation part (loss)."""
         generate = peer_values.flag(msg.meta.get("generate", False), "evaluate message: meta.generate")
-        self._load_global(msg)
+        adapter, _ = self._load_global(msg)
         metrics: dict = {}
         if self.evaluator is not None and self.data.test:
             records: list[dict] = []
@@ -212,10 +236,11 @@ class Client:
                     write_predictions(path, records)
                 except OSError as exc:  # the figures still go to the server
                     log.warning("%s: could not write its predictions to %s: %s", self.name, path, exc)
+        metrics.update(self._backdoor(generate))
         if self.evaluator is not None and self.data.val:
             val = self.evaluator.loss(self.data.val)
             if "loss" in val:
                 metrics.update(val_loss=val["loss"], val_tokens=val["n_tokens"])
-        metrics.update(self._evaluate_personal())
+        metrics.update(self._evaluate_personal(msg.round, adapter, generate))
         return Message(MessageKind.EVAL_RESULT, msg.round, self.name, self.server,
                        meta={"n_examples": len(self.data.test), "metrics": metrics})

@@ -3,10 +3,12 @@ algorithm's local procedure, and the hostile behaviour `federation.attack` gives
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 from fedtune.algorithms import build_local
-from fedtune.algorithms.attacks import AttackedLocal, poison_examples
+from fedtune.algorithms.attacks import AttackedLocal, backdoor_metrics, poison_examples
+from fedtune.algorithms.personal import HoldoutLocal
 from fedtune.runtime.client import Client, ClientDataset
 from fedtune.seeding import derive_seed
 from fedtune.transport.codec import specs_of
@@ -51,7 +53,13 @@ class ClientFactory:
             local = AttackedLocal(local, attack.kind, attack.factor)
         elif attack is not None and attack.kind == "backdoor" and attack.boost != 1.0:
             local = AttackedLocal(local, "scale", attack.boost)  # model replacement
-        return Client(name, dataset, slot=setup.slot, trainer=setup.trainer,
-                      evaluator=setup.evaluator, seed=recipe.seed, local=local, view=setup.view,
-                      compression=(codec_of(fed.compression.up), codec_of(fed.compression.down)),
-                      max_message_bytes=recipe.transport.max_message_bytes, specs=self.specs())
+        if name in fed.holdout_names():  # never trains; adapts the global model to evaluate
+            local = HoldoutLocal(local, fed.holdout_steps)
+        client = Client(name, dataset, slot=setup.slot, trainer=setup.trainer,
+                        evaluator=setup.evaluator, seed=recipe.seed, local=local, view=setup.view,
+                        compression=(codec_of(fed.compression.up), codec_of(fed.compression.down)),
+                        max_message_bytes=recipe.transport.max_message_bytes, specs=self.specs())
+        if fed.attack.kind == "backdoor" and fed.attack.clients:  # every client measures it
+            client.backdoor_probe = partial(backdoor_metrics, trigger=fed.attack.trigger,
+                                            target=fed.attack.target)
+        return client

@@ -23,6 +23,7 @@ from fedtune.data.records import load_examples
 from fedtune.data.splitters import train_val_test_split
 from fedtune.errors import DataError, DeploymentError, MessageError
 from fedtune.runtime.client import Client
+from fedtune.runtime.client_store import load_client_state, save_client_state, state_path
 from fedtune.runtime.deploy_server import require_grpc
 from fedtune.runtime.launch import check_launch
 from fedtune.runtime.relay import Relay, party_relay
@@ -112,9 +113,20 @@ def _participate(loaded: Recipe, name: str, data: str | Path | None, console: Co
         client = setup.clients.client(name)
         client.predictions_dir = Path(loaded.output.dir) / name / "predictions"  # never sent
         client.secagg.require(loaded.federation.secure_aggregation)  # no plain FIT if enabled
-        return _Loop(connection, client, loaded, out, relay).run()
+        store = restore_state(client, loaded, out)  # its personal state, kept across restarts
+        return _Loop(connection, client, loaded, out, relay, store=store).run()
     finally:
         connection.close()
+
+
+def restore_state(client: Client, recipe: Recipe, out: Console) -> Path:
+    """Give a deployed client the state it kept on its disk (a restart continues with its
+    personal adapter); returns where it keeps it."""
+    store = state_path(recipe.output.dir, client.name)
+    client.state.update(load_client_state(store, recipe.federation.algorithm))
+    if client.state:
+        out.print(f"{client.name}: continuing with its state from {store} ({len(client.state)} tensors)")
+    return store
 
 
 def fetch_model(connection: ServerConnection, recipe: Recipe, party: Party,
@@ -191,8 +203,9 @@ def _download_bar(out: Console, resource: str, show: bool):
 
 class _Loop:
     def __init__(self, connection: ServerConnection, client: Client, recipe: Recipe, out: Console,
-                 relay: Relay | None = None):
+                 relay: Relay | None = None, store: Path | None = None):
         self.conn, self.client, self.recipe, self.out = connection, client, recipe, out
+        self.store = store  # where the client's persistent state is kept (runtime/client_store.py)
         self.relay = relay  # several ranks: each message goes to the other ranks before handling
         self.stats = ClientStats()
         self.name = client.name
@@ -249,6 +262,8 @@ class _Loop:
             self.relay.send(self.name, data)
         reply = self.client.handle_bytes(data)
         del data
+        if self.store is not None and kind != "evaluate" and self.client.state:
+            save_client_state(self.store, self.client.state, self.recipe.federation.algorithm)
         if reply is None:
             self.out.print(f"{self.name}: round {round_}: the {kind} message was rejected (see log)")
             return False

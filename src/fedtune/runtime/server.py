@@ -110,9 +110,11 @@ class Server:
         self.strategy = strategy
         self.transport = transport
         self.clients = list(clients)
+        holdout = set(recipe.federation.holdout_names())  # evaluated, never trained
+        self.training = [c for c in self.clients if c not in holdout]
         subset = recipe.eval.client_subset  # the clients each client evaluation visits
-        self.eval_clients = (self.clients if subset is None else
-                             sample_clients(self.clients, subset, recipe.seed, 0))
+        picked = set(self.clients if subset is None else sample_clients(self.training, subset, recipe.seed, 0))
+        self.eval_clients = [c for c in self.clients if c in picked or c in holdout]  # unseen: always
         self.global_state = global_state
         self.run_dir = run_dir
         self.evaluate_global = evaluate_global
@@ -209,7 +211,7 @@ class Server:
         """One round: the exchange (plain, or secure aggregation) returns what it produced; this
         alone aggregates, runs the algorithm's work between rounds, counts and logs."""
         fed, train = self.recipe.federation, self.recipe.train
-        chosen = sample_clients(self.clients, fed.per_round(), self.recipe.seed, round_)
+        chosen = sample_clients(self.training, fed.per_round(), self.recipe.seed, round_)
         lr = lr_for_round(train, round_, fed.rounds)
         instructions = self.strategy.configure_fit(round_, chosen, lr)
         self.reporter.round_begin(round_, fed.rounds, len(chosen))
@@ -372,7 +374,8 @@ class Server:
                     self.client_eval[msg.sender] = values
                     reports[msg.sender] = values
                     self.run_dir.log(round_, msg.sender, "eval", {"scope": "client", **values})
-            metrics = {**metrics, **self._validation(round_, reports)}
+            training = set(self.training)  # holdout clients are no part of the validation figure
+            metrics = {**metrics, **self._validation(round_, {c: v for c, v in reports.items() if c in training})}
         self.timings.eval += time.perf_counter() - start
         self.reporter.eval_result(round_, metrics)
         return metrics

@@ -9,6 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from fedtune.config import Recipe
+from fedtune.track.pfl import PERSONAL, pfl_summary
 from fedtune.track.traffic import TrafficCounter
 
 # Figures kept in summary.json, in the closing table's column order (generation metrics by name).
@@ -24,13 +25,16 @@ _PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning", "multitask_prom
 def _pick(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
     if not metrics:
         return None
-    return {k: metrics[k] for k in (*_METRICS, "n_examples") if k in metrics}
+    keys = (*_METRICS, *(PERSONAL + k for k in _METRICS), "n_examples")  # and the personal model's
+    return {k: metrics[k] for k in keys if k in metrics}
 
 
 def make_summary(recipe: Recipe, result, *, traffic: TrafficCounter, wall_seconds: float,
                  adapter_parameters: int, adapter_bytes: int, run_dir: Path) -> dict[str, Any]:
     t = result.timings
     overhead = max(0.0, wall_seconds - t.train - t.eval)
+    per_client = {c: _pick(m) for c, m in sorted(result.clients.items())}
+    holdout = recipe.federation.holdout_names()
     return {
         "recipe": recipe.name,
         "algorithm": recipe.federation.algorithm,
@@ -41,7 +45,9 @@ def make_summary(recipe: Recipe, result, *, traffic: TrafficCounter, wall_second
         "clients_per_round": recipe.federation.per_round(),
         "initial": _pick(result.initial),
         "final": _pick(result.final),
-        "per_client": {c: _pick(m) for c, m in sorted(result.clients.items())},
+        "per_client": per_client,
+        "holdout_clients": holdout,
+        "pfl": pfl_summary(per_client, holdout),   # pFL-Bench figures (track/pfl.py)
         "bytes_up": traffic.total("up"),
         "bytes_down": traffic.total("down"),
         "rejected_replies": result.rejected,
@@ -134,6 +140,27 @@ def _count(value: Any) -> str:
     return str(value) if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**15 else ""
 
 
+def _pfl_rows(table: Table, pfl: Any, cells: Any) -> None:
+    """pFL-Bench's client summary: weighted mean, std and bottom 10 % per group and model."""
+    if not isinstance(pfl, dict):
+        return
+    participating = pfl.get("participating")
+    if "unseen" not in pfl and not (isinstance(participating, dict) and "personal" in participating):
+        return  # no personal model, no unseen client: the standard table (summary.json has them)
+    stats = (("mean", "weighted mean"), ("std", "std"), ("bottom_10", "bottom 10 %"))
+    for group in ("participating", "unseen"):
+        models = pfl.get(group)
+        if not isinstance(models, dict):
+            continue
+        for model, figures in models.items():
+            if not isinstance(figures, dict):
+                continue
+            shown = "adapted" if group == "unseen" and model == "personal" else model
+            for key, label in stats:
+                row = {m: f.get(key) for m, f in figures.items() if isinstance(f, dict)}
+                table.add_row(f"{group} clients: {label}", shown, *cells(row), "")
+
+
 def closing_table(summary: dict[str, Any]) -> Table:
     table = Table(title=f"{summary['recipe']}: {summary['algorithm']} + {summary['adapter']}, "
                         f"{summary['rounds']} rounds, {summary['clients']} clients")
@@ -160,8 +187,14 @@ def closing_table(summary: dict[str, Any]) -> Table:
         for row in report["rows"]:
             table.add_row(row["evaluated_on"], row["model"], *_cells(row["metrics"]),
                           str(row["examples"]))
+    holdout = set(summary.get("holdout_clients") or [])
     for client, m in summary.get("per_client", {}).items():
-        table.add_row(f"{client} test", client_label, *_cells(m), _count((m or {}).get("n_examples")))
+        unseen = " (unseen)" if client in holdout else ""
+        table.add_row(f"{client} test{unseen}", client_label, *_cells(m), _count((m or {}).get("n_examples")))
+        personal = {k[len(PERSONAL):]: v for k, v in (m or {}).items() if k.startswith(PERSONAL)}
+        if personal:
+            table.add_row(f"{client} test{unseen}", "adapted" if unseen else "personal", *_cells(personal), "")
+    _pfl_rows(table, summary.get("pfl"), _cells)
     table.caption = (
         f"sent down {human_bytes(summary['bytes_down'])}, up {human_bytes(summary['bytes_up'])}; "
         f"adapter {summary['adapter_parameters']:,} parameters ({human_bytes(summary['adapter_bytes'])}); "

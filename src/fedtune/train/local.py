@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,8 +114,11 @@ class LocalTrainer:
         seed: int,
         extra_loss: Callable[[], torch.Tensor] | None = None,
         before_step: Callable[[], None] | None = None,
+        steps: int | None = None,
+        skip: Sequence[torch.nn.Parameter] = (),
     ) -> LocalResult:
-        """Train in place.
+        """Train in place (`steps` optimizer steps; default: the recipe's budget, `steps_for`).
+        Parameters in `skip` get gradients but are left to the caller to step (`before_step`).
 
         `extra_loss` (e.g. FedProx's proximal term) is added once per optimizer step;
         `before_step` runs after the step's gradients are complete, before clipping (e.g.
@@ -125,12 +128,12 @@ class LocalTrainer:
             raise ValueError("a client with no training examples cannot train")
         s = self.section
         start = time.perf_counter()
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.model.parameters() if p.requires_grad and all(p is not q for q in skip)]
         optimizer = self._optimizer(params, lr)
         batches = micro_batches(len(examples), s.batch_size, seed)
         torch.manual_seed(self.parallel.dropout_seed(seed))  # dropout masks (each rank its own)
         self.model.train()
-        n_steps = steps_for(s, len(examples))
+        n_steps = steps if steps is not None else steps_for(s, len(examples))
         if s.dp_sgd is not None:
             try:
                 return self._train_private(examples, params, optimizer, n_steps, seed, start,

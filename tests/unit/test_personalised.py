@@ -1,0 +1,370 @@
+"""Personalised FL on the hand-computable tiny federation (tests/unit/tiny_federation.py): each
+method's first rounds in plain floats from its update rule, what travels (names and bytes), the
+personal models reported beside the global one, and a resumed run equal to an uninterrupted one."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tiny_federation import LogitModel, LoraLogitModel, examples, federation, recipe, sgd, sigmoid
+
+from fedtune.transport.codec import decode
+from fedtune.wire import Message, MessageKind
+
+ETA = 1.0
+
+
+class LossEvaluator:
+    """The mean cross-entropy of the labelled tokens under the model as it is now."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def evaluate(self, tokenized, raw, with_generation, predictions=None):
+        return {"loss": self.loss(tokenized)["loss"], "n_examples": len(tokenized)}
+
+    def loss(self, tokenized):
+        total = 0.0
+        for ex in tokenized:
+            logits = self.model(torch.tensor([ex.input_ids])).logits[0, 0].detach()
+            total += float(torch.nn.functional.cross_entropy(logits[None], torch.tensor([ex.labels[1]])))
+        return {"loss": total / len(tokenized), "n_tokens": len(tokenized)}
+
+
+def _loss(w: float, answers: list[int]) -> float:
+    return sum(math.log1p(math.exp(w)) - y * w for y in answers) / len(answers)
+
+
+TRAIN = {"client_0": examples(0, [1, 1]), "client_1": examples(0, [0, 0])}   # f = 1 and f = 0
+TEST = {"client_0": (examples(0, [1, 1, 0]), [None] * 3), "client_1": (examples(0, [0, 0, 1]), [None] * 3)}
+
+
+def _fed(tmp_path, algorithm, model, options=None, **kw):
+    r = recipe(algorithm, 2, options=options or {}, lr=ETA, tmp=tmp_path, **kw)
+    fed = federation(r, model, TRAIN, tmp=tmp_path, evaluator=LossEvaluator(model), test=TEST)
+    fed.transport.sent = []   # every message both ways, decoded from the bytes that travelled
+    for name, endpoint in list(fed.transport.endpoints.items()):
+        fed.transport.endpoints[name] = _recording(endpoint, fed.transport.sent)
+    return fed
+
+
+def _recording(endpoint, sent):
+    def deliver(data: bytes):
+        sent.append(decode(data))
+        reply = endpoint(data)
+        if reply is not None:
+            sent.append(decode(reply))
+        return reply
+    return deliver
+
+
+def _evaluate(fed, name):
+    tensors = fed.server.down.pack(fed.server.global_state)
+    reply = fed.clients[name].evaluate(Message(MessageKind.EVALUATE, 9, "server", name, tensors=tensors))
+    return reply.meta["metrics"]
+
+
+def _sent_names(fed, kind):
+    """The tensor names of every message of `kind` the transport carried (decoded from bytes)."""
+    return {n for msg in fed.transport.sent if msg.kind == kind for n in msg.tensors}
+
+
+# -- Ditto -----------------------------------------------------------------------------------
+
+def test_ditto_two_rounds_by_hand(tmp_path):
+    lam = 0.5
+    model = LogitModel([0.0, 0.0])
+    fed = _fed(tmp_path, "ditto", model, {"lam": lam})
+    fed.round(1)
+    # global: each client one SGD step from w=0; f=1 and f=0 average to 0 (equal weights)
+    w_a, w_b = sgd(0.0, 1.0, ETA), sgd(0.0, 0.0, ETA)
+    assert fed.server.global_state["w"][0].item() == pytest.approx((w_a + w_b) / 2, abs=1e-6)
+    # personal: from w^t = 0, the proximal gradient is 0 in the first step
+    v_a, v_b = w_a, w_b
+    state = fed.clients["client_0"].state
+    assert state["personal/w"][0].item() == pytest.approx(v_a, abs=1e-6)
+    fed.round(2)
+    w1 = (w_a + w_b) / 2
+    v_a2 = v_a - ETA * (sigmoid(v_a) - 1.0 + lam * (v_a - w1))
+    v_b2 = v_b - ETA * (sigmoid(v_b) - 0.0 + lam * (v_b - w1))
+    assert fed.clients["client_0"].state["personal/w"][0].item() == pytest.approx(v_a2, abs=1e-6)
+    assert fed.clients["client_1"].state["personal/w"][0].item() == pytest.approx(v_b2, abs=1e-6)
+    w2 = (sgd(w1, 1.0, ETA) + sgd(w1, 0.0, ETA)) / 2
+    assert fed.server.global_state["w"][0].item() == pytest.approx(w2, abs=1e-6)
+    metrics = _evaluate(fed, "client_0")
+    assert metrics["loss"] == pytest.approx(_loss(w2, [1, 1, 0]), abs=1e-5)
+    assert metrics["personal_loss"] == pytest.approx(_loss(v_a2, [1, 1, 0]), abs=1e-5)
+    # the personal adapter never travels: updates hold the global delta, named like the adapter
+    assert _sent_names(fed, MessageKind.UPDATE) == {"w"}
+
+
+def test_ditto_resume_is_exact(tmp_path):
+    def build(sub):
+        model = LogitModel([0.0, 0.0])
+        return _fed(tmp_path / sub, "ditto", model, {"lam": 0.3})
+
+    straight = build("a")
+    for r in (1, 2, 3):
+        straight.round(r)
+    first = build("b")
+    first.round(1)
+    first.round(2)
+    first.server.checkpoint(2)
+    resumed = build("c")
+    assert resumed.server.restore(first.run_dir.latest_checkpoint()) == 3
+    assert torch.equal(resumed.clients["client_0"].state["personal/w"],
+                       first.clients["client_0"].state["personal/w"])
+    resumed.round(3)
+    assert torch.equal(resumed.server.global_state["w"], straight.server.global_state["w"])
+    for name in TRAIN:
+        assert torch.equal(resumed.clients[name].state["personal/w"], straight.clients[name].state["personal/w"])
+
+
+# -- FedAvg + FT -----------------------------------------------------------------------------
+
+def test_fedavg_ft_fine_tunes_a_copy_before_evaluating(tmp_path):
+    model = LogitModel([0.0, 0.0])
+    fed = _fed(tmp_path, "fedavg_ft", model, {"ft_steps": 2, "ft_lr": 0.5})
+    fed.round(1)
+    w1 = (sgd(0.0, 1.0, ETA) + sgd(0.0, 0.0, ETA)) / 2
+    metrics = _evaluate(fed, "client_0")
+    assert metrics["loss"] == pytest.approx(_loss(w1, [1, 1, 0]), abs=1e-6)
+    assert metrics["personal_loss"] == pytest.approx(_loss(sgd(w1, 1.0, 0.5, steps=2), [1, 1, 0]), abs=1e-5)
+    assert fed.clients["client_0"].state == {}     # nothing carried into the next round
+    fed.round(2)                                  # trains from the global model, not the FT one
+    w2 = (sgd(w1, 1.0, ETA) + sgd(w1, 0.0, ETA)) / 2
+    assert fed.server.global_state["w"][0].item() == pytest.approx(w2, abs=1e-6)
+
+
+# -- pFedMe ----------------------------------------------------------------------------------
+
+def test_pfedme_one_round_by_hand(tmp_path):
+    lam, k, plr, beta = 2.0, 2, 0.5, 1.5
+    model = LogitModel([0.0, 0.0])
+    fed = _fed(tmp_path, "pfedme", model, {"lam": lam, "inner_steps": k, "personal_lr": plr, "beta": beta},
+               train__lr=0.1)
+    fed.round(1)
+    eta = 0.1
+    news = {}
+    for name, f in (("client_0", 1.0), ("client_1", 0.0)):
+        w, theta = 0.0, 0.0
+        for _ in range(k):
+            theta = theta - plr * (sigmoid(theta) - f + lam * (theta - w))
+        w = w - eta * lam * (w - theta)
+        news[name] = w
+        assert fed.clients[name].state["personal/w"][0].item() == pytest.approx(theta, abs=1e-6)
+    expected = 0.0 + beta * ((news["client_0"] - 0.0) + (news["client_1"] - 0.0)) / 2
+    assert fed.server.global_state["w"][0].item() == pytest.approx(expected, abs=1e-6)
+
+
+# -- LoRA splits: FedSA-LoRA, FFA-LoRA, FedRep ----------------------------------------------
+
+A_NAME, B_NAME = "proj.lora_A.default", "proj.lora_B.default"
+A0, B0 = 0.8, 0.5
+
+
+def _lora():
+    return LoraLogitModel([[A0, 0.0]], [[B0]])
+
+
+def _step_a(a, b, f):
+    return a - ETA * b * (sigmoid(a * b) - f)
+
+
+def _step_b(a, b, f):
+    return b - ETA * a * (sigmoid(a * b) - f)
+
+
+def test_fedsa_lora_shares_a_keeps_b(tmp_path):
+    model = _lora()
+    fed = _fed(tmp_path, "fedsa_lora", model, adapter={"method": "lora"})
+    assert set(fed.server.global_state) == {A_NAME}
+    fed.round(1)
+    # jointly, from (A0, B0) for each client: one SGD step on both factors
+    a = {n: _step_a(A0, B0, f) for n, f in (("client_0", 1.0), ("client_1", 0.0))}
+    b = {n: _step_b(A0, B0, f) for n, f in (("client_0", 1.0), ("client_1", 0.0))}
+    a1 = (a["client_0"] + a["client_1"]) / 2
+    assert fed.server.global_state[A_NAME][0, 0].item() == pytest.approx(a1, abs=1e-6)
+    for name in TRAIN:
+        assert fed.clients[name].state["personal/" + B_NAME][0, 0].item() == pytest.approx(b[name], abs=1e-6)
+    fed.round(2)   # each client restarts from the global A and ITS OWN B (not the last client's)
+    a2 = (_step_a(a1, b["client_0"], 1.0) + _step_a(a1, b["client_1"], 0.0)) / 2
+    assert fed.server.global_state[A_NAME][0, 0].item() == pytest.approx(a2, abs=1e-6)
+    b2 = _step_b(a1, b["client_1"], 0.0)
+    assert fed.clients["client_1"].state["personal/" + B_NAME][0, 0].item() == pytest.approx(b2, abs=1e-6)
+    metrics = _evaluate(fed, "client_1")
+    assert metrics["loss"] == pytest.approx(_loss(a2 * B0, [0, 0, 1]), abs=1e-5)   # global: initial B
+    assert metrics["personal_loss"] == pytest.approx(_loss(a2 * b2, [0, 0, 1]), abs=1e-5)
+    # B never travels, in either direction
+    assert _sent_names(fed, MessageKind.UPDATE) == {A_NAME}
+    assert _sent_names(fed, MessageKind.FIT) == {A_NAME}
+
+
+def test_ffa_lora_freezes_a_and_shares_b(tmp_path):
+    model = _lora()
+    fed = _fed(tmp_path, "ffa_lora", model, adapter={"method": "lora"})
+    assert set(fed.server.global_state) == {B_NAME}
+    fed.round(1)
+    b1 = (_step_b(A0, B0, 1.0) + _step_b(A0, B0, 0.0)) / 2
+    assert fed.server.global_state[B_NAME][0, 0].item() == pytest.approx(b1, abs=1e-6)
+    assert model.proj.lora_A["default"][0, 0].item() == pytest.approx(A0)   # frozen
+    fed.round(2)
+    b2 = (_step_b(A0, b1, 1.0) + _step_b(A0, b1, 0.0)) / 2
+    assert fed.server.global_state[B_NAME][0, 0].item() == pytest.approx(b2, abs=1e-6)
+    assert _sent_names(fed, MessageKind.UPDATE) == {B_NAME}
+    ups = [len(m.tensors[B_NAME].numpy().tobytes()) for m in fed.transport.sent if m.kind == MessageKind.UPDATE]
+    assert ups == [4] * 4    # one float32 of B per update, A never sent
+
+
+def test_fedrep_alternates_personal_then_shared(tmp_path):
+    model = _lora()
+    fed = _fed(tmp_path, "fedrep", model, {"personal": ["lora_B"]}, adapter={"method": "lora"})
+    fed.round(1)
+    expected_a = []
+    for name, f in (("client_0", 1.0), ("client_1", 0.0)):
+        b = _step_b(A0, B0, f)            # personal part first, shared frozen
+        a = _step_a(A0, b, f)             # then the shared part with the new personal part
+        expected_a.append(a)
+        assert fed.clients[name].state["personal/" + B_NAME][0, 0].item() == pytest.approx(b, abs=1e-6)
+    assert fed.server.global_state[A_NAME][0, 0].item() == pytest.approx(sum(expected_a) / 2, abs=1e-6)
+    assert _sent_names(fed, MessageKind.UPDATE) == {A_NAME}
+    assert model.proj.lora_A["default"].requires_grad and model.proj.lora_B["default"].requires_grad
+
+
+def test_fedrep_top_layer_default_and_bad_split(tmp_path):
+    from fedtune.algorithms.fedrep import fedrep_personal
+    from fedtune.algorithms.options import FedRepConfig
+    from fedtune.errors import ModelError
+
+    names = [f"model.layers.{i}.q_proj.lora_{x}.default.weight" for i in range(3) for x in "AB"]
+    assert fedrep_personal(FedRepConfig(), names) == set(names[4:])
+    assert fedrep_personal(FedRepConfig(top_layers=2), names) == set(names[2:])
+    with pytest.raises(ModelError, match="federation.options.personal: matches no trainable"):
+        fedrep_personal(FedRepConfig(personal=["nothing"]), names)
+    with pytest.raises(ModelError, match="nothing would be shared"):
+        fedrep_personal(FedRepConfig(top_layers=3), names)
+
+
+# -- pFedGate --------------------------------------------------------------------------------
+
+class TwoLoraModel(torch.nn.Module):
+    """Logits (0, (B_p·A_p + B_q·A_q)[0, t]) at token t: two LoRA blocks of 3 numbers each, and a
+    frozen one-dimensional embedding of 1.0 for every token (the gate's input is then 1.0)."""
+
+    def __init__(self, p: tuple[float, float], q: tuple[float, float]):
+        super().__init__()
+        self.emb = torch.nn.Embedding(2, 1)
+        self.emb.weight.data.fill_(1.0)
+        self.emb.weight.requires_grad_(False)
+        for name, (a, b) in (("p", p), ("q", q)):
+            m = torch.nn.Module()
+            m.lora_A = torch.nn.ParameterDict({"default": torch.nn.Parameter(torch.tensor([[a, 0.0]]))})
+            m.lora_B = torch.nn.ParameterDict({"default": torch.nn.Parameter(torch.tensor([[b]]))})
+            setattr(self, name, m)
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        w = sum(getattr(self, n).lora_B["default"] @ getattr(self, n).lora_A["default"] for n in "pq")[0]
+        one = w[input_ids]
+        return SimpleNamespace(logits=torch.stack([torch.zeros_like(one), one], dim=-1))
+
+
+def _gate_scores(gate_state: dict, floor: float) -> list[float]:
+    w, b = gate_state["linear.weight"][:, 0], gate_state["linear.bias"]
+    return [max(sigmoid(float(w[i]) + float(b[i])), floor) for i in range(2)]
+
+
+def test_pfedgate_one_round_by_hand(tmp_path):
+    from fedtune.algorithms.pfedgate import Gate
+    from fedtune.seeding import derive_seed
+
+    (ap, bp), (aq, bq) = (0.8, 0.5), (-0.4, 0.3)
+    model = TwoLoraModel((ap, bp), (aq, bq))
+    fed = _fed(tmp_path, "pfedgate", model, {"sparsity": 0.5, "gate_lr": 0.5}, adapter={"method": "lora"})
+    names = ["p.lora_A.default", "p.lora_B.default", "q.lora_A.default", "q.lora_B.default"]
+    assert list(fed.server.global_state) == names
+    fed.round(1)
+    new = {n: [] for n in names}
+    for name, f in (("client_0", 1.0), ("client_1", 0.0)):
+        torch.manual_seed(derive_seed(derive_seed(5, "fit", 1, name), "pfedgate-init"))
+        init = Gate(1, 2, floor=0.1).state_dict()
+        g = _gate_scores(init, 0.1)
+        keep = [g[0] >= g[1], g[1] > g[0]]       # budget 3 of 6: the higher-scoring block only
+        s = [g[i] * keep[i] for i in range(2)]
+        w0 = s[0] * bp * ap + s[1] * bq * aq
+        err = sigmoid(w0) - f
+        new["p.lora_A.default"].append(ap - ETA * err * s[0] * bp)
+        new["p.lora_B.default"].append(bp - ETA * err * s[0] * ap)
+        new["q.lora_A.default"].append(aq - ETA * err * s[1] * bq)
+        new["q.lora_B.default"].append(bq - ETA * err * s[1] * aq)
+        kept = {k[len("personal/gate."):]: v for k, v in fed.clients[name].state.items()}
+        assert set(kept) == {"linear.weight", "linear.bias"}
+        assert not torch.equal(kept["linear.bias"], init["linear.bias"])   # the gate learned
+    for n in names:
+        got = fed.server.global_state[n].flatten()[0].item()
+        assert got == pytest.approx(sum(new[n]) / 2, abs=1e-6), n
+    assert _sent_names(fed, MessageKind.UPDATE) == set(names)       # the gate never travels
+    # the personal model: each B scaled by the client's gate over its data (knapsack applied)
+    gate = {k[len("personal/gate."):]: v for k, v in fed.clients["client_0"].state.items()}
+    g = _gate_scores(gate, 0.1)
+    s = [g[0] if g[0] >= g[1] else 0.0, g[1] if g[1] > g[0] else 0.0]
+    glob = {n: fed.server.global_state[n].flatten() for n in names}
+    w0 = (s[0] * glob["p.lora_B.default"][0] * glob["p.lora_A.default"][0]
+          + s[1] * glob["q.lora_B.default"][0] * glob["q.lora_A.default"][0]).item()
+    metrics = _evaluate(fed, "client_0")
+    assert metrics["personal_loss"] == pytest.approx(_loss(w0, [1, 1, 0]), abs=1e-5)
+
+
+def test_knapsack_keeps_the_best_blocks_that_fit():
+    from fedtune.algorithms.pfedgate import knapsack_keep
+
+    assert knapsack_keep([0.2, 0.9, 0.5], [3, 3, 3], 6) == [False, True, True]
+    assert knapsack_keep([0.2, 0.9, 0.5], [3, 3, 3], 4.5) == [False, True, False]
+    assert knapsack_keep([0.2, 0.9, 0.5], [3, 10, 3], 1) == [False, True, False]   # never empty
+    assert knapsack_keep([0.9, 0.8, 0.1], [1, 5, 1], 2) == [True, False, True]
+
+
+# -- holdout (unseen) clients ------------------------------------------------------------------
+
+def test_a_holdout_client_never_trains_and_adapts_the_global_model(tmp_path):
+    from fedtune.algorithms.personal import HoldoutLocal
+
+    model = LogitModel([0.0, 0.0])
+    fed = _fed(tmp_path, "fedavg", model, federation__holdout_clients=["client_1"],
+               federation__holdout_steps=2, eval={"clients": True})
+    unseen = fed.clients["client_1"]
+    unseen.local = HoldoutLocal(unseen.local, steps=2)
+    assert fed.server.training == ["client_0"]
+    fed.round(1)
+    fed.round(2)
+    w2 = sgd(sgd(0.0, 1.0, ETA), 1.0, ETA)      # client_0 alone trains
+    assert fed.server.global_state["w"][0].item() == pytest.approx(w2, abs=1e-6)
+    assert _sent_names(fed, MessageKind.UPDATE) == {"w"}
+    assert {m.sender for m in fed.transport.sent if m.kind == MessageKind.UPDATE} == {"client_0"}
+    metrics = _evaluate(fed, "client_1")
+    assert metrics["loss"] == pytest.approx(_loss(w2, [0, 0, 1]), abs=1e-5)
+    adapted = sgd(w2, 0.0, ETA, steps=2)         # its own data (f = 0) at train.lr, 2 steps
+    assert metrics["personal_loss"] == pytest.approx(_loss(adapted, [0, 0, 1]), abs=1e-5)
+    assert unseen.state == {}
+
+
+def test_holdout_settings_are_checked_at_load_time():
+    from fedtune.config import load_recipe
+    from fedtune.errors import RecipeError
+
+    for bad, message in ((["client_7"], "holdout_clients \\['client_7'\\] are not clients"),
+                         (3, "leaves no client to train"),
+                         (["client_0", "client_0"], "listed twice")):
+        with pytest.raises(RecipeError, match=message):
+            load_recipe({"federation": {"clients": 3, "holdout_clients": bad}})
+    with pytest.raises(RecipeError, match="set eval.clients: true"):
+        load_recipe({"federation": {"clients": 3, "holdout_clients": 1}, "eval": {"clients": False}})
+    with pytest.raises(RecipeError, match="at most the 2 clients that train"):
+        load_recipe({"federation": {"clients": 3, "holdout_clients": 1, "clients_per_round": 3}})
+    fed = load_recipe({"federation": {"clients": 4, "holdout_clients": 1, "sample_fraction": 0.5}}).federation
+    assert fed.holdout_names() == ["client_3"] and fed.per_round() == 2   # round(0.5 × 3 training)
