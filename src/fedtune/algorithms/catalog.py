@@ -34,6 +34,8 @@ class AlgorithmInfo:
     # must run as one process (refused), or why every rank runs the same steps (said once).
     one_process: str | None = None
     unsplit_ranks: str | None = None
+    # True when the algorithm aggregates LoRA factors of different ranks (adapter.rank_per_client)
+    mixed_ranks: bool = False
 
 
 _ZEROTH_ORDER = "estimates gradients from forward passes only"
@@ -60,7 +62,11 @@ _ROWS = [
                   "clipped updates, Gaussian noise, RDP accountant (McMahan et al. 2018).",
                   o.DPFedAvgConfig),
     AlgorithmInfo("flexlora", "flexlora", "LoRA-aware FedAvg: average the products B·A, "
-                  "re-factorise by truncated SVD (FlexLoRA, Bai et al. 2024).", o.FlexLoRAConfig),
+                  "re-factorise by truncated SVD (FlexLoRA, Bai et al. 2024).", o.FlexLoRAConfig,
+                  mixed_ranks=True),
+    AlgorithmInfo("hetlora", "hetlora", "Heterogeneous LoRA ranks: zero-pad to the largest, "
+                  "norm-weighted average, self-pruning (HetLoRA, Cho et al. 2024).", o.HetLoRAConfig,
+                  check=o.check_mixed_ranks, mixed_ranks=True),
     AlgorithmInfo("median", "robust", "Coordinate-wise median of the client updates (Yin et al. "
                   "2018, Byzantine-robust distributed learning).", o.MedianConfig),
     AlgorithmInfo("trimmed_mean", "robust", "Coordinate-wise trimmed mean of the client updates "

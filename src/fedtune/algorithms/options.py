@@ -72,6 +72,24 @@ class FlexLoRAConfig(BaseModel):
     weighting: Weighting = "examples"
 
 
+class HetLoRAConfig(BaseModel):
+    """HetLoRA: λ (`reg`) of the self-pruning regulariser on the last γ (`gamma`) of each client's
+    rank components; `prune` lets a client drop them when their norm shrinks."""
+
+    model_config = ConfigDict(extra="forbid")
+    reg: float = Field(1e-3, ge=0.0)
+    gamma: float = Field(0.25, gt=0.0, lt=1.0)
+    prune: bool = True
+    weighting: Literal["norm", "examples", "uniform"] = "norm"
+
+
+def check_mixed_ranks(config: BaseModel, recipe: Any) -> None:
+    """An algorithm for heterogeneous ranks needs LoRA (`adapter.rank_per_client` is optional)."""
+    if recipe.adapter.method != "lora":
+        raise ValueError(f"adapter.method: {recipe.federation.algorithm} aggregates LoRA factors; "
+                         f"set adapter.method=lora (got {recipe.adapter.method!r})")
+
+
 class MedianConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

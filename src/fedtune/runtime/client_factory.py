@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedtune.algorithms import build_local
+from fedtune.algorithms import build_local, build_view
 from fedtune.algorithms.attacks import AttackedLocal, poison_examples
+from fedtune.models.rank_plan import client_ranks, wrap_slot
 from fedtune.runtime.client import Client, ClientDataset
 from fedtune.seeding import derive_seed
 from fedtune.transport.compression import codec_of
@@ -42,7 +43,12 @@ class ClientFactory:
             local = AttackedLocal(local, attack.kind, attack.factor)
         elif attack is not None and attack.kind == "backdoor" and attack.boost != 1.0:
             local = AttackedLocal(local, "scale", attack.boost)  # model replacement
-        return Client(name, dataset, slot=setup.slot, trainer=setup.trainer,
-                      evaluator=setup.evaluator, seed=recipe.seed, local=local, view=setup.view,
+        slot, view = setup.slot, setup.view
+        if recipe.adapter.rank_per_client is not None:  # this client's own rank of the one model
+            rank = client_ranks(recipe.adapter.rank_per_client, fed.clients, recipe.seed)[name]
+            slot = wrap_slot(setup.slot.slot, recipe.adapter, rank)
+            view = build_view(fed.algorithm, fed.options, slot)
+        return Client(name, dataset, slot=slot, trainer=setup.trainer,
+                      evaluator=setup.evaluator, seed=recipe.seed, local=local, view=view,
                       compression=(codec_of(fed.compression.up), codec_of(fed.compression.down)),
                       max_message_bytes=recipe.transport.max_message_bytes)

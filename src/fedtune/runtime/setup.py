@@ -23,6 +23,7 @@ from fedtune.data.prompts import TokenizedExample, tokenize_examples
 from fedtune.eval.evaluator import Evaluator
 from fedtune.models.adapters import AdapterSlot, attach_adapter
 from fedtune.models.loading import load_base_model
+from fedtune.models.rank_plan import wrap_slot
 from fedtune.runtime.client_factory import ClientFactory
 from fedtune.runtime.server_eval import ServerEvaluation
 from fedtune.seeding import derive_seed, seed_everything
@@ -65,6 +66,8 @@ class Setup:
         self.model = attach_adapter(model, recipe.adapter) if self.party.attaches_adapter else model
         self.model.eval()
         self.slot = AdapterSlot(self.model)
+        if recipe.adapter.rank_per_client is not None:  # the full rank, in the wire frame
+            self.slot = wrap_slot(self.slot, recipe.adapter, recipe.adapter.r)
         self.view = build_view(fed.algorithm, fed.options, self.slot)  # before any training
         self.device = next(self.model.parameters()).device
         self.tokenize_report: dict[str, Any] = {}
