@@ -125,7 +125,7 @@ class RankSlot:
         self.model = slot.model
         self.params = slot.params
         self.rank, self.r_max, self.alpha = rank, r_max, alpha
-        self.to_wire = rank / r_max   # s_k / s_max = (α/r_k) / (α/r_max)
+        self.to_wire = r_max / rank   # s_k / s_max = (α/r_k) / (α/r_max)
         self.layers = lora_layers(slot.model)
         if not any(is_a(n) for n in self.params):
             raise ModelError("adapter.rank_per_client needs LoRA factors (adapter.method: lora)")
