@@ -32,7 +32,7 @@ def _events(summary) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("algorithm", ["hetlora", pytest.param("flexlora", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("algorithm", ["hetlora", "flora", pytest.param("flexlora", marks=pytest.mark.slow)])
 def test_mixed_ranks_resume_exactly_and_pay_by_rank(tiny_recipe, monkeypatch, algorithm):
     whole_summary = fedtune.run(_recipe(tiny_recipe, algorithm, output__name="whole"))
     whole = _final(whole_summary)
@@ -45,6 +45,14 @@ def test_mixed_ranks_resume_exactly_and_pay_by_rank(tiny_recipe, monkeypatch, al
     assert abs((up["client_2"] - up["client_1"]) - 2 * (up["client_1"] - up["client_0"])) < 200
     a_shapes = {k: v.shape for k, v in whole.items() if ".lora_A." in k}
     assert {s[0] for s in a_shapes.values()} == {4}                 # the global keeps the largest rank
+    if algorithm == "flora":  # the merged delta only goes down: uploads are the factors alone
+        round1 = next(e for e in _events(whole_summary) if e["kind"] == "round" and e["round"] == 1)
+        assert round1["values"]["flora_stacked_rank"] == sum(RANKS)
+        deltas = {k: v for k, v in whole.items() if k.startswith("down/flora/")}
+        assert deltas and all(v.abs().max() > 0 for v in deltas.values())
+        dense = sum(v.numel() * 4 for v in deltas.values())
+        assert down["client_0"] > dense > up["client_2"]
+        assert all(float(v.abs().max()) == 0 for k, v in whole.items() if ".lora_B." in k)  # fresh B
     original = Server.run_round
 
     def crash(self, round_):

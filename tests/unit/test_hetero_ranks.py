@@ -11,6 +11,7 @@ import torch
 
 from fedtune.algorithms.base import ClientUpdate, LocalContext
 from fedtune.algorithms.flexlora import FlexLoRA
+from fedtune.algorithms.flora import FLoRAView, flora_aggregate, stack
 from fedtune.algorithms.hetlora import (
     RANK,
     TAIL,
@@ -230,3 +231,35 @@ def test_server_expects_each_clients_own_shapes(tiny_recipe):
     full = Message(MessageKind.UPDATE, 1, "client_1", "server", tensors=dict(global_state))
     with pytest.raises(MessageError):   # the full rank from a rank-2 client is refused
         check_message(full, kinds={MessageKind.UPDATE}, round=1, tensor_specs=wire)
+
+
+def test_flora_stacking_is_the_exact_weighted_sum_of_products():
+    c1 = {A: T([[1, 2]]), B: T([[1], [0]])}                    # rank 1: B·A = [[1, 2], [0, 0]]
+    c2 = {A: T([[0, 1], [1, 0]]), B: T([[1, 0], [0, 2]])}      # rank 2: B·A = [[0, 1], [2, 0]]
+    (b_s, a_s), = stack([c1, c2], [1.0, 3.0]).values()
+    assert b_s.shape == (2, 3) and a_s.shape == (3, 2)         # rank 1 + 2
+    torch.testing.assert_close(b_s @ a_s, T([[0.25, 0.5 + 0.75], [1.5, 0]]))
+    delta = "down/flora/m.q"
+    global_state = {A: T([[5, 5], [6, 6]]), B: T([[1, 1], [1, 1]]), delta: T([[1, 0], [0, 1]])}
+    out, info = flora_aggregate(global_state, [c1, c2], [1.0, 3.0])
+    torch.testing.assert_close(out[delta], T([[1.25, 1.25], [1.5, 1]]))   # kept and grown
+    torch.testing.assert_close(out[A], global_state[A])                    # a fresh LoRA: A as is
+    assert out[B].abs().sum() == 0                                          # ... and B = 0
+    assert info == {"flora_stacked_rank": 3, "flora_stacked_bytes": (6 + 6) * 8}
+
+
+def test_flora_view_writes_the_delta_into_the_base_weight(lora_model):
+    slot = AdapterSlot(lora_model)
+    view = FLoRAView(slot)
+    state = view.initial()
+    name = next(k for k in state if k.startswith("down/flora/") and "layers.0." in k)
+    module = dict(lora_model.named_modules())[name.removeprefix("down/flora/")]
+    w0 = module.base_layer.weight.detach().clone()
+    state[name] = torch.full_like(state[name], 0.25)
+    view.load(state)
+    torch.testing.assert_close(module.base_layer.weight.detach(), w0 + (8.0 / 4) * 0.25)
+    view.load(state)   # loading again does not add the delta twice
+    torch.testing.assert_close(module.base_layer.weight.detach(), w0 + (8.0 / 4) * 0.25)
+    state[name].zero_()
+    view.load(state)
+    torch.testing.assert_close(module.base_layer.weight.detach(), w0)        # W0, not W0 + old deltas

@@ -64,6 +64,9 @@ _ROWS = [
     AlgorithmInfo("flexlora", "flexlora", "LoRA-aware FedAvg: average the products B·A, "
                   "re-factorise by truncated SVD (FlexLoRA, Bai et al. 2024).", o.FlexLoRAConfig,
                   mixed_ranks=True),
+    AlgorithmInfo("flora", "flora", "Stacked LoRA factors: the exact sum of the clients' products at "
+                  "any mix of ranks, merged into a global delta (FLoRA, Wang et al. 2024).",
+                  o.FLoRAConfig, check=o.check_mixed_ranks, mixed_ranks=True),
     AlgorithmInfo("hetlora", "hetlora", "Heterogeneous LoRA ranks: zero-pad to the largest, "
                   "norm-weighted average, self-pruning (HetLoRA, Cho et al. 2024).", o.HetLoRAConfig,
                   check=o.check_mixed_ranks, mixed_ranks=True),

@@ -83,6 +83,11 @@ class HetLoRAConfig(BaseModel):
     weighting: Literal["norm", "examples", "uniform"] = "norm"
 
 
+class FLoRAConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weighting: Weighting = "examples"
+
+
 def check_mixed_ranks(config: BaseModel, recipe: Any) -> None:
     """An algorithm for heterogeneous ranks needs LoRA (`adapter.rank_per_client` is optional)."""
     if recipe.adapter.method != "lora":

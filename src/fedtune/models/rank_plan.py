@@ -90,10 +90,11 @@ def pad(state: State, rank: int) -> State:
 
 def with_update(global_state: State, update: State) -> State:
     """A client's local adapter: its rank's part of the global adapter plus its update (the
-    update's LoRA shapes say the client's rank; the full global state without LoRA factors)."""
+    update's LoRA shapes say the client's rank; the full global state without LoRA factors).
+    Only the update's tensors: those the server keeps to itself or sends only are not in it."""
     ranks = {t.shape[0] for n, t in update.items() if is_a(n)}
     base = truncate(global_state, ranks.pop()) if len(ranks) == 1 else global_state
-    return {k: base[k] + update[k].to(base[k].dtype) for k in base}
+    return {k: base[k] + update[k].to(base[k].dtype) for k in update}
 
 
 def rank_of(state: State) -> int:

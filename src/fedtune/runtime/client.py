@@ -25,7 +25,7 @@ from fedtune.train.local import LocalTrainer
 from fedtune.transport.adapter_wire import AdapterWire
 from fedtune.transport.codec import check_message, decode, encode, specs_of
 from fedtune.transport.compression import CompressionConfig
-from fedtune.wire import Message, MessageKind
+from fedtune.wire import DOWN_ONLY, Message, MessageKind
 
 log = logging.getLogger("fedtune.client")
 
@@ -72,7 +72,8 @@ class Client:
         self.view = view or ModelView(slot)  # how the global state becomes the model's tensors
         self._specs = specs_of(self.view.initial())
         up, down = compression or (CompressionConfig(), CompressionConfig())
-        self.up, self.down = AdapterWire(up, self._specs), AdapterWire(down, self._specs)
+        upload = {k: v for k, v in self._specs.items() if not k.startswith(DOWN_ONLY)}  # wire.DOWN_ONLY
+        self.up, self.down = AdapterWire(up, upload), AdapterWire(down, self._specs)
         self.predictions_dir: Path | None = None  # where this client writes its predictions
 
     # -- message handling -----------------------------------------------------------------------

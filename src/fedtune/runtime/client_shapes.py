@@ -15,6 +15,7 @@ from fedtune.models.rank_plan import client_ranks, truncate
 from fedtune.transport.adapter_wire import AdapterWire
 from fedtune.transport.codec import specs_of
 from fedtune.transport.compression import CompressionConfig
+from fedtune.wire import DOWN_ONLY
 
 
 class ClientShapes:
@@ -40,7 +41,8 @@ class ClientShapes:
     def _pair(self, rank: int | None) -> tuple[AdapterWire, AdapterWire]:
         if rank not in self._wires:
             specs = self._full if rank is None else specs_of(truncate(self._base, rank))
-            self._wires[rank] = (AdapterWire(self._codecs[0], specs), AdapterWire(self._codecs[1], specs))
+            up = {k: v for k, v in specs.items() if not k.startswith(DOWN_ONLY)}   # sent only
+            self._wires[rank] = (AdapterWire(self._codecs[0], up), AdapterWire(self._codecs[1], specs))
         return self._wires[rank]
 
     def up(self, client: str) -> AdapterWire:
