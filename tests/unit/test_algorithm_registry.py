@@ -18,7 +18,8 @@ from fedtune.config import Recipe
 from fedtune.errors import RecipeError
 
 ALL = ["dp_fedavg", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedkseed", "fedmezo", "fedprox",
-       "fedyogi", "flexlora", "krum", "median", "norm_bounding", "offsite", "scaffold", "trimmed_mean"]
+       "fedyogi", "flexlora", "flora", "hetlora", "krum", "median", "norm_bounding", "offsite", "scaffold",
+       "trimmed_mean"]
 
 
 def test_every_algorithm_is_registered_once_and_listed_sorted():
