@@ -18,7 +18,7 @@ from fedtune.config import Recipe
 from fedtune.errors import RecipeError
 
 ALL = ["dp_fedavg", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedkseed", "fedmezo", "fedprox",
-       "fedyogi", "flexlora", "flora", "hetlora", "krum", "median", "norm_bounding", "offsite", "scaffold",
+       "fedsp", "fedyogi", "flexlora", "flora", "hetlora", "krum", "median", "norm_bounding", "offsite", "scaffold",
        "trimmed_mean"]
 
 

@@ -64,6 +64,11 @@ _ROWS = [
     AlgorithmInfo("flexlora", "flexlora", "LoRA-aware FedAvg: average the products B·A, "
                   "re-factorise by truncated SVD (FlexLoRA, Bai et al. 2024).", o.FlexLoRAConfig,
                   mixed_ranks=True),
+    AlgorithmInfo("fedsp", "fedsp", "FedSP: clients tune a small auxiliary model built from the "
+                  "server's LLM; only prefix soft prompts travel (Dong et al. 2023).", o.FedSPConfig,
+                  check=o.check_fedsp,
+                  one_process="the auxiliary model is distilled and the prompts tuned in one "
+                              "process; launch it without torchrun/accelerate"),
     AlgorithmInfo("flora", "flora", "Stacked LoRA factors: the exact sum of the clients' products at "
                   "any mix of ranks, merged into a global delta (FLoRA, Wang et al. 2024).",
                   o.FLoRAConfig, check=o.check_mixed_ranks, mixed_ranks=True),

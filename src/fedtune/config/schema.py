@@ -507,6 +507,7 @@ class BenchAlgorithm(Section):
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None   # default: the algorithm's name
+    adapter: dict[str, Any] = Field(default_factory=dict)   # this variant's adapter keys (e.g. rank_per_client)
 
     @field_validator("name")
     @classmethod
