@@ -26,9 +26,22 @@ import numpy as np
 import torch
 
 from fedtune.algorithms import algorithm_options
-from fedtune.algorithms.base import LocalContext, LocalOutcome, State, local_update, register, result_metrics
+from fedtune.algorithms.base import (
+    LocalContext,
+    LocalOutcome,
+    State,
+    local_update,
+    register,
+    result_metrics,
+)
 from fedtune.algorithms.fedavg import FedAvg, FedAvgConfig
-from fedtune.algorithms.fedsp_aux import aux_from_package, aux_package, body, build_aux, distill_hidden
+from fedtune.algorithms.fedsp_aux import (
+    aux_from_package,
+    aux_package,
+    body,
+    build_aux,
+    distill_hidden,
+)
 from fedtune.algorithms.party import GlobalEvaluation, StandardParty
 from fedtune.seeding import derive_seed
 from fedtune.wire import Message, MessageKind
