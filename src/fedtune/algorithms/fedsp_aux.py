@@ -87,6 +87,7 @@ def distill_hidden(full: nn.Module, aux: nn.Module, shared: int, batches, *, ste
             optimizer.step()
             losses.append(loss.item())
     finally:
+        optimizer.zero_grad(set_to_none=True)   # no stale gradient for the clients' first step
         aux.eval()
         for p in aux.parameters():
             p.requires_grad_(saved[id(p)])
