@@ -282,7 +282,7 @@ class TrainSection(Section):
     local_epochs: PositiveFloat | None = None
     batch_size: PositiveInt = 8
     grad_accum: PositiveInt = 1
-    lr: PositiveFloat = 3e-4
+    lr: float = Field(3e-4, gt=0.0, le=100.0)  # clients refuse a larger one (runtime/peer_values.py)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_rounds: NonNegativeInt = 0
     weight_decay: float = Field(0.0, ge=0.0)

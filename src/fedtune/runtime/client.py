@@ -7,6 +7,7 @@ deployment (one client per process). It touches the model only through its Adapt
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +24,26 @@ from fedtune.seeding import derive_seed
 from fedtune.train.dp_sgd import record_dp_steps
 from fedtune.train.local import LocalTrainer
 from fedtune.transport.adapter_wire import AdapterWire
-from fedtune.transport.codec import check_message, decode, encode, specs_of
+from fedtune.transport.codec import all_finite, check_message, decode, encode, specs_of
 from fedtune.transport.compression import CompressionConfig
 from fedtune.wire import DOWN_ONLY, Message, MessageKind
 
 log = logging.getLogger("fedtune.client")
+
+
+class LocalDivergence(FedtuneError):
+    """This client's local training produced a non-finite loss or update (the server is told)."""
+
+
+def _not_finite(metrics: dict, tensors: State) -> str | None:
+    """What is not finite in a fit's outcome ('train_loss is nan', 'tensor x has inf'), or None."""
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{key} is {value}"
+    for name, tensor in tensors.items():
+        if tensor.dtype.is_floating_point and not all_finite(tensor):
+            return f"tensor '{name}' is not finite"
+    return None
 
 
 @dataclass
@@ -99,12 +115,22 @@ class Client:
             return None
         try:
             reply = self.handle(msg)
+        except LocalDivergence as exc:  # the request was fine; this client's work was not
+            reply = self._error(msg, exc)
         except FedtuneError as exc:
             self.rejected += 1
-            log.warning("%s: cannot handle %s of round %d: %s", self.name, msg.kind.value, msg.round, exc)
-            reply = Message(MessageKind.ERROR, msg.round, self.name, self.server,
-                            meta={"error": str(exc)[:500]})
-        return None if reply is None else encode(reply)
+            reply = self._error(msg, exc)
+        if reply is None:
+            return None
+        try:
+            return encode(reply)
+        except MessageError as exc:  # e.g. a metric that is not finite cannot travel
+            return encode(self._error(msg, exc))
+
+    def _error(self, msg: Message, exc: Exception) -> Message:
+        """The ERROR reply saying why `msg` got no answer (the server logs and counts it)."""
+        log.warning("%s: cannot handle %s of round %d: %s", self.name, msg.kind.value, msg.round, exc)
+        return Message(MessageKind.ERROR, msg.round, self.name, self.server, meta={"error": str(exc)[:500]})
 
     def _load_global(self, msg: Message, extra_specs: dict | None = None) -> tuple[State, State]:
         """Check the message's tensors, load the global adapter; returns (adapter, extra tensors)."""
@@ -124,7 +150,15 @@ class Client:
             lr=lr, slot=self.slot, trainer=self.trainer, train=self.data.train,
             state=self.state, server_tensors=extra, meta=msg.meta,
         )
+        before = dict(self.state)  # procedures replace state tensors, never change them in place
         outcome = self.local.fit(ctx, adapter)
+        problem = _not_finite(outcome.metrics, {**outcome.update, **outcome.extra})
+        if problem is not None:  # the round's work is dropped: the state is as if it never ran
+            self.state.clear()
+            self.state.update(before)
+            raise LocalDivergence(
+                f"local training in round {msg.round} diverged ({problem}); nothing is sent. "
+                f"Lower train.lr (asked: {lr:g}) or set train.max_grad_norm")
         outcome.metrics.setdefault("lr", lr)
         if self.trainer.section.dp_sgd is not None:  # this client's (ε, δ) over all its rounds
             record_dp_steps(self.state, outcome.metrics, self.trainer.section.dp_sgd)

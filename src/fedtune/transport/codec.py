@@ -306,7 +306,7 @@ def tensors_of(buffer: bytearray, head: Head) -> dict[str, torch.Tensor]:
         if entry.dtype == torch.bool and int(raw.max()) > 1:
             raise MessageError(f"tensor '{name}' has bool bytes other than 0 and 1")
         tensor = raw.view(entry.dtype).reshape(entry.shape)
-        if entry.dtype in FLOAT_DTYPES and not _all_finite(tensor):
+        if entry.dtype in FLOAT_DTYPES and not all_finite(tensor):
             raise MessageError(f"tensor '{name}' has non-finite values")
         tensors[name] = tensor
     return tensors
@@ -315,7 +315,7 @@ def tensors_of(buffer: bytearray, head: Head) -> dict[str, torch.Tensor]:
 _FINITE_CHUNK = 1 << 20  # elements checked at a time: isfinite's temporaries are ~2x their input
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
+def all_finite(tensor: torch.Tensor) -> bool:
     """Every value finite, checked in chunks so the check costs megabytes, not the tensor's size."""
     return all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(_FINITE_CHUNK))
 
