@@ -29,6 +29,11 @@ DEFAULTS = {
     "offsite": {"adapter_bottom": 1, "adapter_top": 1, "drop_ratio": 0.5, "weighting": "examples",
                 "distill": {"steps": 0, "lr": 1e-4, "batch_size": 8, "lm_weight": 1.0, "kd_weight": 1.0,
                             "data": "synthetic", "examples": 2000}},
+    "hetlora": {"reg": 0.001, "gamma": 0.25, "prune": True, "weighting": "norm"},
+    "flora": {"weighting": "examples"},
+    "fedsp": {"shared_blocks": 1, "server_steps": 5, "server_lr": None, "server_data": "synthetic",
+              "server_examples": 20, "weighting": "examples",
+              "distill": {"steps": 50, "lr": 5e-4, "batch_size": 8, "data": "synthetic", "examples": 1000}},
 }
 
 
@@ -83,6 +88,13 @@ EDGES = [
     ("offsite", "adapter_top", 0, -1),
     ("offsite", "drop_ratio", 0.0, -1e-9),
     ("offsite", "drop_ratio", 0.999, 1.0),
+    ("hetlora", "reg", 0.0, -1e-9),
+    ("hetlora", "gamma", 1e-9, 0.0),
+    ("hetlora", "gamma", 0.999, 1.0),
+    ("fedsp", "shared_blocks", 1, 0),
+    ("fedsp", "server_steps", 0, -1),
+    ("fedsp", "server_lr", 1e-9, 0.0),
+    ("fedsp", "server_examples", 1, 0),
 ]
 
 
