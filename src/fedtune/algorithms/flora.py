@@ -29,6 +29,7 @@ from fedtune.algorithms.fedavg import client_weights
 from fedtune.algorithms.flexlora import lora_pairs
 from fedtune.algorithms.options import FLoRAConfig
 from fedtune.algorithms.party import StandardParty
+from fedtune.errors import ModelError
 from fedtune.models.rank_plan import is_a, is_b, with_update
 from fedtune.wire import DOWN_ONLY
 
@@ -116,7 +117,7 @@ class FLoRAView:
             name = module_of(a_name)
             layer = modules.get(name)
             if not isinstance(getattr(layer, "scaling", None), dict) or not hasattr(layer, "base_layer"):
-                raise ValueError(f"flora: {a_name} is not a LoRA layer's factor")
+                raise ModelError(f"flora: {a_name} is not a LoRA layer's factor (adapter.method lora)")
             self.layers[name] = layer
         if model not in _ORIGINAL:
             _ORIGINAL[model] = {n: layer.base_layer.weight.detach().clone() for n, layer in self.layers.items()}
