@@ -384,6 +384,7 @@ def test_mixed_ranks_and_fedsp_over_tls_match_the_simulation(tiny_recipe, four_l
     up = {e["client"]: e["values"]["up"] for e in events if e["kind"] == "fit" and e["round"] == 1}
     if algorithm == "flora":
         assert up["client_0"] < up["client_1"] < up["client_2"]   # each uploads its own rank
+        assert "client_0: LoRA rank 1 " in procs.text("client_0")   # and holds a model of that rank
     else:
         assert "auxiliary model" in procs.text("client_0")
         assert max(up.values()) < summary["fedsp"]["prompt_bytes"] + 4096   # only prompts go up

@@ -263,3 +263,31 @@ def test_flora_view_writes_the_delta_into_the_base_weight(lora_model):
     state[name].zero_()
     view.load(state)
     torch.testing.assert_close(module.base_layer.weight.detach(), w0)        # W0, not W0 + old deltas
+
+
+def test_a_deployed_clients_own_rank_model_holds_the_same_adapter(tiny_model_dir):
+    """A deployed client builds its LoRA at its own rank (its memory), not at adapter.r: the same
+    wire tensors give it the same real ΔW and come back unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.config.schema import AdapterSection
+
+    models = []
+    for r in (4, 2):
+        section = AdapterSection(method="lora", r=r, alpha=8.0, dropout=0.0, target_modules=["q_proj"])
+        models.append(attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), section))
+    shared, own = (RankSlot(AdapterSlot(m), rank=2, r_max=4, alpha=8.0) for m in models)
+    assert own.model_rank == 2 and shared.model_rank == 4
+    assert sum(p.numel() for p in own.params.values()) * 2 == sum(p.numel() for p in shared.params.values())
+    g = torch.Generator().manual_seed(3)
+    wire = {n: torch.randn(t.shape, generator=g) for n, t in shared.get().items()}
+    assert {n: t.shape for n, t in own.get().items()} == {n: t.shape for n, t in wire.items()}
+    shared.set(wire)
+    own.set(wire)
+    for slot in (shared, own):
+        torch.testing.assert_close(slot.get(), wire)
+    la, lb = _layer(models[0]), _layer(models[1])
+    real = [layer.scaling["default"] * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight)
+            for layer in (la, lb)]
+    torch.testing.assert_close(real[0], real[1])
+    assert own.frame_scale == shared.frame_scale == 8.0 / 4

@@ -124,7 +124,8 @@ class FLoRAView:
         self.original = _ORIGINAL[model]
         any_layer = next(iter(self.layers.values()))
         adapter = next(iter(any_layer.lora_alpha))
-        self.scale = any_layer.lora_alpha[adapter] / any_layer.r[adapter]   # α / r (the full rank)
+        # α / r of the full rank: the wire frame's (a deployed client's LoRA may be smaller)
+        self.scale = getattr(slot, "frame_scale", None) or any_layer.lora_alpha[adapter] / any_layer.r[adapter]
 
     def initial(self) -> State:
         deltas = {DELTA + n: torch.zeros(w.shape, dtype=torch.float32) for n, w in self.original.items()}

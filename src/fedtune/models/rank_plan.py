@@ -112,11 +112,12 @@ def lora_layers(model: torch.nn.Module) -> list[Any]:
 
 
 class RankSlot:
-    """An AdapterSlot seen at rank `rank` of the model's `r_max`, in the wire frame (module doc).
+    """An AdapterSlot seen at rank `rank`, in the wire frame of rank `r_max` (module doc).
 
-    `get` returns the first `rank` components (B rescaled to the full-rank frame); `set` writes
-    them back, zeroes the rest and sets every LoRA layer's scale to α/rank. `params` and
-    `model` are the full model's, for local procedures that work on the parameters.
+    The model's LoRA may be built at `r_max` (simulation: one model for every client) or at the
+    client's own rank (a deployed client); `get` returns the first `rank` components (B rescaled
+    to the frame), `set` writes them back, zeroes any further ones and sets every LoRA layer's
+    scale to α/rank. `params` and `model` are the model's, for local procedures.
     """
 
     def __init__(self, slot: Any, rank: int, r_max: int, alpha: float):
@@ -125,11 +126,16 @@ class RankSlot:
         self.slot = slot
         self.model = slot.model
         self.params = slot.params
+        ranks = {p.shape[0] for n, p in self.params.items() if is_a(n)}
+        if not ranks:
+            raise ModelError("adapter.rank_per_client needs LoRA factors (adapter.method: lora)")
+        self.model_rank = max(ranks)
+        if rank > self.model_rank:
+            raise ModelError(f"rank {rank} is above the model's LoRA rank {self.model_rank}")
         self.rank, self.r_max, self.alpha = rank, r_max, alpha
         self.to_wire = r_max / rank   # s_k / s_max = (α/r_k) / (α/r_max)
+        self.frame_scale = alpha / r_max   # s_max: the scale of the wire frame
         self.layers = lora_layers(slot.model)
-        if not any(is_a(n) for n in self.params):
-            raise ModelError("adapter.rank_per_client needs LoRA factors (adapter.method: lora)")
 
     def get(self) -> State:
         state = truncate(self.slot.get(), self.rank)
@@ -142,7 +148,7 @@ class RankSlot:
             if got != self.rank:
                 raise ModelError(f"{name}: rank {got}, this client's rank is {self.rank}")
         local = {n: t / self.to_wire if is_b(n) else t for n, t in state.items()}
-        self.slot.set(pad(local, self.r_max))
+        self.slot.set(pad(local, self.model_rank))
         for layer in self.layers:
             for adapter in layer.scaling:
                 layer.scaling[adapter] = self.alpha / self.rank

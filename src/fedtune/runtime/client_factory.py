@@ -44,7 +44,7 @@ class ClientFactory:
         elif attack is not None and attack.kind == "backdoor" and attack.boost != 1.0:
             local = AttackedLocal(local, "scale", attack.boost)  # model replacement
         slot, view = setup.slot, setup.view
-        if recipe.adapter.rank_per_client is not None:  # this client's own rank of the one model
+        if recipe.adapter.rank_per_client is not None and setup.own_rank is None:  # its rank of the one model
             rank = client_ranks(recipe.adapter.rank_per_client, fed.clients, recipe.seed)[name]
             slot = wrap_slot(setup.slot.slot, recipe.adapter, rank)
             view = build_view(fed.algorithm, fed.options, slot)
