@@ -151,7 +151,7 @@ def test_regulariser_has_the_gradient_of_the_formula():
     b = T([[1, 1, 2, 0], [0, 0, 0, 1]]).requires_grad_(True)
     value = tail_regulariser({A: a, B: b}, rank=4, gamma=0.5)
     na, nb = 5.0, math.sqrt(5.0)           # ‖A[2:4]‖ = ‖(3,4)‖, ‖B[:, 2:4]‖ = ‖(2, 1)‖
-    assert float(value) == pytest.approx(na * nb)
+    assert value.item() == pytest.approx(na * nb)
     value.backward()
     # d(‖B_t‖·‖A_t‖)/dB_t = ‖A_t‖·B_t/‖B_t‖, nothing outside the tail
     torch.testing.assert_close(b.grad, T([[0, 0, na * 2 / nb, 0], [0, 0, 0, na * 1 / nb]]))
