@@ -68,6 +68,9 @@ class Message:
 # Wire format: MAGIC | header length (8 bytes, little-endian) | UTF-8 JSON header | safetensors
 # (its own 8-byte index length | JSON index | tensor bytes). encode pads the JSON header with spaces
 # so the tensor bytes start 8-aligned, and decode can view them in place.
+# Tensors of a global state under this prefix travel to the clients only (FIT, EVALUATE); a
+# client's update never carries them (e.g. FLoRA's merged global delta).
+DOWN_ONLY = "down/"
 MAGIC = b"FTM1"
 LENGTH = struct.Struct("<Q")
 PREFIX_BYTES = len(MAGIC) + LENGTH.size

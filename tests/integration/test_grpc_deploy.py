@@ -357,3 +357,34 @@ def test_secure_aggregation_over_tls_matches_the_simulation(tiny_recipe, tmp_pat
     # Only the plain timing figures in the key adverts vary in length.
     assert summary["bytes_up"] == pytest.approx(simulated["bytes_up"], rel=0.01)
     assert summary["bytes_down"] == simulated["bytes_down"]
+
+
+NEW_ALGORITHMS = {  # issue 21: clients of their own LoRA ranks; FedSP's auxiliary-model download
+    "flora": {"adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.1, "rank_per_client": [1, 2, 4]}},
+    "fedsp": {"adapter": {"method": "prefix_tuning", "options": {"num_virtual_tokens": 3}},
+              "federation__options": {"distill": {"steps": 2, "examples": 20}, "server_steps": 1}},
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(NEW_ALGORITHMS))
+def test_mixed_ranks_and_fedsp_over_tls_match_the_simulation(tiny_recipe, four_layer_dir, tmp_path, algorithm):
+    port = _free_port()
+    path, recipe = _write_recipe(tiny_recipe, tmp_path, port, model={"name": four_layer_dir},
+                                 federation__algorithm=algorithm, eval__every=0, eval__clients=True,
+                                 **NEW_ALGORITHMS[algorithm])
+    extra = ("model.name=/nowhere/full-model",) if algorithm == "fedsp" else ()
+    procs = _deploy(tmp_path, path, port, *extra)   # FedSP: the clients never load the full model
+    run_dir = Path(recipe["output"]["dir"]) / "deployed"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    simulated, expected = _simulate(recipe)
+    _assert_same_adapter(_final_checkpoint(run_dir), expected)
+    assert summary["final"] == simulated["final"] and summary["per_client"] == simulated["per_client"]
+    assert summary["bytes_down"] == simulated["bytes_down"]
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    up = {e["client"]: e["values"]["up"] for e in events if e["kind"] == "fit" and e["round"] == 1}
+    if algorithm == "flora":
+        assert up["client_0"] < up["client_1"] < up["client_2"]   # each uploads its own rank
+        assert "client_0: LoRA rank 1 " in procs.text("client_0")   # and holds a model of that rank
+    else:
+        assert "auxiliary model" in procs.text("client_0")
+        assert max(up.values()) < summary["fedsp"]["prompt_bytes"] + 4096   # only prompts go up

@@ -46,18 +46,22 @@ def _events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("algorithm", ["fedavg", "scaffold"])
+STATEFUL = {"scaffold", "ditto", "hetlora"}   # clients keep state between rounds
+EXTRA = {"hetlora": {"adapter__rank_per_client": [2, 4, 2, 4]}}   # mixed ranks on the actors
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "scaffold", "ditto", "hetlora"])
 def test_ray_ends_bit_identical_to_inprocess(tiny_recipe, ray_session, algorithm):
     runs = {engine: fedtune.run(_recipe(tiny_recipe, engine, f"{algorithm}-{engine}",
-                                        federation__algorithm=algorithm))
+                                        federation__algorithm=algorithm, **EXTRA.get(algorithm, {})))
             for engine in ("inprocess", "ray")}
     dirs = {engine: Path(s["final_adapter"]).parent for engine, s in runs.items()}
-    for what in ("global", "clients") if algorithm == "scaffold" else ("global",):
+    for what in ("global", "clients") if algorithm in STATEFUL else ("global",):
         want, got = _checkpoint(dirs["inprocess"], what), _checkpoint(dirs["ray"], what)
         assert got.keys() == want.keys() and want, what
         for key in want:
             assert torch.equal(got[key], want[key]), (what, key)
-    if algorithm == "scaffold":  # the clients' control variates really came back from the actors
+    if algorithm in STATEFUL:  # the clients' state really came back from the actors
         assert {k.split("/")[0] for k in _checkpoint(dirs["ray"], "clients")} == {
             "client_0", "client_1", "client_2", "client_3"}
     inproc, on_ray = runs["inprocess"], runs["ray"]

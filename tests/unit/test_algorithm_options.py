@@ -36,6 +36,11 @@ DEFAULTS = {
     "ffa_lora": {"weighting": "examples"},
     "pfedme": {"lam": 15.0, "inner_steps": 5, "personal_lr": None, "beta": 1.0, "weighting": "examples"},
     "pfedgate": {"sparsity": 0.5, "gate_lr": 0.1, "weighting": "examples"},
+    "hetlora": {"reg": 0.001, "gamma": 0.25, "prune": True, "weighting": "norm"},
+    "flora": {"weighting": "examples"},
+    "fedsp": {"shared_blocks": 1, "server_steps": 5, "server_lr": None, "server_data": "synthetic",
+              "server_examples": 20, "weighting": "examples",
+              "distill": {"steps": 50, "lr": 5e-4, "batch_size": 8, "data": "synthetic", "examples": 1000}},
 }
 
 
@@ -103,6 +108,13 @@ EDGES = [
     ("pfedgate", "sparsity", 1.0, 1.0 + 1e-9),
     ("pfedgate", "sparsity", 1e-9, 0.0),
     ("pfedgate", "gate_lr", 1e-9, 0.0),
+    ("hetlora", "reg", 0.0, -1e-9),
+    ("hetlora", "gamma", 1e-9, 0.0),
+    ("hetlora", "gamma", 0.999, 1.0),
+    ("fedsp", "shared_blocks", 1, 0),
+    ("fedsp", "server_steps", 0, -1),
+    ("fedsp", "server_lr", 1e-9, 0.0),
+    ("fedsp", "server_examples", 1, 0),
 ]
 
 

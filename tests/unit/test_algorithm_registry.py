@@ -18,8 +18,9 @@ from fedtune.config import Recipe
 from fedtune.errors import RecipeError
 
 ALL = ["ditto", "dp_fedavg", "fedadagrad", "fedadam", "fedavg", "fedavg_ft", "fedavgm", "fedkseed",
-       "fedmezo", "fedprox", "fedrep", "fedsa_lora", "fedyogi", "ffa_lora", "flexlora", "krum", "median",
-       "norm_bounding", "offsite", "pfedgate", "pfedme", "scaffold", "trimmed_mean"]
+       "fedmezo", "fedprox", "fedrep", "fedsa_lora", "fedsp", "fedyogi", "ffa_lora", "flexlora",
+       "flora", "hetlora", "krum", "median", "norm_bounding", "offsite", "pfedgate", "pfedme",
+       "scaffold", "trimmed_mean"]
 
 
 def test_every_algorithm_is_registered_once_and_listed_sorted():

@@ -544,6 +544,62 @@ def test_fedkseed_pro_learns_candidate_probabilities(tmp_path):
     assert max(probs) - min(probs) > 0.1
 
 
+# -- HetLoRA, FLoRA (heterogeneous ranks), FedSP ------------------------------------------------------
+
+
+def test_hetlora_round_weights_by_product_norm_and_its_regulariser_pulls_the_tail(tmp_path):
+    """Rank 2, γ = 0.5: the tail is component 1; λ = 0.1 adds λ·|B₁|·‖A₁‖ to each client's loss."""
+    a0, b0 = [[1.0, 0.5], [0.5, -1.0]], [[1.0, 0.5]]
+    model = LoraLogitModel(a0, b0)
+    lam = 0.1
+    fed = run(tmp_path, "hetlora", [THREE_ONES, ONE_ZERO], model=model, adapter={"method": "lora"},
+              options={"reg": lam, "gamma": 0.5, "prune": False})
+    w = [b0[0][0] * a0[0][t] + b0[0][1] * a0[1][t] for t in (0, 1)]   # W = B·A = (1.25, 0)
+    locals_ = []
+    for data in (THREE_ONES, ONE_ZERO):
+        g = grad(w, data)
+        n1 = math.hypot(*a0[1])
+        a = [[a0[j][t] - b0[0][j] * g[t] - (lam * abs(b0[0][1]) * a0[1][t] / n1 if j == 1 else 0.0)
+              for t in (0, 1)] for j in (0, 1)]
+        b = [b0[0][j] - sum(a0[j][t] * g[t] for t in (0, 1)) - (lam * n1 if j == 1 else 0.0)
+             for j in (0, 1)]
+        product = [b[0] * a[0][t] + b[1] * a[1][t] for t in (0, 1)]
+        locals_.append((a, b, math.hypot(*product)))
+    weights = [n for _, _, n in locals_]
+    state = fed.server.global_state
+    close(state["proj.lora_A.default"].flatten(),
+          [sum(wt * a[j][t] for (a, _, _), wt in zip(locals_, weights)) / sum(weights)
+           for j in (0, 1) for t in (0, 1)])
+    close(state["proj.lora_B.default"][0],
+          [sum(wt * b[j] for (_, b, _), wt in zip(locals_, weights)) / sum(weights) for j in (0, 1)])
+
+
+def test_flora_round_stacks_ranks_1_and_2_into_the_global_delta_exactly():
+    delta = "down/flora/proj"
+    g = {"proj.lora_A.default": torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+         "proj.lora_B.default": torch.zeros(1, 2), delta: torch.tensor([[0.5, 0.5]])}
+    strategy = build_strategy("flora", {"weighting": "examples"}, 2)
+    # client a (rank 1): local A = [[1, 1]], B = [[2]]   -> product (2, 2), 3 examples
+    # client b (rank 2): local A = I, B = [[0, 4]]        -> product (0, 4), 1 example
+    out = strategy.aggregate_fit(1, g, [
+        ClientUpdate("a", {"proj.lora_A.default": torch.tensor([[0.0, 1.0]]),
+                           "proj.lora_B.default": torch.tensor([[2.0]])}, 3),
+        ClientUpdate("b", {"proj.lora_A.default": torch.zeros(2, 2),
+                           "proj.lora_B.default": torch.tensor([[0.0, 4.0]])}, 1)])
+    close(out[delta][0], [0.5 + 0.75 * 2 + 0.25 * 0, 0.5 + 0.75 * 2 + 0.25 * 4])
+    close(out["proj.lora_B.default"][0], [0.0, 0.0])               # a fresh LoRA for the next round
+    close(out["proj.lora_A.default"].flatten(), [1.0, 0.0, 0.0, 1.0])
+    assert strategy.round_metrics()["flora_stacked_rank"] == 3
+
+
+def test_fedsp_round_averages_the_prompts_by_examples():
+    strategy = build_strategy("fedsp", {}, 2)
+    out = strategy.aggregate_fit(1, {"p": torch.tensor([1.0, 1.0])}, [
+        ClientUpdate("a", {"p": torch.tensor([1.0, 0.0])}, 3),
+        ClientUpdate("b", {"p": torch.tensor([0.0, 4.0])}, 1)])
+    close(out["p"], [1.75, 2.0])   # the clients' auxiliary bodies never reach the server
+
+
 # -- offsite: FedAvg of the end layers -----------------------------------------------------------------
 
 

@@ -36,6 +36,8 @@ class AlgorithmInfo:
     unsplit_ranks: str | None = None
     # Why its simulated clients cannot live in Ray actors (federation.engine: ray), if so.
     no_ray: str | None = None
+    # True when the algorithm aggregates LoRA factors of different ranks (adapter.rank_per_client)
+    mixed_ranks: bool = False
 
 
 _ZEROTH_ORDER = "estimates gradients from forward passes only"
@@ -62,7 +64,21 @@ _ROWS = [
                   "clipped updates, Gaussian noise, RDP accountant (McMahan et al. 2018).",
                   o.DPFedAvgConfig),
     AlgorithmInfo("flexlora", "flexlora", "LoRA-aware FedAvg: average the products B·A, "
-                  "re-factorise by truncated SVD (FlexLoRA, Bai et al. 2024).", o.FlexLoRAConfig),
+                  "re-factorise by truncated SVD (FlexLoRA, Bai et al. 2024).", o.FlexLoRAConfig,
+                  mixed_ranks=True),
+    AlgorithmInfo("fedsp", "fedsp", "FedSP: clients tune a small auxiliary model built from the "
+                  "server's LLM; only prefix soft prompts travel (Dong et al. 2023).", o.FedSPConfig,
+                  check=o.check_fedsp,
+                  one_process="the auxiliary model is distilled and the prompts tuned in one "
+                              "process; launch it without torchrun/accelerate",
+                  no_ray="the clients take the auxiliary model the server's party distils and "
+                         "keeps with the run; actors would each distil their own"),
+    AlgorithmInfo("flora", "flora", "Stacked LoRA factors: the exact sum of the clients' products at "
+                  "any mix of ranks, merged into a global delta (FLoRA, Wang et al. 2024).",
+                  o.FLoRAConfig, check=o.check_mixed_ranks, mixed_ranks=True),
+    AlgorithmInfo("hetlora", "hetlora", "Heterogeneous LoRA ranks: zero-pad to the largest, "
+                  "norm-weighted average, self-pruning (HetLoRA, Cho et al. 2024).", o.HetLoRAConfig,
+                  check=o.check_mixed_ranks, mixed_ranks=True),
     AlgorithmInfo("median", "robust", "Coordinate-wise median of the client updates (Yin et al. "
                   "2018, Byzantine-robust distributed learning).", o.MedianConfig),
     AlgorithmInfo("trimmed_mean", "robust", "Coordinate-wise trimmed mean of the client updates "

@@ -6,6 +6,11 @@ result back into rank-r factors, B' = U_r·√S_r and A' = √S_r·V_rᵀ — ex
 product has rank ≤ r, the best rank-r approximation (Eckart–Young) otherwise. The products do
 not depend on each client's rank, so clients may use different LoRA ranks (as in FlexLoRA,
 Bai et al. 2024). Tensors that are not LoRA factors are averaged as in FedAvg.
+
+With adapter.rank_per_client the global factors keep the largest rank, ordered by singular
+value, so a client of rank r_k receiving the first r_k components (runtime/client_shapes.py)
+gets the truncated SVD of the averaged ΔW at its rank. The factors travel in the full rank's
+frame (models/rank_plan.py), so each client's own scale α/r_k is accounted for, not hard-coded.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from fedtune.algorithms.base import ClientUpdate, State, plain, register
 from fedtune.algorithms.fedavg import client_weights
 from fedtune.algorithms.options import FlexLoRAConfig
+from fedtune.models.rank_plan import with_update
 
 A_TAG, B_TAG = "lora_A", "lora_B"
 
@@ -75,8 +81,8 @@ class FlexLoRA:
 
     def aggregate_fit(self, round_: int, global_state: State, updates: list[ClientUpdate]) -> State:
         weights = client_weights(updates, self.config.weighting)
-        locals_ = [({k: global_state[k] + u.tensors[k] for k in global_state}, w)
-                   for u, w in zip(updates, weights)]
+        # with adapter.rank_per_client each update has its client's rank (models/rank_plan.py)
+        locals_ = [(with_update(global_state, u.tensors), w) for u, w in zip(updates, weights)]
         return flexlora_aggregate(global_state, locals_)
 
 

@@ -72,6 +72,64 @@ class FlexLoRAConfig(BaseModel):
     weighting: Weighting = "examples"
 
 
+class HetLoRAConfig(BaseModel):
+    """HetLoRA: λ (`reg`) of the self-pruning regulariser on the last γ (`gamma`) of each client's
+    rank components; `prune` lets a client drop them when their norm shrinks."""
+
+    model_config = ConfigDict(extra="forbid")
+    reg: float = Field(1e-3, ge=0.0)
+    gamma: float = Field(0.25, gt=0.0, lt=1.0)
+    prune: bool = True
+    weighting: Literal["norm", "examples", "uniform"] = "norm"
+
+
+class FedSPDistillConfig(BaseModel):
+    """The auxiliary model's alignment with the full model (hidden-state matching) on text the
+    server holds: "synthetic" (statements of the built-in benchmark's skills) or a data file."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(50, ge=0)
+    lr: float = Field(5e-4, gt=0.0)
+    batch_size: int = Field(8, ge=1)
+    data: str = "synthetic"
+    examples: int = Field(1000, ge=1)
+
+
+class FedSPConfig(BaseModel):
+    """FedSP: `shared_blocks` distinct blocks repeated to the full depth make the auxiliary model;
+    the server tunes the averaged prompts `server_steps` steps (at `server_lr`, default train.lr)
+    between rounds on its own shard `server_data` ("synthetic": the built-in benchmark's tasks
+    drawn with the server's seed, `server_examples` per category; or a data file, that many)."""
+
+    model_config = ConfigDict(extra="forbid")
+    shared_blocks: int = Field(1, ge=1)
+    distill: FedSPDistillConfig = Field(default_factory=FedSPDistillConfig)
+    server_steps: int = Field(5, ge=0)
+    server_lr: float | None = Field(None, gt=0.0)
+    server_data: str = "synthetic"
+    server_examples: int = Field(20, ge=1)
+    weighting: Weighting = "examples"
+
+
+def check_fedsp(config: FedSPConfig, recipe: Any) -> None:
+    """FedSP's messengers are prefix prompts in every attention layer of both models."""
+    if recipe.adapter.method != "prefix_tuning":
+        raise ValueError("adapter.method: fedsp exchanges prefix soft prompts; set "
+                         f"adapter.method=prefix_tuning (got {recipe.adapter.method!r})")
+
+
+class FLoRAConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weighting: Weighting = "examples"
+
+
+def check_mixed_ranks(config: BaseModel, recipe: Any) -> None:
+    """An algorithm for heterogeneous ranks needs LoRA (`adapter.rank_per_client` is optional)."""
+    if recipe.adapter.method != "lora":
+        raise ValueError(f"adapter.method: {recipe.federation.algorithm} aggregates LoRA factors; "
+                         f"set adapter.method=lora (got {recipe.adapter.method!r})")
+
+
 class MedianConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

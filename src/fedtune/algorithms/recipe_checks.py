@@ -61,6 +61,33 @@ def secure_aggregation(fed: Any) -> None:
         raise ValueError(f"{key}: {str(exc).replace('secagg ', '')}") from None
 
 
+def rank_per_client(recipe: Any) -> None:
+    """adapter.rank_per_client: LoRA, ranks up to adapter.r, one per client, an algorithm that
+    aggregates mixed ranks, no secure aggregation (the clients' updates differ in shape)."""
+    spec = recipe.adapter.rank_per_client
+    if spec is None:
+        return
+    key, fed = "adapter.rank_per_client", recipe.federation
+    if recipe.adapter.method != "lora":
+        raise ValueError(f"{key}: needs adapter.method lora, got {recipe.adapter.method!r}")
+    ranks = list(spec) if isinstance(spec, list) else list(spec.ranks)
+    if max(ranks) > recipe.adapter.r:
+        raise ValueError(f"{key}: rank {max(ranks)} is above adapter.r={recipe.adapter.r} (the model "
+                         "is built at adapter.r, the largest rank)")
+    if isinstance(spec, list) and len(spec) != fed.clients:
+        raise ValueError(f"{key}: {len(spec)} ranks for federation.clients={fed.clients}")
+    if not isinstance(spec, list) and spec.resources is not None and len(spec.resources) != fed.clients:
+        raise ValueError(f"{key}.resources: {len(spec.resources)} entries for "
+                         f"federation.clients={fed.clients}")
+    if not CATALOG[fed.algorithm].mixed_ranks:
+        works = ", ".join(sorted(n for n, s in CATALOG.items() if s.mixed_ranks))
+        raise ValueError(f"{key}: federation.algorithm {fed.algorithm!r} cannot aggregate LoRA "
+                         f"factors of different ranks; use one of: {works}")
+    if fed.secure_aggregation.enabled:
+        raise ValueError(f"{key}: secure aggregation needs every update of one shape; the clients' "
+                         "ranks differ")
+
+
 def bench_options(entry: Any) -> None:
     try:
         algorithm_options(entry.name, entry.options)
@@ -73,3 +100,4 @@ register_check("federation", federation_options)
 register_check("federation", secure_aggregation)
 register_check("bench.algorithm", bench_options)
 register_check("recipe", check_recipe)
+register_check("recipe", rank_per_client)

@@ -95,11 +95,12 @@ def plan_variants(recipe: Recipe, data: FederatedData) -> list[Variant]:
                 _baseline_recipe(recipe, f"local-{name}", budget["local"]),
                 FederatedData(clients={name: part}, test=data.test), [name], budget["local"]))
     algorithms = recipe.bench.algorithms
-    entries = ([(a.variant, a.name, a.options) for a in algorithms] if algorithms is not None else
-               [(recipe.federation.algorithm, recipe.federation.algorithm, recipe.federation.options)])
-    for label, algorithm, options in entries:
+    entries = ([(a.variant, a.name, a.options, a.adapter) for a in algorithms] if algorithms is not None
+               else [(recipe.federation.algorithm, recipe.federation.algorithm, recipe.federation.options, {})])
+    for label, algorithm, options, adapter in entries:
         d = recipe.model_dump(mode="json")
         d["federation"].update(algorithm=algorithm, options=options)
+        d["adapter"].update(adapter)   # the variant's own adapter keys (heterogeneous ranks)
         d["output"]["name"] = label
         variants.append(Variant(label, FEDERATED, load_recipe(d), data, list(data.clients),
                                 budget["local"]))

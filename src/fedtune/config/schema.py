@@ -102,8 +102,27 @@ def normal_method(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
+class RankRule(Section):
+    """Clients' LoRA ranks drawn from `ranks`: by `weights` (a seeded draw per client), or by
+    `resources` (one figure per client, e.g. its memory: the fewer, the smaller its rank)."""
+
+    ranks: list[PositiveInt] = Field(min_length=1)
+    weights: list[PositiveFloat] | None = None
+    resources: list[PositiveFloat] | None = None
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> RankRule:
+        if self.weights is not None and self.resources is not None:
+            raise ValueError("give weights (a distribution) or resources (a rule), not both")
+        if self.weights is not None and len(self.weights) != len(self.ranks):
+            raise ValueError(f"weights has {len(self.weights)} entries for {len(self.ranks)} ranks")
+        return self
+
+
 class AdapterSection(Section):
-    """A peft method by name; `r`, `alpha`, `dropout`, `target_modules` apply to LoRA-like methods."""
+    """A peft method by name; `r`, `alpha`, `dropout`, `target_modules` apply to LoRA-like methods.
+    `rank_per_client` (LoRA only): each client's own rank (docs/algorithms.md, "Heterogeneous
+    ranks"), a list (client_0, client_1, ...) or a RankRule; `r` is then the largest."""
 
     method: str = "lora"
     r: PositiveInt = 8
@@ -113,6 +132,7 @@ class AdapterSection(Section):
     # same rank (docs/algorithms.md, "Which layers LoRA adapts", has the measurement)
     target_modules: list[str] | Literal["auto", "all-linear"] = "all-linear"
     options: dict[str, Any] = Field(default_factory=dict)
+    rank_per_client: list[PositiveInt] | RankRule | None = None
 
     @field_validator("method")
     @classmethod
@@ -531,6 +551,7 @@ class BenchAlgorithm(Section):
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None   # default: the algorithm's name
+    adapter: dict[str, Any] = Field(default_factory=dict)   # this variant's adapter keys (e.g. rank_per_client)
 
     @field_validator("name")
     @classmethod

@@ -34,7 +34,7 @@ from fedtune.train.local import LocalTrainer
 from fedtune.transport.adapter_wire import AdapterWire
 from fedtune.transport.codec import all_finite, check_message, decode, encode, specs_of
 from fedtune.transport.compression import CompressionConfig
-from fedtune.wire import Message, MessageKind, TensorSpec
+from fedtune.wire import DOWN_ONLY, Message, MessageKind, TensorSpec
 
 log = logging.getLogger("fedtune.client")
 
@@ -99,7 +99,8 @@ class Client:
         self.view = view or ModelView(slot)  # how the global state becomes the model's tensors
         self._specs = dict(specs) if specs is not None else specs_of(self.view.initial())
         up, down = compression or (CompressionConfig(), CompressionConfig())
-        self.up, self.down = AdapterWire(up, self._specs), AdapterWire(down, self._specs)
+        upload = {k: v for k, v in self._specs.items() if not k.startswith(DOWN_ONLY)}  # wire.DOWN_ONLY
+        self.up, self.down = AdapterWire(up, upload), AdapterWire(down, self._specs)
         self.predictions_dir: Path | None = None  # where this client writes its predictions
         # A backdoor experiment (federation.attack): (generate, test examples) -> attack success on
         # this client's test part, for its global and personal model (client_factory sets it).

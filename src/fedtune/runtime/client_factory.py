@@ -6,9 +6,10 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING
 
-from fedtune.algorithms import build_local
+from fedtune.algorithms import build_local, build_view
 from fedtune.algorithms.attacks import AttackedLocal, backdoor_metrics, poison_examples
 from fedtune.algorithms.personal import HoldoutLocal
+from fedtune.models.rank_plan import client_ranks, wrap_slot
 from fedtune.runtime.client import Client, ClientDataset
 from fedtune.seeding import derive_seed
 from fedtune.transport.codec import specs_of
@@ -55,10 +56,16 @@ class ClientFactory:
             local = AttackedLocal(local, "scale", attack.boost)  # model replacement
         if name in fed.holdout_names():  # never trains; adapts the global model to evaluate
             local = HoldoutLocal(local, fed.holdout_steps)
-        client = Client(name, dataset, slot=setup.slot, trainer=setup.trainer,
-                        evaluator=setup.evaluator, seed=recipe.seed, local=local, view=setup.view,
+        slot, view = setup.slot, setup.view
+        if recipe.adapter.rank_per_client is not None and setup.own_rank is None:  # its rank of the one model
+            rank = client_ranks(recipe.adapter.rank_per_client, fed.clients, recipe.seed)[name]
+            slot = wrap_slot(setup.slot.slot, recipe.adapter, rank)
+            view = build_view(fed.algorithm, fed.options, slot)
+        client = Client(name, dataset, slot=slot, trainer=setup.trainer,
+                        evaluator=setup.evaluator, seed=recipe.seed, local=local, view=view,
                         compression=(codec_of(fed.compression.up), codec_of(fed.compression.down)),
-                        max_message_bytes=recipe.transport.max_message_bytes, specs=self.specs())
+                        max_message_bytes=recipe.transport.max_message_bytes,
+                        specs=self.specs() if view is setup.view else None)  # a rank's own shapes
         if fed.attack.kind == "backdoor" and fed.attack.clients:  # every client measures it
             client.backdoor_probe = partial(backdoor_metrics, trigger=fed.attack.trigger,
                                             target=fed.attack.target)

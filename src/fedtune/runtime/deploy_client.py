@@ -22,6 +22,7 @@ from fedtune.data.federated import ClientData, FederatedData
 from fedtune.data.records import load_examples
 from fedtune.data.splitters import train_val_test_split
 from fedtune.errors import DataError, DeploymentError, MessageError
+from fedtune.models.rank_plan import client_ranks
 from fedtune.runtime.client import Client
 from fedtune.runtime.client_store import load_client_state, save_client_state, state_path
 from fedtune.runtime.deploy_server import require_grpc
@@ -105,12 +106,15 @@ def _participate(loaded: Recipe, name: str, data: str | Path | None, console: Co
         if party.client_downloads():
             base = fetch_model(connection, loaded, party, out)
         setup = Setup(loaded, console, data=own_data(loaded, name, data) if data else None,
-                      base=base, party=party)
+                      base=base, party=party, rank=own_rank(loaded, name))
         if name not in setup.data.clients:
             raise DeploymentError(
                 f"client '{name}' is not in the recipe's split ({', '.join(setup.data.clients)}); "
                 "give one of those names, or --data PATH for your own data")
         client = setup.clients.client(name)
+        if setup.own_rank is not None:
+            out.print(f"{name}: LoRA rank {setup.own_rank} (adapter.rank_per_client; the global adapter's "
+                      f"is {loaded.adapter.r})")
         client.predictions_dir = Path(loaded.output.dir) / name / "predictions"  # never sent
         client.secagg.require(loaded.federation.secure_aggregation)  # no plain FIT if enabled
         store = restore_state(client, loaded, out)  # its personal state, kept across restarts
@@ -127,6 +131,13 @@ def restore_state(client: Client, recipe: Recipe, out: Console) -> Path:
     if client.state:
         out.print(f"{client.name}: continuing with its state from {store} ({len(client.state)} tensors)")
     return store
+
+
+def own_rank(recipe: Recipe, name: str) -> int | None:
+    """This client's LoRA rank under adapter.rank_per_client (None without it, or for a name
+    outside the split, which Setup's caller refuses)."""
+    spec = recipe.adapter.rank_per_client
+    return None if spec is None else client_ranks(spec, recipe.federation.clients, recipe.seed).get(name)
 
 
 def fetch_model(connection: ServerConnection, recipe: Recipe, party: Party,
@@ -153,7 +164,8 @@ def fetch_model(connection: ServerConnection, recipe: Recipe, party: Party,
 def _follow(recipe: Recipe, name: str, data: str | Path | None, relay: Relay) -> dict[str, Any]:
     """A rank other than 0 of a client: the same client, fed by rank 0 with every message it got
     from the server; it trains with rank 0 (DDP), sends nothing and writes nothing."""
-    setup = Setup(recipe, Console(quiet=True), data=own_data(recipe, name, data) if data else None)
+    setup = Setup(recipe, Console(quiet=True), data=own_data(recipe, name, data) if data else None,
+                  rank=own_rank(recipe, name))
     if name not in setup.data.clients:
         raise DeploymentError(f"client '{name}' is not in the recipe's split")
     client = setup.clients.client(name)

@@ -9,6 +9,8 @@ with these methods and a name in ENGINES, chosen by `federation.engine`.
 
 from __future__ import annotations
 
+import logging
+
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
@@ -91,7 +93,10 @@ class InProcessHost:
         """Every client of the recipe's split, built by `setup` (Setup.client) when first sampled."""
         host = cls.lazy(list(setup.data.clients), setup.clients.client)
         k = setup.recipe.federation.parallel_clients
-        if k > 1:
+        if k > 1 and setup.recipe.adapter.rank_per_client is not None:
+            log.warning("federation.parallel_clients: clients of different LoRA ranks "
+                        "(adapter.rank_per_client) train one after another")
+        elif k > 1:
             host.batched = BatchedFits(setup.trainer, setup.slot.params, k)
         return host
 

@@ -21,6 +21,7 @@ from fedtune.config import Recipe
 from fedtune.errors import MessageError
 from fedtune.eval.selection import Selection, pooled_val_loss
 from fedtune.runtime import peer_values
+from fedtune.runtime.client_shapes import ClientShapes
 from fedtune.runtime.round import Rejection, RoundIO, RoundOutcome
 from fedtune.runtime.secure_round import SYNTHETIC_CLIENT, SecureAggregation
 from fedtune.seeding import derive_seed
@@ -129,6 +130,8 @@ class Server:
         compression = recipe.federation.compression
         self.up = AdapterWire(codec_of(compression.up), self.specs)
         self.down = AdapterWire(codec_of(compression.down), self.specs)
+        # each client's own shapes (adapter.rank_per_client: its rank's part of the adapter)
+        self.shapes = ClientShapes(recipe, global_state, codec_of(compression.up), codec_of(compression.down))
         self.secure = SecureAggregation.from_recipe(recipe, self.specs)  # None unless enabled
         self.timings = Timings()
         self.rejected = 0
@@ -216,13 +219,13 @@ class Server:
         instructions = self.strategy.configure_fit(round_, chosen, lr)
         self.reporter.round_begin(round_, fed.rounds, len(chosen))
         start = time.perf_counter()
-        tensors = {**self.down.pack(self.global_state),
-                   **self.strategy.fit_tensors(round_, self.global_state)}
+        extra = self.strategy.fit_tensors(round_, self.global_state)
         if self.secure is not None:  # the server sees only the sum (runtime/secure_round.py)
             io = RoundIO(self.transport, self.reporter, self.reply_timeout, fed.rounds)
+            tensors = {**self.down.pack(self.global_state), **extra}
             outcome = self.secure.exchange(io, round_, chosen, tensors, instructions, self.max_examples)
         else:
-            outcome = self._exchange(round_, chosen, tensors, instructions)
+            outcome = self._exchange(round_, chosen, extra, instructions)
         for rejection in outcome.rejected:
             self._reject(round_, rejection.client, rejection.what, rejection.reason)
         self._aggregate(round_, outcome)
@@ -250,12 +253,15 @@ class Server:
         self.run_dir.log(round_, None, "round", summary)
         self.reporter.round_end(round_, summary)
 
-    def _exchange(self, round_: int, chosen: list[str], tensors: State,
+    def _exchange(self, round_: int, chosen: list[str], extra: State,
                   instructions: dict[str, dict[str, Any]]) -> RoundOutcome:
-        """The plain exchange: FIT to each chosen client, each one's valid UPDATE back."""
-        self.transport.expect(round_, MessageKind.UPDATE, chosen,  # anything else is refused early
-                              {**self.up.wire, **self.strategy.update_specs(self.specs)})
+        """The plain exchange: FIT to each chosen client (the global adapter in its shapes and the
+        strategy's `extra` tensors), each one's valid UPDATE back."""
+        for client in chosen:  # anything else is refused early
+            self.transport.expect(round_, MessageKind.UPDATE, [client],
+                                  {**self.shapes.up(client).wire, **self.strategy.update_specs(self.specs)})
         for client in chosen:
+            tensors = {**self.shapes.down(client, self.global_state), **extra}
             self.transport.send(Message(MessageKind.FIT, round_, SERVER, client,
                                         tensors=tensors, meta=instructions[client]))
         rejected: list[Rejection] = []
@@ -309,15 +315,16 @@ class Server:
             try:
                 if msg.kind == MessageKind.ERROR:
                     raise MessageError(f"client reported: {peer_values.error_text(msg.meta.get('error', '?'))}")
+                up = self.shapes.up(msg.sender)  # the sender's own shapes
                 check_message(msg, kinds={MessageKind.UPDATE}, round=round_,
-                              tensor_specs={**self.up.wire, **self.strategy.update_specs(self.specs)})
+                              tensor_specs={**up.wire, **self.strategy.update_specs(self.specs)})
                 if msg.sender not in chosen or msg.sender in updates:
                     raise MessageError("not asked for an update this round, or answered twice")
                 n = peer_values.count(msg.meta.get("n_examples"), "meta.n_examples", low=1,
                                       high=self.max_examples(msg.sender))
                 metrics = peer_values.metrics(msg.meta.get("metrics", {}))
-                wire, extra = self.up.split(msg.tensors)
-                tensors = {**self.up.unpack(wire), **extra}
+                wire, extra = up.split(msg.tensors)
+                tensors = {**up.unpack(wire), **extra}
                 update = ClientUpdate(msg.sender, tensors, 1 if uniform else n, metrics)
                 if fold is not None:
                     fold.add(update)
@@ -352,8 +359,8 @@ class Server:
             self.run_dir.log(round_, None, "eval", {"scope": "global", **metrics})
         if self.recipe.eval.clients:
             reports: dict[str, dict[str, Any]] = {}
-            tensors = self.down.pack(self.global_state)
             for client in self.eval_clients:
+                tensors = self.shapes.down(client, self.global_state)
                 self.transport.send(Message(MessageKind.EVALUATE, round_, SERVER, client,
                                             tensors=tensors, meta={"generate": final or self.selection.may_stop()}))
             answered: set[str] = set()

@@ -23,6 +23,7 @@ from fedtune.data.prompts import TokenizedExample, tokenize_examples
 from fedtune.eval.evaluator import Evaluator
 from fedtune.models.adapters import AdapterSlot, attach_adapter
 from fedtune.models.loading import load_base_model
+from fedtune.models.rank_plan import wrap_slot
 from fedtune.runtime.client_factory import ClientFactory
 from fedtune.runtime.server_eval import ServerEvaluation
 from fedtune.seeding import derive_seed, seed_everything
@@ -43,10 +44,12 @@ class Setup:
 
     def __init__(self, recipe: Recipe, console: Console | None = None,
                  data: FederatedData | None = None, base: tuple[Any, Any] | None = None,
-                 party: Party | None = None):
+                 party: Party | None = None, rank: int | None = None):
         """`base`: a (model, tokenizer) to use instead of loading `recipe.model` (a deployed
         client's model built from what the server shipped: Party.client_model). `party`: the
-        algorithm's hooks for this process (algorithms/party.py), built from the recipe if None."""
+        algorithm's hooks for this process (algorithms/party.py), built from the recipe if None.
+        `rank`: a deployed client's own LoRA rank (adapter.rank_per_client): its model's LoRA is
+        built at that rank, not at adapter.r (what the simulation's one shared model needs)."""
         self.recipe = recipe
         self.console = console or Console(quiet=not recipe.output.progress)
         quiet_libraries()
@@ -62,9 +65,13 @@ class Setup:
             model = self.party.server_model(model, self.tokenizer, self.console)
         # The initial adapter depends only on the recipe seed: every party builds the same one.
         torch.manual_seed(derive_seed(recipe.seed, "adapter-init"))
-        self.model = attach_adapter(model, recipe.adapter) if self.party.attaches_adapter else model
+        section = recipe.adapter if rank is None else recipe.adapter.model_copy(update={"r": rank})
+        self.model = attach_adapter(model, section) if self.party.attaches_adapter else model
         self.model.eval()
         self.slot = AdapterSlot(self.model)
+        self.own_rank = rank
+        if recipe.adapter.rank_per_client is not None:  # this party's rank, in the wire frame
+            self.slot = wrap_slot(self.slot, recipe.adapter, rank or recipe.adapter.r)
         self.view = build_view(fed.algorithm, fed.options, self.slot)  # before any training
         self.device = next(self.model.parameters()).device
         self.tokenize_report: dict[str, Any] = {}

@@ -1,0 +1,176 @@
+"""FedSP: the auxiliary model's shared layers, its distillation and package, the clients'
+alternating stages with only prompts sent, the server's prompt tuning between rounds."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import PrefixTuningConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import make_char_tokenizer
+from fedtune.algorithms.base import LocalContext
+from fedtune.algorithms.fedsp import BODY, FedSPLocal, FedSPParty, FedSPView
+from fedtune.algorithms.fedsp_aux import (
+    aux_from_package,
+    aux_package,
+    body,
+    build_aux,
+    distill_hidden,
+)
+from fedtune.algorithms.options import FedSPConfig
+from fedtune.data.prompts import TokenizedExample, collate
+from fedtune.errors import ModelError
+from fedtune.models.adapters import AdapterSlot
+
+
+def _llama(layers: int = 4) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(_tok()), hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=layers, num_attention_heads=2,
+                                        num_key_value_heads=2, pad_token_id=0)).eval()
+
+
+def _tok():
+    return make_char_tokenizer()
+
+
+def test_aux_repeats_the_first_block_to_the_full_depth():
+    full = _llama(4)
+    aux = build_aux(full, shared=1)
+    layers = aux.model.layers
+    assert len(layers) == 4 and len({id(layer) for layer in layers}) == 4        # own modules ...
+    assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2, 3]      # ... own cache slot
+    assert all(layers[i].mlp.up_proj.weight is layers[0].mlp.up_proj.weight for i in range(4))
+    per_block = sum(p.numel() for p in full.model.layers[0].parameters())
+    assert sum(p.numel() for p in aux.parameters()) == sum(p.numel() for p in full.parameters()) - 3 * per_block
+    # the full model keeps its own layers
+    assert full.model.layers[1].mlp.up_proj.weight is not full.model.layers[0].mlp.up_proj.weight
+    two = build_aux(full, shared=2)
+    assert two.model.layers[3].self_attn.q_proj.weight is two.model.layers[1].self_attn.q_proj.weight
+    assert set(body(two, 2)) == {f"{i}.{n}" for i in range(2) for n, _ in full.model.layers[0].named_parameters()}
+
+
+def test_distillation_moves_only_the_body_towards_the_full_model():
+    full = _llama(4)
+    aux = build_aux(full, shared=1)
+    embed = aux.model.embed_tokens.weight.detach().clone()
+    before = {n: p.detach().clone() for n, p in body(aux, 1).items()}
+    grad_flags = [p.requires_grad for p in aux.parameters()]
+    g = torch.Generator().manual_seed(0)
+    batch = collate([TokenizedExample(input_ids=torch.randint(4, 60, (12,), generator=g).tolist(),
+                                      labels=[-100] * 12) for _ in range(4)], 0)
+
+    def batches():
+        while True:
+            yield batch
+
+    losses = distill_hidden(full, aux, 1, batches(), steps=12, lr=1e-2, device=torch.device("cpu"))
+    assert losses[-1] < 0.8 * losses[0]
+    assert torch.equal(aux.model.embed_tokens.weight, embed)
+    assert any(not torch.equal(p, before[n]) for n, p in body(aux, 1).items())
+    assert [p.requires_grad for p in aux.parameters()] == grad_flags  # as it was
+    assert all(p.grad is None for p in aux.parameters())   # no stale gradient for a first client step
+
+
+def test_the_package_holds_only_the_aux_weights_and_round_trips():
+    tok = _tok()
+    full = _llama(4)
+    aux = build_aux(full, shared=1)
+    meta, tensors = aux_package(aux, tok, 1)
+    names = {k for k in tensors if k.startswith("model/")}
+    assert not any(".layers.1." in n or ".layers.2." in n or ".layers.3." in n for n in names)
+    full_layer = full.model.layers[2].mlp.up_proj.weight
+    assert not any(t.shape == full_layer.shape and torch.equal(t, full_layer) for t in tensors.values())
+    rebuilt, _, shared = aux_from_package(meta, tensors, device=torch.device("cpu"), dtype=torch.float32)
+    assert shared == 1 and rebuilt.model.layers[3].mlp.up_proj.weight is rebuilt.model.layers[0].mlp.up_proj.weight
+    x = torch.tensor([[5, 9, 12, 7]])
+    torch.testing.assert_close(rebuilt(input_ids=x).logits, aux(input_ids=x).logits)
+    bad = [
+        ({**meta, "config": {**meta["config"], "model_type": "evil"}}, tensors, "does not ship"),
+        ({**meta, "layers": 3}, tensors, "the server said"),
+        (meta, {**tensors, "model/model.layers.1.mlp.up_proj.weight": full_layer.detach()}, "unexpected"),
+        (meta, {k: (v[:1] if k.endswith("layers.0.mlp.up_proj.weight") else v) for k, v in tensors.items()},
+         "the config says"),
+        ({**meta, "shared": 9}, tensors, "bad 'shared'"),
+    ]
+    for m, t, message in bad:
+        with pytest.raises(ModelError, match=message):
+            aux_from_package(m, t, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def _prefixed(model):
+    torch.manual_seed(1)
+    return get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                    prefix_projection=True, encoder_hidden_size=8))
+
+
+class _PlusOne:
+    """A trainer whose 'training' adds 1 to every trainable tensor, recording which those were."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def train(self, examples, *, lr, seed, extra_loss=None):
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.calls.append(names)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    p.add_(1.0)
+        return SimpleNamespace(loss=float(len(self.calls)), steps=1, examples=1, seconds=0.0, dp=None)
+
+
+def test_clients_alternate_stages_keep_their_body_and_send_only_prompts():
+    model = _prefixed(build_aux(_llama(2), shared=1))
+    slot = AdapterSlot(model)
+    view = FedSPView(1, slot)
+    prompt_names = set(slot.params)
+    assert any("transform" in n for n in prompt_names)                     # the MLP is in the prompts
+    pristine = {n: p.detach().clone() for n, p in body(model, 1).items()}
+    global_state = {n: torch.zeros_like(t) for n, t in slot.get().items()}
+    view.load(global_state)
+    trainer = _PlusOne(model)
+    state: dict = {}
+    out = FedSPLocal(FedSPConfig()).fit(LocalContext("c", 1, 7, 0.1, slot, trainer, [1], state, {}, {}),
+                                        global_state)
+    stage_model, stage_prompt = trainer.calls
+    assert not set(stage_model) & prompt_names and all(".layers.0." in n for n in stage_model)
+    assert set(stage_prompt) == prompt_names
+    assert set(out.update) == prompt_names                                 # only prompts travel
+    assert all(torch.equal(v, torch.ones_like(v)) for v in out.update.values())   # the MLP trained too
+    assert {k.removeprefix(BODY) for k in state} == set(pristine)
+    assert all(torch.equal(state[BODY + n], pristine[n] + 1) for n in pristine)  # its own body, +1
+    assert set(slot.params) == {n for n, p in model.named_parameters() if p.requires_grad}
+    # another client's turn on the shared model starts from the distilled body, not this one's
+    view.load(global_state)
+    assert all(torch.equal(p, pristine[n]) for n, p in body(model, 1).items())
+    # this client's next round continues its own body: +1 again
+    FedSPLocal(FedSPConfig()).fit(LocalContext("c", 2, 7, 0.1, slot, _PlusOne(model), [1], state, {}, {}),
+                                  global_state)
+    for n in pristine:
+        torch.testing.assert_close(state[BODY + n], pristine[n] + 1 + 1, rtol=0, atol=0)
+
+
+def test_the_server_tunes_the_averaged_prompts_on_the_full_model_between_rounds(tiny_recipe, tiny_model_dir):
+    from fedtune.config import load_recipe
+
+    recipe = load_recipe(tiny_recipe(adapter={"method": "prefix_tuning", "options": {"num_virtual_tokens": 3}},
+                                     federation__algorithm="fedsp",
+                                     federation__options={"distill": {"steps": 0}, "server_steps": 1}))
+    from transformers import AutoModelForCausalLM
+
+    party = FedSPParty(FedSPConfig(distill={"steps": 0}, server_steps=1), recipe)
+    aux = party.server_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), _tok(), None)
+    server = party.server
+    assert aux is server.aux and server.data                                 # the server's own shard
+    frozen = {n: p.detach().clone() for n, p in server.full.named_parameters() if not p.requires_grad}
+    server.trainer = _PlusOne(server.full)
+    averaged = {n: torch.full_like(t, 0.5) for n, t in server.slot.get().items()}
+    tuned = party.after_round(1, averaged)
+    assert set(tuned) == set(averaged)
+    assert all(torch.equal(tuned[n], averaged[n] + 1) for n in averaged)       # 0.5 + one step of +1
+    assert all(torch.equal(p, frozen[n]) for n, p in server.full.named_parameters() if not p.requires_grad)
+    assert server.trainer.calls == [sorted(averaged)] or set(server.trainer.calls[0]) == set(averaged)
