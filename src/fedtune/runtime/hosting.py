@@ -23,6 +23,8 @@ from fedtune.transport.codec import read_header
 from fedtune.transport.inprocess import Endpoint, Replies
 from fedtune.wire import Message, MessageKind
 
+log = logging.getLogger("fedtune.hosting")
+
 
 class ClientHost(Protocol):
     """The simulated clients of one run, wherever they are hosted."""
