@@ -9,6 +9,7 @@ with these methods and a name in ENGINES, chosen by `federation.engine`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
