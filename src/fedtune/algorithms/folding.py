@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def acc_dtype(t: torch.Tensor) -> torch.dtype:
-    """Sums run in float32, or float64 for float64 tensors."""
+    """The mean's dtype: float32, or float64 for float64 tensors."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -26,7 +26,12 @@ class WeightedSum:
     """Σ w_i x_i and Σ w_i over the tensors added so far, named like `like`."""
 
     def __init__(self, like: State):
-        self.sums = {name: torch.zeros(t.shape, dtype=acc_dtype(t)) for name, t in like.items()}
+        # Sums run in float64: a few float32 (or half) terms add up to the same float64 value in
+        # any order, up to rounding far below float32's, so the mean (rounded to acc_dtype) does
+        # not depend on the order updates arrive in (a deployment's replies race) and a deployed
+        # run ends with the simulation's adapter. The price: one float64 copy of the state.
+        self.dtypes = {name: acc_dtype(t) for name, t in like.items()}
+        self.sums = {name: torch.zeros(t.shape, dtype=torch.float64) for name, t in like.items()}
         self.total = 0.0
         self.count = 0
 
@@ -42,7 +47,7 @@ class WeightedSum:
             raise ValueError("a weighted mean needs at least one update")
         if self.total <= 0:
             raise ValueError("the weights must sum to a positive number")
-        return {name: acc / self.total for name, acc in self.sums.items()}
+        return {name: (acc / self.total).to(self.dtypes[name]) for name, acc in self.sums.items()}
 
 
 class Fold(Protocol):
