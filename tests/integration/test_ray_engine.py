@@ -154,3 +154,27 @@ def test_engine_ray_refuses_what_it_cannot_host(tiny_recipe, four_layer_dir):
 def test_engine_ray_refuses_parallel_clients(tiny_recipe):
     with pytest.raises(RecipeError, match="parallel_clients"):
         load_recipe(tiny_recipe(federation__engine="ray", federation__parallel_clients=2))
+
+
+def test_every_algorithm_ray_can_host_ends_as_in_process(tiny_recipe, ray_session):
+    """Every registered algorithm the recipe check lets onto Ray (all but offsite and FedSP,
+    refused above) ends two rounds on 2 actors with the in-process run's global state, bit for
+    bit, and the same number of updates."""
+    from fedtune.algorithms import available_algorithms
+    from fedtune.algorithms.catalog import CATALOG
+
+    options = {"norm_bounding": {"max_norm": 1.0}, "krum": {"byzantine": 0}, "dp_fedavg": {"noise_seed": 1}}
+    checked = []
+    for name in available_algorithms():
+        if CATALOG[name].no_ray is not None:
+            continue
+        runs = {engine: fedtune.run(_recipe(tiny_recipe, engine, f"all-{name}-{engine}",
+                                            federation__algorithm=name,
+                                            federation__options=options.get(name, {})))
+                for engine in ("inprocess", "ray")}
+        want, got = (_checkpoint(Path(s["final_adapter"]).parent) for s in runs.values())
+        assert got.keys() == want.keys() and want, name
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+        assert runs["ray"]["missing_updates"] == runs["inprocess"]["missing_updates"] == 0, name
+        checked.append(name)
+    assert len(checked) == len(available_algorithms()) - 2  # offsite and fedsp refused
