@@ -47,9 +47,10 @@ def ranks() -> Ranks | None:
     if _RANKS is None and launched():
         for flag, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
             if os.environ.get(flag, "false").lower() == "true":
-                raise FedtuneError(f"accelerate launch with {what}: fedtune trains several devices per "
-                                  "client with DDP only (see docs/scaling.md); launch without "
-                                  f"--use_{what.lower()} (or torchrun)")
+                raise FedtuneError(f"accelerate launch with {what}: fedtune takes the sharding from "
+                                  f"the recipe (train.sharding: {what.lower()}; docs/scaling.md), "
+                                  f"not from the launcher; launch without --use_{what.lower()} "
+                                  "(or with torchrun)")
         if os.environ.get("FEDTUNE_DIST_BACKEND", "").lower() == "gloo" and torch.cuda.is_available():
             _RANKS = _gloo_on_shared_gpus()
         else:

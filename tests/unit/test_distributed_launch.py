@@ -59,7 +59,7 @@ def test_accelerate_fsdp_and_deepspeed_launches_are_refused(monkeypatch, flag, w
     monkeypatch.setattr(launch_ranks, "_RANKS", None)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv(flag, "true")
-    with pytest.raises(FedtuneError, match=f"accelerate launch with {what}: .* DDP only"):
+    with pytest.raises(FedtuneError, match=f"accelerate launch with {what}: .*train.sharding: {what.lower()}"):
         distributed.ranks()
 
 
@@ -97,3 +97,36 @@ def test_commands_that_do_not_train_on_several_devices_refuse_a_launcher(monkeyp
     assert "`fedtune recipes` runs as one process; start it without torchrun / accelerate launch" in err
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert main(["recipes"]) == 0
+
+
+def test_fsdp_refuses_what_reads_whole_parameters_naming_the_keys(two_ranks, tiny_recipe):
+    fsdp = {"local_steps": 1, "sharding": "fsdp"}
+    check_launch(_recipe(tiny_recipe, train=fsdp))  # LoRA FedAvg runs sharded
+    with pytest.raises(RecipeError, match="train.sharding: fsdp with federation.algorithm scaffold"):
+        check_launch(_recipe(tiny_recipe, train=fsdp,
+                             federation={"clients": 3, "rounds": 1, "algorithm": "scaffold"}))
+    with pytest.raises(RecipeError, match="train.sharding: fsdp with adapter.method prompt_tuning"):
+        check_launch(_recipe(tiny_recipe, train=fsdp, adapter={"method": "prompt_tuning"}))
+    with pytest.raises(RecipeError, match="train.sharding: fsdp with federation.parallel_clients"):
+        check_launch(_recipe(tiny_recipe, train=fsdp,
+                             federation={"clients": 3, "rounds": 1, "parallel_clients": 2}))
+
+
+def test_fsdp_in_one_process_runs_whole_and_says_so(monkeypatch, tiny_recipe, caplog):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(launch_ranks, "_RANKS", None)
+    with caplog.at_level(logging.WARNING, logger="fedtune.distributed"):
+        check_launch(_recipe(tiny_recipe, train={"local_steps": 1, "sharding": "fsdp"}))
+    assert "nothing to shard over" in caplog.text
+    assert isinstance(distributed.data_parallel("fsdp"), OneProcess)
+
+
+def test_deepspeed_on_a_cpu_is_refused_naming_the_key(monkeypatch, tiny_recipe):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RecipeError, match="train.sharding: deepspeed needs a GPU"):
+        check_launch(_recipe(tiny_recipe, train={"local_steps": 1, "sharding": "deepspeed"}))
+
+
+def test_an_unknown_sharding_is_refused_by_the_schema(tiny_recipe):
+    with pytest.raises(RecipeError, match="sharding"):
+        _recipe(tiny_recipe, train={"local_steps": 1, "sharding": "zero3"})

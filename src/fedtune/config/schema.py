@@ -338,6 +338,10 @@ class TrainSection(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False   # recompute activations in backward: less memory, ~30% slower
     packing: bool = False   # pack each micro-batch's examples into few rows, no padding (same loss)
+    # Several processes per client (torchrun / accelerate launch; docs/scaling.md): `none` = DDP
+    # (every rank holds the whole model), `fsdp` = FSDP2 shards base and adapter over the ranks,
+    # `deepspeed` = DeepSpeed ZeRO through accelerate (a GPU launch only).
+    sharding: Literal["none", "fsdp", "deepspeed"] = "none"
 
     @model_validator(mode="before")
     @classmethod

@@ -121,9 +121,15 @@ BITFIT_FILE = "bitfit.safetensors"
 BITFIT_CONFIG = "bitfit_config.json"
 
 
-def save_adapter(model, section: AdapterSection, directory: str | Path) -> None:
-    """Save what trained: a PEFT directory, BitFit's bias tensors only, or a whole model (`full`)."""
+def save_adapter(model, section: AdapterSection, directory: str | Path,
+                 state: dict[str, torch.Tensor] | None = None) -> None:
+    """Save what trained: a PEFT directory, BitFit's bias tensors only, or a whole model (`full`).
+    `state`: the whole trainable tensors by parameter name, for a sharded model (whose own
+    parameters hold one rank's rows each; AdapterSlot.get of its slot)."""
     directory = Path(directory)
+    if state is not None and section.method == "lora":
+        model.save_pretrained(directory, state_dict=state)
+        return
     if section.method != "bitfit":
         model.save_pretrained(directory)
         return
@@ -167,6 +173,13 @@ class AdapterSlot:
     Simulated clients take turns: `set` copies a client's (or the global) adapter in, `get` copies
     it out as CPU tensors. The name -> parameter map is built once, so swaps are plain copies.
     Works for every peft method (and for full fine-tuning): what travels is what trains.
+
+    Sharded (train.sharding: fsdp, each parameter a DTensor holding this rank's rows): `set`
+    copies each rank's rows of the whole tensors it is given (every rank is given the same), and
+    keeps the whole tensors as a mirror; `get` answers from the mirror while the shards are
+    unchanged since, and gathers the whole tensors (a collective: every rank must call it, as
+    they do after training in step) once they changed. So rank 0 alone may set and get the
+    adapter it was given (saving the final adapter) without the other ranks.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -174,9 +187,26 @@ class AdapterSlot:
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise ModelError("adapter: the model has no trainable parameters")
+        self.sharded = any(_local(p) is not p for p in self.params.values())
+        self._mirror: dict[str, torch.Tensor] = {}
+        self._versions: tuple[int, ...] = ()
+        if self.sharded:  # built on every rank at the same point (Setup)
+            self._remember({n: _whole(p) for n, p in self.params.items()})
+
+    def _shard_versions(self) -> tuple[int, ...]:
+        return tuple(_local(p)._version for p in self.params.values())
+
+    def _remember(self, state: dict[str, torch.Tensor]) -> None:
+        self._mirror = {n: t.detach().to("cpu", self.params[n].dtype, copy=True).contiguous()
+                        for n, t in state.items()}
+        self._versions = self._shard_versions()
 
     def get(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self.params.items()}
+        if not self.sharded:
+            return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self.params.items()}
+        if self._shard_versions() != self._versions:  # trained since: gather (every rank)
+            self._remember({n: _whole(p) for n, p in self.params.items()})
+        return {n: t.clone() for n, t in self._mirror.items()}
 
     @torch.no_grad()
     def set(self, state: dict[str, torch.Tensor]) -> None:
@@ -185,7 +215,9 @@ class AdapterSlot:
             extra = sorted(state.keys() - self.params.keys())[:3]
             raise ModelError(f"adapter state does not match the model: missing {missing}, unexpected {extra}")
         for name, param in self.params.items():
-            param.copy_(state[name])
+            _assign(param, state[name])
+        if self.sharded:
+            self._remember(state)
 
     @torch.no_grad()
     def overlay(self, state: dict[str, torch.Tensor]) -> None:
@@ -193,11 +225,41 @@ class AdapterSlot:
         unknown = sorted(state.keys() - self.params.keys())[:3]
         if unknown:
             raise ModelError(f"adapter state does not match the model: unexpected {unknown}")
+        whole = self.get() if self.sharded else {}
         for name, tensor in state.items():
-            self.params[name].copy_(tensor)
+            _assign(self.params[name], tensor)
+        if self.sharded:
+            self._remember({**whole, **state})
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.params.values())
 
     def num_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.params.values())
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a sharded (DTensor) parameter; the parameter itself otherwise."""
+    local = getattr(param, "_local_tensor", None)
+    return param if local is None else local
+
+
+def _whole(param: torch.Tensor) -> torch.Tensor:
+    """A sharded parameter gathered whole from every rank (a collective)."""
+    return param.detach().full_tensor()
+
+
+def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter; into a sharded one, this rank's rows of it."""
+    local = _local(param)
+    if local is param:
+        param.copy_(value)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    if tuple(value.shape) != tuple(param.shape):
+        raise ModelError(f"adapter tensor of shape {tuple(value.shape)} for a parameter of shape "
+                         f"{tuple(param.shape)}")
+    whole = value.detach().to(device=local.device, dtype=local.dtype)
+    local.copy_(distribute_tensor(whole, param.device_mesh, param.placements,
+                                  src_data_rank=None).to_local())

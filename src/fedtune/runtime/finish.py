@@ -47,7 +47,8 @@ def save_model(setup: Setup, state, directory: Path) -> None:
     biases), or as the algorithm saves it (Party.save); the slot holds `state` afterwards."""
     setup.view.load(state)
     if not setup.party.save(state, directory):
-        save_adapter(setup.model, setup.recipe.adapter, directory)
+        whole = setup.slot.get() if setup.sharded else None  # FSDP: the slot's whole tensors
+        save_adapter(setup.model, setup.recipe.adapter, directory, state=whole)
     setup.tokenizer.save_pretrained(directory)
 
 

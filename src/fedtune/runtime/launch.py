@@ -15,6 +15,7 @@ log = logging.getLogger("fedtune.distributed")
 
 def check_launch(recipe: Recipe) -> None:
     """Refuse, before any work, what cannot run on several ranks; say once what runs unsplit."""
+    check_sharding(recipe)
     r = ranks()
     if r is None:
         return
@@ -33,3 +34,54 @@ def check_launch(recipe: Recipe) -> None:
     if info.unsplit_ranks is not None and r.main:
         log.warning("%s %s: every one of the %d ranks runs the same steps (correct, no speed-up)",
                     algorithm, info.unsplit_ranks, r.world_size)
+
+
+# What FSDP (train.sharding: fsdp) runs: algorithms whose clients touch the model only through
+# the adapter slot's get/set and the local trainer (no hook reading parameters or gradients, which
+# hold one rank's rows under FSDP), with a LoRA adapter (peft saves it from the gathered tensors).
+SHARDED_ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median",
+                      "trimmed_mean", "krum", "norm_bounding")
+
+
+def check_sharding(recipe: Recipe) -> None:
+    """Refuse, before any work, a train.sharding the launch or the recipe cannot run."""
+    sharding = recipe.train.sharding
+    if sharding == "deepspeed":
+        raise RecipeError(_deepspeed_refusal())
+    if sharding != "fsdp":
+        return
+    r = ranks()
+    if r is None:
+        log.warning("train.sharding: fsdp in one process: nothing to shard over; launch the party "
+                    "with torchrun or accelerate launch to shard it")
+        return
+    fed, adapter = recipe.federation, recipe.adapter
+    if fed.algorithm not in SHARDED_ALGORITHMS:
+        raise RecipeError(f"train.sharding: fsdp with federation.algorithm {fed.algorithm}: its "
+                          "client hooks read whole parameters or gradients; under FSDP it runs "
+                          f"{', '.join(SHARDED_ALGORITHMS)} (or use train.sharding: none, DDP)")
+    if adapter.method != "lora":
+        raise RecipeError(f"train.sharding: fsdp with adapter.method {adapter.method}: FSDP runs "
+                          "LoRA adapters (or use train.sharding: none, DDP)")
+    if adapter.rank_per_client is not None:
+        raise RecipeError("train.sharding: fsdp with adapter.rank_per_client: not available "
+                          "(or use train.sharding: none, DDP)")
+    if fed.parallel_clients > 1:
+        raise RecipeError("train.sharding: fsdp with federation.parallel_clients > 1: the batched "
+                          "clients share one unsharded base; set parallel_clients: 1")
+    if recipe.eval.humaneval is not None:
+        raise RecipeError("train.sharding: fsdp with eval.humaneval: HumanEval runs after the other "
+                          "ranks have left; run it on the saved adapter with `fedtune eval`")
+
+
+def _deepspeed_refusal() -> str:
+    """Why train.sharding: deepspeed cannot run here."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ("train.sharding: deepspeed needs a GPU: DeepSpeed ZeRO runs on CUDA devices (its CPU "
+                "accelerator needs Intel oneCCL, not installed with fedtune); on a CPU use "
+                "train.sharding: fsdp or none")
+    return ("train.sharding: deepspeed is not available yet: DeepSpeed's engine owns the optimizer "
+            "and the parameters (ZeRO-3 partitions them outside the module), which fedtune's "
+            "adapter swaps do not go through; use train.sharding: fsdp (FSDP2) on GPUs")

@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from fedtune.errors import MessageError
 from fedtune.train.distributed import Ranks, ranks
@@ -84,6 +86,35 @@ class Relay:
             handled += 1
         return handled
 
+
+# The server's evaluation of a global adapter, relayed under FSDP (every rank runs each forward
+# pass of a sharded model): receivers no client can be named (a NUL byte), one per `generate`.
+_EVALUATE = {False: "\x00evaluate", True: "\x00evaluate+generate"}
+Evaluate = Callable[[dict[str, torch.Tensor], bool, "int | None"], dict]
+
+
+def relayed_evaluation(relay: Relay, evaluate: Evaluate) -> Evaluate:
+    """Rank 0: the server's evaluation, first handing the adapter to the other ranks (as
+    safetensors bytes), which evaluate with it in step (`evaluation_endpoints`)."""
+    def run(state: dict[str, torch.Tensor], generate: bool, round_: int | None = None) -> dict:
+        relay.send(_EVALUATE[bool(generate)], save_tensors(dict(state)))
+        return evaluate(state, generate, round_)
+    return run
+
+
+def evaluation_endpoints(evaluate: Evaluate) -> dict[str, Endpoint]:
+    """The other ranks: run the relayed evaluation like rank 0 (its figures and predictions are
+    rank 0's to keep: this rank writes nothing and replies nothing)."""
+    def endpoint(generate: bool) -> Endpoint:
+        def handle(data: bytes) -> None:
+            try:
+                state = load_tensors(data)
+            except Exception as exc:  # safetensors raises several types for damaged bytes
+                raise MessageError(f"relay: rank 0 sent an unreadable adapter ({exc})") from None
+            evaluate(state, generate, None)
+            return None
+        return handle
+    return {name: endpoint(generate) for generate, name in _EVALUATE.items()}
 
 
 def party_relay() -> Relay | None:

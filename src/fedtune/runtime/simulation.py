@@ -21,7 +21,7 @@ from fedtune.runtime.client import Client
 from fedtune.runtime.finish import finish_run
 from fedtune.runtime.hosting import client_host
 from fedtune.runtime.launch import check_launch
-from fedtune.runtime.relay import Relay, party_relay
+from fedtune.runtime.relay import Relay, evaluation_endpoints, party_relay, relayed_evaluation
 from fedtune.runtime.server import Server
 from fedtune.runtime.setup import Setup
 from fedtune.track.reporter import ConsoleReporter, NullReporter
@@ -74,7 +74,7 @@ class Simulation:
             recipe, strategy=build_strategy(recipe.federation.algorithm, recipe.federation.options,
                                            recipe.federation.clients),
             transport=transport, clients=self.host.names(), global_state=setup.view.initial(),
-            run_dir=run_dir, evaluate_global=setup.evaluation.evaluate_global, reporter=reporter, party=setup.party,
+            run_dir=run_dir, evaluate_global=self._evaluate_global(relay), reporter=reporter, party=setup.party,
             client_state=self.host, example_counts=self.host.example_counts(), on_eval=on_eval,
         )
         start_round = resume_server(server, run_dir, setup.console) if resume else 1
@@ -91,6 +91,11 @@ class Simulation:
                 close()
         return finish_run(setup, run_dir, server, result)
 
+    def _evaluate_global(self, relay: Relay | None):
+        """The server's evaluation; under FSDP relayed, so that every rank runs its forward passes."""
+        evaluate = self.setup.evaluation.evaluate_global
+        return evaluate if relay is None or not self.setup.sharded else relayed_evaluation(relay, evaluate)
+
     def follow(self, relay: Relay, resume_dir: Path | None = None) -> dict[str, Any]:
         """A rank other than 0: train every client's turn with rank 0 (DDP) until it stops. It
         keeps the clients' state in step and writes nothing. Resuming, it reads the checkpoint's
@@ -99,7 +104,10 @@ class Simulation:
             ckpt = RunDir.open(resume_dir).latest_checkpoint()
             if ckpt is not None:
                 self.host.load_state_dict(ckpt.client_state)
-        handled = relay.serve(self.host.endpoints())
+        endpoints = dict(self.host.endpoints())
+        if self.setup.sharded:  # FSDP: the server's evaluation runs on every rank
+            endpoints.update(evaluation_endpoints(self.setup.evaluation.evaluate_global))
+        handled = relay.serve(endpoints)
         return {"rank": relay.ranks.rank, "messages": handled}
 
 

@@ -6,11 +6,15 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
 from fedtune.ranks import Ranks, launched, ranks  # noqa: F401  (this module's API too)
 from fedtune.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from fedtune.train.sharded import FullySharded
 
 log = logging.getLogger("fedtune.distributed")
 
@@ -98,7 +102,14 @@ class DataParallel:
         return t.tolist()
 
 
-def data_parallel() -> DataParallel | OneProcess:
-    """How local training splits its micro-batches in this process."""
+def data_parallel(sharding: str = "none") -> DataParallel | OneProcess | FullySharded:
+    """How local training splits its micro-batches in this process: one process, DDP, or FSDP
+    (`train.sharding: fsdp`, fedtune.train.sharded)."""
     r = ranks()
-    return OneProcess() if r is None else DataParallel(r)
+    if r is None:
+        return OneProcess()
+    if sharding == "fsdp":
+        from fedtune.train.sharded import FullySharded
+
+        return FullySharded(r)
+    return DataParallel(r)

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from fedtune.train.dp_sgd import (
 from fedtune.train.loss import response_loss_sum, targets_of
 from fedtune.train.packing import check_packing, collate_packed
 from fedtune.train.precision import Precision, base_dtype
+
+if TYPE_CHECKING:
+    from fedtune.train.sharded import FullySharded
 
 
 @dataclass
@@ -85,7 +89,7 @@ class LocalTrainer:
     """Runs a client's local steps on the shared model's trainable parameters."""
 
     def __init__(self, model: torch.nn.Module, section: TrainSection, pad_id: int, device: torch.device,
-                 parallel: DataParallel | OneProcess | None = None):
+                 parallel: DataParallel | OneProcess | FullySharded | None = None):
         self.model = model
         self.section = section
         self.pad_id = pad_id

@@ -1,0 +1,221 @@
+"""FSDP (train.sharding: fsdp) on CPU with gloo, 2 ranks under torchrun: a sharded local step, a
+sharded simulation and a sharded deployed client each give what one process gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import fedtune
+from fedtune.transport.certs import make_certs
+
+WAIT = 240  # seconds: the most any process of these tests may take
+
+# A 2-layer Llama trained whole (every parameter sharded and trained) on 7 examples of different
+# lengths: with batch_size 3 the micro-batches hold 3, 3 and 1 examples (a rank gets none of the
+# last one and runs with weight 0).
+TRAINER = textwrap.dedent("""
+    import sys
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from fedtune.config import TrainSection
+    from fedtune.data.prompts import TokenizedExample
+    from fedtune.train.local import LocalTrainer
+
+    def model():
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+        return LlamaForCausalLM(cfg)
+
+    def examples():
+        out = []
+        for i in range(7):
+            prompt = [1] + [4 + (i + j) % 20 for j in range(3 + i % 3)]
+            answer = [5 + (2 * i + j) % 20 for j in range(1 + i % 4)] + [2]
+            out.append(TokenizedExample(prompt + answer, [-100] * len(prompt) + answer))
+        return out
+
+    def train(prepare=None, parallel=None, **options):
+        m = model()
+        if prepare is not None:
+            prepare(m)
+        section = TrainSection(local_steps=3, batch_size=3, grad_accum=2, optimizer="adamw",
+                               max_grad_norm=1.0, lr=0.01, **options)
+        trainer = LocalTrainer(m, section, pad_id=0, device=torch.device("cpu"), parallel=parallel)
+        result = trainer.train(examples(), lr=0.01, seed=11)
+        whole = {n: (p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()).clone()
+                 for n, p in m.named_parameters()}
+        return whole, result
+
+    if __name__ == "__main__":
+        from fedtune.train.distributed import data_parallel, ranks
+        from fedtune.train.sharded import shard_model
+
+        launch = ranks()
+        shards = {}
+
+        def prepare(m):
+            shards["layers"] = shard_model(m, launch)
+            p = m.model.layers[0].mlp.up_proj.weight
+            shards["rows"] = (tuple(p.to_local().shape), tuple(p.shape))
+
+        params, result = train(prepare, data_parallel("fsdp"))
+        packed, _ = train(prepare, data_parallel("fsdp"), packing=True, gradient_checkpointing=True)
+        torch.save({"params": params, "loss": result.loss, "tokens": result.tokens,
+                    "examples": result.examples, "packed": packed, **shards},
+                   f"{sys.argv[1]}/rank{launch.rank}.pt")
+""")
+
+
+def _env() -> dict[str, str]:
+    src = str(Path(fedtune.__file__).resolve().parents[1])
+    path = os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            *args]
+
+
+def _launch(cwd: Path, *args: str) -> str:
+    proc = subprocess.run(_torchrun(*args), cwd=cwd, env=_env(), capture_output=True, text=True,
+                          timeout=WAIT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout + proc.stderr
+
+
+def _assert_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float) -> None:
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=atol, msg=name)
+
+
+def test_an_fsdp_step_on_two_ranks_is_the_step_of_one_process(tmp_path):
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+    out = tmp_path / "out"
+    out.mkdir()
+    _launch(tmp_path, str(script), str(out))
+    namespace: dict = {"__name__": "single"}
+    exec(compile(TRAINER, str(script), "exec"), namespace)
+    single, result = namespace["train"]()  # one process, no launcher, nothing sharded
+    start = dict(namespace["model"]().named_parameters())
+    ranks = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+
+    # Each rank held half the rows of a [16, 8] weight: it was sharded, 2 decoder layers.
+    assert [r["rows"] for r in ranks] == [((8, 8), (16, 8))] * 2
+    assert [r["layers"] for r in ranks] == [2, 2]
+    _assert_close(ranks[0]["params"], single, atol=1e-6)  # the same AdamW steps, gathered whole
+    _assert_close(ranks[1]["params"], ranks[0]["params"], atol=0)
+    moved = max((single[name] - start[name]).abs().max().item() for name in single)
+    assert moved > 1e-3  # it did train
+    # 3 steps of 2 micro-batches over 7 examples in batches of 3: 3+3, 1+3, 3+1 = 14 examples.
+    assert result.examples == 14 and all(r["examples"] == 14 for r in ranks)
+    assert all(r["tokens"] == result.tokens for r in ranks)
+    assert all(r["loss"] == pytest.approx(result.loss, rel=1e-6) for r in ranks)
+    packed, _ = namespace["train"](packing=True, gradient_checkpointing=True)
+    _assert_close(ranks[0]["packed"], packed, atol=1e-6)
+
+
+def _recipe(tiny_recipe, **overrides) -> dict:
+    # No LoRA dropout (each rank draws its own masks); micro-batches of 5 split 3 + 2; SGD.
+    return tiny_recipe(**{"adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                          "train": {"local_steps": 2, "batch_size": 5, "grad_accum": 2, "lr": 0.05,
+                                    "optimizer": "sgd", "sharding": "fsdp"},
+                          **overrides})
+
+
+def _files(run_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+
+
+def test_an_fsdp_simulation_on_two_ranks_writes_the_run_directory_of_one_process(tiny_recipe, tmp_path):
+    recipe = _recipe(tiny_recipe, federation={"clients": 3, "rounds": 2, "algorithm": "fedavg"})
+    single = fedtune.run({**recipe, "output": {**recipe["output"], "name": "single"}})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    work = tmp_path / "work"
+    work.mkdir()
+    _launch(work, "-m", "fedtune", "run", str(path), "output.name=sharded")
+
+    runs = Path(recipe["output"]["dir"])
+    assert sorted(p.name for p in runs.iterdir()) == ["sharded", "single"]
+    assert list(work.iterdir()) == []
+    one, two = runs / "single", runs / "sharded"
+    assert _files(two) == _files(one)
+    final = load_file(str(two / "final" / "adapter_model.safetensors"))
+    expected = load_file(str(one / "final" / "adapter_model.safetensors"))
+    assert max(v.abs().max().item() for k, v in expected.items() if "lora_B" in k) > 1e-3  # trained
+    _assert_close(final, expected, atol=1e-5)
+    summary = json.loads((two / "summary.json").read_text())
+    for key in ("initial", "final"):  # the server's evaluation, run by both ranks in step
+        assert summary[key] == pytest.approx(single[key], rel=1e-4), key
+    assert summary["bytes_up"] == single["bytes_up"] and summary["bytes_down"] == single["bytes_down"]
+    assert summary["adapter_parameters"] == single["adapter_parameters"]  # whole, not one shard
+    predictions = sorted((two / "predictions").iterdir())
+    assert [p.read_text() for p in predictions] == [
+        (one / "predictions" / p.name).read_text() for p in predictions]  # the same answers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_fsdp_deployed_client_on_two_ranks_gives_the_adapter_of_one_process(tiny_recipe, tmp_path):
+    clients = ["client_0", "client_1"]
+    certs = tmp_path / "certs"
+    make_certs(certs, clients)
+    transport = {
+        "kind": "grpc", "address": f"127.0.0.1:{_free_port()}",
+        "tls": {"ca": f"{certs}/ca.pem", "cert": f"{certs}/server.pem", "key": f"{certs}/server.key"},
+        "tokens": f"{certs}/tokens.json", "token_file": f"{certs}/{{name}}.token",
+        "round_timeout": 120, "join_timeout": 120,
+        "retry": {"initial_delay": 0.2, "max_delay": 1.0, "attempts": 200, "give_up_after": 120},
+    }
+    recipe = _recipe(tiny_recipe, federation={"clients": 2, "rounds": 2}, transport=transport)
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env, logs = _env(), {}
+
+    def start(label: str, command: list[str]) -> subprocess.Popen:
+        logs[label] = tmp_path / f"{label}.log"
+        return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=logs[label].open("w"),
+                                stderr=subprocess.STDOUT)
+
+    fedtune_cmd = [sys.executable, "-m", "fedtune"]
+    procs = {
+        "server": start("server", [*fedtune_cmd, "server", str(path), "output.name=deployed"]),
+        "client_0": start("client_0", _torchrun("-m", "fedtune", "client", str(path), "--name", "client_0")),
+        "client_1": start("client_1", [*fedtune_cmd, "client", str(path), "--name", "client_1"]),
+    }
+    try:
+        deadline = time.monotonic() + WAIT
+        for label, proc in procs.items():
+            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            assert code == 0, logs[label].read_text()[-5000:]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+    assert logs["client_0"].read_text().count("client_0: finished; 2 training rounds") == 1
+
+    simulated = fedtune.run({**recipe, "output": {**recipe["output"], "name": "simulated"}})
+    expected = load_file(str(Path(simulated["final_adapter"]) / "adapter_model.safetensors"))
+    deployed = Path(recipe["output"]["dir"]) / "deployed"
+    _assert_close(load_file(str(deployed / "final" / "adapter_model.safetensors")), expected, atol=1e-5)
