@@ -6,7 +6,8 @@ scaler) on the GPU; LoRA on a bf16 base against QLoRA (4-bit NF4, bitsandbytes) 
 built from a config; peak memory of one local step (gradient checkpointing on and off, bf16
 weights, zeroth-order, inference: benchmarks/memory.py); fedtune's local step against a plain
 loop (benchmarks/local_step.py); several processes per client (torchrun over the GPUs present; with
-one GPU, two ranks share it over gloo), against one process.
+one GPU, two ranks share it over gloo), against one process; FSDP (train.sharding: fsdp) over
+NCCL and DeepSpeed, each skipped with a line saying why on fewer than 2 GPUs.
 
     bash benchmarks/gpu_check.sh            # on the GPU machine (sets up, then runs this)
     python benchmarks/gpu_check.py --only default-bf16,memory
@@ -15,6 +16,7 @@ one GPU, two ranks share it over gloo), against one process.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -105,10 +107,34 @@ def checks(tmp: Path, n_gpus: int) -> list[tuple[str, list[str], int]]:
            f"{common} output.dir={tmp / 'ddp-n'} && {PY} -c {shlex.quote(COMPARE)} {tmp / 'ddp-1'} "
            f"{tmp / 'ddp-n'} {ranks} {backend}")
     out.append(("ddp", ["bash", "-c", ddp], 200))
-    order = ["default-bf16", "default-fp16", "ddp", "build-0.9b", "qlora-0.9b-nf4", "lora-0.9b-bf16",
+    # FSDP (train.sharding: fsdp) over NCCL, against the same one-process run (needs `ddp` first).
+    if n_gpus >= 2:
+        fsdp = (f"test -d {tmp / 'ddp-1'} || {PY} -m fedtune run {common} output.dir={tmp / 'ddp-1'} "
+                f"> /dev/null; {PY} -m torch.distributed.run --standalone --nproc-per-node {n_gpus} "
+                f"-m fedtune run {common} train.sharding=fsdp output.dir={tmp / 'fsdp-n'} && "
+                f"{PY} -c {shlex.quote(COMPARE)} {tmp / 'ddp-1'} {tmp / 'fsdp-n'} {n_gpus} nccl-fsdp")
+        out.append(("fsdp", ["bash", "-c", fsdp], 200))
+    else:
+        out.append(("fsdp", _skip(f"FSDP over NCCL needs 2 GPUs; this machine has {n_gpus}"), 10))
+    # DeepSpeed ZeRO: fedtune refuses train.sharding: deepspeed (docs/scaling.md); on a machine
+    # with several GPUs and deepspeed installed this shows the refusal is what happens.
+    if n_gpus < 2:
+        out.append(("deepspeed", _skip(f"DeepSpeed ZeRO needs 2 GPUs; this machine has {n_gpus}"), 10))
+    elif importlib.util.find_spec("deepspeed") is None:
+        out.append(("deepspeed", _skip("deepspeed is not installed (pip install 'fedtune[deepspeed]')"), 10))
+    else:
+        ds = (f"{PY} -m torch.distributed.run --standalone --nproc-per-node {n_gpus} -m fedtune run "
+              f"{common} train.sharding=deepspeed output.dir={tmp / 'ds-n'}")
+        out.append(("deepspeed", ["bash", "-c", ds], 200))
+    order = ["default-bf16", "default-fp16", "ddp", "fsdp", "deepspeed", "build-0.9b", "qlora-0.9b-nf4", "lora-0.9b-bf16",
              "local-step-1b-bf16", "memory", "lora-0.9b-bf16-ckpt", "local-step-1b-bf16-mixed-packing",
              "default-fp32", "local-step-small-fp32"]
     return sorted(out, key=lambda c: order.index(c[0]) if c[0] in order else len(order))
+
+
+def _skip(why: str) -> list[str]:
+    """A check that only says why it did not run."""
+    return [PY, "-c", f"print('RESULT ' + {json.dumps(json.dumps({'skipped': why}))})"]
 
 
 COMPARE = """
