@@ -116,12 +116,12 @@ def checks(tmp: Path, n_gpus: int) -> list[tuple[str, list[str], int]]:
         out.append(("fsdp", ["bash", "-c", fsdp], 200))
     else:
         out.append(("fsdp", _skip(f"FSDP over NCCL needs 2 GPUs; this machine has {n_gpus}"), 10))
-    # DeepSpeed ZeRO: fedtune refuses train.sharding: deepspeed (docs/scaling.md); on a machine
-    # with several GPUs and deepspeed installed this shows the refusal is what happens.
+    # DeepSpeed ZeRO: fedtune refuses train.sharding: deepspeed (docs/scaling.md says why); on a
+    # machine with several GPUs and deepspeed installed this records what a run does.
     if n_gpus < 2:
         out.append(("deepspeed", _skip(f"DeepSpeed ZeRO needs 2 GPUs; this machine has {n_gpus}"), 10))
     elif importlib.util.find_spec("deepspeed") is None:
-        out.append(("deepspeed", _skip("deepspeed is not installed (pip install 'fedtune[deepspeed]')"), 10))
+        out.append(("deepspeed", _skip("deepspeed is not installed (pip install deepspeed)"), 10))
     else:
         ds = (f"{PY} -m torch.distributed.run --standalone --nproc-per-node {n_gpus} -m fedtune run "
               f"{common} train.sharding=deepspeed output.dir={tmp / 'ds-n'}")

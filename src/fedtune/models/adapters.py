@@ -193,8 +193,14 @@ class AdapterSlot:
         if self.sharded:  # built on every rank at the same point (Setup)
             self._remember({n: _whole(p) for n, p in self.params.items()})
 
+    def _resharded(self) -> None:
+        """Put every FSDP unit back in its sharded state: after a forward pass without backward
+        (evaluation), FSDP leaves the root unit's weights gathered, and a copy into the shards
+        would not reach them."""
+        reshard(self.model)
+
     def _shard_versions(self) -> tuple[int, ...]:
-        return tuple(_local(p)._version for p in self.params.values())
+        return tuple(p._version for p in self.params.values())
 
     def _remember(self, state: dict[str, torch.Tensor]) -> None:
         self._mirror = {n: t.detach().to("cpu", self.params[n].dtype, copy=True).contiguous()
@@ -204,6 +210,7 @@ class AdapterSlot:
     def get(self) -> dict[str, torch.Tensor]:
         if not self.sharded:
             return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self.params.items()}
+        self._resharded()
         if self._shard_versions() != self._versions:  # trained since: gather (every rank)
             self._remember({n: _whole(p) for n, p in self.params.items()})
         return {n: t.clone() for n, t in self._mirror.items()}
@@ -214,6 +221,8 @@ class AdapterSlot:
             missing = sorted(self.params.keys() - state.keys())[:3]
             extra = sorted(state.keys() - self.params.keys())[:3]
             raise ModelError(f"adapter state does not match the model: missing {missing}, unexpected {extra}")
+        if self.sharded:
+            self._resharded()
         for name, param in self.params.items():
             _assign(param, state[name])
         if self.sharded:
@@ -236,6 +245,15 @@ class AdapterSlot:
 
     def num_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.params.values())
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Every FSDP unit of `model` in its sharded state (frees gathered weights; no collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:

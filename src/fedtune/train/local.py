@@ -132,6 +132,7 @@ class LocalTrainer:
             raise ValueError("a client with no training examples cannot train")
         s = self.section
         start = time.perf_counter()
+        model = self.parallel.wrap(self.model)  # DDP / FSDP over the launch's ranks, else the model
         params = [p for p in self.model.parameters() if p.requires_grad and all(p is not q for q in skip)]
         optimizer = self._optimizer(params, lr)
         batches = micro_batches(len(examples), s.batch_size, seed)
@@ -148,7 +149,6 @@ class LocalTrainer:
         total_tokens, seen = 0, 0
         scaler = self.precision.scaler()
         parallel = self.parallel
-        model = parallel.wrap(self.model)  # DDP over the launch's ranks, else the model itself
         for _ in range(n_steps):
             indices = [next(batches) for _ in range(s.grad_accum)]
             group = [self._collate([examples[i] for i in idx], self.pad_id) for idx in indices]

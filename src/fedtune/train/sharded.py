@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import torch
 
 from fedtune.errors import ModelError
+from fedtune.models.adapters import reshard
 from fedtune.ranks import Ranks
 from fedtune.train.distributed import DataParallel, ranks
 
@@ -74,6 +75,7 @@ class FullySharded:
         """The model as sharded at set-up (runtime/setup.py): nothing more to wrap."""
         if not is_sharded(model):
             raise ModelError("train.sharding: fsdp: the model was not sharded at set-up")
+        reshard(model)  # an evaluation before may have left the root's weights gathered
         return model
 
     def shard(self, indices: list[int]) -> tuple[list[int], float]:
