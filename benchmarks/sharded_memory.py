@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,8 +51,6 @@ def _resident(device) -> float:
 
 
 def worker(mode: str, args: argparse.Namespace) -> dict:
-    import torch
-
     from fedtune.config import TrainSection
     from fedtune.train.distributed import data_parallel, ranks
     from fedtune.train.local import LocalTrainer
@@ -79,16 +79,22 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
 
 def _run(mode: str, args: argparse.Namespace) -> list[dict]:
     here = Path(__file__).resolve()
-    flags = ["--worker", mode, "--size", args.size, "--batch", str(args.batch), "--seq", str(args.seq),
-             "--device", args.device, "--targets", args.targets]
+    results = Path(tempfile.mkdtemp(prefix="sharded_memory-"))
+    flags = ["--worker", mode, "--results", str(results), "--size", args.size, "--batch",
+             str(args.batch), "--seq", str(args.seq), "--device", args.device, "--targets", args.targets]
     if mode == "one":
         cmd = [sys.executable, str(here), *flags]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                str(args.ranks), str(here), *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # glibc serves large buffers freed by one layer from its heap to the next and keeps the pages:
+    # RSS would then count the allocator's fragmentation, not live tensors. Buffers of 128 KiB and
+    # more are mapped and unmapped on their own instead, the same for every mode.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(f.read_text()) for f in sorted(results.glob("*.json"))]
+    shutil.rmtree(results, ignore_errors=True)
     if proc.returncode != 0 or not rows:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return [{"mode": mode, "error": tail}]
@@ -102,9 +108,11 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--results", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, args)), flush=True)
+    if args.worker:  # one file per rank: the ranks' lines would interleave on stdout
+        row = worker(args.worker, args)
+        (Path(args.results) / f"{row['mode']}-{row['rank']}.json").write_text(json.dumps(row))
         return
     device = pick_device(args.device)
     print(f"Llama-architecture model ({args.size}) with LoRA r=8 on {args.targets}, float32; batch "

@@ -121,9 +121,9 @@ def test_fsdp_in_one_process_runs_whole_and_says_so(monkeypatch, tiny_recipe, ca
     assert isinstance(distributed.data_parallel("fsdp"), OneProcess)
 
 
-def test_deepspeed_on_a_cpu_is_refused_naming_the_key(monkeypatch, tiny_recipe):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RecipeError, match="train.sharding: deepspeed needs a GPU"):
+def test_deepspeed_is_refused_naming_the_key_and_the_alternatives(tiny_recipe):
+    with pytest.raises(RecipeError, match="train.sharding: deepspeed is not available: .* use "
+                                          "train.sharding: fsdp .* or none"):
         check_launch(_recipe(tiny_recipe, train={"local_steps": 1, "sharding": "deepspeed"}))
 
 

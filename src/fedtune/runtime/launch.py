@@ -75,13 +75,8 @@ def check_sharding(recipe: Recipe) -> None:
 
 
 def _deepspeed_refusal() -> str:
-    """Why train.sharding: deepspeed cannot run here."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return ("train.sharding: deepspeed needs a GPU: DeepSpeed ZeRO runs on CUDA devices (its CPU "
-                "accelerator needs Intel oneCCL, not installed with fedtune); on a CPU use "
-                "train.sharding: fsdp or none")
-    return ("train.sharding: deepspeed is not available yet: DeepSpeed's engine owns the optimizer "
-            "and the parameters (ZeRO-3 partitions them outside the module), which fedtune's "
-            "adapter swaps do not go through; use train.sharding: fsdp (FSDP2) on GPUs")
+    """Why train.sharding: deepspeed is refused (docs/scaling.md, "DeepSpeed ZeRO")."""
+    return ("train.sharding: deepspeed is not available: DeepSpeed's ZeRO optimizer keeps its own "
+            "float32 copy of each rank's partition, which fedtune's per-round adapter swaps and fresh "
+            "optimizer per round do not reach; use train.sharding: fsdp (FSDP2 shards the base and "
+            "the adapter likewise) or none (DDP)")
