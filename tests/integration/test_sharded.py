@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -168,6 +169,14 @@ def test_an_fsdp_simulation_on_two_ranks_writes_the_run_directory_of_one_process
     predictions = sorted((two / "predictions").iterdir())
     assert [p.read_text() for p in predictions] == [
         (one / "predictions" / p.name).read_text() for p in predictions]  # the same answers
+
+    # Resumed on two ranks from round 1's checkpoint: round 2 ends where it did.
+    shutil.rmtree(two / "checkpoints" / "round_000002")
+    shutil.rmtree(two / "final")
+    (two / "summary.json").unlink()
+    _launch(work, "-m", "fedtune", "run", "--resume", str(two))
+    _assert_close(load_file(str(two / "final" / "adapter_model.safetensors")), final, atol=1e-6)
+    assert list(work.iterdir()) == []
 
 
 def _free_port() -> int:
