@@ -187,7 +187,7 @@ class AdapterSlot:
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if not self.params:
             raise ModelError("adapter: the model has no trainable parameters")
-        self.sharded = any(_local(p) is not p for p in self.params.values())
+        self.sharded = any(_is_shard(p) for p in self.params.values())
         self._mirror: dict[str, torch.Tensor] = {}
         self._versions: tuple[int, ...] = ()
         if self.sharded:  # built on every rank at the same point (Setup)
@@ -200,6 +200,8 @@ class AdapterSlot:
         reshard(self.model)
 
     def _shard_versions(self) -> tuple[int, ...]:
+        """The parameters' in-place version counters: the optimizer's step moves them, a
+        forward pass (FSDP's gathers included) does not."""
         return tuple(p._version for p in self.params.values())
 
     def _remember(self, state: dict[str, torch.Tensor]) -> None:
@@ -221,12 +223,14 @@ class AdapterSlot:
             missing = sorted(self.params.keys() - state.keys())[:3]
             extra = sorted(state.keys() - self.params.keys())[:3]
             raise ModelError(f"adapter state does not match the model: missing {missing}, unexpected {extra}")
-        if self.sharded:
-            self._resharded()
+        if not self.sharded:
+            for name, param in self.params.items():
+                param.copy_(state[name])
+            return
+        self._resharded()
         for name, param in self.params.items():
             _assign(param, state[name])
-        if self.sharded:
-            self._remember(state)
+        self._remember(state)
 
     @torch.no_grad()
     def overlay(self, state: dict[str, torch.Tensor]) -> None:
@@ -234,11 +238,14 @@ class AdapterSlot:
         unknown = sorted(state.keys() - self.params.keys())[:3]
         if unknown:
             raise ModelError(f"adapter state does not match the model: unexpected {unknown}")
-        whole = self.get() if self.sharded else {}
+        if not self.sharded:
+            for name, tensor in state.items():
+                self.params[name].copy_(tensor)
+            return
+        whole = self.get()
         for name, tensor in state.items():
             _assign(self.params[name], tensor)
-        if self.sharded:
-            self._remember({**whole, **state})
+        self._remember({**whole, **state})
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.params.values())
@@ -256,10 +263,11 @@ def reshard(model: torch.nn.Module) -> None:
             module.reshard()
 
 
-def _local(param: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of a sharded (DTensor) parameter; the parameter itself otherwise."""
-    local = getattr(param, "_local_tensor", None)
-    return param if local is None else local
+def _is_shard(param: torch.Tensor) -> bool:
+    """Whether a parameter is an FSDP shard (a DTensor holding this rank's rows)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor)
 
 
 def _whole(param: torch.Tensor) -> torch.Tensor:
@@ -269,12 +277,12 @@ def _whole(param: torch.Tensor) -> torch.Tensor:
 
 def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
     """Copy a whole tensor into a parameter; into a sharded one, this rank's rows of it."""
-    local = _local(param)
-    if local is param:
+    if not _is_shard(param):
         param.copy_(value)
         return
     from torch.distributed.tensor import distribute_tensor
 
+    local = param.to_local()
     if tuple(value.shape) != tuple(param.shape):
         raise ModelError(f"adapter tensor of shape {tuple(value.shape)} for a parameter of shape "
                          f"{tuple(param.shape)}")
