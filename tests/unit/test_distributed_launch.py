@@ -130,3 +130,15 @@ def test_deepspeed_is_refused_naming_the_key_and_the_alternatives(tiny_recipe):
 def test_an_unknown_sharding_is_refused_by_the_schema(tiny_recipe):
     with pytest.raises(RecipeError, match="sharding"):
         _recipe(tiny_recipe, train={"local_steps": 1, "sharding": "zero3"})
+
+
+def test_fsdp_splits_each_micro_batch_as_ddp_does(two_ranks):
+    from fedtune.train.sharded import FullySharded
+
+    fsdp = distributed.data_parallel("fsdp")
+    assert isinstance(fsdp, FullySharded)
+    assert isinstance(distributed.data_parallel("none"), DataParallel)
+    assert fsdp.shard([7, 1, 4, 9, 2]) == ([7, 4, 2], 2.0)
+    assert fsdp.shard([5]) == ([5], 2.0)   # rank 0 of 2 takes the only example
+    with pytest.raises(FedtuneError, match="train.sharding: fsdp: the model was not sharded"):
+        fsdp.wrap(torch.nn.Linear(2, 2))
