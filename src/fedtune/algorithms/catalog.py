@@ -38,26 +38,29 @@ class AlgorithmInfo:
     no_ray: str | None = None
     # True when the algorithm aggregates LoRA factors of different ranks (adapter.rank_per_client)
     mixed_ranks: bool = False
+    # True when its clients touch the model only through the adapter slot and the local trainer
+    # (no hook reads whole parameters or gradients): train.sharding: fsdp can shard it.
+    fsdp: bool = False
 
 
 _ZEROTH_ORDER = "estimates gradients from forward passes only"
 
 _ROWS = [
     AlgorithmInfo("fedavg", "fedavg", "Federated averaging of adapter updates, weighted by client "
-                  "examples (McMahan et al. 2017).", o.FedAvgConfig, sum_only=True),
+                  "examples (McMahan et al. 2017).", o.FedAvgConfig, sum_only=True, fsdp=True),
     AlgorithmInfo("fedprox", "fedprox", "FedAvg with a proximal term μ/2‖w − w_global‖² in each "
                   "client's loss (Li et al. 2020).", o.FedProxConfig, sum_only=True),
     AlgorithmInfo("fedavgm", "fedopt", "FedAvg with server momentum on the mean client update "
-                  "(Hsu et al. 2019).", o.FedAvgMConfig, sum_only=True),
+                  "(Hsu et al. 2019).", o.FedAvgMConfig, sum_only=True, fsdp=True),
     AlgorithmInfo("fedadam", "fedopt", "Adam as the server optimizer on the mean client update "
                   "(Reddi et al. 2021, Adaptive Federated Optimization).", o.FedAdamConfig,
-                  sum_only=True),
+                  sum_only=True, fsdp=True),
     AlgorithmInfo("fedyogi", "fedopt", "Yogi as the server optimizer on the mean client update "
                   "(Reddi et al. 2021, Adaptive Federated Optimization).", o.FedAdamConfig,
-                  sum_only=True),
+                  sum_only=True, fsdp=True),
     AlgorithmInfo("fedadagrad", "fedopt", "Adagrad with momentum as the server optimizer (Reddi "
                   "et al. 2021, Adaptive Federated Optimization).", o.FedAdagradConfig,
-                  sum_only=True),
+                  sum_only=True, fsdp=True),
     AlgorithmInfo("scaffold", "scaffold", "SCAFFOLD: client and server control variates correct "
                   "client drift (Karimireddy et al. 2020).", o.ScaffoldConfig),
     AlgorithmInfo("dp_fedavg", "dp_fedavg", "FedAvg with client-level differential privacy: "
@@ -80,13 +83,13 @@ _ROWS = [
                   "norm-weighted average, self-pruning (HetLoRA, Cho et al. 2024).", o.HetLoRAConfig,
                   check=o.check_mixed_ranks, mixed_ranks=True),
     AlgorithmInfo("median", "robust", "Coordinate-wise median of the client updates (Yin et al. "
-                  "2018, Byzantine-robust distributed learning).", o.MedianConfig),
+                  "2018, Byzantine-robust distributed learning).", o.MedianConfig, fsdp=True),
     AlgorithmInfo("trimmed_mean", "robust", "Coordinate-wise trimmed mean of the client updates "
-                  "(Yin et al. 2018, Byzantine-robust distributed learning).", o.TrimmedMeanConfig),
+                  "(Yin et al. 2018, Byzantine-robust distributed learning).", o.TrimmedMeanConfig, fsdp=True),
     AlgorithmInfo("krum", "robust", "(Multi-)Krum: keep the updates closest to their neighbours "
-                  "(Blanchard et al. 2017, Machine learning with adversaries).", o.KrumConfig),
+                  "(Blanchard et al. 2017, Machine learning with adversaries).", o.KrumConfig, fsdp=True),
     AlgorithmInfo("norm_bounding", "robust", "Clip each client update to a maximum L2 norm, then "
-                  "average (Sun et al. 2019, Can you really backdoor FL?).", o.NormBoundingConfig),
+                  "average (Sun et al. 2019, Can you really backdoor FL?).", o.NormBoundingConfig, fsdp=True),
     AlgorithmInfo("fedmezo", "fedmezo", "MeZO zeroth-order local steps on the adapter, FedAvg, "
                   "personalised client learning rates (arXiv 2402.05926).", o.FedMeZOConfig,
                   check=o.check_zeroth_order, unsplit_ranks=_ZEROTH_ORDER),

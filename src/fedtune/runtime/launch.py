@@ -36,13 +36,6 @@ def check_launch(recipe: Recipe) -> None:
                     algorithm, info.unsplit_ranks, r.world_size)
 
 
-# What FSDP (train.sharding: fsdp) runs: algorithms whose clients touch the model only through
-# the adapter slot's get/set and the local trainer (no hook reading parameters or gradients, which
-# hold one rank's rows under FSDP), with a LoRA adapter (peft saves it from the gathered tensors).
-SHARDED_ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median",
-                      "trimmed_mean", "krum", "norm_bounding")
-
-
 def check_sharding(recipe: Recipe) -> None:
     """Refuse, before any work, a train.sharding the launch or the recipe cannot run."""
     sharding = recipe.train.sharding
@@ -56,10 +49,12 @@ def check_sharding(recipe: Recipe) -> None:
                     "with torchrun or accelerate launch to shard it")
         return
     fed, adapter = recipe.federation, recipe.adapter
-    if fed.algorithm not in SHARDED_ALGORITHMS:
+    if not CATALOG[fed.algorithm].fsdp:
+        runs = ", ".join(name for name, info in CATALOG.items() if info.fsdp)
         raise RecipeError(f"train.sharding: fsdp with federation.algorithm {fed.algorithm}: its "
-                          "client hooks read whole parameters or gradients; under FSDP it runs "
-                          f"{', '.join(SHARDED_ALGORITHMS)} (or use train.sharding: none, DDP)")
+                          "client hooks read whole parameters or gradients (each rank holds a "
+                          f"share of them under FSDP); FSDP runs {runs} (or use train.sharding: "
+                          "none, DDP)")
     if adapter.method != "lora":
         raise RecipeError(f"train.sharding: fsdp with adapter.method {adapter.method}: FSDP runs "
                           "LoRA adapters (or use train.sharding: none, DDP)")
