@@ -29,8 +29,12 @@ def shard_model(model: torch.nn.Module, ranks: Ranks) -> int:
     embeddings and the head. Parameters become DTensors sharded on their first dimension.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise ModelError(f"train.sharding: fsdp needs PyTorch's FSDP2 (fully_shard, torch >= 2.6; "
+                         f"this is torch {torch.__version__})") from None
     inner = transformers_model(model)
     kinds = set(getattr(inner, "_no_split_modules", None) or ())
     layers = [m for m in inner.modules() if type(m).__name__ in kinds]
