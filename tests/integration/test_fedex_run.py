@@ -109,3 +109,46 @@ def test_hostile_feedback_is_refused_and_counted(tiny_recipe, monkeypatch):
     assert {e["client"] for e in fits} == {"client_0", "client_3"}
     rejected = [e for e in _events(summary) if e["kind"] == "rejected"]
     assert len(rejected) == 4 and all(e["client"] in ("client_1", "client_2") for e in rejected)
+
+
+def test_fedtune_tune_searches_the_base_server_lr_around_fedex(tiny_recipe):
+    pytest.importorskip("optuna")
+    from fedtune.config import load_recipe
+    from fedtune.tune import tune
+
+    options = {"base": "fedadam", "server_lr": 0.01, "grid": GRID}
+    data = _recipe(tiny_recipe, federation__options=options, eval__every=1, tune={
+        "metric": "val_loss", "trials": 2, "sampler": "grid", "pruner": "none",
+        "params": {"federation.options.server_lr": {"type": "categorical", "choices": [0.05, 1e-4]}}})
+    out = tune(data)
+    assert out["counts"]["complete"] == 2
+    seen = {}
+    for trial in sorted((Path(out["study_dir"]) / "trials").iterdir()):
+        recipe = load_recipe(trial / "recipe.yaml")
+        summary = json.loads((trial / "summary.json").read_text())
+        seen[recipe.federation.options["server_lr"]] = summary["strategy"]["fedex_theta"]
+        assert recipe.federation.options["grid"] == GRID and len(summary["strategy"]["fedex_theta"]) == 2
+    assert set(seen) == {0.05, 1e-4}
+    best = load_recipe(Path(out["study_dir"]) / "best.yaml")
+    assert best.federation.algorithm == "fedex" and best.federation.options["server_lr"] in seen
+
+
+@pytest.mark.slow   # about 3 minutes on 2 shared cores: four processes and a simulation
+def test_fedex_deployed_over_grpc_equals_the_simulation(tiny_recipe, tmp_path):
+    from test_grpc_deploy import _deploy, _final_checkpoint, _free_port, _simulate, _write_recipe
+
+    port = _free_port()
+    options = {"base": "fedavg", "grid": GRID, "eta": 1.0, "schedule": "constant"}
+    path, recipe = _write_recipe(tiny_recipe, tmp_path, port, federation__algorithm="fedex",
+                                 federation__options=options, data__val_fraction=0.2,
+                                 eval__at_start=False, eval__every=0, eval__exact_match=False)
+    _deploy(tmp_path, path, port)
+    deployed = json.loads((Path(recipe["output"]["dir"]) / "deployed" / "summary.json").read_text())
+    simulated, expected = _simulate(recipe)
+    assert deployed["rejected_replies"] == 0
+    assert deployed["strategy"]["fedex_theta"] == pytest.approx(simulated["strategy"]["fedex_theta"], abs=1e-6)
+    assert deployed["strategy"]["fedex_theta"] != [0.5, 0.5]
+    got = _final_checkpoint(Path(recipe["output"]["dir"]) / "deployed")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
