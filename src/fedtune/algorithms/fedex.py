@@ -176,7 +176,7 @@ class FedExLocal:
         section = trainer.section
         lr = ctx.lr
         if "train.lr" in config:   # the round's schedule (warm-up, decay) applied to the drawn lr
-            lr = float(config["train.lr"]) * ctx.lr / section.lr
+            lr = float(config["train.lr"]) * (ctx.lr / section.lr)   # exactly the grid's at ratio 1
         changes: dict[str, Any] = {}
         if "train.local_steps" in config:
             changes.update(local_steps=int(config["train.local_steps"]), local_epochs=None)
