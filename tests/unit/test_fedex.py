@@ -188,3 +188,17 @@ def test_state_dict_holds_the_base_and_theta():
     t.load_state_dict(state)
     assert np.array_equal(t.policy.theta, s.policy.theta)
     assert all(torch.equal(t.state_dict()[k], v) for k, v in state.items())
+
+
+def test_the_base_options_are_exactly_those_of_the_bases():
+    from fedtune.algorithms.catalog import CATALOG
+    from fedtune.algorithms.fedex_options import BASE_KEYS, BASES
+
+    assert set(BASE_KEYS) == {k for b in BASES for k in CATALOG[b].config.model_fields}
+    for key in BASE_KEYS:   # each refused for a base that does not have it
+        lacking = next(b for b in BASES if key not in CATALOG[b].config.model_fields)
+        with pytest.raises(RecipeError, match=rf"federation\.options\.{key}: .*not an option of base {lacking}"):
+            algorithm_options("fedex", {"base": lacking, key: 1})
+    assert algorithm_options("fedex", {"base": "krum", "byzantine": 0}).base_options() == {"byzantine": 0}
+    with pytest.raises(RecipeError, match="max_norm"):   # required by the base: at the recipe check
+        load_recipe("default", ["federation.algorithm=fedex", "federation.options={base: norm_bounding}"])

@@ -7,9 +7,18 @@ import hashlib
 import itertools
 import json
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # Server-side algorithms FedEx can wrap: plain local training (or FedProx's) on the adapter, the
 # global model as it is, a strategy that needs nothing but the options.
@@ -23,24 +32,65 @@ GRID_KEYS: dict[str, tuple[bool, float, float]] = {
     "train.batch_size": (True, 1, 1_000_000),
 }
 MAX_CONFIGS = 1000
-OWN_KEYS = ("base", "grid", "eta", "schedule", "entropy_cutoff", "discount", "feedback", "seed")
+# Every option of the bases (tests check it against their options models): set beside FedEx's own,
+# each checked against the chosen base; one left out takes the base's default.
+BASE_KEYS = ("weighting", "mu", "server_lr", "momentum", "beta1", "beta2", "tau", "trim_ratio",
+             "byzantine", "multi", "max_norm")
+DEFAULT_GRID = {"train.lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]}
 
 
 class FedExConfig(BaseModel):
     """FedEx (Khodak et al. 2021): each client draws its local configuration from θ, a categorical
     distribution over `grid`'s configurations, which the server moves by exponentiated gradient on
-    the clients' validation losses. Keys that are not FedEx's own are the base algorithm's options
-    (`server_lr: 0.1` with `base: fedadam`), checked against it when the recipe loads."""
+    the clients' validation losses. The base algorithm's options sit beside FedEx's own
+    (`server_lr: 0.1` with `base: fedadam`), each checked against that base."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     base: str = "fedavg"
-    grid: dict[str, list[float]] = Field(..., min_length=1)
+    grid: dict[str, list[float]] = Field(default_factory=lambda: dict(DEFAULT_GRID), min_length=1)
     eta: float | None = Field(None, gt=0, le=1e6)   # η₀; default √(2 ln K), K configurations
     schedule: Literal["auto", "adaptive", "aggressive", "constant"] = "auto"
     entropy_cutoff: float = Field(0.0, ge=0)        # θ's entropy below it: stop exploring
     discount: float = Field(0.0, ge=0, le=1)        # baseline: discounted mean of the rounds' losses
     feedback: Literal["difference", "after"] = "difference"   # L = after − before, or after
     seed: int = 0                                   # the draws: derive_seed(seed, round, client)
+    # the base's options (None: the base's default)
+    weighting: Any = None
+    mu: Any = None
+    server_lr: Any = None
+    momentum: Any = None
+    beta1: Any = None
+    beta2: Any = None
+    tau: Any = None
+    trim_ratio: Any = None
+    byzantine: Any = None
+    multi: Any = None
+    max_norm: Any = None
+
+    @field_validator("base")
+    @classmethod
+    def _check_base(cls, base: str) -> str:
+        if base not in BASES:
+            raise ValueError(f"FedEx wraps one of {', '.join(BASES)}; got {base!r}")
+        return base
+
+    @field_validator(*BASE_KEYS)
+    @classmethod
+    def _check_base_option(cls, value: Any, info: ValidationInfo) -> Any:
+        """An option of the base: one its options model has, with a value it accepts."""
+        base = info.data.get("base")
+        if value is None or base is None:
+            return value
+        from fedtune.algorithms.catalog import CATALOG  # the catalog imports this module
+
+        fields = CATALOG[base].config.model_fields
+        name = info.field_name
+        if name not in fields:
+            raise ValueError(f"not an option of base {base} (its options: {', '.join(fields) or 'none'})")
+        try:
+            return TypeAdapter(Annotated[fields[name].annotation, fields[name]]).validate_python(value)
+        except ValidationError as exc:
+            raise ValueError("; ".join(e["msg"] for e in exc.errors())) from None
 
     @field_validator("grid")
     @classmethod
@@ -71,8 +121,8 @@ class FedExConfig(BaseModel):
         return self
 
     def base_options(self) -> dict[str, Any]:
-        """The options passed to the base algorithm (every key not FedEx's own)."""
-        return dict(self.model_extra or {})
+        """The options passed to the base algorithm (those set)."""
+        return {k: getattr(self, k) for k in BASE_KEYS if getattr(self, k) is not None}
 
     def configurations(self) -> list[dict[str, float | int]]:
         """The grid's configurations, the first key varying slowest (index j is θ's j-th entry)."""
@@ -94,13 +144,10 @@ def check_fedex(config: FedExConfig, recipe: Any) -> None:
     from fedtune.algorithms.catalog import algorithm_options  # the catalog imports this module
     from fedtune.errors import RecipeError
 
-    if config.base not in BASES:
-        raise ValueError(f"federation.options.base: FedEx wraps one of {', '.join(BASES)}; "
-                         f"got {config.base!r}")
-    try:
+    try:   # what one option alone cannot say (norm_bounding's max_norm is required)
         algorithm_options(config.base, config.base_options())
     except RecipeError as exc:
-        raise ValueError(f"{exc}; FedEx's own options: {', '.join(OWN_KEYS)}") from None
+        raise ValueError(f"{exc}, with federation.options.base {config.base}") from None
     if recipe.data.val_fraction <= 0:
         raise ValueError("data.val_fraction: FedEx needs each client's validation part to score "
                          "its configuration; set data.val_fraction > 0 (e.g. 0.05)")
