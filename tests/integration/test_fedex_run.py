@@ -21,9 +21,10 @@ GRID = {"train.lr": [1e-5, 5e-2], "train.local_steps": [3]}   # config 0 barely 
 
 def _recipe(tiny_recipe, **kw):
     options = kw.pop("federation__options", {"base": "fedavg", "grid": GRID, "eta": 1.0, "schedule": "constant"})
+    kw = {"eval__every": 0, **kw}
     return tiny_recipe(federation__algorithm="fedex", federation__options=options,
                        federation__clients=4, data__val_fraction=0.2, eval__at_start=False,
-                       eval__every=0, eval__exact_match=False, **kw)
+                       eval__exact_match=False, **kw)
 
 
 def _events(summary):
