@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="the default recipe's data and local steps")
     ap.add_argument("--base", default="fedavg")
     ap.add_argument("--schedule", default="auto")
+    ap.add_argument("--eta", type=float, help="η₀ (default: FedEx's √(2 ln K))")
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--fixed", metavar="JSON", help="tune_fidelity.py's result for the fixed configurations")
     ap.add_argument("--out", default="fedex_choice.json")
@@ -39,7 +40,8 @@ def main() -> None:
     torch.set_num_threads(1)
     import fedtune
 
-    options = {"base": args.base, "grid": {"train.lr": list(LRS)}, "schedule": args.schedule}
+    options = {"base": args.base, "grid": {"train.lr": list(LRS)}, "schedule": args.schedule,
+               **({"eta": args.eta} if args.eta else {})}
     overrides = [*([] if args.full else SMALL), f"federation.rounds={args.rounds}",
                  f"eval.every={args.eval_every}", "federation.algorithm=fedex",
                  f"federation.options={json.dumps(options)}", "output.progress=false",
@@ -53,7 +55,8 @@ def main() -> None:
     thetas = {e["round"]: e["values"]["fedex_theta"] for e in events if e["kind"] == "round"}
     draws = [e["values"]["fedex_config"] for e in events if e["kind"] == "fit"]
     strategy, final = summary["strategy"], summary["final"]
-    print(f"FedEx ({args.base} base, schedule {args.schedule}) on the built-in benchmark: "
+    print(f"FedEx ({args.base} base, schedule {args.schedule}, η₀ {args.eta or 'default'}) on the "
+          "built-in benchmark: "
           f"{' '.join(o for o in overrides if not o.startswith(('output.', 'federation.options')))}")
     print(f"\n{'round':>5}  " + "".join(f"{f'lr {lr:g}':>11}" for lr in LRS))
     for r in sorted(thetas):
