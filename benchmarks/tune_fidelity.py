@@ -7,6 +7,7 @@ saved, whether the final best survives).
     python benchmarks/tune_fidelity.py                     # 4 lr x 3 algorithms = 12 configurations
     python benchmarks/tune_fidelity.py --rounds 10 --jobs 2 --out fidelity.json
     python benchmarks/tune_fidelity.py --table fidelity.json   # print the tables of a saved result
+    python benchmarks/tune_fidelity.py --full --rounds 40 --eval-every 2 --jobs 1   # the full budget
 
 Each configuration runs in a fresh interpreter (one torch thread); `--scale` overrides shrink the
 benchmark to fit a CPU budget (they are printed with the tables).
@@ -82,13 +83,20 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+def evaluated_round(results: list[dict], fraction: float, rounds: int) -> int:
+    """The last round evaluated in every curve at or before `fraction` of the rounds."""
+    want = max(1, round(fraction * rounds))
+    common = set.intersection(*(set(res["curve"]) for res in results))
+    return max((r for r in common if r <= want), default=min(common))
+
+
 def correlations(results: list[dict], rounds: int) -> dict[str, dict[float, float]]:
     """metric -> {fraction: Spearman rho between the values at that round and at the end}."""
     out: dict[str, dict[float, float]] = {}
     for metric in METRICS:
         out[metric] = {}
         for f in FRACTIONS:
-            r = max(1, round(f * rounds))
+            r = evaluated_round(results, f, rounds)
             early = [res["curve"][r].get(metric) for res in results]
             final = [res["curve"][rounds].get(metric) for res in results]
             pairs = [(x, y) for x, y in zip(early, final) if x is not None and y is not None]
@@ -119,7 +127,7 @@ def replay_median(results: list[dict], rounds: int, metric: str, startup: int, w
         for res in order:
             trial = study.ask()
             stop = rounds
-            for r in range(1, rounds):
+            for r in sorted(k for k in res["curve"] if k < rounds):   # the evaluated rounds
                 trial.report(res["curve"][r][metric], r)
                 if trial.should_prune():
                     stop = r
@@ -140,7 +148,7 @@ def replay_median(results: list[dict], rounds: int, metric: str, startup: int, w
 def print_tables(data: dict) -> None:
     rounds, results = data["rounds"], [r for r in data["results"] if "curve" in r]
     print(f"\nbuilt-in benchmark ('default' recipe) with {' '.join(data['overrides'])} "
-          f"federation.rounds={rounds} eval.every=1; {len(results)} configurations "
+          f"federation.rounds={rounds} eval.every={data.get('eval_every', 1)}; {len(results)} configurations "
           f"({len(data['results']) - len(results)} failed), {data['wall']:.0f} s in all")
     print("\nfinal values (ranked by val_loss)")
     print(f"{'configuration':<22}{'val_loss':>10}{'exact_match':>13}{'wall s':>9}")
@@ -150,7 +158,8 @@ def print_tables(data: dict) -> None:
               f"{res['wall']:>9.0f}")
     corr = correlations(results, rounds)
     print("\nSpearman rho, ranking at a share of the rounds vs the final ranking")
-    print(f"{'metric':<14}" + "".join(f"{f'{int(f * 100)} % (r{max(1, round(f * rounds))})':>14}" for f in FRACTIONS))
+    print(f"{'metric':<14}" + "".join(f"{f'{int(f * 100)} % (r{evaluated_round(results, f, rounds)})':>14}"
+                                      for f in FRACTIONS))
     for metric, row in corr.items():
         print(f"{metric:<14}" + "".join(f"{row[f]:>14.3f}" if math.isfinite(row[f]) else f"{'n/a':>14}"
                                         for f in FRACTIONS))
@@ -168,6 +177,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--jobs", type=int, default=2, help="configurations run at once")
+    ap.add_argument("--eval-every", type=int, default=1, help="eval.every: evaluate every N rounds")
     ap.add_argument("--full", action="store_true", help="the default recipe's data and local steps")
     ap.add_argument("--local-steps", type=int, help="train.local_steps (default: 5, or 10 with --full)")
     ap.add_argument("--out", default="tune_fidelity.json")
@@ -181,12 +191,13 @@ def main() -> None:
         text = Path(args.table).read_text()
         if args.table.endswith(".jsonl"):
             results = [_int_rounds(json.loads(line)) for line in text.splitlines() if line.strip()]
-            data = {"rounds": args.rounds, "overrides": scale, "wall": math.nan, "results": results}
+            data = {"rounds": args.rounds, "overrides": scale, "wall": math.nan, "results": results,
+                    "eval_every": args.eval_every}
         else:
             data = json.loads(text, object_hook=_int_rounds)
         print_tables(data)
         return
-    base = [*scale, f"federation.rounds={args.rounds}", "eval.every=1"]
+    base = [*scale, f"federation.rounds={args.rounds}", f"eval.every={args.eval_every}"]
     configs = [(f"{alg}-lr{lr:g}", [*base, *extra, f"train.lr={lr}"])
                for (alg, extra), lr in itertools.product(ALGORITHMS.items(), LRS)]
     random.Random(0).shuffle(configs)   # a partial result (see .partial.jsonl) spans the grid
@@ -204,7 +215,7 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(one, configs))
     data = {"rounds": args.rounds, "overrides": scale, "wall": time.perf_counter() - started,
-            "results": results}
+            "results": results, "eval_every": args.eval_every}
     Path(args.out).write_text(json.dumps(data, indent=1))
     print_tables(data)
 

@@ -5,6 +5,10 @@ run to the end beside them. Prints the trials, the best trial's exact match agai
 and the wall time pruning saved (each pruned trial's time scaled to the full rounds).
 
     python benchmarks/tune_study.py --trials 8 --workers 2 --rounds 10
+    python benchmarks/tune_study.py --full --rounds 40 --eval-every 2 --workers 1 --baseline-default
+
+`--baseline-default` takes the untuned default's figures from the study's trial 0 (the recipe's own
+values, `tune.baseline`) instead of a separate run beside the study, saving one full run.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from pathlib import Path
 SMALL = ["data.synthetic.examples_per_category=60", "train.local_steps=5", "train.batch_size=8"]
 
 
-def recipe(rounds: int, trials: int, out: str, full: bool, steps: int | None) -> tuple[dict, list[str]]:
+def recipe(rounds: int, trials: int, out: str, full: bool, steps: int | None,
+           every: int = 1) -> tuple[dict, list[str]]:
     small = [o for o in SMALL if not (steps and o.startswith("train.local_steps="))]
     overrides = [*([] if full else small), *([f"train.local_steps={steps}"] if steps else []),
-                 f"federation.rounds={rounds}", "eval.every=1",
+                 f"federation.rounds={rounds}", f"eval.every={every}",
                  "federation.algorithm=fedadam", f"output.dir={out}", "output.checkpoint_every=0"]
     tune = {"metric": "val_loss", "trials": trials, "sampler": "tpe",
             "pruner": {"name": "median_stopping", "startup_trials": 3, "warmup_rounds": max(1, rounds // 4)},
@@ -65,15 +70,20 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="the default recipe's data and local steps")
     ap.add_argument("--local-steps", type=int, help="train.local_steps (default: 5, or 10 with --full)")
     ap.add_argument("--out", default="tune_study_runs")
+    ap.add_argument("--eval-every", type=int, default=1, help="eval.every (the pruner's reports)")
+    ap.add_argument("--baseline-default", action="store_true",
+                    help="the untuned default's figures from trial 0 instead of a separate run")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
-    tune_spec, overrides = recipe(args.rounds, args.trials, str(out), args.full, args.local_steps)
+    tune_spec, overrides = recipe(args.rounds, args.trials, str(out), args.full, args.local_steps,
+                                  args.eval_every)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     me = [sys.executable, __file__]
     started = time.perf_counter()
-    untuned = subprocess.Popen([*me, "--default", json.dumps(overrides)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)
+    untuned = None if args.baseline_default else subprocess.Popen(
+        [*me, "--default", json.dumps(overrides)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env)
     first = subprocess.run([*me, "--worker", json.dumps({"tune": {**tune_spec, "trials": 1},
                                                          "overrides": overrides, "resume": False})],
                            env=env, capture_output=True, text=True)   # creates the study
@@ -88,14 +98,16 @@ def main() -> None:
         if w.returncode != 0:
             print("worker failed:", err.strip().splitlines()[-1:])
     study_wall = time.perf_counter() - started
-    dout, derr = untuned.communicate()
-    if untuned.returncode != 0:
-        sys.exit(derr)
-    default = json.loads(dout.strip().splitlines()[-1])
+    default = None
+    if untuned is not None:
+        dout, derr = untuned.communicate()
+        if untuned.returncode != 0:
+            sys.exit(derr)
+        default = json.loads(dout.strip().splitlines()[-1])
     report(out, default, study_wall, args, overrides)
 
 
-def report(out: Path, default: dict, study_wall: float, args, overrides: list[str]) -> None:
+def report(out: Path, default: dict | None, study_wall: float, args, overrides: list[str]) -> None:
     import optuna
 
     study_dir = out / "tune-default"
@@ -107,6 +119,9 @@ def report(out: Path, default: dict, study_wall: float, args, overrides: list[st
                      "wall": t.user_attrs.get("wall_seconds"),
                      "exact_match": (t.user_attrs.get("final") or {}).get("exact_match"),
                      "val_loss": (t.user_attrs.get("final") or {}).get("val_loss"), "params": t.params})
+    if default is None:   # trial 0 ran the recipe's own values (tune.baseline)
+        first = study.trials[0]
+        default = {"final": first.user_attrs.get("final") or {}, "wall": first.user_attrs.get("wall_seconds")}
     done = [r for r in rows if r["wall"] is not None]
     spent = sum(r["wall"] for r in done)
     # A pruned trial's run to the end, estimated: its wall time per round times the rounds.

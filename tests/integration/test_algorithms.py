@@ -157,6 +157,8 @@ def test_every_registered_algorithm_runs_two_rounds(tiny_recipe):
         recipe = _fast(tiny_recipe, output__name=name, federation__algorithm=name,
                        federation__options=options.get(name, {}))
         recipe["eval"]["at_start"] = True
+        if name == "fedex":   # it scores the drawn configurations on each client's validation part
+            recipe["data"]["val_fraction"] = 0.2
         summary = fedtune.run(recipe)
         assert summary["rounds"] == 2 and summary["algorithm"] == name
         initial, final = summary["initial"]["loss"], summary["final"]["loss"]

@@ -168,9 +168,10 @@ def test_every_algorithm_ray_can_host_ends_as_in_process(tiny_recipe, ray_sessio
     for name in available_algorithms():
         if CATALOG[name].no_ray is not None:
             continue
+        val = {"data__val_fraction": 0.2} if name == "fedex" else {}   # FedEx scores on it
         runs = {engine: fedtune.run(_recipe(tiny_recipe, engine, f"all-{name}-{engine}",
                                             federation__algorithm=name,
-                                            federation__options=options.get(name, {})))
+                                            federation__options=options.get(name, {}), **val))
                 for engine in ("inprocess", "ray")}
         want, got = (_checkpoint(Path(s["final_adapter"]).parent) for s in runs.values())
         assert got.keys() == want.keys() and want, name

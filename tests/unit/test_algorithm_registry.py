@@ -17,7 +17,7 @@ from fedtune.algorithms.base import AlgorithmSpec, ClientUpdate, StandardLocal, 
 from fedtune.config import Recipe
 from fedtune.errors import RecipeError
 
-ALL = ["ditto", "dp_fedavg", "fedadagrad", "fedadam", "fedavg", "fedavg_ft", "fedavgm", "fedkseed",
+ALL = ["ditto", "dp_fedavg", "fedadagrad", "fedadam", "fedavg", "fedavg_ft", "fedavgm", "fedex", "fedkseed",
        "fedmezo", "fedprox", "fedrep", "fedsa_lora", "fedsp", "fedyogi", "ffa_lora", "flexlora",
        "flora", "hetlora", "krum", "median", "norm_bounding", "offsite", "pfedgate", "pfedme",
        "scaffold", "trimmed_mean"]

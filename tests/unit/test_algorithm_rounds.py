@@ -653,3 +653,49 @@ def test_every_registered_algorithm_has_a_round_test_here():
     missing = [a for a in available_algorithms() if f'"{a}"' not in text]
     assert not missing, f"algorithms without a hand-computed round test: {missing}"
     assert InProcessTransport  # the rounds above go through the real transport
+
+
+# -- FedEx: each client's lr drawn from θ, θ moved by the validation losses --------------------
+
+
+def test_fedex_round_trains_each_client_at_its_drawn_lr_and_moves_theta(tmp_path):
+    class ValLoss:   # the client's validation loss of the model in the slot: the mean logit loss
+        def __init__(self, model):
+            self.model = model
+
+        def loss(self, examples):
+            w = self.model.w.detach().tolist()
+            return {"loss": mean_loss(w, [(e.input_ids[0], e.input_ids[1]) for e in examples])}
+
+    lrs = [0.5, 2.0]
+    names = ["client_0", "client_1"]
+    # a seed for which the two clients draw different configurations from the uniform θ
+    seed = next(s for s in range(50) if len({
+        np.random.default_rng(derive_seed(s, "fedex", 1, c)).choice(2, p=[0.5, 0.5]) for c in names}) == 2)
+    r = recipe("fedex", 2, tmp=tmp_path, options={"grid": {"train.lr": lrs}, "seed": seed})
+    model = LogitModel([0.0, 0.0])
+    train = {"client_0": THREE_ONES, "client_1": ONE_ZERO}
+    val = {"client_0": [(0, 1), (0, 0)], "client_1": [(1, 0), (1, 0), (1, 1)]}
+    fed = federation(r, model, {n: toks(p) for n, p in train.items()}, tmp=tmp_path, evaluator=ValLoss(model))
+    for n in names:
+        fed.clients[n].data.val = toks(val[n])
+    fed.round(1)
+    drawn = fed.server.strategy.assigned
+    assert sorted(drawn.values()) == [0, 1]
+    # each client: one SGD step at its drawn lr; FedAvg by examples (3 and 1)
+    local = {n: sgd([0.0, 0.0], train[n], lrs[drawn[n]]) for n in names}
+    close(fed.server.global_state["w"], wmean([local[n] for n in names], [3, 1]))
+    # θ: L_i = val loss after − before, weights 3/4 and 1/4, λ their mean, ĝ_j = w_i (L_i − λ)/θ_j,
+    # η = √(2 ln 2) (auto schedule, first step), θ ∝ ½·exp(−η ĝ)
+    losses = {n: mean_loss(local[n], val[n]) - mean_loss([0.0, 0.0], val[n]) for n in names}
+    weights = {"client_0": 0.75, "client_1": 0.25}
+    lam = sum(weights[n] * losses[n] for n in names)
+    g = [0.0, 0.0]
+    for n in names:
+        g[drawn[n]] += weights[n] * (losses[n] - lam) / 0.5
+    eta = math.sqrt(2 * math.log(2))
+    un = [0.5 * math.exp(-eta * gj) for gj in g]
+    theta = fed.server.strategy.round_metrics()["fedex_theta"]
+    assert theta == pytest.approx([u / sum(un) for u in un], rel=1e-5)
+    fits = {e["client"]: e["values"] for e in fed.events("fit")}
+    assert {n: fits[n]["lr"] for n in names} == {n: lrs[drawn[n]] for n in names}

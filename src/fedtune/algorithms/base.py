@@ -151,6 +151,9 @@ class LocalContext:
     state: State              # the client's persistent algorithm state (e.g. control variates)
     server_tensors: State     # extra tensors the strategy broadcast this round (e.g. SCAFFOLD's c)
     meta: dict[str, Any]      # the round's instructions from the server
+    # The client's validation loss of the model now in `slot` ({"loss", "n_tokens", ...}; {} when
+    # nothing was measured); None when the client has no validation part (FedEx scores with it).
+    val_loss: Callable[[], dict[str, Any]] | None = None
 
 
 @dataclass

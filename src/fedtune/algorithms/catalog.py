@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from fedtune.algorithms import options as o
+from fedtune.algorithms.fedex_options import FedExConfig, check_fedex
 from fedtune.errors import RecipeError
 
 
@@ -105,6 +106,10 @@ _ROWS = [
                               "without torchrun/accelerate",
                   no_ray="the clients train the emulator the server's party distils and keeps "
                          "with the run; actors would each distil their own"),
+    AlgorithmInfo("fedex", "fedex", "FedEx: each client's local hyper-parameters drawn from a "
+                  "distribution over a grid that the server moves by exponentiated gradient on "
+                  "validation losses, around a base algorithm (Khodak et al. 2021).", FedExConfig,
+                  check=check_fedex),
     # personalised FL (docs/algorithms.md, "Personalised FL"); what travels is summed, so each
     # works with secure aggregation; personal tensors never leave the client
     AlgorithmInfo("fedavg_ft", "fedavg_ft", "FedAvg + FT: each client fine-tunes a copy of the "

@@ -179,7 +179,7 @@ class Client:
         ctx = LocalContext(
             client=self.name, round=msg.round, seed=derive_seed(self.seed, "fit", msg.round, self.name),
             lr=lr, slot=slot or self.slot, trainer=trainer or self.trainer, train=self.data.train,
-            state=self.state, server_tensors=extra, meta=msg.meta,
+            state=self.state, server_tensors=extra, meta=msg.meta, val_loss=self._val_loss(slot),
         )
         before = dict(self.state)  # procedures replace state tensors, never change them in place
         outcome = self.local.fit(ctx, adapter)
@@ -196,6 +196,13 @@ class Client:
         return Message(MessageKind.UPDATE, msg.round, self.name, self.server,
                        tensors={**self.up.pack(outcome.update, self.state), **outcome.extra},
                        meta={"n_examples": len(self.data.train), "metrics": outcome.metrics})
+
+    def _val_loss(self, slot: AdapterSlot | None) -> Callable[[], dict] | None:
+        """The validation loss of the shared model, for a local procedure that scores its work
+        (FedEx); None without validation data, or when training in a slot of its own (batched)."""
+        if self.evaluator is None or not self.data.val or slot is not None:
+            return None
+        return lambda: self.evaluator.loss(self.data.val)
 
     def _evaluate_personal(self, round_: int, global_state: State, generate: bool) -> dict:
         """The algorithm's personal model of this client (LocalProcedure.personal: tensors
