@@ -37,22 +37,31 @@ ALGORITHM_TESTS = [
     "tests/unit/test_fedkseed.py", "tests/unit/test_backdoor.py", "tests/unit/test_algorithm_rounds.py",
     "tests/unit/test_algorithm_registry.py", "tests/unit/test_algorithm_details.py",
     "tests/unit/test_algorithm_options.py", "tests/unit/test_weighting.py",
+    "tests/unit/test_personalised.py", "tests/unit/test_hetero_ranks.py", "tests/unit/test_fedsp.py",
+    "tests/unit/test_streaming_aggregation.py", "tests/unit/test_offsite.py",
+    "tests/unit/test_zeroth_order.py", "tests/unit/test_party_hooks.py", "tests/unit/test_layers.py",
+    "tests/unit/test_secure_aggregation_recipe.py",
 ]
 SERVER_TESTS = ["tests/unit/test_server_rules.py", "tests/unit/test_server_selection.py",
-                "tests/unit/test_algorithm_rounds.py"]
+                "tests/unit/test_algorithm_rounds.py", "tests/unit/test_streaming_aggregation.py",
+                "tests/unit/test_party_hooks.py", "tests/unit/test_peer_values.py",
+                "tests/unit/test_personalised.py", "tests/unit/test_weighting.py",
+                "tests/integration/test_divergence.py"]
+CLIENT_TESTS = [*SERVER_TESTS, "tests/unit/test_lazy_host.py", "tests/unit/test_backdoor.py"]
 
 # module -> (files to mutate, tests that matter for them)
 MODULES: dict[str, tuple[list[str], list[str]]] = {
     "algorithms": (["src/fedtune/algorithms/*.py"], ALGORITHM_TESTS),
     "server": (["src/fedtune/runtime/server.py"], SERVER_TESTS),
-    "client": (["src/fedtune/runtime/client.py"],
-               SERVER_TESTS),
+    "client": (["src/fedtune/runtime/client.py"], CLIENT_TESTS),
     "codec": (["src/fedtune/transport/codec.py"],
-              ["tests/unit/test_codec.py", "tests/unit/test_transport.py",
+              ["tests/unit/test_codec.py", "tests/unit/test_codec_layout.py",
+               "tests/unit/test_transport.py", "tests/unit/test_finite_check.py",
+               "tests/unit/test_compression.py", "tests/unit/test_framing.py",
                "tests/unit/test_server_rules.py"]),
     "local": (["src/fedtune/train/local.py"],
               ["tests/unit/test_local_trainer.py", "tests/unit/test_algorithm_rounds.py",
-               "tests/unit/test_dp_sgd.py"]),
+               "tests/unit/test_dp_sgd.py", "tests/unit/test_precision_packing.py"]),
 }
 
 # Tests left out of every mutant's run: each takes over 20 s under mutmut's tracing, and the
