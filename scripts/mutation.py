@@ -150,33 +150,40 @@ def run(module: str, children: int, names: list[str] | None = None) -> int:
     return proc.returncode
 
 
+def verdicts(module: str) -> dict[str, str]:
+    """mutant name -> its status in the module's last run."""
+    out: dict[str, str] = {}
+    for meta in sorted((WORK / module / "mutants").rglob("*.py.meta")):
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            out[name] = STATUS.get(code, "other")
+    return out
+
+
 def tally(module: str, equivalent: dict[str, str]) -> tuple[Tally, list[str], list[str]]:
     """The counts, the surviving mutants and the mutants not run yet (an interrupted run, or
-    functions changed since)."""
+    functions changed since). A mutant listed as equivalent counts as such only while it
+    survives: one a test kills was not equivalent (its entry is stale, see --equivalent)."""
     t, survivors, unrun = Tally(), [], []
-    for meta in sorted((WORK / module / "mutants").rglob("*.py.meta")):
-        codes = json.loads(meta.read_text())["exit_code_by_key"]
-        for name, code in codes.items():
-            t.total += 1
-            status = STATUS.get(code, "other")
-            if name in equivalent:
-                t.equivalent += 1
-            elif status == "killed":
-                t.killed += 1
-            elif status == "timeout":
-                t.timeout += 1
-            elif status == "survived":
-                t.survived += 1
-                survivors.append(name)
-            elif status == "no tests":
-                t.no_tests += 1
-                survivors.append(name)
-            elif status == "not checked":
-                t.not_checked += 1
-                unrun.append(name)
-            else:
-                t.other += 1
-                survivors.append(name)
+    for name, status in verdicts(module).items():
+        t.total += 1
+        if name in equivalent and status in ("survived", "no tests"):
+            t.equivalent += 1
+        elif status == "killed":
+            t.killed += 1
+        elif status == "timeout":
+            t.timeout += 1
+        elif status == "survived":
+            t.survived += 1
+            survivors.append(name)
+        elif status == "no tests":
+            t.no_tests += 1
+            survivors.append(name)
+        elif status == "not checked":
+            t.not_checked += 1
+            unrun.append(name)
+        else:
+            t.other += 1
+            survivors.append(name)
     return t, survivors, unrun
 
 
@@ -187,11 +194,29 @@ def show(module: str, name: str) -> str:
                      if line.startswith(("-", "+")) and not line.startswith(("---", "+++")))
 
 
+def review_equivalent(module: str, equivalent: dict[str, str]) -> None:
+    """Each entry naming a mutant of `module`: its diff now and its reason; stale ones flagged."""
+    found = verdicts(module)
+    prefixes = tuple(f.removeprefix("src/").removesuffix(".py").replace("/", ".").rstrip("*")
+                     for f in MODULES[module][0])
+    print(f"\n## equivalent mutants of {module}")
+    for name, reason in equivalent.items():
+        if not name.startswith(prefixes):
+            continue
+        status = found.get(name)
+        flag = ("" if status in ("survived", "no tests") else "  (not run yet)" if status == "not checked"
+                else f"  STALE: {status or 'no such mutant'}")
+        print(f"{name}{flag}\n  why: {reason}\n{show(module, name) if status else ''}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modules", nargs="*", help=f"some of: {', '.join(MODULES)}")
     parser.add_argument("--children", type=int, default=1, help="mutants tested at once")
     parser.add_argument("--survivors", action="store_true", help="print each survivor's diff")
+    parser.add_argument("--equivalent", action="store_true",
+                        help="print each entry of mutation_equivalent.txt for these modules with its "
+                             "mutant's diff now, and the stale ones (killed, or no such mutant)")
     parser.add_argument("--report-only", action="store_true", help="tally the last run, run nothing")
     parser.add_argument("--retest", action="store_true",
                         help="test only the last run's survivors and unrun mutants (after adding tests)")
@@ -223,6 +248,9 @@ def main() -> int:
             print(f"\n## survivors in {module}")
             for name in survivors:
                 print(f"{name}\n{show(module, name)}")
+    if args.equivalent:
+        for module in modules:
+            review_equivalent(module, equivalent)
     print(f"\n{'module':<12}{'mutants':>9}{'killed':>8}{'timeout':>9}{'survived':>10}"
           f"{'no tests':>10}{'equiv.':>8}{'unrun':>7}{'killed %':>10}")
     for module, t in rows:
