@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
@@ -109,3 +112,47 @@ def tiny_gpt2_dir(tmp_path_factory):
                     ).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def final_global(summary: dict) -> dict[str, torch.Tensor]:
+    """The global state of a run's last round checkpoint (adapter and strategy tensors)."""
+    run_dir = Path(summary["final_adapter"]).parent
+    return load_file(str(sorted((run_dir / "checkpoints").glob("round_*"))[-1] / "global.safetensors"))
+
+
+def stop_and_resume(monkeypatch, recipe: dict, at_round: int) -> dict:
+    """Run `recipe` until a KeyboardInterrupt at the start of round `at_round`, then resume the
+    stopped run directory; returns the resumed run's summary."""
+    from fedtune import run
+    from fedtune.runtime.server import Server
+
+    original = Server.run_round
+
+    def stop(self, round_):
+        if round_ == at_round:
+            raise KeyboardInterrupt
+        return original(self, round_)
+
+    monkeypatch.setattr(Server, "run_round", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe)
+    monkeypatch.setattr(Server, "run_round", original)
+    return run(resume=Path(recipe["output"]["dir"]) / recipe["output"]["name"])
+
+
+class LossEvaluator:
+    """The mean cross-entropy of each example's first labelled token (position 0 predicts token
+    1's label) under the model as it is now: an evaluator small enough to check by hand."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def evaluate(self, tokenized, raw, with_generation, predictions=None):
+        return {"loss": self.loss(tokenized)["loss"], "n_examples": len(tokenized)}
+
+    def loss(self, tokenized):
+        total = 0.0
+        for ex in tokenized:
+            logits = self.model(torch.tensor([ex.input_ids])).logits[0, 0].detach()
+            total += float(torch.nn.functional.cross_entropy(logits[None], torch.tensor([ex.labels[1]])))
+        return {"loss": total / len(tokenized), "n_tokens": len(tokenized)}

@@ -8,15 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import fedtune
-from fedtune.runtime.server import Server
-
-
-def _final(summary) -> dict[str, torch.Tensor]:
-    run_dir = Path(summary["final_adapter"]).parent
-    return load_file(str(sorted((run_dir / "checkpoints").glob("round_*"))[-1] / "global.safetensors"))
+from conftest import final_global as _final
+from conftest import stop_and_resume
 
 
 def _fast(tiny_recipe, **kw):
@@ -63,18 +58,7 @@ def test_resume_restores_strategy_and_client_state_exactly(tiny_recipe, monkeypa
     kw = dict(federation__algorithm=algorithm, federation__options=options, federation__rounds=3,
               train__optimizer="sgd", train__lr=0.5)
     whole = _final(fedtune.run(_fast(tiny_recipe, output__name="whole", **kw)))
-    original = Server.run_round
-
-    def crash(self, round_):
-        if round_ == 3:
-            raise KeyboardInterrupt
-        return original(self, round_)
-
-    monkeypatch.setattr(Server, "run_round", crash)
-    with pytest.raises(KeyboardInterrupt):
-        fedtune.run(_fast(tiny_recipe, output__name="cut", **kw))
-    monkeypatch.setattr(Server, "run_round", original)
-    resumed = _final(fedtune.run(resume=Path(tiny_recipe()["output"]["dir"]) / "cut"))
+    resumed = _final(stop_and_resume(monkeypatch, _fast(tiny_recipe, output__name="cut", **kw), at_round=3))
     _assert_same(resumed, whole)
 
 

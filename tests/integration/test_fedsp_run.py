@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
-from safetensors.torch import load_file
 
 import fedtune
-from fedtune.runtime.server import Server
+from conftest import final_global as _final
+from conftest import stop_and_resume
 
 
 def _recipe(tiny_recipe, four_layer_dir, **kw):
@@ -25,10 +24,6 @@ def _recipe(tiny_recipe, four_layer_dir, **kw):
 
 def _run_dir(summary) -> Path:
     return Path(summary["final_adapter"]).parent
-
-
-def _final(summary) -> dict[str, torch.Tensor]:
-    return load_file(str(sorted((_run_dir(summary) / "checkpoints").glob("round_*"))[-1] / "global.safetensors"))
 
 
 def test_fedsp_sends_only_prompts_evaluates_both_models_and_resumes_exactly(tiny_recipe, four_layer_dir,
@@ -49,18 +44,7 @@ def test_fedsp_sends_only_prompts_evaluates_both_models_and_resumes_exactly(tiny
     assert info["aux_package_bytes"] < download < info["aux_package_bytes"] + 16384
     whole = _final(summary)
     assert all(k.startswith("prompt_encoder.") for k in whole)
-    original = Server.run_round
-
-    def crash(self, round_):
-        if round_ == 3:
-            raise KeyboardInterrupt
-        return original(self, round_)
-
-    monkeypatch.setattr(Server, "run_round", crash)
-    with pytest.raises(KeyboardInterrupt):
-        fedtune.run(_recipe(tiny_recipe, four_layer_dir, output__name="cut"))
-    monkeypatch.setattr(Server, "run_round", original)
-    resumed = _final(fedtune.run(resume=Path(tiny_recipe()["output"]["dir"]) / "cut"))
+    resumed = _final(stop_and_resume(monkeypatch, _recipe(tiny_recipe, four_layer_dir, output__name="cut"), at_round=3))
     assert resumed.keys() == whole.keys()
     for k in whole:
         torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=0, msg=k)

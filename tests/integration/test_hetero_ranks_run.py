@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import fedtune
-from fedtune.runtime.server import Server
+from conftest import final_global as _final
+from conftest import stop_and_resume
 
 RANKS = [1, 2, 4]
 
@@ -20,11 +20,6 @@ def _recipe(tiny_recipe, algorithm, **kw):
     return tiny_recipe(eval__at_start=False, eval__every=0, eval__clients=False, eval__exact_match=False,
                        federation__algorithm=algorithm, adapter__rank_per_client=RANKS,
                        federation__rounds=3, **kw)
-
-
-def _final(summary) -> dict[str, torch.Tensor]:
-    run_dir = Path(summary["final_adapter"]).parent
-    return load_file(str(sorted((run_dir / "checkpoints").glob("round_*"))[-1] / "global.safetensors"))
 
 
 def _events(summary) -> list[dict]:
@@ -53,18 +48,7 @@ def test_mixed_ranks_resume_exactly_and_pay_by_rank(tiny_recipe, monkeypatch, al
         dense = sum(v.numel() * 4 for v in deltas.values())
         assert down["client_0"] > dense > up["client_2"]
         assert all(float(v.abs().max()) == 0 for k, v in whole.items() if ".lora_B." in k)  # fresh B
-    original = Server.run_round
-
-    def crash(self, round_):
-        if round_ == 3:
-            raise KeyboardInterrupt
-        return original(self, round_)
-
-    monkeypatch.setattr(Server, "run_round", crash)
-    with pytest.raises(KeyboardInterrupt):
-        fedtune.run(_recipe(tiny_recipe, algorithm, output__name="cut"))
-    monkeypatch.setattr(Server, "run_round", original)
-    resumed = _final(fedtune.run(resume=Path(tiny_recipe()["output"]["dir"]) / "cut"))
+    resumed = _final(stop_and_resume(monkeypatch, _recipe(tiny_recipe, algorithm, output__name="cut"), at_round=3))
     assert resumed.keys() == whole.keys()
     for k in whole:
         torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=0, msg=k)

@@ -10,27 +10,11 @@ import pytest
 import torch
 from tiny_federation import LogitModel, examples, federation, recipe, sgd
 
+from conftest import LossEvaluator
 from fedtune.algorithms.base import LocalOutcome, StandardLocal
 from fedtune.algorithms.party import StandardParty
 from fedtune.runtime.server import Server
 from fedtune.wire import Message, MessageKind
-
-
-class LossEvaluator:
-    """The mean cross-entropy of the labelled tokens under the model as it is now."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def evaluate(self, tokenized, raw, with_generation, predictions=None):
-        return {"loss": self.loss(tokenized)["loss"], "n_examples": len(tokenized)}
-
-    def loss(self, tokenized):
-        total = 0.0
-        for ex in tokenized:
-            logits = self.model(torch.tensor([ex.input_ids])).logits[0, 0].detach()  # predicts token 2
-            total += float(torch.nn.functional.cross_entropy(logits[None], torch.tensor([ex.labels[1]])))
-        return {"loss": total / len(tokenized), "n_tokens": len(tokenized)}
 
 
 class KeepsPersonal:

@@ -194,16 +194,34 @@ class LocalProcedure(Protocol):
         ...
 
 
+def _no_server_tensors(self: Any, adapter: dict[str, Any]) -> dict[str, Any]:
+    return {}
+
+
+def _no_personal(self: Any, ctx: PersonalContext) -> State | None:
+    return None
+
+
+PLAIN_LOCAL_BODIES = {
+    "server_tensor_specs": _no_server_tensors,   # nothing expected beside the global adapter
+    "personal": _no_personal,                    # no personal model: the global one is evaluated
+}
+
+
+def plain_local(cls: type) -> type:
+    """Class decorator: give a local procedure the plain body of each LocalProcedure method it
+    does not write (as `plain` does for strategies; set on the class itself, not inherited)."""
+    for name, body in PLAIN_LOCAL_BODIES.items():
+        if name not in vars(cls):
+            setattr(cls, name, body)
+    return cls
+
+
+@plain_local
 class StandardLocal:
     """Plain local training (FedAvg and every server-side-only algorithm)."""
 
     batchable = True   # see batchable() below
-
-    def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def personal(self, ctx: PersonalContext) -> State | None:
-        return None
 
     def fit(self, ctx: LocalContext, global_state: State) -> LocalOutcome:
         result = ctx.trainer.train(ctx.train, lr=ctx.lr, seed=ctx.seed)

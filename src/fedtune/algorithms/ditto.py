@@ -7,14 +7,13 @@ tensors (for LoRA: ‖A − A'‖² + ‖B − B'‖², a proxy for the distance
 
 from __future__ import annotations
 
-from typing import Any
-
 from fedtune.algorithms.base import (
     LocalContext,
     LocalOutcome,
     PersonalContext,
     State,
     local_update,
+    plain_local,
     register,
     result_metrics,
 )
@@ -25,12 +24,10 @@ from fedtune.algorithms.personal import keep_personal, personal_part
 from fedtune.seeding import derive_seed
 
 
+@plain_local
 class DittoLocal:
     def __init__(self, config: DittoConfig):
         self.config = config
-
-    def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
 
     def fit(self, ctx: LocalContext, global_state: State) -> LocalOutcome:
         w_t = ctx.slot.get()                                   # the global adapter received

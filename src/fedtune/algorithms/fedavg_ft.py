@@ -5,14 +5,13 @@ fine-tunes in place and carries it into the next round; here the global model is
 
 from __future__ import annotations
 
-from typing import Any
-
 from fedtune.algorithms.base import (
     LocalContext,
     LocalOutcome,
     PersonalContext,
     StandardLocal,
     State,
+    plain_local,
     register,
 )
 from fedtune.algorithms.fedavg import FedAvg, FedAvgConfig
@@ -20,13 +19,11 @@ from fedtune.algorithms.options import FedAvgFTConfig
 from fedtune.algorithms.personal import fine_tune
 
 
+@plain_local
 class FineTuneLocal:
     def __init__(self, config: FedAvgFTConfig):
         self.config = config
         self.standard = StandardLocal()
-
-    def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
 
     def fit(self, ctx: LocalContext, global_state: State) -> LocalOutcome:
         return self.standard.fit(ctx, global_state)

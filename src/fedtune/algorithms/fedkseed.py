@@ -40,6 +40,7 @@ from fedtune.algorithms.base import (
     ModelView,
     State,
     plain,
+    plain_local,
     refuse_state,
     register,
 )
@@ -165,14 +166,12 @@ class FedKSeed:
             refuse_state(self, state)
 
 
+@plain_local
 class KSeedLocal:
     """Local FedKSeed steps: sample a candidate, two forward passes, step along its z; no backward."""
 
     def __init__(self, config: FedKSeedConfig):
         self.config = config
-
-    def personal(self, state: State) -> State | None:
-        return None
 
     def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
         return {PROBS: TensorSpec((self.config.num_seeds,), torch.float32)} if self.config.pro else {}

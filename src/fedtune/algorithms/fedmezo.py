@@ -20,6 +20,7 @@ from fedtune.algorithms.base import (
     State,
     local_update,
     plain,
+    plain_local,
     register,
 )
 from fedtune.algorithms.fedavg import client_weights, fedavg_aggregate
@@ -89,17 +90,12 @@ class FedMeZO:
         self.history = {k.split("/", 1)[1]: v.tolist() for k, v in state.items()}
 
 
+@plain_local
 class MeZOLocal:
     """Local MeZO steps on the trainable tensors: two forward passes per step, no backward."""
 
     def __init__(self, config: FedMeZOConfig):
         self.config = config
-
-    def personal(self, state: State) -> State | None:
-        return None
-
-    def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
 
     def fit(self, ctx: LocalContext, global_state: State) -> LocalOutcome:
         import time

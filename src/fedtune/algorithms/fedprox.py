@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from fedtune.algorithms.base import (
@@ -11,6 +9,7 @@ from fedtune.algorithms.base import (
     LocalOutcome,
     State,
     local_update,
+    plain_local,
     register,
     result_metrics,
 )
@@ -24,16 +23,11 @@ def proximal_term(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tenso
     return 0.5 * mu * total
 
 
+@plain_local
 class ProxLocal:
     batchable = True   # base.batchable(): trains through ctx.trainer.train on ctx.slot.params only
     def __init__(self, config: FedProxConfig):
         self.mu = config.mu
-
-    def personal(self, state: State) -> State | None:
-        return None
-
-    def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
 
     def fit(self, ctx: LocalContext, global_state: State) -> LocalOutcome:
         params = ctx.slot.params

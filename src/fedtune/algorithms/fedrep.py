@@ -15,6 +15,7 @@ from fedtune.algorithms.base import (
     LocalOutcome,
     PersonalContext,
     State,
+    plain_local,
     register,
     result_metrics,
 )
@@ -44,6 +45,7 @@ def fedrep_personal(config: FedRepConfig, names: list[str]) -> set[str]:
     return chosen
 
 
+@plain_local
 class SplitLocal:
     """Local work with a personal part: in alternation (FedRep) or jointly (FedSA-LoRA)."""
 
@@ -51,9 +53,6 @@ class SplitLocal:
         self.personal_of = personal_of           # slot parameter names -> the personal ones
         self.alternate = alternate
         self.personal_steps = personal_steps
-
-    def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
 
     def fit(self, ctx: LocalContext, global_state: State) -> LocalOutcome:
         params = ctx.slot.params

@@ -31,6 +31,7 @@ from fedtune.algorithms.base import (
     LocalOutcome,
     State,
     local_update,
+    plain_local,
     register,
     result_metrics,
 )
@@ -42,7 +43,12 @@ from fedtune.algorithms.fedsp_aux import (
     build_aux,
     distill_hidden,
 )
-from fedtune.algorithms.party import GlobalEvaluation, StandardParty
+from fedtune.algorithms.party import (
+    GlobalEvaluation,
+    StandardParty,
+    side_model_report,
+    side_model_summary,
+)
 from fedtune.seeding import derive_seed
 from fedtune.wire import Message, MessageKind
 
@@ -73,18 +79,13 @@ class FedSPView:
             param.copy_(self.pristine[name])
 
 
+@plain_local
 class FedSPLocal:
     """The client's round: stage "model" (its body trains, the prompts are frozen), then stage
     "prompt" (the prompts train, the body is frozen), each `train.local_steps` steps."""
 
     def __init__(self, config: Any):
         self.config = config
-
-    def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def personal(self, state: State) -> State | None:
-        return None
 
     def fit(self, ctx: LocalContext, global_state: State) -> LocalOutcome:
         own = body(ctx.slot.model, self.config.shared_blocks)
@@ -269,18 +270,11 @@ class FedSPParty:
         return True
 
     def summary(self, final: dict[str, Any]) -> dict[str, Any]:
-        if self.server is None:
-            return {}
-        return {"fedsp": {**self.server.info(), "aux_final": {
-            k.removeprefix("aux_"): v for k, v in (final or {}).items() if k.startswith("aux_")}}}
+        return {} if self.server is None else side_model_summary("fedsp", "aux_", self.server.info(), final)
 
     def report(self, summary: dict[str, Any]) -> dict[str, Any]:
-        if "fedsp" not in summary:
-            return {}
-        aux = summary["fedsp"].get("aux_final")
-        n = (summary.get("final") or {}).get("n_examples", "")
-        rows = [{"evaluated_on": "global test", "model": "auxiliary", "metrics": aux, "examples": n}] if aux else []
-        return {"labels": {"final": "full model + prompts", "clients": "auxiliary"}, "rows": rows}
+        return side_model_report(summary, "fedsp", "aux_", "auxiliary",
+                                 {"final": "full model + prompts", "clients": "auxiliary"})
 
     keep = StandardParty.keep
     state_dict = StandardParty.state_dict   # the server's prompt tuning starts afresh each round

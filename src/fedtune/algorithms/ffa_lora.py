@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedtune.algorithms.base import LocalContext, LocalOutcome, State, register, result_metrics
+from fedtune.algorithms.base import (
+    LocalContext,
+    LocalOutcome,
+    State,
+    plain_local,
+    register,
+    result_metrics,
+)
 from fedtune.algorithms.fedavg import FedAvg, FedAvgConfig
 from fedtune.algorithms.personal import PartialView, check_split, matching, shared_update
 
@@ -24,17 +31,12 @@ def frozen_a_view(config: Any, slot: Any) -> PartialView:
     return PartialView(slot, frozen)
 
 
+@plain_local
 class FrozenALocal:
-    def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
     def fit(self, ctx: LocalContext, global_state: State) -> LocalOutcome:
         result = ctx.trainer.train(ctx.train, lr=ctx.lr, seed=ctx.seed)
         return LocalOutcome(update=shared_update(ctx.slot.get(), global_state),
                             metrics=result_metrics(result))
-
-    def personal(self, ctx: Any) -> State | None:
-        return None
 
 
 SPEC = register("ffa_lora", lambda config: FedAvg(FedAvgConfig(weighting=config.weighting)),

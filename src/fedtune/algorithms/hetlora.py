@@ -25,6 +25,7 @@ from fedtune.algorithms.base import (
     State,
     local_update,
     plain,
+    plain_local,
     register,
     result_metrics,
 )
@@ -102,17 +103,12 @@ def tail_start(rank: int, gamma: float) -> int:
     return max(1, math.floor((1 - gamma) * rank))
 
 
+@plain_local
 class HetLoRALocal:
     """Local training with the self-pruning regulariser, and pruning when the tail shrinks."""
 
     def __init__(self, config: HetLoRAConfig):
         self.config = config
-
-    def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def personal(self, state: State) -> State | None:
-        return None
 
     def fit(self, ctx: LocalContext, global_state: State) -> LocalOutcome:
         assigned = next(t.shape[0] for n, t in global_state.items() if ".lora_A." in n)

@@ -19,7 +19,13 @@ import torch
 
 from fedtune.algorithms.base import register
 from fedtune.algorithms.fedavg import FedAvg, FedAvgConfig
-from fedtune.algorithms.party import GlobalEvaluation, StandardParty, State
+from fedtune.algorithms.party import (
+    GlobalEvaluation,
+    StandardParty,
+    State,
+    side_model_report,
+    side_model_summary,
+)
 from fedtune.wire import Message
 
 log = logging.getLogger("fedtune.offsite")
@@ -98,20 +104,12 @@ class OffsiteParty:
         return True
 
     def summary(self, final: dict[str, Any]) -> dict[str, Any]:
-        if self.server is None:
-            return {}
-        return {"offsite": {**self.server.info(), "emulator_final": {
-            k.removeprefix("emulator_"): v for k, v in (final or {}).items() if k.startswith("emulator_")}}}
+        return {} if self.server is None else side_model_summary("offsite", "emulator_", self.server.info(), final)
 
     def report(self, summary: dict[str, Any]) -> dict[str, Any]:
         """The full model with the plugged-in layers is `final`; clients hold the emulator."""
-        if "offsite" not in summary:
-            return {}
-        emulator = summary["offsite"].get("emulator_final")
-        n = (summary.get("final") or {}).get("n_examples", "")
-        rows = [{"evaluated_on": "global test", "model": "emulator", "metrics": emulator,
-                 "examples": n}] if emulator else []
-        return {"labels": {"final": "plugged-in", "clients": "emulator"}, "rows": rows}
+        return side_model_report(summary, "offsite", "emulator_", "emulator",
+                                 {"final": "plugged-in", "clients": "emulator"})
 
 
 def _party(options: Any, recipe: Any) -> OffsiteParty:

@@ -148,3 +148,24 @@ class StandardParty:
 
 def standard_party(options: Any, recipe: Any) -> Party:
     return StandardParty()
+
+
+def side_model_summary(key: str, prefix: str, info: dict[str, Any], final: dict[str, Any] | None
+                       ) -> dict[str, Any]:
+    """summary.json's entry for an algorithm whose clients hold another model than the global one
+    (offsite's emulator, FedSP's auxiliary model): the server's `info`, and under `<prefix>final`
+    the final metrics reported for the clients' model (those named `<prefix>...`)."""
+    clients = {k.removeprefix(prefix): v for k, v in (final or {}).items() if k.startswith(prefix)}
+    return {key: {**info, f"{prefix}final": clients}}
+
+
+def side_model_report(summary: dict[str, Any], key: str, prefix: str, model: str,
+                      labels: dict[str, str]) -> dict[str, Any]:
+    """The report's extra row for the clients' model of `side_model_summary`, and the labels."""
+    if key not in summary:
+        return {}
+    metrics = summary[key].get(f"{prefix}final")
+    n = (summary.get("final") or {}).get("n_examples", "")
+    rows = [{"evaluated_on": "global test", "model": model, "metrics": metrics, "examples": n}] if metrics else []
+    return {"labels": labels, "rows": rows}
+

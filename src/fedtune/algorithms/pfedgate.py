@@ -27,6 +27,7 @@ from fedtune.algorithms.base import (
     PersonalContext,
     State,
     local_update,
+    plain_local,
     register,
     result_metrics,
 )
@@ -120,12 +121,10 @@ class GatedModel(torch.nn.Module):
         return self.model.get_input_embeddings()
 
 
+@plain_local
 class PFedGateLocal:
     def __init__(self, config: PFedGateConfig):
         self.config = config
-
-    def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
 
     def _gated(self, ctx: LocalContext | PersonalContext) -> GatedModel:
         model = ctx.trainer.model

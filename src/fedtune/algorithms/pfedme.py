@@ -10,8 +10,6 @@ The proximal term is on the adapter's own tensors (for LoRA, a proxy for the pro
 
 from __future__ import annotations
 
-from typing import Any
-
 from fedtune.algorithms.base import (
     ClientUpdate,
     LocalContext,
@@ -19,6 +17,7 @@ from fedtune.algorithms.base import (
     PersonalContext,
     State,
     plain,
+    plain_local,
     register,
 )
 from fedtune.algorithms.fedavg import client_weights, fedavg_aggregate
@@ -41,12 +40,10 @@ class PFedMe:
                                                for u, w in zip(updates, weights)])
 
 
+@plain_local
 class PFedMeLocal:
     def __init__(self, config: PFedMeConfig):
         self.config = config
-
-    def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
-        return {}
 
     def fit(self, ctx: LocalContext, global_state: State) -> LocalOutcome:
         c, section = self.config, ctx.trainer.section

@@ -19,6 +19,7 @@ from fedtune.algorithms.base import (
     LocalOutcome,
     State,
     local_update,
+    plain_local,
     register,
     result_metrics,
     same_lr,
@@ -86,13 +87,11 @@ def _float32(specs: dict[str, Any]) -> dict[str, Any]:
     return {k: TensorSpec(tuple(s.shape), torch.float32) for k, s in specs.items()}
 
 
+@plain_local
 class ScaffoldLocal:
     batchable = True   # base.batchable(): trains through ctx.trainer.train on ctx.slot.params only
     def __init__(self, config: ScaffoldConfig):
         self.config = config
-
-    def personal(self, state: State) -> State | None:
-        return None
 
     def server_tensor_specs(self, adapter: dict[str, Any]) -> dict[str, Any]:
         return {C + k: spec for k, spec in _float32(adapter).items()}
