@@ -45,9 +45,9 @@ ALGORITHM_TESTS = [
 SERVER_TESTS = ["tests/unit/test_server_rules.py", "tests/unit/test_server_selection.py",
                 "tests/unit/test_algorithm_rounds.py", "tests/unit/test_streaming_aggregation.py",
                 "tests/unit/test_party_hooks.py", "tests/unit/test_peer_values.py",
-                "tests/unit/test_personalised.py", "tests/unit/test_weighting.py",
-                "tests/integration/test_divergence.py"]
-CLIENT_TESTS = [*SERVER_TESTS, "tests/unit/test_lazy_host.py", "tests/unit/test_backdoor.py"]
+                "tests/unit/test_personalised.py", "tests/unit/test_weighting.py"]
+CLIENT_TESTS = [*SERVER_TESTS, "tests/unit/test_lazy_host.py", "tests/unit/test_backdoor.py",
+                "tests/unit/test_client_divergence.py"]
 
 # module -> (files to mutate, tests that matter for them)
 MODULES: dict[str, tuple[list[str], list[str]]] = {
@@ -126,7 +126,7 @@ def prepare(module: str) -> Path:
         "do_not_mutate_patterns": [r"^\s*log\.(debug|info|warning|error)\("],
         "process_isolation": "forkserver",
         "use_git_change_detection": False,
-        "timeout_multiplier": 10.0,
+        "timeout_multiplier": 4.0,
     }
     lines = ["[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     lines += ["", "[tool.pytest.ini_options]", 'testpaths = ["tests"]',
