@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -163,12 +165,15 @@ def verdicts(module: str) -> dict[str, str]:
     return out
 
 
-def tally(module: str, equivalent: dict[str, str]) -> tuple[Tally, list[str], list[str]]:
+def tally(module: str, equivalent: dict[str, str],
+          only: set[str] | None = None) -> tuple[Tally, list[str], list[str]]:
     """The counts, the surviving mutants and the mutants not run yet (an interrupted run, or
     functions changed since). A mutant listed as equivalent counts as such only while it
     survives: one a test kills was not equivalent (its entry is stale, see --equivalent)."""
     t, survivors, unrun = Tally(), [], []
     for name, status in verdicts(module).items():
+        if only is not None and name not in only:
+            continue
         t.total += 1
         if name in equivalent and status in ("survived", "no tests"):
             t.equivalent += 1
@@ -189,6 +194,35 @@ def tally(module: str, equivalent: dict[str, str]) -> tuple[Tally, list[str], li
             t.other += 1
             survivors.append(name)
     return t, survivors, unrun
+
+
+GENERATE = """
+import os
+from mutmut import __main__ as m
+os.makedirs("mutants", exist_ok=True)
+m.copy_src_dir(); m.copy_also_copy_files(); m.setup_source_paths(); m.create_mutants(1)
+"""
+
+
+def sample(module: str, n: int, seed: int) -> set[str]:
+    """`n` of the module's mutants drawn uniformly at random (the same for the same seed and
+    code); their share killed estimates the whole module's when a full run does not fit."""
+    names = sorted(verdicts(module))
+    if not names:  # never run: only generate the mutants to draw from
+        folder = prepare(module)
+        subprocess.run([sys.executable, "-c", GENERATE], cwd=folder, check=True,
+                       env={**os.environ, "PYTHONPATH": "", "TERM": "dumb"}, stdout=subprocess.DEVNULL)
+        names = sorted(verdicts(module))
+    return set(random.Random(seed).sample(names, min(n, len(names))))
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson interval of a proportion k / n."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p, d = k / n, 1 + z * z / n
+    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return mid - half, mid + half
 
 
 def show(module: str, name: str) -> str:
@@ -224,6 +258,10 @@ def main() -> int:
     parser.add_argument("--report-only", action="store_true", help="tally the last run, run nothing")
     parser.add_argument("--retest", action="store_true",
                         help="test only the last run's survivors and unrun mutants (after adding tests)")
+    parser.add_argument("--sample", type=int, metavar="N",
+                        help="only N mutants per module drawn at random (--seed): an estimate of the "
+                             "share, with its 95 %% interval, where a full run does not fit")
+    parser.add_argument("--seed", type=int, default=0, help="the --sample draw")
     args = parser.parse_args()
     modules = args.modules or list(MODULES)
     unknown = [m for m in modules if m not in MODULES]
@@ -233,12 +271,13 @@ def main() -> int:
         print("mutmut is not installed: pip install -e '.[dev]'", file=sys.stderr)
         return 2
     equivalent = load_equivalent()
+    drawn = {m: sample(m, args.sample, args.seed) for m in modules} if args.sample else {}
     if not args.report_only:
         for module in modules:
             names = None
-            if args.retest:
-                _, survivors, unrun = tally(module, equivalent)
-                names = survivors + unrun
+            if args.retest or args.sample:
+                _, survivors, unrun = tally(module, equivalent, drawn.get(module))
+                names = survivors + unrun if args.retest else unrun
                 if not names:
                     continue
             print(f"mutating {module}{f' ({len(names)} survivors or unrun)' if names else ''} ...",
@@ -246,7 +285,7 @@ def main() -> int:
             run(module, args.children, names)
     rows, failed = [], False
     for module in modules:
-        t, survivors, _ = tally(module, equivalent)
+        t, survivors, _ = tally(module, equivalent, drawn.get(module))
         rows.append((module, t))
         if args.survivors and survivors:
             print(f"\n## survivors in {module}")
@@ -255,11 +294,17 @@ def main() -> int:
     if args.equivalent:
         for module in modules:
             review_equivalent(module, equivalent)
+    if args.sample:
+        print(f"\nA sample of {args.sample} mutants per module (seed {args.seed}); the interval is the "
+              "whole module's share, at 95 %")
     print(f"\n{'module':<12}{'mutants':>9}{'killed':>8}{'timeout':>9}{'survived':>10}"
-          f"{'no tests':>10}{'equiv.':>8}{'unrun':>7}{'killed %':>10}")
+          f"{'no tests':>10}{'equiv.':>8}{'unrun':>7}{'killed %':>10}{'95 % interval':>16}")
     for module, t in rows:
+        judged = t.total - t.equivalent - t.not_checked
+        low, high = wilson(t.killed + t.timeout, judged)
         print(f"{module:<12}{t.total:>9}{t.killed:>8}{t.timeout:>9}{t.survived:>10}{t.no_tests:>10}"
-              f"{t.equivalent:>8}{t.not_checked:>7}{100 * t.share():>9.1f}%")
+              f"{t.equivalent:>8}{t.not_checked:>7}{100 * t.share():>9.1f}%"
+              f"{f'{100 * low:.1f}-{100 * high:.1f} %' if args.sample else '':>16}")
         failed |= t.total == 0
     return 1 if failed else 0
 
