@@ -225,11 +225,30 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return mid - half, mid + half
 
 
-def show(module: str, name: str) -> str:
-    proc = subprocess.run([str(MUTMUT), "show", name], cwd=WORK / module, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": "", "TERM": "dumb"}, check=False)
-    return "\n".join(line for line in proc.stdout.splitlines()
-                     if line.startswith(("-", "+")) and not line.startswith(("---", "+++")))
+SHOW = """
+import json, sys
+from mutmut.mutation.diff_apply import find_mutant, get_diff_for_mutant
+out = {}
+for name in json.loads(sys.stdin.read()):
+    try:
+        out[name] = get_diff_for_mutant(name, path=find_mutant(name).path)
+    except Exception as exc:  # mutmut cannot show it (e.g. its function was renamed)
+        out[name] = f"+ (no diff: {type(exc).__name__}: {exc})"
+print(json.dumps(out))
+"""
+
+
+def diffs(module: str, names: list[str]) -> dict[str, str]:
+    """Each mutant's diff (its - and + lines), all read in one process (`mutmut show` per mutant
+    would start mutmut once each)."""
+    if not names:
+        return {}
+    proc = subprocess.run([sys.executable, "-c", SHOW], cwd=WORK / module, input=json.dumps(names),
+                          capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": "", "TERM": "dumb"})
+    return {name: "\n".join(line for line in diff.splitlines()
+                            if line.startswith(("-", "+")) and not line.startswith(("---", "+++")))
+            for name, diff in json.loads(proc.stdout).items()}
 
 
 def review_equivalent(module: str, equivalent: dict[str, str]) -> None:
@@ -238,13 +257,13 @@ def review_equivalent(module: str, equivalent: dict[str, str]) -> None:
     prefixes = tuple(f.removeprefix("src/").removesuffix(".py").replace("/", ".").rstrip("*")
                      for f in MODULES[module][0])
     print(f"\n## equivalent mutants of {module}")
-    for name, reason in equivalent.items():
-        if not name.startswith(prefixes):
-            continue
+    listed = {n: r for n, r in equivalent.items() if n.startswith(prefixes)}
+    shown = diffs(module, [n for n in listed if n in found])
+    for name, reason in listed.items():
         status = found.get(name)
         flag = ("" if status in ("survived", "no tests") else "  (not run yet)" if status == "not checked"
                 else f"  STALE: {status or 'no such mutant'}")
-        print(f"{name}{flag}\n  why: {reason}\n{show(module, name) if status else ''}")
+        print(f"{name}{flag}\n  why: {reason}\n{shown.get(name, '')}")
 
 
 def main() -> int:
@@ -289,8 +308,8 @@ def main() -> int:
         rows.append((module, t))
         if args.survivors and survivors:
             print(f"\n## survivors in {module}")
-            for name in survivors:
-                print(f"{name}\n{show(module, name)}")
+            for name, diff in diffs(module, survivors).items():
+                print(f"{name}\n{diff}")
     if args.equivalent:
         for module in modules:
             review_equivalent(module, equivalent)
