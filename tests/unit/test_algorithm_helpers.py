@@ -61,10 +61,16 @@ def test_only_procedures_that_say_so_train_batched():
     assert batchable(ProxLocal(SimpleNamespace(mu=0.1)))
     assert not batchable(HoldoutLocal(StandardLocal(), 2))
     # a wrapper is not batchable because what it wraps is
-    attacked = AttackedLocal(StandardLocal(), "scale", 2.0)
-    assert not batchable(attacked)
-    # it answers for the honest procedure's personal model
-    assert attacked.personal(SimpleNamespace(state={"personal/w": 1})) is None
+    assert not batchable(AttackedLocal(StandardLocal(), "scale", 2.0))
+
+
+def test_an_attacked_client_reports_the_honest_procedures_personal_model():
+    class Personal:
+        def personal(self, ctx):
+            return {"w": ctx.state["personal/w"]}
+
+    attacked = AttackedLocal(Personal(), "scale", 2.0)
+    assert attacked.personal(SimpleNamespace(state={"personal/w": 1.5})) == {"w": 1.5}
 
 
 def test_the_holdout_procedure_never_trains_and_keeps_the_inner_specs():
@@ -83,7 +89,7 @@ def test_the_standard_party_holds_nothing_and_saves_nothing():
     party = StandardParty()
     assert party.save({"w": torch.zeros(1)}, None) is False
     assert party.state_dict() == {} and party.summary({"loss": 1.0}) == {} and party.report({}) == {}
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(NotImplementedError, match="^this algorithm downloads nothing before a client joins$"):
         party.client_model({}, None)
     party.load_state_dict({})
     with pytest.raises(ValueError, match="StandardParty keeps no state"):
