@@ -99,6 +99,29 @@ def test_distillation_moves_only_the_core_towards_the_full_model():
             assert not p.requires_grad
 
 
+def test_one_distillation_step_moves_the_core_by_the_learning_rate():
+    """AdamW's first step (no weight decay) is lr·g/(|g| + eps): each core weight with a gradient
+    moves by lr, up to eps; the adapter layers stay as they were, frozen flags restored."""
+    full = _llama(4)
+    emu = build_emulator(full, 1, 1, 0.5)                 # kept [0, 1, 3]: layer 1 is the core
+    before = {n: p.detach().clone() for n, p in emu.model.named_parameters()}
+    gen = torch.Generator().manual_seed(3)
+    from fedtune.data.prompts import TokenizedExample
+
+    rows = [torch.randint(4, 40, (8,), generator=gen).tolist() for _ in range(4)]
+    batch = collate([TokenizedExample(r, list(r)) for r in rows], 0)
+    losses = distill(full, emu, iter([batch]), steps=1, lr=1e-2, lm_weight=1.0, kd_weight=1.0,
+                     device=torch.device("cpu"))
+    assert len(losses) == 1 and losses[0] > 0
+    moved = emu.model.model.layers[1].mlp.up_proj.weight - before["model.layers.1.mlp.up_proj.weight"]
+    assert moved.abs().max().item() == pytest.approx(1e-2, rel=1e-3)
+    for n, p in emu.model.named_parameters():
+        if ".layers.1." not in n:
+            assert torch.equal(p, before[n]), n
+    assert [n for n, p in emu.model.named_parameters() if p.requires_grad] == [
+        n for n in before if n.startswith(("model.layers.0.", "model.layers.2."))]
+
+
 # -- the emulator package a deployed client downloads ---------------------------------------------
 
 
