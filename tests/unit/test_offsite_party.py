@@ -128,3 +128,49 @@ def test_a_client_side_party_has_no_server_work(tiny_recipe, four_layer_dir):
 def test_the_distillation_texts_are_the_synthetic_statements(tiny_recipe, four_layer_dir):
     recipe = load_recipe(tiny_recipe())
     assert distill_texts("synthetic", 5, 11, recipe) == pretraining_text(5, 11)
+
+
+def test_the_owner_distils_on_seeded_batches_of_truncated_synthetic_texts(tiny_recipe, four_layer_dir,
+                                                                         monkeypatch):
+    """What `distill` is given: batches of `batch_size` texts of the seeded synthetic corpus, cut at
+    data.max_length, in a seeded order; the options' rates and weights; and the console's line."""
+    import numpy as np
+
+    from fedtune.algorithms import offsite_server
+    from fedtune.data.prompts import TokenizedExample, collate
+    from fedtune.seeding import derive_seed
+
+    seen = {}
+
+    def fake_distill(full, emulator, batches, **kw):
+        seen.update(kw, batches=[next(batches) for _ in range(5)])
+        return [1.0, 0.5]
+
+    monkeypatch.setattr(offsite_server, "distill", fake_distill)
+    options = {"distill": {"steps": 2, "batch_size": 3, "examples": 4, "lr": 3e-4, "lm_weight": 0.5,
+                           "kd_weight": 2.0}}
+    recipe = load_recipe(tiny_recipe(model={"name": four_layer_dir}, adapter={"method": "full"},
+                                     data__max_length=12, federation__algorithm="offsite",
+                                     federation__options=options))
+    printed = []
+    party = OffsiteParty(OffsiteConfig(**options), recipe)
+    tokenizer = make_char_tokenizer()
+    party.server_model(AutoModelForCausalLM.from_pretrained(four_layer_dir), tokenizer,
+                       type("Console", (), {"print": lambda self, text: printed.append(text)})())
+    assert printed == ["offsite-tuning: distilled the emulator for 2 steps, loss 1.000 → 0.500"]
+    assert party.server.distill_losses == [1.0, 0.5]
+    assert {k: seen[k] for k in ("steps", "lr", "lm_weight", "kd_weight")} == {
+        "steps": 2, "lr": 3e-4, "lm_weight": 0.5, "kd_weight": 2.0}
+    assert seen["device"] == torch.device("cpu")
+    texts = pretraining_text(4, derive_seed(recipe.seed, "offsite-distill"))
+    assert all(len(tokenizer(t)["input_ids"]) > 12 for t in texts)     # the cut matters
+    ids = [tokenizer(t, truncation=True, max_length=12)["input_ids"] for t in texts]
+    examples = [TokenizedExample(x, list(x)) for x in ids]
+    rng = np.random.default_rng(derive_seed(recipe.seed, "offsite-distill-batches"))
+    expected = []
+    while len(expected) < 5:   # 4 examples in batches of 3: a full and a short batch per epoch
+        order = rng.permutation(4)
+        expected += [collate([examples[i] for i in order[s:s + 3]], tokenizer.pad_token_id) for s in (0, 3)]
+    for got, want in zip(seen["batches"], expected):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert [b["input_ids"].shape for b in seen["batches"]] == [(3, 12), (1, 12)] * 2 + [(3, 12)]
