@@ -140,6 +140,9 @@ def test_clients_alternate_stages_keep_their_body_and_send_only_prompts():
     assert not set(stage_model) & prompt_names and all(".layers.0." in n for n in stage_model)
     assert set(stage_prompt) == prompt_names
     assert set(out.update) == prompt_names                                 # only prompts travel
+    # the prompt stage's figures (the trainer's second call: loss 2), the body stage's loss beside
+    assert out.metrics == {"train_loss": 2.0, "steps": 1, "examples_seen": 1, "train_seconds": 0.0,
+                           "aux_train_loss": 1.0}
     assert all(torch.equal(v, torch.ones_like(v)) for v in out.update.values())   # the MLP trained too
     assert {k.removeprefix(BODY) for k in state} == set(pristine)
     assert all(torch.equal(state[BODY + n], pristine[n] + 1) for n in pristine)  # its own body, +1
