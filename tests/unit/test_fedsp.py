@@ -261,3 +261,43 @@ def test_without_server_steps_the_averaged_prompts_are_kept(tiny_recipe, tiny_mo
     prompts = {n: torch.full_like(t, 0.5) for n, t in party.server.slot.get().items()}
     assert party.after_round(1, prompts) is prompts
     assert party.server.info()["distill_loss"] is None and party.server.info()["server_loss"] is None
+
+
+def test_the_auxiliary_model_is_distilled_on_seeded_batches_of_truncated_texts(tiny_recipe, tiny_model_dir,
+                                                                              monkeypatch):
+    """What distill_hidden is given: batches of `batch_size` seeded synthetic texts cut at
+    data.max_length, in a seeded order, the options' steps and rate; and the console's line."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.algorithms import fedsp
+    from fedtune.config import load_recipe
+    from fedtune.data.synthetic import pretraining_text
+    from fedtune.seeding import derive_seed
+
+    seen = {}
+
+    def fake(full, aux, shared, batches, **kw):
+        seen.update(kw, shared=shared, batches=[next(batches) for _ in range(3)])
+        return [2.0, 1.5]
+
+    monkeypatch.setattr(fedsp, "distill_hidden", fake)
+    options = {"distill": {"steps": 2, "batch_size": 3, "examples": 4, "lr": 5e-4}, "server_steps": 0}
+    recipe = load_recipe(tiny_recipe(adapter={"method": "prefix_tuning", "options": {"num_virtual_tokens": 3}},
+                                     data__max_length=12, federation__algorithm="fedsp",
+                                     federation__options=options))
+    printed = []
+    tok = _tok()
+    FedSPParty(FedSPConfig(**options), recipe).server_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok,
+        type("Console", (), {"print": lambda self, text: printed.append(text)})())
+    assert printed == ["fedsp: distilled the auxiliary model for 2 steps, loss 2.000 → 1.500"]
+    assert (seen["shared"], seen["steps"], seen["lr"], seen["device"]) == (1, 2, 5e-4, torch.device("cpu"))
+    texts = pretraining_text(4, derive_seed(recipe.seed, "fedsp-distill"))
+    examples = [TokenizedExample(x, list(x)) for x in
+                (tok(t, truncation=True, max_length=12)["input_ids"] for t in texts)]
+    order = np.random.default_rng(derive_seed(recipe.seed, "fedsp-distill-batches")).permutation(4)
+    expected = [collate([examples[i] for i in order[s:s + 3]], tok.pad_token_id) for s in (0, 3)]
+    for got, want in zip(seen["batches"], expected):
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert [b["input_ids"].shape for b in seen["batches"][:2]] == [(3, 12), (1, 12)]

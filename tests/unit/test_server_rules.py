@@ -208,6 +208,17 @@ def test_round_summary_weights_train_loss_by_examples(tmp_path):
     summary = fed.events("round")[1]["values"]
     assert summary["train_loss"] == pytest.approx((3 * l0 + l1) / 4, rel=1e-5)
     assert summary["updates"] == 2 and summary["bytes_up"] > 0 and summary["bytes_down"] > 0
+    assert [e["round"] for e in fed.events("round")] == [1, 2]
+
+
+def test_the_round_summary_times_the_round(tmp_path):
+    import time
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], lr=1.0, steps=1)
+    before = time.perf_counter()
+    fed.round(1)
+    took = time.perf_counter() - before
+    assert 0.0 < fed.events("round")[0]["values"]["seconds"] <= took
 
 
 # -- sampling -----------------------------------------------------------------------------------------
