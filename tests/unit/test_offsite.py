@@ -33,6 +33,9 @@ def test_kept_layers_by_hand():
         kept_layers(2, 1, 1, 0.5)
     with pytest.raises(ModelError, match="at least 1"):
         kept_layers(8, 0, 0, 0.5)
+    for bottom, top in ((-1, 2), (2, -1)):   # a negative count is refused even when the sum is >= 1
+        with pytest.raises(ModelError, match="adapter_bottom \\+ adapter_top must be at least 1"):
+            kept_layers(8, bottom, top, 0.5)
 
 
 def test_emulator_drops_layers_and_trains_only_the_adapter_layers():
