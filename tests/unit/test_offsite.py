@@ -142,6 +142,25 @@ def _rebuild(meta, tensors):
     return emulator_from_package(meta, tensors, device=torch.device("cpu"), dtype=torch.float32)
 
 
+def test_the_tokenizer_files_a_client_writes_are_removed_at_exit(char_tokenizer, monkeypatch):
+    import atexit
+    from pathlib import Path
+
+    from fedtune.algorithms import offsite_package
+
+    at_exit = []
+    monkeypatch.setattr(offsite_package, "_KEEP", [])
+    monkeypatch.setattr(atexit, "register", at_exit.append)
+    _, _, tensors = _package(char_tokenizer)
+    tokenizer = offsite_package._tokenizer(tensors)
+    offsite_package._tokenizer(tensors)
+    folders = [Path(d) for d in offsite_package._KEEP]
+    assert len(folders) == 2 and all(d.is_dir() for d in folders) and len(at_exit) == 1   # one hook
+    assert tokenizer("ab")["input_ids"] == char_tokenizer("ab")["input_ids"]
+    at_exit[0]()
+    assert not any(d.exists() for d in folders)
+
+
 def test_the_package_holds_the_frozen_emulator_and_the_tokenizer_but_no_adapter_layer(char_tokenizer):
     from fedtune.transport.codec import decode, encode
     from fedtune.wire import Message, MessageKind
