@@ -592,3 +592,19 @@ def test_checkpoints_carry_the_clients_persistent_state(tmp_path):
     fed.server.client_state = None  # a deployed server: the clients keep their own state
     fed.server.checkpoint(2)
     assert fed.run_dir.latest_checkpoint().client_state == {}
+
+
+def test_the_constructor_keeps_the_reply_timeout_and_evaluates_a_subset_and_every_holdout(tmp_path):
+    from fedtune.runtime.server import Server
+
+    names = [f"client_{i}" for i in range(5)]
+    fed = federation(recipe("fedavg", 5, tmp=tmp_path, eval={"client_subset": 2, "clients": True},
+                            federation={"holdout_clients": ["client_4"]}),
+                     LogitModel([0.0, 0.0]), dict(zip(names, map(toks, [THREE_ONES] * 5))), tmp=tmp_path)
+    server = Server(fed.server.recipe, strategy=fed.server.strategy, transport=fed.transport,
+                    clients=names, global_state=fed.server.global_state, run_dir=fed.run_dir,
+                    reply_timeout=2.5)
+    assert server.reply_timeout == 2.5
+    assert server.training == names[:4]
+    picked = sample_clients(names[:4], 2, fed.server.recipe.seed, 0)   # the seeded subset of 2
+    assert server.eval_clients == [*picked, "client_4"]                # and the holdout, always
