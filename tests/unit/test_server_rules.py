@@ -608,3 +608,9 @@ def test_the_constructor_keeps_the_reply_timeout_and_evaluates_a_subset_and_ever
     assert server.training == names[:4]
     picked = sample_clients(names[:4], 2, fed.server.recipe.seed, 0)   # the seeded subset of 2
     assert server.eval_clients == [*picked, "client_4"]                # and the holdout, always
+
+
+def test_a_run_with_no_round_left_reports_empty_final_figures(tmp_path):
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], federation={"rounds": 2})
+    result = fed.server.run(start_round=3)   # nothing to train, nothing evaluated
+    assert result.final == {} and result.clients == {} and result.initial is None
