@@ -4,6 +4,8 @@
     python scripts/mutation.py algorithms server    # some of them
     python scripts/mutation.py --survivors          # also print each surviving mutant's diff
     python scripts/mutation.py server --retest      # after adding tests: survivors and unrun only
+    python scripts/mutation.py server --sample 200  # 200 mutants drawn at random: an estimate
+    python scripts/mutation.py --equivalent         # the equivalent list against today's numbering
 
 Each module runs in its own work folder (`.mutation/<module>/`, a copy of src/ and tests/) with
 only the tests that matter for it, so a run fits a small machine; mutmut then runs, per mutant, only
