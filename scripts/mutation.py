@@ -4,6 +4,8 @@
     python scripts/mutation.py algorithms server    # some of them
     python scripts/mutation.py --survivors          # also print each surviving mutant's diff
     python scripts/mutation.py server --retest      # after adding tests: survivors and unrun only
+    python scripts/mutation.py server --sample 200  # 200 mutants drawn at random: an estimate
+    python scripts/mutation.py --equivalent         # the equivalent list against today's numbering
 
 Each module runs in its own work folder (`.mutation/<module>/`, a copy of src/ and tests/) with
 only the tests that matter for it, so a run fits a small machine; mutmut then runs, per mutant, only
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -37,30 +41,49 @@ ALGORITHM_TESTS = [
     "tests/unit/test_fedkseed.py", "tests/unit/test_backdoor.py", "tests/unit/test_algorithm_rounds.py",
     "tests/unit/test_algorithm_registry.py", "tests/unit/test_algorithm_details.py",
     "tests/unit/test_algorithm_options.py", "tests/unit/test_weighting.py",
+    "tests/unit/test_personalised.py", "tests/unit/test_hetero_ranks.py", "tests/unit/test_fedsp.py",
+    "tests/unit/test_streaming_aggregation.py", "tests/unit/test_offsite.py",
+    "tests/unit/test_zeroth_order.py", "tests/unit/test_party_hooks.py", "tests/unit/test_layers.py",
+    "tests/unit/test_secure_aggregation_recipe.py", "tests/unit/test_algorithm_helpers.py",
+    "tests/unit/test_offsite_party.py",
 ]
 SERVER_TESTS = ["tests/unit/test_server_rules.py", "tests/unit/test_server_selection.py",
-                "tests/unit/test_algorithm_rounds.py"]
+                "tests/unit/test_algorithm_rounds.py", "tests/unit/test_streaming_aggregation.py",
+                "tests/unit/test_party_hooks.py", "tests/unit/test_peer_values.py",
+                "tests/unit/test_personalised.py", "tests/unit/test_weighting.py",
+                "tests/unit/test_client_divergence.py"]
+CLIENT_TESTS = [*SERVER_TESTS, "tests/unit/test_lazy_host.py", "tests/unit/test_backdoor.py"]
 
 # module -> (files to mutate, tests that matter for them)
 MODULES: dict[str, tuple[list[str], list[str]]] = {
     "algorithms": (["src/fedtune/algorithms/*.py"], ALGORITHM_TESTS),
     "server": (["src/fedtune/runtime/server.py"], SERVER_TESTS),
-    "client": (["src/fedtune/runtime/client.py"],
-               SERVER_TESTS),
+    "client": (["src/fedtune/runtime/client.py"], CLIENT_TESTS),
     "codec": (["src/fedtune/transport/codec.py"],
-              ["tests/unit/test_codec.py", "tests/unit/test_transport.py",
+              ["tests/unit/test_codec.py", "tests/unit/test_codec_layout.py",
+               "tests/unit/test_transport.py", "tests/unit/test_finite_check.py",
+               "tests/unit/test_compression.py", "tests/unit/test_framing.py",
                "tests/unit/test_server_rules.py"]),
     "local": (["src/fedtune/train/local.py"],
               ["tests/unit/test_local_trainer.py", "tests/unit/test_algorithm_rounds.py",
-               "tests/unit/test_dp_sgd.py"]),
+               "tests/unit/test_dp_sgd.py", "tests/unit/test_precision_packing.py"]),
 }
 
-# Tests left out of every mutant's run: each takes over 20 s under mutmut's tracing, and the
-# hand-computed round tests cover the same functions in well under a second.
+# Tests left out of every mutant's run: each takes over 10 s under mutmut's tracing (a distillation,
+# a statistical estimate, a check across processes), and faster hand-computed tests cover the same
+# functions; or it reads the
+# sources with scripts/import_graph.py (a static check of the package layers, not behaviour).
 DESELECT = [
     "tests/unit/test_dp_fedavg.py::test_epsilon_matches_the_accountant_reference",
     "tests/unit/test_fedkseed.py::test_replaying_the_folded_scalars_equals_the_directly_updated_model",
     "tests/unit/test_fedkseed.py::test_pro_sampling_follows_the_server_probabilities",
+    "tests/unit/test_offsite.py::test_distillation_moves_only_the_core_towards_the_full_model",
+    "tests/unit/test_fedsp.py::test_distillation_moves_only_the_body_towards_the_full_model",
+    "tests/unit/test_zeroth_order.py::test_zeroth_order_estimate_follows_the_true_gradient",
+    "tests/unit/test_zeroth_order.py::test_perturbation_is_bit_identical_across_calls_and_processes",
+    "tests/unit/test_layers.py::test_the_packages_form_no_cycle_and_no_edge_points_up",
+    "tests/unit/test_layers.py::test_no_module_outside_algorithms_names_an_algorithm",
+    "tests/unit/test_layers.py::test_the_scan_finds_a_by_name_branch",
 ]
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
@@ -117,7 +140,9 @@ def prepare(module: str) -> Path:
         "do_not_mutate_patterns": [r"^\s*log\.(debug|info|warning|error)\("],
         "process_isolation": "forkserver",
         "use_git_change_detection": False,
-        "timeout_multiplier": 10.0,
+        # mutmut also stops a mutant after (estimated seconds + 1) x this in wall time: on a loaded
+        # machine a low factor turns slow but correct runs into "timeouts" (counted as kills)
+        "timeout_multiplier": 30.0,
     }
     lines = ["[tool.mutmut]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     lines += ["", "[tool.pytest.ini_options]", 'testpaths = ["tests"]',
@@ -141,41 +166,114 @@ def run(module: str, children: int, names: list[str] | None = None) -> int:
     return proc.returncode
 
 
-def tally(module: str, equivalent: dict[str, str]) -> tuple[Tally, list[str], list[str]]:
-    """The counts, the surviving mutants and the mutants not run yet (an interrupted run, or
-    functions changed since)."""
-    t, survivors, unrun = Tally(), [], []
+def verdicts(module: str) -> dict[str, str]:
+    """mutant name -> its status in the module's last run."""
+    out: dict[str, str] = {}
     for meta in sorted((WORK / module / "mutants").rglob("*.py.meta")):
-        codes = json.loads(meta.read_text())["exit_code_by_key"]
-        for name, code in codes.items():
-            t.total += 1
-            status = STATUS.get(code, "other")
-            if name in equivalent:
-                t.equivalent += 1
-            elif status == "killed":
-                t.killed += 1
-            elif status == "timeout":
-                t.timeout += 1
-            elif status == "survived":
-                t.survived += 1
-                survivors.append(name)
-            elif status == "no tests":
-                t.no_tests += 1
-                survivors.append(name)
-            elif status == "not checked":
-                t.not_checked += 1
-                unrun.append(name)
-            else:
-                t.other += 1
-                survivors.append(name)
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            out[name] = STATUS.get(code, "other")
+    return out
+
+
+def tally(module: str, equivalent: dict[str, str],
+          only: set[str] | None = None) -> tuple[Tally, list[str], list[str]]:
+    """The counts, the surviving mutants and the mutants not run yet (an interrupted run, or
+    functions changed since). A mutant listed as equivalent counts as such only while it
+    survives: one a test kills was not equivalent (its entry is stale, see --equivalent)."""
+    t, survivors, unrun = Tally(), [], []
+    for name, status in verdicts(module).items():
+        if only is not None and name not in only:
+            continue
+        t.total += 1
+        if name in equivalent and status in ("survived", "no tests"):
+            t.equivalent += 1
+        elif status == "killed":
+            t.killed += 1
+        elif status == "timeout":
+            t.timeout += 1
+        elif status == "survived":
+            t.survived += 1
+            survivors.append(name)
+        elif status == "no tests":
+            t.no_tests += 1
+            survivors.append(name)
+        elif status == "not checked":
+            t.not_checked += 1
+            unrun.append(name)
+        else:
+            t.other += 1
+            survivors.append(name)
     return t, survivors, unrun
 
 
-def show(module: str, name: str) -> str:
-    proc = subprocess.run([str(MUTMUT), "show", name], cwd=WORK / module, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": "", "TERM": "dumb"}, check=False)
-    return "\n".join(line for line in proc.stdout.splitlines()
-                     if line.startswith(("-", "+")) and not line.startswith(("---", "+++")))
+GENERATE = """
+import os
+from mutmut import __main__ as m
+os.makedirs("mutants", exist_ok=True)
+m.copy_src_dir(); m.copy_also_copy_files(); m.setup_source_paths(); m.create_mutants(1)
+"""
+
+
+def sample(module: str, n: int, seed: int) -> set[str]:
+    """`n` of the module's mutants drawn uniformly at random (the same for the same seed and
+    code); their share killed estimates the whole module's when a full run does not fit."""
+    names = sorted(verdicts(module))
+    if not names:  # never run: only generate the mutants to draw from
+        folder = prepare(module)
+        subprocess.run([sys.executable, "-c", GENERATE], cwd=folder, check=True,
+                       env={**os.environ, "PYTHONPATH": "", "TERM": "dumb"}, stdout=subprocess.DEVNULL)
+        names = sorted(verdicts(module))
+    return set(random.Random(seed).sample(names, min(n, len(names))))
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson interval of a proportion k / n."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p, d = k / n, 1 + z * z / n
+    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return mid - half, mid + half
+
+
+SHOW = """
+import json, sys
+from mutmut.mutation.diff_apply import find_mutant, get_diff_for_mutant
+out = {}
+for name in json.loads(sys.stdin.read()):
+    try:
+        out[name] = get_diff_for_mutant(name, path=find_mutant(name).path)
+    except Exception as exc:  # mutmut cannot show it (e.g. its function was renamed)
+        out[name] = f"+ (no diff: {type(exc).__name__}: {exc})"
+print(json.dumps(out))
+"""
+
+
+def diffs(module: str, names: list[str]) -> dict[str, str]:
+    """Each mutant's diff (its - and + lines), all read in one process (`mutmut show` per mutant
+    would start mutmut once each)."""
+    if not names:
+        return {}
+    proc = subprocess.run([sys.executable, "-c", SHOW], cwd=WORK / module, input=json.dumps(names),
+                          capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": "", "TERM": "dumb"})
+    return {name: "\n".join(line for line in diff.splitlines()
+                            if line.startswith(("-", "+")) and not line.startswith(("---", "+++")))
+            for name, diff in json.loads(proc.stdout).items()}
+
+
+def review_equivalent(module: str, equivalent: dict[str, str]) -> None:
+    """Each entry naming a mutant of `module`: its diff now and its reason; stale ones flagged."""
+    found = verdicts(module)
+    prefixes = tuple(f.removeprefix("src/").removesuffix(".py").replace("/", ".").rstrip("*")
+                     for f in MODULES[module][0])
+    print(f"\n## equivalent mutants of {module}")
+    listed = {n: r for n, r in equivalent.items() if n.startswith(prefixes)}
+    shown = diffs(module, [n for n in listed if n in found])
+    for name, reason in listed.items():
+        status = found.get(name)
+        flag = ("" if status in ("survived", "no tests") else "  (not run yet)" if status == "not checked"
+                else f"  STALE: {status or 'no such mutant'}")
+        print(f"{name}{flag}\n  why: {reason}\n{shown.get(name, '')}")
 
 
 def main() -> int:
@@ -183,9 +281,16 @@ def main() -> int:
     parser.add_argument("modules", nargs="*", help=f"some of: {', '.join(MODULES)}")
     parser.add_argument("--children", type=int, default=1, help="mutants tested at once")
     parser.add_argument("--survivors", action="store_true", help="print each survivor's diff")
+    parser.add_argument("--equivalent", action="store_true",
+                        help="print each entry of mutation_equivalent.txt for these modules with its "
+                             "mutant's diff now, and the stale ones (killed, or no such mutant)")
     parser.add_argument("--report-only", action="store_true", help="tally the last run, run nothing")
     parser.add_argument("--retest", action="store_true",
                         help="test only the last run's survivors and unrun mutants (after adding tests)")
+    parser.add_argument("--sample", type=int, metavar="N",
+                        help="only N mutants per module drawn at random (--seed): an estimate of the "
+                             "share, with its 95 %% interval, where a full run does not fit")
+    parser.add_argument("--seed", type=int, default=0, help="the --sample draw")
     args = parser.parse_args()
     modules = args.modules or list(MODULES)
     unknown = [m for m in modules if m not in MODULES]
@@ -195,12 +300,13 @@ def main() -> int:
         print("mutmut is not installed: pip install -e '.[dev]'", file=sys.stderr)
         return 2
     equivalent = load_equivalent()
+    drawn = {m: sample(m, args.sample, args.seed) for m in modules} if args.sample else {}
     if not args.report_only:
         for module in modules:
             names = None
-            if args.retest:
-                _, survivors, unrun = tally(module, equivalent)
-                names = survivors + unrun
+            if args.retest or args.sample:
+                _, survivors, unrun = tally(module, equivalent, drawn.get(module))
+                names = survivors + unrun if args.retest else unrun
                 if not names:
                     continue
             print(f"mutating {module}{f' ({len(names)} survivors or unrun)' if names else ''} ...",
@@ -208,17 +314,26 @@ def main() -> int:
             run(module, args.children, names)
     rows, failed = [], False
     for module in modules:
-        t, survivors, _ = tally(module, equivalent)
+        t, survivors, _ = tally(module, equivalent, drawn.get(module))
         rows.append((module, t))
         if args.survivors and survivors:
             print(f"\n## survivors in {module}")
-            for name in survivors:
-                print(f"{name}\n{show(module, name)}")
+            for name, diff in diffs(module, survivors).items():
+                print(f"{name}\n{diff}")
+    if args.equivalent:
+        for module in modules:
+            review_equivalent(module, equivalent)
+    if args.sample:
+        print(f"\nA sample of {args.sample} mutants per module (seed {args.seed}); the interval is the "
+              "whole module's share, at 95 %")
     print(f"\n{'module':<12}{'mutants':>9}{'killed':>8}{'timeout':>9}{'survived':>10}"
-          f"{'no tests':>10}{'equiv.':>8}{'unrun':>7}{'killed %':>10}")
+          f"{'no tests':>10}{'equiv.':>8}{'unrun':>7}{'killed %':>10}{'95 % interval':>16}")
     for module, t in rows:
+        judged = t.total - t.equivalent - t.not_checked
+        low, high = wilson(t.killed + t.timeout, judged)
         print(f"{module:<12}{t.total:>9}{t.killed:>8}{t.timeout:>9}{t.survived:>10}{t.no_tests:>10}"
-              f"{t.equivalent:>8}{t.not_checked:>7}{100 * t.share():>9.1f}%")
+              f"{t.equivalent:>8}{t.not_checked:>7}{100 * t.share():>9.1f}%"
+              f"{f'{100 * low:.1f}-{100 * high:.1f} %' if args.sample else '':>16}")
         failed |= t.total == 0
     return 1 if failed else 0
 

@@ -140,6 +140,9 @@ def test_clients_alternate_stages_keep_their_body_and_send_only_prompts():
     assert not set(stage_model) & prompt_names and all(".layers.0." in n for n in stage_model)
     assert set(stage_prompt) == prompt_names
     assert set(out.update) == prompt_names                                 # only prompts travel
+    # the prompt stage's figures (the trainer's second call: loss 2), the body stage's loss beside
+    assert out.metrics == {"train_loss": 2.0, "steps": 1, "examples_seen": 1, "train_seconds": 0.0,
+                           "aux_train_loss": 1.0}
     assert all(torch.equal(v, torch.ones_like(v)) for v in out.update.values())   # the MLP trained too
     assert {k.removeprefix(BODY) for k in state} == set(pristine)
     assert all(torch.equal(state[BODY + n], pristine[n] + 1) for n in pristine)  # its own body, +1
@@ -174,3 +177,127 @@ def test_the_server_tunes_the_averaged_prompts_on_the_full_model_between_rounds(
     assert all(torch.equal(tuned[n], averaged[n] + 1) for n in averaged)       # 0.5 + one step of +1
     assert all(torch.equal(p, frozen[n]) for n, p in server.full.named_parameters() if not p.requires_grad)
     assert server.trainer.calls == [sorted(averaged)] or set(server.trainer.calls[0]) == set(averaged)
+
+
+def _fedsp_party(tiny_recipe, tiny_model_dir, **options):
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.config import load_recipe
+
+    options = {"distill": {"steps": 2, "batch_size": 2, "examples": 8}, "server_steps": 1,
+               "server_examples": 2, **options}
+    recipe = load_recipe(tiny_recipe(adapter={"method": "prefix_tuning", "options": {"num_virtual_tokens": 3}},
+                                     federation__algorithm="fedsp", federation__options=options))
+    party = FedSPParty(FedSPConfig(**options), recipe)
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    return party, party.server_model(full, _tok(), None), recipe
+
+
+def test_the_owner_ships_the_auxiliary_model_and_reports_it_beside_the_full_one(tiny_recipe, tiny_model_dir,
+                                                                               tmp_path):
+    from fedtune.algorithms.fedsp import DOWNLOAD
+    from fedtune.algorithms.party import GlobalEvaluation
+
+    party, aux, recipe = _fedsp_party(tiny_recipe, tiny_model_dir)
+    server = party.server
+    assert len(server.distill_losses) == 2 and party.eval_model(None) is server.full
+    message = party.downloads()[DOWNLOAD]("client_1")
+    assert message.receiver == "client_1" and message.tensors is server.package_tensors
+    assert party.client_downloads() == (DOWNLOAD,)
+    model, tokenizer, words = party.client_model({DOWNLOAD: message}, recipe)
+    assert words == "auxiliary model, 1 shared block(s)"
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert all(torch.equal(p, dict(aux.named_parameters())[n]) for n, p in model.named_parameters())
+    other = FedSPParty(FedSPConfig(shared_blocks=2), recipe)
+    with pytest.raises(ValueError, match="shares 1 blocks, the recipe says 2"):
+        other.client_model({DOWNLOAD: message}, recipe)
+    # the server's prompt tuning between rounds, then the evaluation of the full model with them
+    prompts = {n: torch.zeros_like(t) for n, t in server.slot.get().items()}
+    tuned = party.after_round(1, prompts)
+    assert len(server.server_losses) == 1 and any(not torch.equal(tuned[n], prompts[n]) for n in prompts)
+    written = []
+    ev = GlobalEvaluation(state=tuned, tokenized=[], raw=[], generate=False,
+                          metrics={"loss": 2.5, "n_examples": 0}, records=[{"a": 1}],
+                          write=lambda scope, records: written.append((scope, records)))
+    server.evaluator.evaluate = lambda tok, raw, with_generation, predictions: {"loss": 0.75}
+    metrics, records = party.evaluate_global(ev)
+    assert metrics == {"loss": 0.75, "aux_loss": 2.5} and records == [] and written == [("global_aux", [{"a": 1}])]
+    assert all(torch.equal(server.slot.get()[n], tuned[n]) for n in tuned)   # the prompts evaluated
+    info = server.info()
+    assert info["full_model_bytes"] == sum(p.numel() * 4 for p in server.full.get_base_model().parameters()
+                                           if not p.requires_grad)
+    assert info["aux_package_bytes"] == sum(t.numel() * t.element_size() for t in server.package_tensors.values())
+    assert info["prompt_bytes"] == sum(t.numel() * 4 for t in prompts.values()) > 0
+    assert info["shared_blocks"] == 1
+    assert info["distill_loss"] == [server.distill_losses[0], server.distill_losses[-1]]
+    assert info["server_loss"] == [server.server_losses[0], server.server_losses[0]]
+    summary = {**party.summary({"aux_loss": 2.5, "loss": 0.75}), "final": {"n_examples": 5}}
+    assert summary["fedsp"]["aux_final"] == {"loss": 2.5}
+    assert party.report(summary) == {"labels": {"final": "full model + prompts", "clients": "auxiliary"},
+                                     "rows": [{"evaluated_on": "global test", "model": "auxiliary",
+                                               "metrics": {"loss": 2.5}, "examples": 5}]}
+    assert party.save(tuned, tmp_path / "prompts") is True
+    assert (tmp_path / "prompts" / "adapter_config.json").exists()
+
+
+def test_a_fedsp_party_without_the_server_passes_everything_through(tiny_recipe, tiny_model_dir):
+    from fedtune.algorithms.party import GlobalEvaluation
+    from fedtune.config import load_recipe
+
+    recipe = load_recipe(tiny_recipe(adapter={"method": "prefix_tuning", "options": {"num_virtual_tokens": 3}},
+                                     federation__algorithm="fedsp"))
+    party = FedSPParty(FedSPConfig(), recipe)
+    state = {"p": torch.ones(2)}
+    ev = GlobalEvaluation(state=state, tokenized=[], raw=[], generate=False, metrics={"loss": 1.0},
+                          records=[{"r": 1}], write=lambda *a: pytest.fail("nothing is written"))
+    model = torch.nn.Linear(1, 1)
+    assert party.downloads() == {} and party.eval_model(model) is model
+    assert party.after_round(1, state) is state and party.evaluate_global(ev) == ({"loss": 1.0}, [{"r": 1}])
+    assert party.save(state, None) is False and party.summary({"aux_loss": 1.0}) == {}
+
+
+def test_without_server_steps_the_averaged_prompts_are_kept(tiny_recipe, tiny_model_dir):
+    party, _, _ = _fedsp_party(tiny_recipe, tiny_model_dir, server_steps=0, distill={"steps": 0})
+    prompts = {n: torch.full_like(t, 0.5) for n, t in party.server.slot.get().items()}
+    assert party.after_round(1, prompts) is prompts
+    assert party.server.info()["distill_loss"] is None and party.server.info()["server_loss"] is None
+
+
+def test_the_auxiliary_model_is_distilled_on_seeded_batches_of_truncated_texts(tiny_recipe, tiny_model_dir,
+                                                                              monkeypatch):
+    """What distill_hidden is given: batches of `batch_size` seeded synthetic texts cut at
+    data.max_length, in a seeded order, the options' steps and rate; and the console's line."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.algorithms import fedsp
+    from fedtune.config import load_recipe
+    from fedtune.data.synthetic import pretraining_text
+    from fedtune.seeding import derive_seed
+
+    seen = {}
+
+    def fake(full, aux, shared, batches, **kw):
+        seen.update(kw, shared=shared, batches=[next(batches) for _ in range(3)])
+        return [2.0, 1.5]
+
+    monkeypatch.setattr(fedsp, "distill_hidden", fake)
+    options = {"distill": {"steps": 2, "batch_size": 3, "examples": 4, "lr": 5e-4}, "server_steps": 0}
+    recipe = load_recipe(tiny_recipe(adapter={"method": "prefix_tuning", "options": {"num_virtual_tokens": 3}},
+                                     data__max_length=12, federation__algorithm="fedsp",
+                                     federation__options=options))
+    printed = []
+    tok = _tok()
+    FedSPParty(FedSPConfig(**options), recipe).server_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), tok,
+        type("Console", (), {"print": lambda self, text: printed.append(text)})())
+    assert printed == ["fedsp: distilled the auxiliary model for 2 steps, loss 2.000 → 1.500"]
+    assert (seen["shared"], seen["steps"], seen["lr"], seen["device"]) == (1, 2, 5e-4, torch.device("cpu"))
+    texts = pretraining_text(4, derive_seed(recipe.seed, "fedsp-distill"))
+    examples = [TokenizedExample(x, list(x)) for x in
+                (tok(t, truncation=True, max_length=12)["input_ids"] for t in texts)]
+    order = np.random.default_rng(derive_seed(recipe.seed, "fedsp-distill-batches")).permutation(4)
+    expected = [collate([examples[i] for i in order[s:s + 3]], tok.pad_token_id) for s in (0, 3)]
+    for got, want in zip(seen["batches"], expected):
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert [b["input_ids"].shape for b in seen["batches"][:2]] == [(3, 12), (1, 12)]

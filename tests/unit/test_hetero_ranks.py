@@ -248,6 +248,13 @@ def test_flora_stacking_is_the_exact_weighted_sum_of_products():
     assert info == {"flora_stacked_rank": 3, "flora_stacked_bytes": (6 + 6) * 8}
 
 
+
+def test_flora_stacking_refuses_weights_that_do_not_sum_above_zero():
+    c = {"m.lora_A.default.weight": torch.ones(1, 2), "m.lora_B.default.weight": torch.ones(2, 1)}
+    for states, weights in (([], []), ([c], [0.0]), ([c, c], [1.0, -1.0]), ([c, c], [-1.0, -2.0])):
+        with pytest.raises(ValueError, match="^stack needs clients with positive total weight$"):
+            stack(states, weights)
+
 def test_flora_view_writes_the_delta_into_the_base_weight(lora_model):
     slot = AdapterSlot(lora_model)
     view = FLoRAView(slot)

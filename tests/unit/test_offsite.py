@@ -33,6 +33,9 @@ def test_kept_layers_by_hand():
         kept_layers(2, 1, 1, 0.5)
     with pytest.raises(ModelError, match="at least 1"):
         kept_layers(8, 0, 0, 0.5)
+    for bottom, top in ((-1, 2), (2, -1)):   # a negative count is refused even when the sum is >= 1
+        with pytest.raises(ModelError, match="adapter_bottom \\+ adapter_top must be at least 1"):
+            kept_layers(8, bottom, top, 0.5)
 
 
 def test_emulator_drops_layers_and_trains_only_the_adapter_layers():
@@ -99,6 +102,29 @@ def test_distillation_moves_only_the_core_towards_the_full_model():
             assert not p.requires_grad
 
 
+def test_one_distillation_step_moves_the_core_by_the_learning_rate():
+    """AdamW's first step (no weight decay) is lr·g/(|g| + eps): each core weight with a gradient
+    moves by lr, up to eps; the adapter layers stay as they were, frozen flags restored."""
+    full = _llama(4)
+    emu = build_emulator(full, 1, 1, 0.5)                 # kept [0, 1, 3]: layer 1 is the core
+    before = {n: p.detach().clone() for n, p in emu.model.named_parameters()}
+    gen = torch.Generator().manual_seed(3)
+    from fedtune.data.prompts import TokenizedExample
+
+    rows = [torch.randint(4, 40, (8,), generator=gen).tolist() for _ in range(4)]
+    batch = collate([TokenizedExample(r, list(r)) for r in rows], 0)
+    losses = distill(full, emu, iter([batch]), steps=1, lr=1e-2, lm_weight=1.0, kd_weight=1.0,
+                     device=torch.device("cpu"))
+    assert len(losses) == 1 and losses[0] > 0
+    moved = emu.model.model.layers[1].mlp.up_proj.weight - before["model.layers.1.mlp.up_proj.weight"]
+    assert moved.abs().max().item() == pytest.approx(1e-2, rel=1e-3)
+    for n, p in emu.model.named_parameters():
+        if ".layers.1." not in n:
+            assert torch.equal(p, before[n]), n
+    assert [n for n, p in emu.model.named_parameters() if p.requires_grad] == [
+        n for n in before if n.startswith(("model.layers.0.", "model.layers.2."))]
+
+
 # -- the emulator package a deployed client downloads ---------------------------------------------
 
 
@@ -114,6 +140,25 @@ def _rebuild(meta, tensors):
     from fedtune.algorithms.offsite_package import emulator_from_package
 
     return emulator_from_package(meta, tensors, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_the_tokenizer_files_a_client_writes_are_removed_at_exit(char_tokenizer, monkeypatch):
+    import atexit
+    from pathlib import Path
+
+    from fedtune.algorithms import offsite_package
+
+    at_exit = []
+    monkeypatch.setattr(offsite_package, "_KEEP", [])
+    monkeypatch.setattr(atexit, "register", at_exit.append)
+    _, _, tensors = _package(char_tokenizer)
+    tokenizer = offsite_package._tokenizer(tensors)
+    offsite_package._tokenizer(tensors)
+    folders = [Path(d) for d in offsite_package._KEEP]
+    assert len(folders) == 2 and all(d.is_dir() for d in folders) and len(at_exit) == 1   # one hook
+    assert tokenizer("ab")["input_ids"] == char_tokenizer("ab")["input_ids"]
+    at_exit[0]()
+    assert not any(d.exists() for d in folders)
 
 
 def test_the_package_holds_the_frozen_emulator_and_the_tokenizer_but_no_adapter_layer(char_tokenizer):

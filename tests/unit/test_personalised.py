@@ -232,6 +232,21 @@ def test_fedrep_top_layer_default_and_bad_split(tmp_path):
         fedrep_personal(FedRepConfig(top_layers=3), names)
 
 
+def test_a_partial_view_refuses_a_shared_state_that_does_not_match_in_words():
+    from fedtune.algorithms.personal import PartialView
+    from fedtune.errors import ModelError
+    from fedtune.models.adapters import AdapterSlot
+
+    view = PartialView(AdapterSlot(LoraLogitModel([[0.1, 0.2]], [[0.3]])), {"proj.lora_B.default"})
+    assert list(view.initial()) == ["proj.lora_A.default"]
+    a = torch.zeros(1, 2)
+    with pytest.raises(ModelError, match=r"^shared adapter state does not match: missing \[\], "
+                                         r"unexpected \['x', 'y'\]$"):
+        view.load({"proj.lora_A.default": a, "y": a, "x": a})
+    with pytest.raises(ModelError, match=r"missing \['proj.lora_A.default'\], unexpected \[\]$"):
+        view.load({})
+
+
 # -- pFedGate --------------------------------------------------------------------------------
 
 class TwoLoraModel(torch.nn.Module):

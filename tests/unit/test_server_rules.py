@@ -208,6 +208,17 @@ def test_round_summary_weights_train_loss_by_examples(tmp_path):
     summary = fed.events("round")[1]["values"]
     assert summary["train_loss"] == pytest.approx((3 * l0 + l1) / 4, rel=1e-5)
     assert summary["updates"] == 2 and summary["bytes_up"] > 0 and summary["bytes_down"] > 0
+    assert [e["round"] for e in fed.events("round")] == [1, 2]
+
+
+def test_the_round_summary_times_the_round(tmp_path):
+    import time
+
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], lr=1.0, steps=1)
+    before = time.perf_counter()
+    fed.round(1)
+    took = time.perf_counter() - before
+    assert 0.0 < fed.events("round")[0]["values"]["seconds"] <= took
 
 
 # -- sampling -----------------------------------------------------------------------------------------
@@ -581,3 +592,25 @@ def test_checkpoints_carry_the_clients_persistent_state(tmp_path):
     fed.server.client_state = None  # a deployed server: the clients keep their own state
     fed.server.checkpoint(2)
     assert fed.run_dir.latest_checkpoint().client_state == {}
+
+
+def test_the_constructor_keeps_the_reply_timeout_and_evaluates_a_subset_and_every_holdout(tmp_path):
+    from fedtune.runtime.server import Server
+
+    names = [f"client_{i}" for i in range(5)]
+    fed = federation(recipe("fedavg", 5, tmp=tmp_path, eval={"client_subset": 2, "clients": True},
+                            federation={"holdout_clients": ["client_4"]}),
+                     LogitModel([0.0, 0.0]), dict(zip(names, map(toks, [THREE_ONES] * 5))), tmp=tmp_path)
+    server = Server(fed.server.recipe, strategy=fed.server.strategy, transport=fed.transport,
+                    clients=names, global_state=fed.server.global_state, run_dir=fed.run_dir,
+                    reply_timeout=2.5)
+    assert server.reply_timeout == 2.5
+    assert server.training == names[:4]
+    picked = sample_clients(names[:4], 2, fed.server.recipe.seed, 0)   # the seeded subset of 2
+    assert server.eval_clients == [*picked, "client_4"]                # and the holdout, always
+
+
+def test_a_run_with_no_round_left_reports_empty_final_figures(tmp_path):
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO], federation={"rounds": 2})
+    result = fed.server.run(start_round=3)   # nothing to train, nothing evaluated
+    assert result.final == {} and result.clients == {} and result.initial is None

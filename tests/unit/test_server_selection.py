@@ -446,6 +446,26 @@ def test_the_strategy_hears_each_rounds_number(tmp_path):
                      ("add", 2, "client_0"), ("add", 2, "client_1"), ("finish", 2)]
 
 
+def test_a_strategy_that_does_not_stream_hears_the_round_in_aggregate_fit(tmp_path):
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO])
+    strategy, heard = fed.server.strategy, []
+
+    class Collecting:   # no `fold`: the server collects the round's updates and hands them over
+        def __getattr__(self, name):
+            if name == "fold":
+                raise AttributeError(name)
+            return getattr(strategy, name)
+
+        def aggregate_fit(self, round_, global_state, updates):
+            heard.append((round_, [u.client for u in updates]))
+            return strategy.aggregate_fit(round_, global_state, updates)
+
+    fed.server.strategy = Collecting()
+    fed.round(1)
+    fed.round(2)
+    assert heard == [(1, ["client_0", "client_1"]), (2, ["client_0", "client_1"])]
+
+
 def test_an_update_larger_than_the_adapter_is_refused_by_the_transport_before_decoding(tmp_path):
     from fedtune.transport.codec import encode
 
