@@ -1,10 +1,10 @@
 """Batched multi-client LoRA training: K clients' local steps through ONE pass of the shared base.
 
 Every simulated client shares the frozen base model; only their LoRA tensors differ. Here the
-micro-batches of K clients are concatenated (right-padded to one width), the base runs forward
-and backward once over all of them, and every LoRA layer routes each client's rows through that
-client's own A and B (one batched matmul over the K adapters, as multi-LoRA serving does for
-inference). Each client keeps its own leaf tensors, optimizer, data order (its seeded
+micro-batches of K clients run through the base together, as a few sub-batches of similar lengths
+(`length_groups`: each padded only to its own longest example, so the joint batch pays for little
+more than the real tokens), and every LoRA layer routes each client's rows (contiguous: a
+sub-batch's rows are ordered by client) through that client's own A and B. Each client keeps its own leaf tensors, optimizer, data order (its seeded
 micro-batches), loss normalisation (its own response tokens), gradient clipping, learning rate and
 algorithm hooks (FedProx's proximal term, SCAFFOLD's correction), so with dropout 0 each client's
 result is its sequential result up to float rounding.
