@@ -198,8 +198,8 @@ def main() -> None:
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--max-length", type=int, default=128, help="data.max_length (tokens per example)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--padded", action="store_true",
-                    help="also run each K > 1 with its batched step as one padded batch (no length sub-batches)")
+    ap.add_argument("--padded", type=int, nargs="*", default=[], metavar="K",
+                    help="also run these K (> 1) with the batched step as one padded batch (no length sub-batches)")
     ap.add_argument("--worker", choices=["fedtune", "ideal", "padded"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--parallel-one", dest="parallel_k", type=int, default=1, help=argparse.SUPPRESS)
@@ -212,8 +212,7 @@ def main() -> None:
 
     configs = [("ideal", n, 1) for n in args.clients] + [("fedtune", n, 1) for n in args.clients]
     configs += [("fedtune", args.clients[0], k) for k in args.parallel if k != 1]
-    if args.padded:
-        configs += [("padded", args.clients[0], k) for k in args.parallel if k != 1]
+    configs += [("padded", args.clients[0], k) for k in args.padded if k != 1]
     results: dict[tuple, list[dict]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as model_dir:
         make_model(model_dir)
@@ -257,7 +256,7 @@ def main() -> None:
     print(f"\n# Batched multi-client training (federation.parallel_clients = K) at {n} clients\n")
     print("| K | batched step | rounds s | throughput ÷ ideal | peak MB | peak memory ÷ ideal |")
     print("|---:|---|---:|---:|---:|---:|")
-    for k in sorted({1, *args.parallel}):
+    for k in sorted({1, *args.parallel, *args.padded}):
         for kind, how in (("fedtune", "length sub-batches" if k > 1 else "-"), ("padded", "one padded batch")):
             if (kind, n, k) not in results:
                 continue
