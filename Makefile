@@ -21,7 +21,7 @@ run: setup
 # gRPC ones included (what CI runs).
 test: setup
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The quick loop while editing: everything but the tests marked slow.
 test-fast: setup

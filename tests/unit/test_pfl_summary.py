@@ -60,3 +60,25 @@ def test_bench_rows_use_the_global_model_where_there_is_no_personal_one():
     assert rows["fedavg"]["unseen_loss"] is None
     assert rows["local-only (mean)"]["personal_loss_mean"] == pytest.approx((0.5 + 4.5) / 4)
     assert rows["local-only (mean)"]["global_loss"] is None
+
+
+def test_results_csv_carries_the_pfl_columns_by_variant():
+    import csv
+    import io
+
+    from fedtune.baselines.results import to_csv
+
+    pfl = pfl_summary({"client_0": {"loss": 2.0, "exact_match": 0.25, "n_examples": 4},
+                       "client_1": {"loss": 1.0, "exact_match": 0.75, "n_examples": 12}}, [])
+    plain = VariantResult("fedavg", "federated", ["client_0", "client_1"], {"loss": 1.0}, {}, bytes_up=300,
+                          bytes_down=700, pfl=pfl)
+    other = VariantResult("centralised", "centralised", [], {"loss": 0.5}, {})
+    results = [plain, other]
+    rows = {r["variant"]: r for r in csv.DictReader(io.StringIO(to_csv(results, pfl_rows(results, rounds=10))))}
+    fed = rows["fedavg"]
+    assert float(fed["pfl_global_exact_match"]) == pytest.approx((4 * 0.25 + 12 * 0.75) / 16)
+    assert float(fed["pfl_personal_loss_mean"]) == pytest.approx((4 * 2.0 + 12 * 1.0) / 16)
+    assert float(fed["pfl_bytes_per_round"]) == 100.0
+    assert fed["pfl_unseen_loss"] == ""
+    assert rows["centralised"]["pfl_personal_loss_mean"] == ""    # no client figures: empty cells
+    assert float(rows["centralised"]["global_loss"]) == 0.5

@@ -95,8 +95,16 @@ def csv_rows(results: list[VariantResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def to_csv(results: list[VariantResult]) -> str:
+def to_csv(results: list[VariantResult], pfl: list[dict[str, Any]] | None = None) -> str:
+    """results.csv; `pfl`: the pFL-Bench rows (pfl_table.pfl_rows), joined by variant as `pfl_*`
+    columns (empty for a variant without client figures)."""
     rows = csv_rows(results)
+    if pfl:
+        by_variant = {r["variant"]: r for r in pfl}
+        keys = [k for k in pfl[0] if k != "variant"]
+        for row in rows:
+            found = by_variant.get(row["variant"], {})
+            row.update({f"pfl_{k}": found.get(k) for k in keys})
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()

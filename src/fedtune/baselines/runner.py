@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fedtune.baselines.pfl_table import pfl_markdown
+from fedtune.baselines.pfl_table import pfl_markdown, pfl_rows
 from fedtune.baselines.report import write_report
 from fedtune.baselines.results import (
     METRICS,
@@ -165,8 +165,8 @@ def write_results(out_dir: Path, results: list[VariantResult], *, recipe: Recipe
     (out_dir / "results.json").write_text(json.dumps(
         {"recipe": recipe.name, "budget": budget, "variants": [r.as_dict() for r in results]},
         indent=1) + "\n")
+    holdout = recipe.federation.holdout_names()
     (out_dir / "results.md").write_text(to_markdown(results, title=title, budget=budget["rule"])
-                                        + pfl_markdown(results, budget["rounds"],
-                                                       recipe.federation.holdout_names()))
-    (out_dir / "results.csv").write_text(to_csv(results))
+                                        + pfl_markdown(results, budget["rounds"], holdout))
+    (out_dir / "results.csv").write_text(to_csv(results, pfl_rows(results, budget["rounds"], holdout)))
     write_report(out_dir, results, title=title, budget=budget["rule"])
