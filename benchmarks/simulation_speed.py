@@ -111,6 +111,10 @@ def run_fedtune(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     import fedtune
 
+    if args.worker == "padded":   # batched steps as one batch padded to its widest example
+        from fedtune.train import multi_lora
+
+        multi_lora.CPU_GROUP_COST = 1 << 40
     with tempfile.TemporaryDirectory() as out:
         summary = fedtune.run(recipe(args.model_dir, out, args.clients, args.parallel, args.rounds,
                                      args.max_length, args.steps, args.data))
@@ -194,18 +198,21 @@ def main() -> None:
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--max-length", type=int, default=128, help="data.max_length (tokens per example)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--worker", choices=["fedtune", "ideal"], help=argparse.SUPPRESS)
+    ap.add_argument("--padded", type=int, nargs="*", default=[], metavar="K",
+                    help="also run these K (> 1) with the batched step as one padded batch (no length sub-batches)")
+    ap.add_argument("--worker", choices=["fedtune", "ideal", "padded"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--parallel-one", dest="parallel_k", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
         args.clients, args.parallel = args.clients[0], args.parallel_k
-        result = run_fedtune(args) if args.worker == "fedtune" else run_ideal(args)
+        result = run_ideal(args) if args.worker == "ideal" else run_fedtune(args)
         print(json.dumps(result))
         return
 
     configs = [("ideal", n, 1) for n in args.clients] + [("fedtune", n, 1) for n in args.clients]
     configs += [("fedtune", args.clients[0], k) for k in args.parallel if k != 1]
+    configs += [("padded", args.clients[0], k) for k in args.padded if k != 1]
     results: dict[tuple, list[dict]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as model_dir:
         make_model(model_dir)
@@ -247,14 +254,21 @@ def main() -> None:
     n = args.clients[0]
     ideal_rounds = med("ideal", n, 1, "rounds")
     print(f"\n# Batched multi-client training (federation.parallel_clients = K) at {n} clients\n")
-    print("| K | rounds s | throughput ÷ ideal | peak MB | peak memory ÷ ideal |")
-    print("|---:|---:|---:|---:|---:|")
-    for k in sorted({1, *args.parallel}):
-        if ("fedtune", n, k) not in results:
-            continue
-        rounds, peak = med("fedtune", n, k, "rounds"), med("fedtune", n, k, "peak_mb")
-        print(f"| {k} | {rounds:.1f} | {ideal_rounds / rounds:.2f} | {peak:.0f} "
-              f"| {peak / med('ideal', n, 1, 'peak_mb'):.2f} |")
+    print("| K | batched step | rounds s | throughput ÷ ideal | peak MB | peak memory ÷ ideal |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for k in sorted({1, *args.parallel, *args.padded}):
+        for kind, how in (("fedtune", "length sub-batches" if k > 1 else "-"), ("padded", "one padded batch")):
+            if (kind, n, k) not in results:
+                continue
+            rounds, peak = med(kind, n, k, "rounds"), med(kind, n, k, "peak_mb")
+            print(f"| {k} | {how} | {rounds:.1f} | {ideal_rounds / rounds:.2f} | {peak:.0f} "
+                  f"| {peak / med('ideal', n, 1, 'peak_mb'):.2f} |")
+    for rep in range(args.repeats):   # the same ratios within each interleaved repeat (a shared machine)
+        ideal = results[("ideal", n, 1)][rep]["rounds"] if len(results[("ideal", n, 1)]) > rep else None
+        cells = [f"{kind} K={k}: {ideal / results[(kind, n, k)][rep]['rounds']:.2f}"
+                 for kind, m, k in configs if m == n and kind != "ideal" and len(results[(kind, n, k)]) > rep]
+        if ideal is not None:
+            print(f"repeat {rep + 1}, throughput ÷ ideal: " + ", ".join(cells))
     print("\nthroughput ÷ ideal: the ideal's time for the rounds divided by fedtune's (above 1: faster "
           "than the ideal). Start-up: process start (imports included) to round 1.")
 

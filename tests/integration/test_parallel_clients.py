@@ -18,6 +18,7 @@ from fedtune.runtime import batched as batched_module
 from fedtune.runtime.batched import BatchedFits
 from fedtune.runtime.hosting import InProcessHost
 from fedtune.runtime.setup import Setup
+from fedtune.train import multi_lora
 from fedtune.transport.codec import decode, encode
 from fedtune.wire import Message, MessageKind
 
@@ -48,11 +49,22 @@ def _fits(setup: Setup, host: InProcessHost, seed: int) -> list[tuple[str, bytes
     return out
 
 
-@pytest.mark.parametrize(("algorithm", "options", "train"), [
-    ("fedavg", {}, {}), ("fedprox", {"mu": 5.0}, {}), ("scaffold", {}, {}),
-    ("fedavg", {}, {"gradient_checkpointing": True, "grad_accum": 2}),
+@pytest.mark.parametrize(("algorithm", "options", "train", "group_cost"), [
+    ("fedavg", {}, {}, None), ("fedprox", {"mu": 5.0}, {}, None), ("scaffold", {}, {}, None),
+    ("fedavg", {}, {"gradient_checkpointing": True, "grad_accum": 2}, None),
+    # sub-batches free: every micro-batch split by length, clients spread unevenly over them
+    ("fedavg", {}, {"batch_size": 3}, 0), ("fedprox", {"mu": 5.0}, {"batch_size": 3}, 0),
+    ("scaffold", {}, {"batch_size": 3}, 0),
+    ("fedavg", {}, {"gradient_checkpointing": True, "grad_accum": 2, "batch_size": 3}, 0),
 ])
-def test_each_batched_client_replies_what_it_would_alone(tiny_recipe, algorithm, options, train):
+def test_each_batched_client_replies_what_it_would_alone(tiny_recipe, monkeypatch, algorithm, options,
+                                                         train, group_cost):
+    splits: list[list[list[int]]] = []
+    if group_cost is not None:
+        monkeypatch.setattr(multi_lora, "CPU_GROUP_COST", group_cost)
+        real_groups = multi_lora.length_groups
+        monkeypatch.setattr(multi_lora, "length_groups",
+                            lambda lengths, cost: splits.append(real_groups(lengths, cost)) or splits[-1])
     recipe = load_recipe(_recipe(tiny_recipe, "x", algorithm, options, 3, **train))
     setup = Setup(recipe, Console(quiet=True))
     alone = InProcessHost.lazy(list(setup.data.clients), setup.clients.client)
@@ -65,6 +77,8 @@ def test_each_batched_client_replies_what_it_would_alone(tiny_recipe, algorithm,
     a = dict(alone.deliver(iter(fits)))
     b = dict(together.deliver(iter(fits)))
     assert answered == [3]   # the three clients trained as one group
+    if group_cost is not None:   # several sub-batches per micro-batch, most mixing clients
+        assert splits and all(len(groups) > 1 for groups in splits), splits
     assert list(a) == list(b) == alone.names()
     for name in a:
         ma, mb = decode(a[name]), decode(b[name])

@@ -58,6 +58,30 @@ def test_each_row_goes_through_its_own_clients_adapter():
     torch.testing.assert_close(model(x), torch.tensor([[[1.0, 4.0]], [[3.0, 8.0]], [[5.0, 12.0]]]))
 
 
+def test_unequal_and_empty_shares_route_each_row_to_its_owner():
+    engine, slot, model = _engine()
+    names = sorted(slot.params)
+    a_name = next(n for n in names if "lora_A" in n)
+    b_name = next(n for n in names if "lora_B" in n)
+    # three clients (scaling 2); the middle one has no row in this sub-batch
+    one = engine.leaves({a_name: torch.tensor([[1.0, 0.0]]), b_name: torch.tensor([[1.0], [1.0]])})
+    idle = engine.leaves({a_name: torch.tensor([[5.0, 5.0]]), b_name: torch.tensor([[5.0], [5.0]])})
+    three = engine.leaves({a_name: torch.tensor([[0.0, 1.0]]), b_name: torch.tensor([[2.0], [0.0]])})
+    x = torch.tensor([[[1.0, 2.0], [3.0, 1.0]], [[2.0, 2.0], [0.0, 1.0]], [[1.0, 1.0], [4.0, 0.0]]])
+    with engine.routed([one, idle, three], [1, 0, 2]):
+        out = model(x)
+    # row 0 (client 1): W x = (x0, 2 x1), A x = x0, 2 B A x = (2 x0, 2 x0): (1, 2) -> (1+2, 4+2);
+    #   (3, 1) -> (3+6, 2+6)
+    # rows 1, 2 (client 3): A x = x1, delta = 2 * (2 x1, 0) = (4 x1, 0)
+    #   (2, 2) -> (2+8, 4); (0, 1) -> (0+4, 2); (1, 1) -> (1+4, 2); (4, 0) -> (4, 0)
+    expected = torch.tensor([[[3.0, 6.0], [9.0, 8.0]], [[10.0, 4.0], [4.0, 2.0]], [[5.0, 2.0], [4.0, 0.0]]])
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert idle[a_name].grad is None or float(idle[a_name].grad.abs().sum()) == 0.0
+    # client 3's B gets d(sum)/dB = 2 * sum over its tokens of (A x) on both outputs: A x = 2, 1, 1, 0
+    torch.testing.assert_close(three[b_name].grad, torch.tensor([[8.0], [8.0]]))
+
+
 def test_other_adapters_are_refused_with_the_reason():
     with pytest.raises(NotBatchable, match="DoRA"):
         _engine(use_dora=True)

@@ -15,7 +15,7 @@ from fedtune.data.prompts import IGNORE_INDEX, TokenizedExample
 from fedtune.errors import ModelError
 from fedtune.models.adapters import AdapterSlot, attach_adapter
 from fedtune.train.local import LocalTrainer
-from fedtune.train.packing import check_packing, collate_packed, pack_rows
+from fedtune.train.packing import check_packing, collate_packed, length_groups, pack_rows
 from fedtune.train.precision import Precision, resolve_precision
 
 CPU = torch.device("cpu")
@@ -63,6 +63,19 @@ def test_pack_rows_is_first_fit_decreasing():
     assert pack_rows([2, 2, 2], 6) == [[0, 1, 2]]
     with pytest.raises(ValueError, match="7 tokens"):
         pack_rows([7], 6)
+
+
+def test_length_groups_pays_padding_against_the_cost_of_another_pass():
+    lengths = [9, 2, 9, 3, 2, 8]
+    # one group: 6 rows x 9 = 54 padded tokens. Two: {2, 2, 3} x 3 + {8, 9, 9} x 9 = 9 + 27 = 36.
+    # Three: {2, 2} x 2 + {3} x 3 + {8, 9, 9} x 9 = 4 + 3 + 27 = 34. Four: ... + {8} + {9, 9} = 33.
+    assert length_groups(lengths, extra_cost=100) == [[1, 4, 3, 5, 0, 2]]       # 54 < 36 + 100
+    assert length_groups(lengths, extra_cost=10) == [[1, 4, 3], [5, 0, 2]]      # 36 + 10 < 54, < 34 + 20
+    assert length_groups(lengths, extra_cost=0) == [[1, 4], [3], [5], [0, 2]]   # 33, at most 4 groups
+    assert length_groups(lengths, extra_cost=1) == [[1, 4], [3], [5, 0, 2]]     # 34 + 2 ties 33 + 3: fewer
+    assert length_groups(lengths, extra_cost=1, max_groups=2) == [[1, 4, 3], [5, 0, 2]]
+    assert length_groups([4, 4, 4], extra_cost=0) == [[0, 1, 2]]   # equal lengths never split
+    assert length_groups([], extra_cost=0) == []
 
 
 def test_collate_packed_lays_examples_end_to_end_with_their_own_positions():

@@ -1,10 +1,10 @@
 """Batched multi-client LoRA training: K clients' local steps through ONE pass of the shared base.
 
 Every simulated client shares the frozen base model; only their LoRA tensors differ. Here the
-micro-batches of K clients are concatenated (right-padded to one width), the base runs forward
-and backward once over all of them, and every LoRA layer routes each client's rows through that
-client's own A and B (one batched matmul over the K adapters, as multi-LoRA serving does for
-inference). Each client keeps its own leaf tensors, optimizer, data order (its seeded
+micro-batches of K clients run through the base together, as a few sub-batches of similar lengths
+(`length_groups`: each padded only to its own longest example, so the joint batch pays for little
+more than the real tokens), and every LoRA layer routes each client's rows (contiguous: a
+sub-batch's rows are ordered by client) through that client's own A and B. Each client keeps its own leaf tensors, optimizer, data order (its seeded
 micro-batches), loss normalisation (its own response tokens), gradient clipping, learning rate and
 algorithm hooks (FedProx's proximal term, SCAFFOLD's correction), so with dropout 0 each client's
 result is its sequential result up to float rounding.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -29,9 +30,14 @@ from fedtune.errors import FedtuneError
 from fedtune.train.distributed import OneProcess
 from fedtune.train.local import LocalResult, LocalTrainer, micro_batches, steps_for
 from fedtune.train.loss import model_inputs, targets_of
+from fedtune.train.packing import length_groups
 
 State = dict[str, torch.Tensor]
 Params = dict[str, torch.Tensor]
+
+# Tokens one more forward and backward pass is worth on a CPU (length_groups' extra cost):
+# its fixed cost is a few milliseconds, about what 64 tokens of the benchmark's model cost.
+CPU_GROUP_COST = 64
 
 
 class NotBatchable(FedtuneError):
@@ -126,7 +132,7 @@ class MultiLoRA:
             raise ValueError("a client with no training examples cannot train")
         n_steps = steps.pop()
         start = time.perf_counter()
-        device, pad = self.trainer.device, self.trainer.pad_id
+        device = self.trainer.device
         optimizers = [self.trainer._optimizer(list(job.params.values()), job.lr) for job in jobs]
         batches = [micro_batches(len(job.examples), s.batch_size, job.seed) for job in jobs]
         running = [torch.zeros((), device=device) for _ in jobs]
@@ -138,31 +144,18 @@ class MultiLoRA:
         try:
             for _ in range(n_steps):
                 indices = [[next(it) for _ in range(s.grad_accum)] for it in batches]
-                per_client = [[collate([job.examples[i] for i in idx], pad) for idx in client]
-                              for job, client in zip(jobs, indices)]
-                group_tokens = [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group)
-                                for group in per_client]
+                group_tokens = [sum(_response_tokens(job.examples[i]) for idx in client for i in idx)
+                                for job, client in zip(jobs, indices)]
+                weights = torch.tensor([1.0 / max(1, n) for n in group_tokens], device=device)
                 for j in range(s.grad_accum):
-                    parts = [group[j] for group in per_client]
-                    rows = [len(p["input_ids"]) for p in parts]
-                    batch = _concatenate(parts, pad)
-                    targets = targets_of(batch["labels"])
-                    owner = torch.repeat_interleave(torch.arange(len(jobs)), torch.tensor(rows))[targets.row]
-                    targets = targets.to(device)
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    # backward inside the routing too: gradient checkpointing runs the forward again
-                    with self.routed(params, rows):
-                        with self.trainer.precision.autocast():
-                            losses = _per_token_losses(model, batch, targets)
-                        owner = owner.to(device)
-                        sums = torch.zeros(len(jobs), device=device).index_add(0, owner, losses)
-                        weights = torch.tensor([1.0 / n for n in group_tokens], device=device)
-                        (sums * weights).sum().backward()
-                    counts = torch.bincount(owner, minlength=len(jobs)).tolist()
-                    for k in range(len(jobs)):
-                        running[k] = running[k] + sums[k].detach()
-                        tokens[k] += counts[k]
-                        seen[k] += rows[k]
+                    # this micro-batch of every client, as sub-batches of similar lengths
+                    members = [(k, job.examples[i]) for k, (job, client) in enumerate(zip(jobs, indices))
+                               for i in client[j]]
+                    for k, n in Counter(k for k, _ in members).items():
+                        seen[k] += n
+                    for sub in length_groups([len(ex) for _, ex in members], self._group_cost(members)):
+                        self._backward(sorted((members[i] for i in sub), key=lambda m: m[0]),
+                                       params, weights, running, tokens)
                 for job, optimizer in zip(jobs, optimizers):
                     self._step(job, optimizer)
                     optimizer.zero_grad(set_to_none=True)
@@ -171,6 +164,38 @@ class MultiLoRA:
         share = (time.perf_counter() - start) / len(jobs)  # each its share: the sums stay the wall time
         return [LocalResult(loss=float(r) / max(1, t), steps=n_steps, examples=n, tokens=t,
                             seconds=share) for r, t, n in zip(running, tokens, seen)]
+
+    def _group_cost(self, members: list[tuple[int, TokenizedExample]]) -> int:
+        """What one more sub-batch costs, in padded tokens (`length_groups`): on a CPU the fixed
+        cost of a pass is small against its tokens; elsewhere fewer, larger passes pay."""
+        if self.trainer.device.type == "cpu":
+            return CPU_GROUP_COST
+        return max(CPU_GROUP_COST, sum(len(ex) for _, ex in members) // 10)
+
+    def _backward(self, members: list[tuple[int, TokenizedExample]], params: list[Params],
+                  weights: torch.Tensor, running: list[torch.Tensor], tokens: list[int]) -> None:
+        """Forward and backward of one sub-batch (its rows ordered by client): every client's
+        gradient gets its own tokens' loss over its own step's token count."""
+        device, k_all = self.trainer.device, len(params)
+        batch = collate([ex for _, ex in members], self.trainer.pad_id)
+        row_owner = torch.tensor([k for k, _ in members])
+        rows = torch.bincount(row_owner, minlength=k_all).tolist()
+        targets = targets_of(batch["labels"])
+        owner = row_owner[targets.row].to(device)
+        targets = targets.to(device)
+        batch = {key: v.to(device) for key, v in batch.items()}
+        # backward inside the routing too: gradient checkpointing runs the forward again
+        with self.routed(params, rows):
+            with self.trainer.precision.autocast():
+                losses = _per_token_losses(self.model, batch, targets)
+            sums = torch.zeros(k_all, device=device).index_add(0, owner, losses)
+            (sums * weights).sum().backward()
+        counts = torch.bincount(owner, minlength=k_all).tolist()
+        sums = sums.detach()
+        for k in range(k_all):
+            if counts[k]:
+                running[k] = running[k] + sums[k]
+                tokens[k] += counts[k]
 
     def _step(self, job: Job, optimizer: torch.optim.Optimizer) -> None:
         """One client's optimizer step, as LocalTrainer._step takes it (without a scaler)."""
@@ -192,12 +217,9 @@ def _per_token_losses(model, batch: dict[str, torch.Tensor], targets) -> torch.T
     return F.cross_entropy(flat.index_select(0, index).float(), targets.label, reduction="none")
 
 
-def _concatenate(parts: list[dict[str, torch.Tensor]], pad: int) -> dict[str, torch.Tensor]:
-    """The clients' collated micro-batches as one, right-padded to the widest."""
-    width = max(p["input_ids"].shape[1] for p in parts)
-    fill = {"input_ids": pad, "attention_mask": 0, "labels": IGNORE_INDEX}
-    return {key: torch.cat([torch.nn.functional.pad(p[key], (0, width - p[key].shape[1]), value=value)
-                            for p in parts]) for key, value in fill.items()}
+def _response_tokens(example: TokenizedExample) -> int:
+    """The positions an example is trained on alone (labels after its first token)."""
+    return int((example.label_ids[1:] != IGNORE_INDEX).sum())
 
 
 def _routed_forward(engine: MultiLoRA, layer: _LoraLayer) -> Callable[..., torch.Tensor]:
@@ -207,17 +229,16 @@ def _routed_forward(engine: MultiLoRA, layer: _LoraLayer) -> Callable[..., torch
         result = module.base_layer(x, *args, **kwargs)
         assert engine._routing is not None
         params, rows = engine._routing
-        a = torch.stack([p[layer.a] for p in params])          # (K, r, in)
-        b = torch.stack([p[layer.b] for p in params])          # (K, out, r)
-        h = layer.dropout(x.to(a.dtype))
+        h = layer.dropout(x.to(params[0][layer.a].dtype))
         if len(set(rows)) == 1:                                # one batched matmul over the K adapters
-            k = len(rows)
-            xs = h.reshape(k, -1, h.shape[-1])                  # (K, rows*T, in)
+            a = torch.stack([p[layer.a] for p in params])      # (K, r, in)
+            b = torch.stack([p[layer.b] for p in params])      # (K, out, r)
+            xs = h.reshape(len(rows), -1, h.shape[-1])          # (K, rows*T, in)
             delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
             delta = delta.reshape(*h.shape[:-1], b.shape[1])
-        else:                                                  # unequal micro-batches: one matmul each
-            pieces = h.split(rows)
-            delta = torch.cat([(piece @ a[k].T) @ b[k].T for k, piece in enumerate(pieces)])
+        else:                                                  # unequal shares: one matmul each
+            delta = torch.cat([(piece @ p[layer.a].T) @ p[layer.b].T
+                               for piece, p, n in zip(h.split(rows), params, rows) if n])
         return (result + delta * layer.scaling).to(result.dtype)
 
     return forward

@@ -97,3 +97,42 @@ def check_packing(model: torch.nn.Module, device: torch.device, vocab_size: int)
             f"(logits differ by {gap:.3g}); its attention implementation does not use position "
             "ids as boundaries. Set train.packing false."
         )
+
+
+def length_groups(lengths: Sequence[int], extra_cost: int, max_groups: int = 4) -> list[list[int]]:
+    """Split a batch into at most `max_groups` sub-batches of similar lengths, each padded only to
+    its own longest example: indices per group (shortest group first). Exact dynamic programming
+    over the sorted lengths, minimising padded tokens + `extra_cost` tokens per extra group (the
+    fixed cost of one more forward and backward pass)."""
+    if not lengths:
+        return []
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    values = sorted(set(lengths))          # a group always ends at the last example of a length
+    ends = [0] * len(values)               # ends[v]: how many examples have length <= values[v]
+    at = 0
+    for v, value in enumerate(values):
+        while at < len(order) and lengths[order[at]] == value:
+            at += 1
+        ends[v] = at
+    n = len(values)
+    inf = float("inf")
+    # cost[g][v]: cheapest layout of the examples up to values[v] in g groups; cut: where it starts
+    cost = [[inf] * n for _ in range(max_groups + 1)]
+    cut = [[-1] * n for _ in range(max_groups + 1)]
+    for v in range(n):
+        cost[1][v] = ends[v] * values[v]
+    for g in range(2, max_groups + 1):
+        for v in range(n):
+            for u in range(v):             # the last group holds lengths values[u+1..v]
+                c = cost[g - 1][u] + (ends[v] - ends[u]) * values[v]
+                if c < cost[g][v]:
+                    cost[g][v], cut[g][v] = c, u
+    best = min(range(1, max_groups + 1), key=lambda g: (cost[g][n - 1] + (g - 1) * extra_cost, g))
+    groups: list[list[int]] = []
+    v, g = n - 1, best
+    while g > 1:
+        u = cut[g][v]
+        groups.append(order[ends[u]:ends[v]])
+        v, g = u, g - 1
+    groups.append(order[:ends[v]])
+    return groups[::-1]
