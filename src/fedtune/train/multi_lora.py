@@ -51,7 +51,8 @@ Params = dict[str, torch.Tensor]
 # its fixed cost is a few milliseconds, about what 64 tokens of the benchmark's model cost.
 CPU_GROUP_COST = 64
 
-# Whether a sub-batch may run the first tokens its rows share once per client (`shared_prefix`).
+# Whether a sub-batch may run the first tokens its rows share once per client (`shared_prefix`):
+# the default of every MultiLoRA's `share_prefix`.
 SHARE_PREFIX = True
 
 
@@ -91,6 +92,7 @@ class MultiLoRA:
         self.layers = _lora_layers(self.model, slot_params)
         self.dtypes = {n: p.dtype for n, p in slot_params.items()}
         self._routing: tuple[list[Params], list[int]] | None = None
+        self.share_prefix = SHARE_PREFIX
         self._cache_arg: str | None = None   # set by the first sub-batch that could share a prefix
         self._prefix_checked = False
 
@@ -140,8 +142,8 @@ class MultiLoRA:
         """Whether sub-batches may run their shared prefix once per client (checked once)."""
         if not self._prefix_checked:
             self._prefix_checked = True
-            if not SHARE_PREFIX:
-                reason = "multi_lora.SHARE_PREFIX is off"
+            if not self.share_prefix:
+                reason = "share_prefix is off"
             elif self.trainer.section.gradient_checkpointing:
                 reason = "gradient checkpointing recomputes the layers outside the routing"
             else:
