@@ -14,6 +14,10 @@ its own), interleaved with the others, `--repeats` times; the tables show median
 
     python benchmarks/simulation_speed.py                       # 10, 50, 1000 clients; K = 1, 2, 5, 10
     python benchmarks/simulation_speed.py --clients 10 --parallel 1 5 --repeats 1 --rounds 1
+    python benchmarks/simulation_speed.py --clients 10 --parallel 1 5 --whole-rows 5 --padded 5
+
+`--whole-rows K` runs the batched step without running a sub-batch's shared prompt prefix once
+per client, `--padded K` also as one batch padded to its widest example (the A/B of each layout).
 """
 
 from __future__ import annotations
