@@ -101,7 +101,8 @@ def _example(ids: list[int], trained_from: int) -> TokenizedExample:
 
 
 def _prefix_of(*examples: TokenizedExample) -> int:
-    return shared_prefix(examples)
+    batch = collate(examples, 0)
+    return shared_prefix(batch, targets_of(batch["labels"]), examples)
 
 
 def test_the_shared_prefix_stops_where_rows_differ_or_training_starts():
@@ -132,44 +133,35 @@ def _llama_engine(**section):
     return MultiLoRA(trainer, slot.params), slot, model
 
 
-def test_rows_after_a_cached_prefix_get_each_clients_own_losses_and_gradients(monkeypatch):
-    monkeypatch.setattr(multi_lora, "CPU_GROUP_COST", 0)   # the prefix pass is worth it at any size
+def test_rows_after_a_cached_prefix_get_each_clients_own_losses_and_gradients():
     engine, slot, model = _llama_engine()
     assert engine.prefix_supported()
     gen = torch.Generator().manual_seed(3)
-    states = [{n: torch.randn(p.shape, generator=gen) * 0.5 for n, p in slot.params.items()} for _ in range(3)]
+    states = [{n: torch.randn(p.shape, generator=gen) * 0.5 for n, p in slot.params.items()} for _ in range(2)]
     prompt = [2, 10, 11, 12, 13, 14]
-    # a micro-batch of three clients; client 1 has no row in it. Two sub-batches: client 0's two
-    # rows of different lengths (right padding) with one of client 2's, then client 2's other two
-    members = [(0, _example(prompt + [20, 21, 22, 3], 7)), (0, _example(prompt + [23, 24, 3], 7)),
-               (2, _example(prompt + [30, 31, 3], 7)), (2, _example(prompt + [32, 33, 34, 35, 3], 8)),
-               (2, _example(prompt + [36, 3], 7))]
-    assert shared_prefix([ex for _, ex in members]) == 6   # the prompt: first targets (index 7)
+    # client 0: two rows of different lengths (right padding); client 1: three rows
+    examples = [_example(prompt + [20, 21, 22, 3], 7), _example(prompt + [23, 24, 3], 7),
+                _example(prompt + [30, 31, 3], 7), _example(prompt + [32, 33, 34, 35, 3], 8),
+                _example(prompt + [36, 3], 7)]
+    owners = torch.tensor([0, 0, 1, 1, 1])
+    batch = collate(examples, 0)
+    targets = targets_of(batch["labels"])
+    start = shared_prefix(batch, targets, examples)
+    assert start == 6    # the prompt: the first targets (index 7) are predicted from position 6
     leaves = [engine.leaves(state) for state in states]
-    prefix = engine._prefix(members, leaves)
-    assert prefix is not None and prefix.start == 6 and prefix.slot_of.tolist() == [0, -1, 1]
-    losses: dict[int, list[torch.Tensor]] = {0: [], 2: []}
-    for sub in (members[:3], members[3:]):
-        batch = collate([ex for _, ex in sub], 0)
-        targets = targets_of(batch["labels"])
-        owners = torch.tensor([k for k, _ in sub])
-        rows = torch.bincount(owners, minlength=3).tolist()
-        with engine.routed(leaves, rows):
-            got = engine._prefixed_losses(batch, targets, owners, prefix)
-            got.sum().backward()
-        for k in losses:
-            losses[k].append(got[owners[targets.row] == k].detach())
-    prefix.backward()   # the prefix's share of the gradients, once
-    assert leaves[1][next(iter(slot.params))].grad is None   # a client with no row gets nothing
+    with engine.routed(leaves, [2, 3]):
+        losses = engine._prefixed_losses(batch, targets, owners, [2, 3], start)
+        losses.sum().backward()
     # each client alone: its rows, whole, through the plain peft model holding its adapter
-    for k in losses:
-        slot.set(states[k])
-        alone = collate([ex for o, ex in members if o == k], 0)
+    for k, state in enumerate(states):
+        slot.set(state)
+        mine = [ex for ex, o in zip(examples, owners.tolist()) if o == k]
+        alone = collate(mine, 0)
         logits = model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits
         labels = alone["labels"][:, 1:]
         expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                    reduction="none")[labels.reshape(-1) != -100]
-        torch.testing.assert_close(torch.cat(losses[k]), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(losses[owners[targets.row] == k], expected, rtol=1e-5, atol=1e-6)
         model.zero_grad()
         expected.sum().backward()
         for name, p in slot.params.items():

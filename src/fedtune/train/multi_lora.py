@@ -11,12 +11,11 @@ result is its sequential result up to float rounding.
 
 A prompt template gives every example the same first tokens (`<s>### Instruction:` and more: a
 quarter of the benchmark's tokens). Causal attention makes those positions' keys and values the
-same in every row of a client (they see only the prefix), so each micro-batch runs its shared
-prefix once per client (`shared_prefix`; a key-value cache), and every sub-batch's rows only from
-there on, attending to their client's prefix; the gradients the sub-batches send to the cached
-keys and values are summed and run back through the prefix once. `check_prefix` verifies on the
-actual model, once, that this gives the logits of the whole rows; where it does not (or with
-gradient checkpointing, which would recompute the layers outside the routing) whole rows run.
+same in every row of a client (they see only the prefix), so a sub-batch runs its shared prefix
+once per client (a key-value cache, with gradients), and its rows only from there on, attending
+to their client's prefix (`shared_prefix`). `check_prefix` verifies on the actual model, once, that
+this gives the logits of the whole rows; where it does not (or with gradient checkpointing, which
+would recompute the layers outside the routing) whole rows run as before.
 
 What cannot batch is refused with the reason (`NotBatchable`) and runs sequentially: adapter
 methods other than plain LoRA (DoRA, LoRA bias, trainable tensors outside A and B), DP-SGD,
@@ -33,7 +32,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -83,31 +81,6 @@ class _LoraLayer:
     b: str
     scaling: float
     dropout: torch.nn.Module
-
-
-class _Prefix:
-    """A micro-batch's shared first `start` tokens, run once per client (row `slot_of[k]` of the
-    cached keys and values is client k's). The sub-batches attend to copies of these tensors taken
-    from leaves, which gather their gradients; `backward` sends the sum through the prefix once."""
-
-    def __init__(self, start: int, slot_of: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.start, self.slot_of = start, slot_of
-        self.outputs = kv
-        self.leaves = [(k.detach().requires_grad_(k.requires_grad), v.detach().requires_grad_(v.requires_grad))
-                       for k, v in kv]
-
-    def cache_for(self, model: torch.nn.Module, rows: torch.Tensor):
-        """A cache holding, for every row, its client's prefix."""
-        cache = _new_cache(model)
-        for i, (k, v) in enumerate(self.leaves):
-            cache.update(k.index_select(0, rows), v.index_select(0, rows), i)
-        return cache
-
-    def backward(self) -> None:
-        pairs = [(out, leaf.grad) for outs, leaves in zip(self.outputs, self.leaves)
-                 for out, leaf in zip(outs, leaves) if leaf.grad is not None]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
 
 
 class MultiLoRA:
@@ -214,12 +187,9 @@ class MultiLoRA:
                                for i in client[j]]
                     for k, n in Counter(k for k, _ in members).items():
                         seen[k] += n
-                    prefix = self._prefix(members, params)
                     for sub in length_groups([len(ex) for _, ex in members], self._group_cost(members)):
                         self._backward(sorted((members[i] for i in sub), key=lambda m: m[0]),
-                                       params, weights, running, tokens, prefix)
-                    if prefix is not None:
-                        prefix.backward()
+                                       params, weights, running, tokens)
                 for job, optimizer in zip(jobs, optimizers):
                     self._step(job, optimizer)
                     optimizer.zero_grad(set_to_none=True)
@@ -236,30 +206,8 @@ class MultiLoRA:
             return CPU_GROUP_COST
         return max(CPU_GROUP_COST, sum(len(ex) for _, ex in members) // 10)
 
-    def _prefix(self, members: list[tuple[int, TokenizedExample]], params: list[Params]) -> _Prefix | None:
-        """The first tokens every row of a micro-batch shares, run once per client through its own
-        adapter, if the rows this saves pay for the extra pass and the model allows it."""
-        start = shared_prefix([ex for _, ex in members])
-        present = sorted({k for k, _ in members})
-        if not start or (len(members) - len(present)) * start <= self._group_cost(members):
-            return None
-        if not self.prefix_supported():
-            return None
-        assert self._cache_arg is not None
-        device = self.trainer.device
-        ids = torch.from_numpy(members[0][1].ids[:start]).long().to(device)
-        ids = ids.unsqueeze(0).expand(len(present), start)
-        slot_of = torch.full((len(params),), -1, dtype=torch.long)
-        slot_of[present] = torch.arange(len(present))
-        cache = _new_cache(self.model)
-        with self.routed(params, [int(s >= 0) for s in slot_of.tolist()]), self.trainer.precision.autocast():
-            self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
-                       **{self._cache_arg: cache})
-        return _Prefix(start, slot_of, _cache_tensors(cache))
-
     def _backward(self, members: list[tuple[int, TokenizedExample]], params: list[Params],
-                  weights: torch.Tensor, running: list[torch.Tensor], tokens: list[int],
-                  prefix: _Prefix | None = None) -> None:
+                  weights: torch.Tensor, running: list[torch.Tensor], tokens: list[int]) -> None:
         """Forward and backward of one sub-batch (its rows ordered by client): every client's
         gradient gets its own tokens' loss over its own step's token count."""
         device, k_all = self.trainer.device, len(params)
@@ -268,13 +216,19 @@ class MultiLoRA:
         rows = torch.bincount(row_owner, minlength=k_all).tolist()
         targets = targets_of(batch["labels"])
         owner = row_owner[targets.row].to(device)
+        start = shared_prefix(batch, targets, [ex for _, ex in members])
+        clients = sum(1 for n in rows if n)
+        if start and (len(members) - clients) * start <= self._group_cost(members):
+            start = 0   # the rows it saves do not pay for one more pass
+        if start and not self.prefix_supported():
+            start = 0
         targets = targets.to(device)
         batch = {key: v.to(device) for key, v in batch.items()}
         # backward inside the routing too: gradient checkpointing runs the forward again
         with self.routed(params, rows):
             with self.trainer.precision.autocast():
-                if prefix is not None:
-                    losses = self._prefixed_losses(batch, targets, row_owner, prefix)
+                if start:
+                    losses = self._prefixed_losses(batch, targets, row_owner, rows, start)
                 else:
                     losses = _per_token_losses(self.model, batch, targets)
             sums = torch.zeros(k_all, device=device).index_add(0, owner, losses)
@@ -287,12 +241,25 @@ class MultiLoRA:
                 tokens[k] += counts[k]
 
     def _prefixed_losses(self, batch: dict[str, torch.Tensor], targets, row_owner: torch.Tensor,
-                         prefix: _Prefix) -> torch.Tensor:
-        """`_per_token_losses` of a sub-batch whose rows all begin with `prefix`: each row from
-        `prefix.start` on, attending to its client's cached prefix (within `routed`)."""
-        assert self._cache_arg is not None
-        ids, start = batch["input_ids"], prefix.start
-        cache = prefix.cache_for(self.model, prefix.slot_of[row_owner].to(ids.device))
+                         rows: list[int], start: int) -> torch.Tensor:
+        """`_per_token_losses` of a sub-batch whose rows all begin with the same `start` tokens:
+        those run once per client (one row each, its own adapter), then every row from `start`
+        on, attending to its client's cached prefix (within `routed`)."""
+        assert self._routing is not None and self._cache_arg is not None
+        params = self._routing[0]
+        present = [k for k, n in enumerate(rows) if n]
+        slot_of = torch.full((len(rows),), -1, dtype=torch.long)
+        slot_of[present] = torch.arange(len(present))
+        ids = batch["input_ids"]
+        prefix_ids = ids[:1, :start].expand(len(present), start)
+        self._routing = (params, [1 if n else 0 for n in rows])
+        try:
+            cache = _new_cache(self.model)
+            self.model(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids),
+                       use_cache=True, **{self._cache_arg: cache})
+        finally:
+            self._routing = (params, rows)
+        cache.batch_select_indices(slot_of[row_owner].to(ids.device))   # each row: its client's prefix
         logits = self.model(input_ids=ids[:, start:], attention_mask=batch["attention_mask"],
                             use_cache=True, **{self._cache_arg: cache}).logits
         flat = logits.reshape(-1, logits.shape[-1])
@@ -319,21 +286,16 @@ def _per_token_losses(model, batch: dict[str, torch.Tensor], targets) -> torch.T
     return F.cross_entropy(flat.index_select(0, index).float(), targets.label, reduction="none")
 
 
-def shared_prefix(examples: Sequence[TokenizedExample]) -> int:
-    """How many first tokens all the examples share and none is trained on (no target is
-    predicted from them), leaving each at least one token after them (0: none, or one example)."""
-    if len(examples) < 2:
+def shared_prefix(batch: dict[str, torch.Tensor], targets, examples: Sequence[TokenizedExample]) -> int:
+    """How many first tokens every row of a padded batch shares and none is trained on (no target
+    is predicted from them), leaving every row at least one token after them (0: none)."""
+    ids = batch["input_ids"]
+    shortest = min(len(ex) for ex in examples)
+    limit = min(shortest - 1, int(targets.col.min()) if targets.count else shortest - 1)
+    if limit <= 0 or ids.shape[0] < 2:
         return 0
-    limit = min(len(ex) for ex in examples) - 1
-    for ex in examples:
-        trained = np.flatnonzero(ex.label_ids[1:] != IGNORE_INDEX)   # positions predicting a label
-        if trained.size:
-            limit = min(limit, int(trained[0]))
-    if limit <= 0:
-        return 0
-    heads = np.stack([ex.ids[:limit] for ex in examples])
-    differ = np.flatnonzero((heads != heads[0]).any(axis=0))
-    return int(differ[0]) if differ.size else limit
+    same = (ids[:, :limit] == ids[:1, :limit]).all(dim=0)
+    return int(limit if bool(same.all()) else int(same.long().argmin()))
 
 
 def _new_cache(model: torch.nn.Module):
@@ -345,14 +307,6 @@ def _new_cache(model: torch.nn.Module):
         return DynamicCache(config=config)
     except TypeError:   # transformers before 4.56 takes no config
         return DynamicCache()
-
-
-def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Every layer's cached keys and values (transformers >= 4.56 keeps them per layer object)."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return [(layer.keys, layer.values) for layer in layers]
-    return list(zip(cache.key_cache, cache.value_cache))
 
 
 @torch.no_grad()
@@ -378,9 +332,8 @@ def check_prefix(model: torch.nn.Module, device: torch.device) -> tuple[str | No
         whole = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 4:].float()
         cache = _new_cache(model)
         model(input_ids=ids[:1, :4], attention_mask=mask[:1, :4], use_cache=True, **{arg: cache})
-        prefix = _Prefix(4, torch.zeros(1, dtype=torch.long), _cache_tensors(cache))
-        rows = prefix.cache_for(model, torch.zeros(3, dtype=torch.long, device=device))
-        rest = model(input_ids=ids[:, 4:], attention_mask=mask, use_cache=True, **{arg: rows}).logits.float()
+        cache.batch_select_indices(torch.zeros(3, dtype=torch.long, device=device))
+        rest = model(input_ids=ids[:, 4:], attention_mask=mask, use_cache=True, **{arg: cache}).logits.float()
     except Exception as exc:   # a model or transformers version whose cache does not work this way
         return None, f"its key-value cache cannot be shared ({type(exc).__name__}: {exc})"
     finally:
