@@ -122,9 +122,9 @@ def test_the_shared_prefix_stops_where_rows_differ_or_training_starts():
     assert _prefix_of(_example(a, 5), _example([3, 5, 6, 7, 8, 9], 5)) == 0
 
 
-def _llama_engine(**section):
+def _llama_engine(dropout: float = 0.0, **section):
     tok = make_char_tokenizer()
-    model = get_peft_model(make_tiny_llama(tok), LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0,
+    model = get_peft_model(make_tiny_llama(tok), LoraConfig(r=2, lora_alpha=4, lora_dropout=dropout,
                                                             target_modules=["q_proj", "v_proj"]))
     slot = AdapterSlot(model)
     trainer = SimpleNamespace(model=model, device=torch.device("cpu"), pad_id=tok.pad_token_id,
@@ -179,5 +179,7 @@ def test_the_prefix_is_run_whole_where_it_cannot_be_shared(monkeypatch):
     arg, reason = check_prefix(NoCache(), torch.device("cpu"))
     assert arg is None and "no key-value cache" in reason
     assert not _llama_engine(gradient_checkpointing=True)[0].prefix_supported()
+    # LoRA dropout: a client's rows would share one dropout mask on the prefix run once for them
+    assert not _llama_engine(dropout=0.1)[0].prefix_supported()
     monkeypatch.setattr(multi_lora, "SHARE_PREFIX", False)
     assert not _llama_engine()[0].prefix_supported()

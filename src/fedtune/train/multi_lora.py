@@ -15,7 +15,8 @@ same in every row of a client (they see only the prefix), so a sub-batch runs it
 once per client (a key-value cache, with gradients), and its rows only from there on, attending
 to their client's prefix (`shared_prefix`). `check_prefix` verifies on the actual model, once, that
 this gives the logits of the whole rows; where it does not (or with gradient checkpointing, which
-would recompute the layers outside the routing) whole rows run as before.
+would recompute the layers outside the routing, or with dropout, which would give a client's rows
+one mask on their prefix) whole rows run as before.
 
 What cannot batch is refused with the reason (`NotBatchable`) and runs sequentially: adapter
 methods other than plain LoRA (DoRA, LoRA bias, trainable tensors outside A and B), DP-SGD,
@@ -146,6 +147,8 @@ class MultiLoRA:
                 reason = "share_prefix is off"
             elif self.trainer.section.gradient_checkpointing:
                 reason = "gradient checkpointing recomputes the layers outside the routing"
+            elif _has_dropout(self.model):
+                reason = "with dropout, a client's rows would share one dropout mask on their prefix"
             else:
                 self._cache_arg, reason = check_prefix(self.model, self.trainer.device)
             if reason is not None:
@@ -296,6 +299,14 @@ def shared_prefix(batch: dict[str, torch.Tensor], targets, examples: Sequence[To
         return 0
     same = (ids[:, :limit] == ids[:1, :limit]).all(dim=0)
     return int(limit if bool(same.all()) else int(same.long().argmin()))
+
+
+def _has_dropout(model: torch.nn.Module) -> bool:
+    """Whether training draws dropout masks anywhere in the model (LoRA's or the base's)."""
+    config = getattr(model, "config", None)
+    rates = [getattr(config, name, 0.0) for name in ("attention_dropout", "attn_pdrop")]
+    rates += [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    return any(isinstance(r, (int, float)) and r > 0 for r in rates)
 
 
 def _new_cache(model: torch.nn.Module):
