@@ -661,3 +661,13 @@ def test_a_run_with_no_round_left_reports_empty_final_figures(tmp_path):
     fed = build(tmp_path, [THREE_ONES, ONE_ZERO], federation={"rounds": 2})
     result = fed.server.run(start_round=3)   # nothing to train, nothing evaluated
     assert result.final == {} and result.clients == {} and result.initial is None
+
+
+def test_client_evaluation_sends_each_client_its_own_cut_of_the_global_adapter(tmp_path):
+    # under adapter.rank_per_client each client is sent its own rank's part (client_shapes.py):
+    # the server must ask for it by the client's name, as it does for training
+    fed, _ = _run_fed(tmp_path, rounds=1)
+    asked, down = [], fed.server.shapes.down
+    fed.server.shapes.down = lambda client, state: asked.append(client) or down(client, state)
+    fed.server.evaluate(1, final=False)
+    assert sorted(asked) == ["client_0", "client_1"]
