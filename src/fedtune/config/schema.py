@@ -340,8 +340,10 @@ class TrainSection(Section):
     packing: bool = False   # pack each micro-batch's examples into few rows, no padding (same loss)
     # Several processes per client (torchrun / accelerate launch; docs/scaling.md): `none` = DDP
     # (every rank holds the whole model), `fsdp` = FSDP2 shards base and adapter over the ranks,
-    # `deepspeed` = DeepSpeed ZeRO through accelerate (a GPU launch only).
+    # `deepspeed` = DeepSpeed ZeRO through accelerate's DeepSpeed plugin, at `zero_stage` 2
+    # (optimizer state and gradients partitioned) or 3 (the parameters too).
     sharding: Literal["none", "fsdp", "deepspeed"] = "none"
+    zero_stage: Literal[2, 3] = 3
 
     @model_validator(mode="before")
     @classmethod
@@ -355,6 +357,8 @@ class TrainSection(Section):
     def _check(self) -> TrainSection:
         if self.local_steps is not None and self.local_epochs is not None:
             raise ValueError("set local_steps or local_epochs, not both")
+        if "zero_stage" in self.model_fields_set and self.sharding != "deepspeed":
+            raise ValueError("zero_stage applies to sharding: deepspeed only")
         if self.packing and self.dp_sgd is not None:
             raise ValueError("packing is not available with dp_sgd: DP-SGD clips each example's "
                              "gradient separately, so examples cannot share a row")

@@ -180,6 +180,9 @@ class AdapterSlot:
     unchanged since, and gathers the whole tensors (a collective: every rank must call it, as
     they do after training in step) once they changed. So rank 0 alone may set and get the
     adapter it was given (saving the final adapter) without the other ranks.
+    DeepSpeed ZeRO-3 (train.sharding: deepspeed, each parameter holding 1/N of its elements in
+    `ds_tensor`) works the same way: `set` writes each rank's partition, `get` gathers once the
+    engine has stepped since.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -188,10 +191,11 @@ class AdapterSlot:
         if not self.params:
             raise ModelError("adapter: the model has no trainable parameters")
         self.sharded = any(_is_shard(p) for p in self.params.values())
+        self.zero3 = any(_is_zero3(p) for p in self.params.values())
         self._mirror: dict[str, torch.Tensor] = {}
         self._versions: tuple[int, ...] = ()
         if self.sharded:  # built on every rank at the same point (Setup)
-            self._remember({n: _whole(p) for n, p in self.params.items()})
+            self._remember(_gather(self.params))
 
     def _resharded(self) -> None:
         """Put every FSDP unit back in its sharded state: after a forward pass without backward
@@ -201,7 +205,12 @@ class AdapterSlot:
 
     def _shard_versions(self) -> tuple[int, ...]:
         """The parameters' in-place version counters: the optimizer's step moves them, a
-        forward pass (FSDP's gathers included) does not."""
+        forward pass (FSDP's gathers included) does not. ZeRO-3 steps its partitions behind
+        the parameters' backs: there, the engine's count of optimizer steps."""
+        if self.zero3:
+            from fedtune.train.zero import optimizer_steps
+
+            return (optimizer_steps(self.model),)
         return tuple(p._version for p in self.params.values())
 
     def _remember(self, state: dict[str, torch.Tensor]) -> None:
@@ -214,7 +223,7 @@ class AdapterSlot:
             return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self.params.items()}
         self._resharded()
         if self._shard_versions() != self._versions:  # trained since: gather (every rank)
-            self._remember({n: _whole(p) for n, p in self.params.items()})
+            self._remember(_gather(self.params))
         return {n: t.clone() for n, t in self._mirror.items()}
 
     @torch.no_grad()
@@ -264,10 +273,27 @@ def reshard(model: torch.nn.Module) -> None:
 
 
 def _is_shard(param: torch.Tensor) -> bool:
-    """Whether a parameter is an FSDP shard (a DTensor holding this rank's rows)."""
+    """Whether a parameter is an FSDP shard (a DTensor holding this rank's rows) or a ZeRO-3
+    partition."""
     from torch.distributed.tensor import DTensor
 
-    return isinstance(param, DTensor)
+    return isinstance(param, DTensor) or _is_zero3(param)
+
+
+def _is_zero3(param: torch.Tensor) -> bool:
+    """Whether a parameter is DeepSpeed ZeRO-3's (its elements partitioned over the ranks)."""
+    return hasattr(param, "ds_tensor")
+
+
+def _gather(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sharded parameters gathered whole from every rank (a collective)."""
+    zero3 = [p for p in params.values() if _is_zero3(p)]
+    if not zero3:
+        return {n: _whole(p) for n, p in params.items()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
+        return {n: p.detach().clone() for n, p in params.items()}
 
 
 def _whole(param: torch.Tensor) -> torch.Tensor:
@@ -276,7 +302,11 @@ def _whole(param: torch.Tensor) -> torch.Tensor:
 
 
 def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy a whole tensor into a parameter; into a sharded one, this rank's rows of it."""
+    """Copy a whole tensor into a parameter; into a sharded one, this rank's rows of it (ZeRO-3:
+    this rank's partition of its flattened elements)."""
+    if _is_zero3(param):
+        _assign_partition(param, value)
+        return
     if not _is_shard(param):
         param.copy_(value)
         return
@@ -289,3 +319,23 @@ def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
     whole = value.detach().to(device=local.device, dtype=local.dtype)
     local.copy_(distribute_tensor(whole, param.device_mesh, param.placements,
                                   src_data_rank=None).to_local())
+
+
+def _assign_partition(param: torch.Tensor, value: torch.Tensor) -> None:
+    """ZeRO-3: rank r holds elements [r*n, (r+1)*n) of the flattened tensor in `ds_tensor` (the
+    last rank's partition padded); no collective. A parameter gathered whole (or kept whole on
+    every rank) gets the whole value too."""
+    import torch.distributed as dist
+
+    if tuple(value.shape) != tuple(param.ds_shape):
+        raise ModelError(f"adapter tensor of shape {tuple(value.shape)} for a parameter of shape "
+                         f"{tuple(param.ds_shape)}")
+    part = param.ds_tensor
+    flat = value.detach().reshape(-1).to(device=part.device, dtype=part.dtype)
+    size = part.numel()
+    start = size * dist.get_rank(group=getattr(param, "ds_process_group", None))
+    count = max(0, min(flat.numel() - start, size))
+    part.zero_()
+    part.view(-1)[:count].copy_(flat[start:start + count])
+    if param.data.numel() == flat.numel():
+        param.data.copy_(flat.view_as(param.data))
