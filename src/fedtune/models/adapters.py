@@ -257,10 +257,10 @@ class AdapterSlot:
         self._remember({**whole, **state})
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.params.values())
+        return sum(_numel(p) for p in self.params.values())
 
     def num_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.params.values())
+        return sum(_numel(p) * p.element_size() for p in self.params.values())
 
 
 def reshard(model: torch.nn.Module) -> None:
@@ -283,6 +283,11 @@ def _is_shard(param: torch.Tensor) -> bool:
 def _is_zero3(param: torch.Tensor) -> bool:
     """Whether a parameter is DeepSpeed ZeRO-3's (its elements partitioned over the ranks)."""
     return hasattr(param, "ds_tensor")
+
+
+def _numel(param: torch.Tensor) -> int:
+    """A parameter's whole element count (a ZeRO-3 parameter's own tensor is empty)."""
+    return int(param.ds_numel) if _is_zero3(param) else param.numel()
 
 
 def _gather(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
