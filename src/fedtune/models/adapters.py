@@ -19,6 +19,7 @@ from fedtune.models.adapter_methods import (
     PROMPT_METHODS,
     check_method,
 )
+from fedtune.models.zero3 import assign_partition, gather_zero3, is_zero3, whole_numel, zero3_steps
 
 log = logging.getLogger("fedtune.models")
 
@@ -191,7 +192,7 @@ class AdapterSlot:
         if not self.params:
             raise ModelError("adapter: the model has no trainable parameters")
         self.sharded = any(_is_shard(p) for p in self.params.values())
-        self.zero3 = any(_is_zero3(p) for p in self.params.values())
+        self.zero3 = any(is_zero3(p) for p in self.params.values())
         self._mirror: dict[str, torch.Tensor] = {}
         self._versions: tuple[int, ...] = ()
         if self.sharded:  # built on every rank at the same point (Setup)
@@ -208,9 +209,7 @@ class AdapterSlot:
         forward pass (FSDP's gathers included) does not. ZeRO-3 steps its partitions behind
         the parameters' backs: there, the engine's count of optimizer steps."""
         if self.zero3:
-            from fedtune.train.zero import optimizer_steps
-
-            return (optimizer_steps(self.model),)
+            return (zero3_steps(self.model),)
         return tuple(p._version for p in self.params.values())
 
     def _remember(self, state: dict[str, torch.Tensor]) -> None:
@@ -257,10 +256,10 @@ class AdapterSlot:
         self._remember({**whole, **state})
 
     def num_parameters(self) -> int:
-        return sum(_numel(p) for p in self.params.values())
+        return sum(whole_numel(p) for p in self.params.values())
 
     def num_bytes(self) -> int:
-        return sum(_numel(p) * p.element_size() for p in self.params.values())
+        return sum(whole_numel(p) * p.element_size() for p in self.params.values())
 
 
 def reshard(model: torch.nn.Module) -> None:
@@ -277,28 +276,14 @@ def _is_shard(param: torch.Tensor) -> bool:
     partition."""
     from torch.distributed.tensor import DTensor
 
-    return isinstance(param, DTensor) or _is_zero3(param)
-
-
-def _is_zero3(param: torch.Tensor) -> bool:
-    """Whether a parameter is DeepSpeed ZeRO-3's (its elements partitioned over the ranks)."""
-    return hasattr(param, "ds_tensor")
-
-
-def _numel(param: torch.Tensor) -> int:
-    """A parameter's whole element count (a ZeRO-3 parameter's own tensor is empty)."""
-    return int(param.ds_numel) if _is_zero3(param) else param.numel()
+    return isinstance(param, DTensor) or is_zero3(param)
 
 
 def _gather(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Sharded parameters gathered whole from every rank (a collective)."""
-    zero3 = [p for p in params.values() if _is_zero3(p)]
-    if not zero3:
-        return {n: _whole(p) for n, p in params.items()}
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
-        return {n: p.detach().clone() for n, p in params.items()}
+    if any(is_zero3(p) for p in params.values()):
+        return gather_zero3(params)
+    return {n: _whole(p) for n, p in params.items()}
 
 
 def _whole(param: torch.Tensor) -> torch.Tensor:
@@ -309,8 +294,8 @@ def _whole(param: torch.Tensor) -> torch.Tensor:
 def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
     """Copy a whole tensor into a parameter; into a sharded one, this rank's rows of it (ZeRO-3:
     this rank's partition of its flattened elements)."""
-    if _is_zero3(param):
-        _assign_partition(param, value)
+    if is_zero3(param):
+        assign_partition(param, value)
         return
     if not _is_shard(param):
         param.copy_(value)
@@ -324,23 +309,3 @@ def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
     whole = value.detach().to(device=local.device, dtype=local.dtype)
     local.copy_(distribute_tensor(whole, param.device_mesh, param.placements,
                                   src_data_rank=None).to_local())
-
-
-def _assign_partition(param: torch.Tensor, value: torch.Tensor) -> None:
-    """ZeRO-3: rank r holds elements [r*n, (r+1)*n) of the flattened tensor in `ds_tensor` (the
-    last rank's partition padded); no collective. A parameter gathered whole (or kept whole on
-    every rank) gets the whole value too."""
-    import torch.distributed as dist
-
-    if tuple(value.shape) != tuple(param.ds_shape):
-        raise ModelError(f"adapter tensor of shape {tuple(value.shape)} for a parameter of shape "
-                         f"{tuple(param.ds_shape)}")
-    part = param.ds_tensor
-    flat = value.detach().reshape(-1).to(device=part.device, dtype=part.dtype)
-    size = part.numel()
-    start = size * dist.get_rank(group=getattr(param, "ds_process_group", None))
-    count = max(0, min(flat.numel() - start, size))
-    part.zero_()
-    part.view(-1)[:count].copy_(flat[start:start + count])
-    if param.data.numel() == flat.numel():
-        param.data.copy_(flat.view_as(param.data))

@@ -22,6 +22,7 @@ import torch
 
 from fedtune.config import TrainSection
 from fedtune.errors import ModelError
+from fedtune.models.zero3 import note_step
 from fedtune.ranks import Ranks
 from fedtune.train.distributed import DataParallel
 
@@ -108,17 +109,6 @@ def engine_of(model: torch.nn.Module) -> Any | None:
     return _ENGINES.get(id(model))
 
 
-def optimizer_steps(model: torch.nn.Module) -> int:
-    """How many optimizer steps the model's engine has taken (the same on every rank)."""
-    engine = engine_of(model)
-    return 0 if engine is None else int(engine.global_steps)
-
-
-def zero3_params(model: torch.nn.Module) -> bool:
-    """Whether the model's parameters are ZeRO-3 partitions (each rank holds 1/N of each)."""
-    return any(hasattr(p, "ds_tensor") for p in model.parameters())
-
-
 class ZeroSharded:
     """LocalTrainer's split of the work under DeepSpeed ZeRO: DDP's micro-batch shares, loss
     weights, dropout streams and totals (DataParallel, composed); the engine's backward and step
@@ -129,6 +119,7 @@ class ZeroSharded:
         self.world_size = ranks.world_size
         self.engine = engine
         self._split = DataParallel(ranks)
+        self._boundary = True
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.engine.module is not model:
@@ -155,6 +146,7 @@ class ZeroSharded:
         """The step's last micro-batch is DeepSpeed's accumulation boundary: the reduced,
         clipped gradients are stepped there (accumulated in the partitions before)."""
         self.engine.set_gradient_accumulation_boundary(last)
+        self._boundary = last
         yield
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -162,6 +154,8 @@ class ZeroSharded:
         already normalise by the step's tokens), then its step (a no-op before the boundary)."""
         self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()
+        if self._boundary:
+            note_step(self.engine.module)  # the slot gathers the partitions again (AdapterSlot)
 
     def dropout_seed(self, seed: int) -> int:
         return self._split.dropout_seed(seed)
