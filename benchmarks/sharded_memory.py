@@ -55,9 +55,9 @@ def _resident(device) -> float:
 
 def worker(mode: str, args: argparse.Namespace) -> dict:
     from fedtune.config import TrainSection
+    from fedtune.models.zero3 import whole_numel
     from fedtune.train.distributed import data_parallel, ranks
     from fedtune.train.local import LocalTrainer
-    from fedtune.models.zero3 import whole_numel
     from fedtune.train.sharded import shard_for_launch, shard_model
 
     launch = ranks()
