@@ -146,6 +146,23 @@ def test_deepspeed_refuses_what_zero_cannot_run_naming_the_keys(two_ranks, tiny_
         check_launch(_recipe(tiny_recipe, train={**ds, "precision": "fp16"}))
 
 
+def test_zero_options_are_checked_by_deepspeed_before_any_work(tiny_recipe):
+    pytest.importorskip("deepspeed")
+    ds = {"local_steps": 1, "sharding": "deepspeed"}
+    check_launch(_recipe(tiny_recipe, train={**ds, "zero_options": {
+        "stage3_max_live_parameters": 10**7, "overlap_comm": False}}))
+    with pytest.raises(RecipeError, match="train.zero_options: stage3_max_live_parmeters: Extra"):
+        check_launch(_recipe(tiny_recipe, train={**ds, "zero_options": {
+            "stage3_max_live_parmeters": 10**7}}))
+    with pytest.raises(RecipeError, match="train.zero_options: stage3_max_live_parameters: .*greater"):
+        check_launch(_recipe(tiny_recipe, train={**ds, "zero_options": {
+            "stage3_max_live_parameters": -1}}))
+    with pytest.raises(RecipeError, match="zero_options: set the stage with zero_stage"):
+        _recipe(tiny_recipe, train={**ds, "zero_options": {"stage": 2}})
+    with pytest.raises(RecipeError, match="zero_options applies to sharding: deepspeed only"):
+        _recipe(tiny_recipe, train={"local_steps": 1, "zero_options": {"overlap_comm": False}})
+
+
 def test_deepspeed_without_the_package_says_how_to_install_it(monkeypatch, tiny_recipe):
     import importlib.util
 

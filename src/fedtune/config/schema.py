@@ -18,6 +18,9 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
     field_validator,
     model_validator,
 )
@@ -344,6 +347,9 @@ class TrainSection(Section):
     # (optimizer state and gradients partitioned) or 3 (the parameters too).
     sharding: Literal["none", "fsdp", "deepspeed"] = "none"
     zero_stage: Literal[2, 3] = 3
+    # More of DeepSpeed's `zero_optimization` settings, by its own names (checked by DeepSpeed),
+    # e.g. {stage3_max_live_parameters: 1e7}; docs/scaling.md.
+    zero_options: dict[str, StrictInt | StrictFloat | StrictBool | str] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -357,8 +363,11 @@ class TrainSection(Section):
     def _check(self) -> TrainSection:
         if self.local_steps is not None and self.local_epochs is not None:
             raise ValueError("set local_steps or local_epochs, not both")
-        if "zero_stage" in self.model_fields_set and self.sharding != "deepspeed":
-            raise ValueError("zero_stage applies to sharding: deepspeed only")
+        for key in ("zero_stage", "zero_options"):
+            if key in self.model_fields_set and self.sharding != "deepspeed":
+                raise ValueError(f"{key} applies to sharding: deepspeed only")
+        if "stage" in self.zero_options:
+            raise ValueError("zero_options: set the stage with zero_stage")
         if self.packing and self.dp_sgd is not None:
             raise ValueError("packing is not available with dp_sgd: DP-SGD clips each example's "
                              "gradient separately, so examples cannot share a row")

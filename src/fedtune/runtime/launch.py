@@ -8,7 +8,7 @@ import logging
 
 from fedtune.algorithms.catalog import CATALOG
 from fedtune.config import Recipe
-from fedtune.errors import RecipeError
+from fedtune.errors import ModelError, RecipeError
 from fedtune.train.distributed import ranks
 
 log = logging.getLogger("fedtune.distributed")
@@ -52,6 +52,13 @@ def check_sharding(recipe: Recipe) -> None:
         if train.precision == "fp16":
             raise RecipeError(f"{key} with train.precision: fp16: not available (fedtune's gradient "
                               "scaler cannot reach ZeRO's partitions); use bf16")
+        if train.zero_options:
+            from fedtune.train.zero import check_zero_options
+
+            try:
+                check_zero_options(train)
+            except ModelError as exc:
+                raise RecipeError(str(exc)) from None
     r = ranks()
     if r is None:
         log.warning("%s in one process: nothing to shard over; launch the party with torchrun or "

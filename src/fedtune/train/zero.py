@@ -58,7 +58,21 @@ def zero_config(section: TrainSection, stage: int) -> dict[str, Any]:
         # Partition every tensor, the small adapter factors too (the default keeps tensors under
         # 100k elements whole on every rank); each rank then holds 1/N of the adapter's state.
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    config["zero_optimization"].update(section.zero_options)
     return config
+
+
+def check_zero_options(section: TrainSection) -> None:
+    """train.zero_options checked by DeepSpeed's own schema of `zero_optimization`, before any
+    work (DeepSpeed refuses unknown names and out-of-range values)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**zero_config(section, section.zero_stage)["zero_optimization"])
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ModelError(f"train.zero_options: {problems}") from None
 
 
 def _optimizer(params: list[torch.nn.Parameter], section: TrainSection) -> torch.optim.Optimizer:
