@@ -34,7 +34,12 @@ MODES = {
     "fsdp": "FSDP (train.sharding: fsdp)",
     "zero2": "DeepSpeed ZeRO-2 (train.sharding: deepspeed, zero_stage 2)",
     "zero3": "DeepSpeed ZeRO-3 (train.sharding: deepspeed, zero_stage 3)",
+    "zero3-lean": "DeepSpeed ZeRO-3, at most 1M gathered parameters live (train.zero_options)",
 }
+# DeepSpeed keeps up to 1e9 gathered parameters live in a step (prefetched, kept for reuse in
+# backward) by default: the whole of a model this size. The lean row lowers that limit.
+LEAN = {"stage3_max_live_parameters": 10**6, "stage3_max_reuse_distance": 0,
+        "stage3_prefetch_bucket_size": 10**6}
 
 
 def _resident(device) -> float:
@@ -68,14 +73,14 @@ def worker(mode: str, args: argparse.Namespace) -> dict:
         import deepspeed  # noqa: F401  (its modules are not the model's memory)
 
         section = TrainSection(local_steps=1, batch_size=args.batch, sharding="deepspeed",
-                               zero_stage=int(mode[-1]))
+                               zero_stage=int(mode[4]), zero_options=LEAN if "lean" in mode else {})
     before = _resident(device)
     model = build(args)
     if mode == "fsdp":
         shard_model(model, launch)
     if mode.startswith("zero"):
         shard_for_launch(model, section)
-    sharding = {"fsdp": "fsdp", "zero2": "deepspeed", "zero3": "deepspeed"}.get(mode, "none")
+    sharding = "deepspeed" if mode.startswith("zero") else mode if mode == "fsdp" else "none"
     parallel = data_parallel(sharding, model)
     trainer = LocalTrainer(model, section, 0, device, parallel=parallel)
     held = _resident(device) - before
