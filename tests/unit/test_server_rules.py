@@ -330,10 +330,12 @@ def _hand_fedavgm(rounds, lr=1.0, momentum=0.5):
     return x
 
 
-def _run_fed(tmp_path, *, rounds, every=0, at_start=True, checkpoint_every=1, run_dir=None):
+def _run_fed(tmp_path, *, rounds, every=0, at_start=True, checkpoint_every=1, run_dir=None,
+             early=None):
     r = recipe("fedavgm", 2, tmp=tmp_path, options={"momentum": 0.5},
                federation={"rounds": rounds},
-               eval={"at_start": at_start, "every": every, "clients": True},
+               eval={"at_start": at_start, "every": every, "clients": True,
+                     **({"early_stopping": early} if early else {})},
                output={"checkpoint_every": checkpoint_every, "keep_checkpoints": 2})
     calls = []
 
@@ -344,6 +346,51 @@ def _run_fed(tmp_path, *, rounds, every=0, at_start=True, checkpoint_every=1, ru
     fed = federation(r, LogitModel([0.0, 0.0]), {"client_0": toks(THREE_ONES), "client_1": toks(ONE_ZERO)},
                      tmp=tmp_path, evaluate_global=evaluate_global, run_dir=run_dir)
     return fed, calls
+
+
+class _Status:
+    """A reporter that keeps only its status lines."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def status(self, text):
+        self.lines.append(text)
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def test_the_caller_hears_each_evaluation_but_the_last_and_can_stop_the_run(tmp_path):
+    fed, _ = _run_fed(tmp_path, rounds=4, every=1, checkpoint_every=3)
+    heard = []
+    fed.server.on_eval = lambda round_, metrics: heard.append((round_, dict(metrics))) or round_ == 2
+    fed.server.reporter = _Status()
+    result = fed.server.run()
+    assert [r for r, _ in heard] == [1, 2]
+    for round_, metrics in heard:
+        x = _hand_fedavgm(round_)
+        assert metrics == pytest.approx({"w0": x[0], "w1": x[1]})
+    assert result.rounds == 2
+    assert fed.server.global_state["w"].tolist() == pytest.approx(_hand_fedavgm(2))
+    assert "round 2: stopped by the caller (on_eval)" in fed.server.reporter.lines
+    ckpts = sorted(p.name for p in (fed.run_dir.path / "checkpoints").glob("round_*"))
+    assert ckpts == ["round_000002"]  # the stop is checkpointed, though not a checkpoint round
+
+
+def test_the_caller_is_not_asked_at_the_last_round_nor_after_early_stopping(tmp_path):
+    fed, _ = _run_fed(tmp_path / "a", rounds=3, every=1)
+    heard = []
+    fed.server.on_eval = lambda round_, metrics: heard.append(round_) or False
+    assert fed.server.run().rounds == 3 and heard == [1, 2]
+    # a loss that stays at 1.0 does not improve on the start's: patience 1 stops after round 1
+    fed, _ = _run_fed(tmp_path / "b", rounds=3, every=1, early={"metric": "loss", "patience": 1})
+    fed.server.evaluate_global = lambda state, generate, round_=None: {"loss": 1.0}
+    heard.clear()
+    fed.server.on_eval = lambda round_, metrics: heard.append(round_) or True
+    fed.server.reporter = _Status()
+    assert fed.server.run().rounds == 1 and heard == []
+    assert fed.server.reporter.lines[-1].startswith("round 1: early stopping (loss has not improved")
 
 
 def test_a_whole_run_evaluates_on_schedule_and_finishes_every_client(tmp_path):
@@ -614,3 +661,13 @@ def test_a_run_with_no_round_left_reports_empty_final_figures(tmp_path):
     fed = build(tmp_path, [THREE_ONES, ONE_ZERO], federation={"rounds": 2})
     result = fed.server.run(start_round=3)   # nothing to train, nothing evaluated
     assert result.final == {} and result.clients == {} and result.initial is None
+
+
+def test_client_evaluation_sends_each_client_its_own_cut_of_the_global_adapter(tmp_path):
+    # under adapter.rank_per_client each client is sent its own rank's part (client_shapes.py):
+    # the server must ask for it by the client's name, as it does for training
+    fed, _ = _run_fed(tmp_path, rounds=1)
+    asked, down = [], fed.server.shapes.down
+    fed.server.shapes.down = lambda client, state: asked.append(client) or down(client, state)
+    fed.server.evaluate(1, final=False)
+    assert sorted(asked) == ["client_0", "client_1"]
