@@ -363,8 +363,9 @@ class TrainSection(Section):
     def _check(self) -> TrainSection:
         if self.local_steps is not None and self.local_epochs is not None:
             raise ValueError("set local_steps or local_epochs, not both")
-        for key in ("zero_stage", "zero_options"):
-            if key in self.model_fields_set and self.sharding != "deepspeed":
+        # (a saved recipe.yaml spells every default out: only other values are refused)
+        for key, unset in (("zero_stage", self.zero_stage == 3), ("zero_options", not self.zero_options)):
+            if not unset and self.sharding != "deepspeed":
                 raise ValueError(f"{key} applies to sharding: deepspeed only")
         if "stage" in self.zero_options:
             raise ValueError("zero_options: set the stage with zero_stage")
