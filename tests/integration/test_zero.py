@@ -74,37 +74,55 @@ TRAINER = textwrap.dedent("""
         return out
 
     if __name__ == "__main__":
+        import fedtune
         from accelerate.state import AcceleratorState
         from fedtune.train import zero
         from fedtune.train.distributed import ranks
 
-        # A party builds one engine; this test builds one per stage in the same launch (saving a
-        # launch): accelerate's state is reset in between.
+        # One launch for every check (a launch costs ~20 s here): first a ZeRO-3 simulation as a
+        # party runs it (`fedtune run`'s function), then the trainer at each stage. A party builds
+        # one engine; here accelerate's state is reset after each.
         out = {}
-        for stage in (2, 3):
-            out[stage] = train(stage)
+        for stage in ("run", 2, 3):
+            if stage == "run":
+                fedtune.run(sys.argv[2], ["output.name=zero"])
+            else:
+                out[stage] = train(stage)
             zero._ENGINES.clear()
             AcceleratorState._reset_state(reset_partial_state=False)
         torch.save(out, f"{sys.argv[1]}/rank{ranks().rank}.pt")
 """)
 
 
-def test_zero_local_training_on_two_ranks_is_one_process_call_after_call(tmp_path):
+def test_zero_on_two_ranks_gives_what_one_process_gives(tiny_recipe, tmp_path):
+    # The simulation: no LoRA dropout (each rank draws its own masks); micro-batches of 5 split
+    # 3 + 2; AdamW; 3 clients take turns on the one engine over 2 rounds, at ZeRO-3.
+    recipe = tiny_recipe(adapter={"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                         train={"local_steps": 2, "batch_size": 5, "grad_accum": 2, "lr": 0.01,
+                                "sharding": "deepspeed", "zero_stage": 3},
+                         federation={"clients": 3, "rounds": 2, "algorithm": "fedavg"})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER)
     out = tmp_path / "out"
     out.mkdir()
-    launch(tmp_path, str(script), str(out))
+    work = tmp_path / "work"  # the ranks' working directory: nothing may appear in it
+    work.mkdir()
+    launch(work, str(script), str(out), str(path))
+    assert list(work.iterdir()) == []
+
     namespace: dict = {"__name__": "single"}
     exec(compile(TRAINER, str(script), "exec"), namespace)
     single = namespace["train"]()  # one process, no launcher, plain AdamW
     launched = [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
     for stage in (2, 3):
-        _matches(single, [ranks[stage] for ranks in launched], stage)
+        _trained_as_one_process(single, [ranks[stage] for ranks in launched], stage)
+    _ran_as_one_process(recipe)
 
 
-def _matches(single: dict, ranks: list[dict], stage: int) -> None:
-
+def _trained_as_one_process(single: dict, ranks: list[dict], stage: int) -> None:
+    """Two local-training calls at `stage` on 2 ranks against one process."""
     # ZeRO-3 partitions even the [4, 8] LoRA factor: each rank holds 16 of its 32 elements.
     held = 16 if stage == 3 else 32
     assert [(r["sharded"], r["held"]) for r in ranks] == [(stage == 3, (held, 32))] * 2
@@ -124,23 +142,11 @@ def _matches(single: dict, ranks: list[dict], stage: int) -> None:
             assert got[1:] == expected[1:] and got[2] == 14 and got[3] == 3
 
 
-def test_a_zero_3_simulation_on_two_ranks_writes_the_run_directory_of_one_process(tiny_recipe, tmp_path):
-    # No LoRA dropout (each rank draws its own masks); micro-batches of 5 split 3 + 2; AdamW;
-    # 3 clients take turns on the one engine over 2 rounds.
-    recipe = tiny_recipe(adapter={"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-                         train={"local_steps": 2, "batch_size": 5, "grad_accum": 2, "lr": 0.01,
-                                "sharding": "deepspeed", "zero_stage": 3},
-                         federation={"clients": 3, "rounds": 2, "algorithm": "fedavg"})
+def _ran_as_one_process(recipe: dict) -> None:
+    """The ZeRO-3 simulation on 2 ranks against the same recipe in one process."""
     single = fedtune.run({**recipe, "output": {**recipe["output"], "name": "single"}})
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    work = tmp_path / "work"
-    work.mkdir()
-    launch(work, "-m", "fedtune", "run", str(path), "output.name=zero")
-
     runs = Path(recipe["output"]["dir"])
     assert sorted(p.name for p in runs.iterdir()) == ["single", "zero"]
-    assert list(work.iterdir()) == []
     one, two = runs / "single", runs / "zero"
     assert files(two) == files(one)
     final = load_file(str(two / "final" / "adapter_model.safetensors"))
