@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -107,7 +108,7 @@ def build_engine(model: torch.nn.Module, section: TrainSection, ranks: Ranks) ->
     _quiet_cpu_collectives()
     stage = section.zero_stage
     plugin = DeepSpeedPlugin(hf_ds_config=zero_config(section, stage))
-    accelerator = Accelerator(deepspeed_plugin=plugin)
+    accelerator = Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=section.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ModelError("train.sharding: deepspeed: the model has no trainable parameters")
@@ -156,7 +157,7 @@ class ZeroSharded:
         return self._split.shard(indices)
 
     @contextlib.contextmanager
-    def syncing(self, model: torch.nn.Module, last: bool):
+    def syncing(self, model: torch.nn.Module, last: bool) -> Iterator[None]:
         """The step's last micro-batch is DeepSpeed's accumulation boundary: the reduced,
         clipped gradients are stepped there (accumulated in the partitions before)."""
         self.engine.set_gradient_accumulation_boundary(last)
