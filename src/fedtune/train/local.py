@@ -136,7 +136,7 @@ class LocalTrainer:
             raise ValueError("a client with no training examples cannot train")
         s = self.section
         start = time.perf_counter()
-        model = self.parallel.wrap(self.model)  # DDP / FSDP over the launch's ranks, else the model
+        model = self.parallel.wrap(self.model)  # DDP / FSDP / ZeRO engine over the ranks, else the model
         params = [p for p in self.model.parameters() if p.requires_grad and all(p is not q for q in skip)]
         zero = self.parallel if hasattr(self.parallel, "engine") else None  # DeepSpeed: train/zero.py
         if zero is not None:
