@@ -671,3 +671,45 @@ def test_client_evaluation_sends_each_client_its_own_cut_of_the_global_adapter(t
     fed.server.shapes.down = lambda client, state: asked.append(client) or down(client, state)
     fed.server.evaluate(1, final=False)
     assert sorted(asked) == ["client_0", "client_1"]
+
+
+def _train_seconds(value):
+    """An edit that makes every fit reply report `value` train seconds (None: no figure at all)."""
+    def edit(round_, replies):
+        out = []
+        for m in replies:
+            metrics = {k: v for k, v in m.meta.get("metrics", {}).items() if k != "train_seconds"}
+            if value is not None:
+                metrics["train_seconds"] = value
+            out.append(dataclasses.replace(m, meta={**m.meta, "metrics": metrics}))
+        return out
+    return edit
+
+
+def test_training_time_adds_what_the_clients_report_and_nothing_for_a_client_that_does_not(tmp_path):
+    fed = build(tmp_path / "a", [THREE_ONES, ONE_ZERO], edit=_train_seconds(2.5))
+    fed.round(1)
+    assert fed.server.timings.train == pytest.approx(5.0)   # two clients, 2.5 s each
+    fed = build(tmp_path / "b", [THREE_ONES, ONE_ZERO], edit=_train_seconds(None))
+    fed.round(1)
+    assert fed.server.timings.train == 0.0 and fed.events("round")[0]["values"]["updates"] == 2
+
+
+def test_training_sends_each_client_its_own_cut_of_the_global_adapter(tmp_path):
+    fed = build(tmp_path, [THREE_ONES, ONE_ZERO])
+    asked, down = [], fed.server.shapes.down
+    fed.server.shapes.down = lambda client, state: asked.append(client) or down(client, state)
+    fed.round(1)
+    assert sorted(asked) == ["client_0", "client_1"]
+
+
+def test_updates_without_examples_have_no_mean_train_loss():
+    from fedtune.algorithms.base import ClientUpdate
+    from fedtune.runtime.server import mean_train_loss
+
+    def update(loss, n):
+        return ClientUpdate("c", {}, n, metrics={"train_loss": loss})
+
+    assert mean_train_loss([update(1.0, 0), update(3.0, 0)]) is None
+    assert mean_train_loss([update(1.0, 3), update(3.0, 1)]) == pytest.approx(1.5)
+    assert mean_train_loss([]) is None
