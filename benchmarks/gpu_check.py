@@ -7,7 +7,8 @@ built from a config; peak memory of one local step (gradient checkpointing on an
 weights, zeroth-order, inference: benchmarks/memory.py); fedtune's local step against a plain
 loop (benchmarks/local_step.py); several processes per client (torchrun over the GPUs present; with
 one GPU, two ranks share it over gloo), against one process; FSDP (train.sharding: fsdp) over
-NCCL and DeepSpeed, each skipped with a line saying why on fewer than 2 GPUs.
+NCCL and DeepSpeed ZeRO-2/3 in bf16 (train.sharding: deepspeed), each skipped with a line saying
+why on fewer than 2 GPUs.
 
     bash benchmarks/gpu_check.sh            # on the GPU machine (sets up, then runs this)
     python benchmarks/gpu_check.py --only default-bf16,memory
@@ -116,20 +117,21 @@ def checks(tmp: Path, n_gpus: int) -> list[tuple[str, list[str], int]]:
         out.append(("fsdp", ["bash", "-c", fsdp], 200))
     else:
         out.append(("fsdp", _skip(f"FSDP over NCCL needs 2 GPUs; this machine has {n_gpus}"), 10))
-    # DeepSpeed ZeRO: fedtune refuses train.sharding: deepspeed (docs/scaling.md says why). With
-    # 2+ GPUs and deepspeed installed, record that a ZeRO-3 step runs there through accelerate's
-    # DeepSpeed plugin (the same probe ran on CPU with gloo) and that fedtune's refusal is clean.
+    # DeepSpeed ZeRO (train.sharding: deepspeed) over NCCL at stages 2 and 3, with bf16 autocast
+    # (float32 adapter), each against one process of the same recipe in bf16.
     if n_gpus < 2:
-        out.append(("deepspeed", _skip(f"DeepSpeed ZeRO needs 2 GPUs; this machine has {n_gpus}"), 10))
+        out.append(("deepspeed", _skip(f"DeepSpeed ZeRO over NCCL needs 2 GPUs; this machine has {n_gpus}"), 10))
     elif importlib.util.find_spec("deepspeed") is None:
-        out.append(("deepspeed", _skip("deepspeed is not installed (pip install deepspeed)"), 10))
+        out.append(("deepspeed", _skip("deepspeed is not installed (pip install 'fedtune[deepspeed]')"), 10))
     else:
-        probe = tmp / "zero3_probe.py"
-        probe.write_text(ZERO3_PROBE)
-        ds = (f"{PY} -m torch.distributed.run --standalone --nproc-per-node {n_gpus} {probe} && "
-              f"! {PY} -m fedtune run {common} train.sharding=deepspeed output.dir={tmp / 'ds'} "
-              f"2> {tmp / 'ds.err'} && grep -q 'train.sharding: deepspeed is not available' {tmp / 'ds.err'}")
-        out.append(("deepspeed", ["bash", "-c", ds], 200))
+        bf16 = common.replace("train.precision=fp32", "train.precision=bf16")
+        run_n = f"{PY} -m torch.distributed.run --standalone --nproc-per-node {n_gpus} -m fedtune run {bf16}"
+        ds = (f"{PY} -m fedtune run {bf16} output.dir={tmp / 'ds-1'} > /dev/null && "
+              f"{run_n} train.sharding=deepspeed train.zero_stage=2 output.dir={tmp / 'ds-z2'} > /dev/null && "
+              f"{run_n} train.sharding=deepspeed train.zero_stage=3 output.dir={tmp / 'ds-z3'} > /dev/null && "
+              f"{PY} -c {shlex.quote(COMPARE)} {tmp / 'ds-1'} {tmp / 'ds-z2'} {n_gpus} nccl-zero2-bf16 && "
+              f"{PY} -c {shlex.quote(COMPARE)} {tmp / 'ds-1'} {tmp / 'ds-z3'} {n_gpus} nccl-zero3-bf16")
+        out.append(("deepspeed", ["bash", "-c", ds], 400))
     order = ["default-bf16", "default-fp16", "ddp", "fsdp", "deepspeed", "build-0.9b", "qlora-0.9b-nf4", "lora-0.9b-bf16",
              "local-step-1b-bf16", "memory", "lora-0.9b-bf16-ckpt", "local-step-1b-bf16-mixed-packing",
              "default-fp32", "local-step-small-fp32"]
@@ -139,34 +141,6 @@ def checks(tmp: Path, n_gpus: int) -> list[tuple[str, list[str], int]]:
 def _skip(why: str) -> list[str]:
     """A check that only says why it did not run."""
     return [PY, "-c", f"print('RESULT ' + {json.dumps(json.dumps({'skipped': why}))})"]
-
-
-ZERO3_PROBE = """
-import json, os, torch
-from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
-world = int(os.environ["WORLD_SIZE"])
-plugin = DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0,
-                         "train_micro_batch_size_per_gpu": 1, "train_batch_size": world,
-                         "gradient_accumulation_steps": 1})
-acc = Accelerator(deepspeed_plugin=plugin)
-torch.manual_seed(0)
-cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=4)
-model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-engine, opt = acc.prepare(model, opt)
-x = torch.arange(1, 17, device=engine.device).unsqueeze(0)
-loss = engine(input_ids=x, labels=x).loss
-engine.backward(loss)
-engine.step()
-p = next(p for p in engine.module.parameters() if p.requires_grad)
-if torch.distributed.get_rank() == 0:
-    print("RESULT " + json.dumps({"zero3_step": "ran", "loss": loss.item(), "ranks": world,
-          "partition": [int(p.ds_tensor.numel()), int(p.ds_numel)]}))
-"""
 
 
 COMPARE = """
@@ -222,7 +196,7 @@ def main() -> None:
             log.write(f"\n===== {name}: {status}, {seconds:.0f} s\n$ {' '.join(cmd)[:400]}\n"
                       f"{stdout}\n{stderr[-6000:]}\n")
         results = [line[len("RESULT "):] for line in stdout.splitlines() if line.startswith("RESULT ")]
-        body = results[-1] if results else "\n".join(stdout.strip().splitlines()[-12:])
+        body = "\n".join(results) if results else "\n".join(stdout.strip().splitlines()[-12:])
         if status != "ok":
             body += "\n" + "\n".join(stderr.strip().splitlines()[-4:])
         section = [f"## {name}: {status} ({seconds:.0f} s)", "", "```", body.strip(), "```", ""]

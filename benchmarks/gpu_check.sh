@@ -2,7 +2,8 @@
 # The GPU check (benchmarks/gpu_check.py) on a GPU machine with PyTorch, transformers, peft and
 # accelerate installed but nothing else of fedtune's: installs the wheels in .whl/ when there are
 # any (bitsandbytes, pydantic, ... fetched beforehand on a machine with network access:
-#   pip download --no-deps --only-binary=:all: -d .whl bitsandbytes pydantic pydantic-core ...),
+#   pip download --no-deps --only-binary=:all: -d .whl bitsandbytes pydantic pydantic-core ...;
+# deepspeed is an sdist: `pip wheel --no-deps -w .whl deepspeed`, no compiler needed),
 # puts src/ on the path and runs every check. The report goes to $OUT (default /tmp/gpu_check).
 #
 #   bash benchmarks/gpu_check.sh                 # every check

@@ -1,6 +1,7 @@
 """Memory per rank of a client on several processes: DDP (every rank holds the whole model) against
-FSDP (`train.sharding: fsdp`, each rank one share of every weight), on a model of a few hundred MB
-built from a config, with one process as the reference.
+FSDP (`train.sharding: fsdp`, each rank one share of every weight) and DeepSpeed ZeRO-2/3
+(`train.sharding: deepspeed`), on a model of a few hundred MB built from a config, with one
+process as the reference.
 
 Each mode runs in fresh processes (`torchrun --standalone`, gloo on CPU, NCCL on GPUs). Per rank
 it reports what the model holds once set up (resident memory after building and sharding, less
@@ -31,7 +32,14 @@ MODES = {
     "one": "one process (reference)",
     "ddp": "DDP (train.sharding: none)",
     "fsdp": "FSDP (train.sharding: fsdp)",
+    "zero2": "DeepSpeed ZeRO-2 (train.sharding: deepspeed, zero_stage 2)",
+    "zero3": "DeepSpeed ZeRO-3 (train.sharding: deepspeed, zero_stage 3)",
+    "zero3-lean": "DeepSpeed ZeRO-3, at most 1M gathered parameters live (train.zero_options)",
 }
+# DeepSpeed keeps up to 1e9 gathered parameters live in a step (prefetched, kept for reuse in
+# backward) by default: the whole of a model this size. The lean row lowers that limit.
+LEAN = {"stage3_max_live_parameters": 10**6, "stage3_max_reuse_distance": 0,
+        "stage3_prefetch_bucket_size": 10**6}
 
 
 def _resident(device) -> float:
@@ -52,26 +60,35 @@ def _resident(device) -> float:
 
 def worker(mode: str, args: argparse.Namespace) -> dict:
     from fedtune.config import TrainSection
+    from fedtune.models.zero3 import whole_numel
     from fedtune.train.distributed import data_parallel, ranks
     from fedtune.train.local import LocalTrainer
-    from fedtune.train.sharded import shard_model
+    from fedtune.train.sharded import shard_for_launch, shard_model
 
     launch = ranks()
     device = launch.device if launch is not None else pick_device(args.device)
     args.device = str(device)
+    section = TrainSection(local_steps=1, batch_size=args.batch)
+    if mode.startswith("zero"):
+        import deepspeed  # noqa: F401  (its modules are not the model's memory)
+
+        section = TrainSection(local_steps=1, batch_size=args.batch, sharding="deepspeed",
+                               zero_stage=int(mode[4]), zero_options=LEAN if "lean" in mode else {})
     before = _resident(device)
     model = build(args)
     if mode == "fsdp":
         shard_model(model, launch)
-    parallel = data_parallel("fsdp" if mode == "fsdp" else "none")
-    trainer = LocalTrainer(model, TrainSection(local_steps=1, batch_size=args.batch), 0, device,
-                           parallel=parallel)
+    if mode.startswith("zero"):
+        shard_for_launch(model, section)
+    sharding = "deepspeed" if mode.startswith("zero") else mode if mode == "fsdp" else "none"
+    parallel = data_parallel(sharding, model)
+    trainer = LocalTrainer(model, section, 0, device, parallel=parallel)
     held = _resident(device) - before
     data = examples(args, args.batch)
     trainer.train(data, lr=1e-4, seed=0)  # a first step: lazily built state (DDP buckets, ...)
     with Peak(device) as peak:
         result = trainer.train(data, lr=1e-4, seed=1)
-    whole = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    whole = sum(whole_numel(p) * p.element_size() for p in model.parameters()) / 2**20
     return {"mode": mode, "rank": launch.rank if launch else 0, "held_mb": held,
             "peak_mb": peak.peak - before, "whole_mb": whole, "seconds": peak.seconds,
             "tokens": result.tokens}
@@ -106,7 +123,7 @@ def main() -> None:
     add_model_args(ap, "base")
     ap.set_defaults(batch=4, seq=256)
     ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default="one,ddp,fsdp", help=f"of {','.join(MODES)}")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--results", help=argparse.SUPPRESS)
     args = ap.parse_args()

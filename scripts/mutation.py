@@ -45,7 +45,7 @@ ALGORITHM_TESTS = [
     "tests/unit/test_streaming_aggregation.py", "tests/unit/test_offsite.py",
     "tests/unit/test_zeroth_order.py", "tests/unit/test_party_hooks.py", "tests/unit/test_layers.py",
     "tests/unit/test_secure_aggregation_recipe.py", "tests/unit/test_algorithm_helpers.py",
-    "tests/unit/test_offsite_party.py",
+    "tests/unit/test_offsite_party.py", "tests/unit/test_fedex.py", "tests/unit/test_gate.py",
 ]
 SERVER_TESTS = ["tests/unit/test_server_rules.py", "tests/unit/test_server_selection.py",
                 "tests/unit/test_algorithm_rounds.py", "tests/unit/test_streaming_aggregation.py",

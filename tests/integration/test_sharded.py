@@ -4,9 +4,7 @@ sharded simulation and a sharded deployed client each give what one process give
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,12 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _ranks import WAIT
+from _ranks import assert_close as _assert_close
+from _ranks import env as _env
+from _ranks import files as _files
+from _ranks import free_port as _free_port
+from _ranks import launch as _launch
+from _ranks import torchrun as _torchrun
 from safetensors.torch import load_file
 
 import fedtune
 from fedtune.transport.certs import make_certs
-
-WAIT = 240  # seconds: the most any process of these tests may take
 
 # A 2-layer Llama trained whole (every parameter sharded and trained) on 7 examples of different
 # lengths: with batch_size 3 the micro-batches hold 3, 3 and 1 examples (a rank gets none of the
@@ -80,30 +83,6 @@ TRAINER = textwrap.dedent("""
 """)
 
 
-def _env() -> dict[str, str]:
-    src = str(Path(fedtune.__file__).resolve().parents[1])
-    path = os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
-def _torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            *args]
-
-
-def _launch(cwd: Path, *args: str) -> str:
-    proc = subprocess.run(_torchrun(*args), cwd=cwd, env=_env(), capture_output=True, text=True,
-                          timeout=WAIT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout + proc.stderr
-
-
-def _assert_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], atol: float) -> None:
-    assert got.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=atol, msg=name)
-
-
 def test_an_fsdp_step_on_two_ranks_is_the_step_of_one_process(tmp_path):
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER)
@@ -137,10 +116,6 @@ def _recipe(tiny_recipe, **overrides) -> dict:
                           "train": {"local_steps": 2, "batch_size": 5, "grad_accum": 2, "lr": 0.05,
                                     "optimizer": "sgd", "sharding": "fsdp"},
                           **overrides})
-
-
-def _files(run_dir: Path) -> list[str]:
-    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
 
 
 def test_an_fsdp_simulation_on_two_ranks_writes_the_run_directory_of_one_process(tiny_recipe, tmp_path):
@@ -177,12 +152,6 @@ def test_an_fsdp_simulation_on_two_ranks_writes_the_run_directory_of_one_process
     _launch(work, "-m", "fedtune", "run", "--resume", str(two))
     _assert_close(load_file(str(two / "final" / "adapter_model.safetensors")), final, atol=1e-6)
     assert list(work.iterdir()) == []
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_an_fsdp_deployed_client_on_two_ranks_gives_the_adapter_of_one_process(tiny_recipe, tmp_path):

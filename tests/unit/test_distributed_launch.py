@@ -121,10 +121,80 @@ def test_fsdp_in_one_process_runs_whole_and_says_so(monkeypatch, tiny_recipe, ca
     assert isinstance(distributed.data_parallel("fsdp"), OneProcess)
 
 
-def test_deepspeed_is_refused_naming_the_key_and_the_alternatives(tiny_recipe):
-    with pytest.raises(RecipeError, match="train.sharding: deepspeed is not available: .* use "
-                                          "train.sharding: fsdp .* or none"):
+def test_deepspeed_refuses_what_zero_cannot_run_naming_the_keys(two_ranks, tiny_recipe):
+    pytest.importorskip("deepspeed")
+    ds = {"local_steps": 1, "sharding": "deepspeed"}
+    check_launch(_recipe(tiny_recipe, train=ds))  # LoRA FedAvg runs under ZeRO-3 (the default)
+    check_launch(_recipe(tiny_recipe, train={**ds, "zero_stage": 2}))
+    refused = [
+        ({"federation": {"clients": 3, "rounds": 1, "algorithm": "fedprox"}},
+         "train.sharding: deepspeed with federation.algorithm fedprox: its client hooks read whole "
+         "parameters or gradients .* DeepSpeed ZeRO runs fedavg, fedavgm"),
+        ({"adapter": {"method": "prompt_tuning"}},
+         "train.sharding: deepspeed with adapter.method prompt_tuning: DeepSpeed ZeRO runs LoRA"),
+        ({"federation": {"clients": 3, "rounds": 1, "parallel_clients": 2}},
+         "train.sharding: deepspeed with federation.parallel_clients > 1"),
+        ({"adapter": {"method": "lora", "rank_per_client": [2, 4, 4]},
+          "federation": {"clients": 3, "rounds": 1, "algorithm": "hetlora"}},
+         "train.sharding: deepspeed with (federation.algorithm hetlora|adapter.rank_per_client)"),
+    ]
+    for overrides, message in refused:
+        with pytest.raises(RecipeError, match=message):
+            check_launch(_recipe(tiny_recipe, train=ds, **overrides))
+    with pytest.raises(RecipeError, match="train.sharding: deepspeed with train.precision: fp16: "
+                                          "not available .* use bf16"):
+        check_launch(_recipe(tiny_recipe, train={**ds, "precision": "fp16"}))
+
+
+def test_zero_options_are_checked_by_deepspeed_before_any_work(tiny_recipe):
+    pytest.importorskip("deepspeed")
+    ds = {"local_steps": 1, "sharding": "deepspeed"}
+    check_launch(_recipe(tiny_recipe, train={**ds, "zero_options": {
+        "stage3_max_live_parameters": 10**7, "overlap_comm": False}}))
+    with pytest.raises(RecipeError, match="train.zero_options: stage3_max_live_parmeters: Extra"):
+        check_launch(_recipe(tiny_recipe, train={**ds, "zero_options": {
+            "stage3_max_live_parmeters": 10**7}}))
+    with pytest.raises(RecipeError, match="train.zero_options: stage3_max_live_parameters: .*greater"):
+        check_launch(_recipe(tiny_recipe, train={**ds, "zero_options": {
+            "stage3_max_live_parameters": -1}}))
+    with pytest.raises(RecipeError, match="zero_options: set the stage with zero_stage"):
+        _recipe(tiny_recipe, train={**ds, "zero_options": {"stage": 2}})
+    with pytest.raises(RecipeError, match="zero_options applies to sharding: deepspeed only"):
+        _recipe(tiny_recipe, train={"local_steps": 1, "zero_options": {"overlap_comm": False}})
+
+
+def test_deepspeed_without_the_package_says_how_to_install_it(monkeypatch, tiny_recipe):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(RecipeError, match=r"train.sharding: deepspeed needs the deepspeed package: "
+                                          r"pip install 'fedtune\[deepspeed\]'"):
         check_launch(_recipe(tiny_recipe, train={"local_steps": 1, "sharding": "deepspeed"}))
+
+
+def test_zero_stage_belongs_to_deepspeed(tiny_recipe):
+    assert _recipe(tiny_recipe, train={"local_steps": 1, "sharding": "deepspeed"}).train.zero_stage == 3
+    with pytest.raises(RecipeError, match="zero_stage applies to sharding: deepspeed only"):
+        _recipe(tiny_recipe, train={"local_steps": 1, "sharding": "fsdp", "zero_stage": 2})
+    with pytest.raises(RecipeError, match="zero_stage"):
+        _recipe(tiny_recipe, train={"local_steps": 1, "sharding": "deepspeed", "zero_stage": 1})
+
+
+def test_deepspeed_in_one_process_runs_whole_and_says_so(monkeypatch, tiny_recipe, caplog):
+    pytest.importorskip("deepspeed")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(launch_ranks, "_RANKS", None)
+    with caplog.at_level(logging.WARNING, logger="fedtune.distributed"):
+        check_launch(_recipe(tiny_recipe, train={"local_steps": 1, "sharding": "deepspeed"}))
+    assert "train.sharding: deepspeed in one process: nothing to shard over" in caplog.text
+    assert isinstance(distributed.data_parallel("deepspeed", torch.nn.Linear(2, 2)), OneProcess)
+
+
+def test_deepspeed_needs_the_engine_built_at_set_up(two_ranks):
+    with pytest.raises(FedtuneError, match="no DeepSpeed engine was built over the model"):
+        distributed.data_parallel("deepspeed", torch.nn.Linear(2, 2))
 
 
 def test_an_unknown_sharding_is_refused_by_the_schema(tiny_recipe):

@@ -24,7 +24,7 @@ from fedtune.algorithms.hetlora import (
 from fedtune.algorithms.options import FlexLoRAConfig, HetLoRAConfig
 from fedtune.config import Recipe, load_recipe
 from fedtune.config.schema import RankRule
-from fedtune.errors import MessageError, RecipeError
+from fedtune.errors import MessageError, ModelError, RecipeError
 from fedtune.models.adapters import AdapterSlot, attach_adapter
 from fedtune.models.rank_plan import RankSlot, client_ranks, pad, truncate
 from fedtune.runtime.client_shapes import ClientShapes
@@ -246,7 +246,43 @@ def test_flora_stacking_is_the_exact_weighted_sum_of_products():
     torch.testing.assert_close(out[A], global_state[A])                    # a fresh LoRA: A as is
     assert out[B].abs().sum() == 0                                          # ... and B = 0
     assert info == {"flora_stacked_rank": 3, "flora_stacked_bytes": (6 + 6) * 8}
+    # whatever the order of the state: the other tensors are the weighted mean of the clients',
+    # a downlink-only tensor other than ΔW_g is passed on as the server holds it
+    first = {delta: global_state[delta], "norm": T([0.0]), "down/other": T([7.0]),
+             A: global_state[A], B: global_state[B]}
+    out, _ = flora_aggregate(first, [{**c1, "norm": T([2.0])}, {**c2, "norm": T([4.0])}], [1.0, 3.0])
+    assert list(out) == list(first)
+    torch.testing.assert_close(out[delta], T([[1.25, 1.25], [1.5, 1]]))
+    torch.testing.assert_close(out["norm"], T([3.5]))                        # (2 + 3·4) / 4
+    torch.testing.assert_close(out["down/other"], T([7.0]))
+    torch.testing.assert_close(out[A], global_state[A])
+    assert out[B].abs().sum() == 0
 
+
+def test_flora_party_saves_the_scaled_delta_under_the_base_models_names(tmp_path):
+    from safetensors.torch import load_file
+
+    from fedtune.algorithms.flora import DELTA_FILE, FLoRAParty
+
+    party = FLoRAParty(SimpleNamespace(adapter=SimpleNamespace(alpha=16, r=8)))   # α/r = 2
+    state = {"down/flora/base_model.model.layers.0.q_proj": T([[1.0, -2.0]]),
+             "down/flora/lm_head": T([[3.0]]), A: T([[9.0, 9.0]])}
+    directory = tmp_path / "final" / "adapter"   # not there yet
+    for _ in range(2):   # saving again (a resumed run's end) overwrites the file
+        assert party.save(state, directory) is False   # the PEFT adapter is saved as usual
+    saved = load_file(str(directory / DELTA_FILE))
+    assert sorted(saved) == ["layers.0.q_proj.weight", "lm_head.weight"]
+    torch.testing.assert_close(saved["layers.0.q_proj.weight"], torch.tensor([[2.0, -4.0]]))
+    torch.testing.assert_close(saved["lm_head.weight"], torch.tensor([[6.0]]))
+    assert saved["lm_head.weight"].dtype == torch.float32
+
+
+def test_flora_view_refuses_a_factor_that_is_not_on_a_lora_layer():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    slot = SimpleNamespace(model=model, params={"0.lora_A.default.weight": torch.zeros(1, 2)})
+    with pytest.raises(ModelError, match=r"^flora: 0\.lora_A\.default\.weight is not a LoRA layer's "
+                                         r"factor \(adapter\.method lora\)$"):
+        FLoRAView(slot)
 
 
 def test_flora_stacking_refuses_weights_that_do_not_sum_above_zero():

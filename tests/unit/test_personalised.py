@@ -230,6 +230,15 @@ def test_fedrep_top_layer_default_and_bad_split(tmp_path):
         fedrep_personal(FedRepConfig(personal=["nothing"]), names)
     with pytest.raises(ModelError, match="nothing would be shared"):
         fedrep_personal(FedRepConfig(top_layers=3), names)
+    with pytest.raises(ModelError, match="no trainable tensor has a layer number in its name"):
+        fedrep_personal(FedRepConfig(), ["lm_head.lora_A.default.weight", "norm.weight"])
+
+
+def test_layer_index_reads_the_layer_number_of_a_name():
+    from fedtune.algorithms.personal import layer_index
+
+    assert layer_index("model.layers.12.self_attn.q_proj.lora_A.default.weight") == 12
+    assert layer_index("lm_head.weight") is None
 
 
 def test_a_partial_view_refuses_a_shared_state_that_does_not_match_in_words():

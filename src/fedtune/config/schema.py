@@ -18,6 +18,9 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
     field_validator,
     model_validator,
 )
@@ -340,8 +343,13 @@ class TrainSection(Section):
     packing: bool = False   # pack each micro-batch's examples into few rows, no padding (same loss)
     # Several processes per client (torchrun / accelerate launch; docs/scaling.md): `none` = DDP
     # (every rank holds the whole model), `fsdp` = FSDP2 shards base and adapter over the ranks,
-    # `deepspeed` = DeepSpeed ZeRO through accelerate (a GPU launch only).
+    # `deepspeed` = DeepSpeed ZeRO through accelerate's DeepSpeed plugin, at `zero_stage` 2
+    # (optimizer state and gradients partitioned) or 3 (the parameters too).
     sharding: Literal["none", "fsdp", "deepspeed"] = "none"
+    zero_stage: Literal[2, 3] = 3
+    # More of DeepSpeed's `zero_optimization` settings, by its own names (checked by DeepSpeed),
+    # e.g. {stage3_max_live_parameters: 1e7}; docs/scaling.md.
+    zero_options: dict[str, StrictInt | StrictFloat | StrictBool | str] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -355,6 +363,12 @@ class TrainSection(Section):
     def _check(self) -> TrainSection:
         if self.local_steps is not None and self.local_epochs is not None:
             raise ValueError("set local_steps or local_epochs, not both")
+        # (a saved recipe.yaml spells every default out: only other values are refused)
+        for key, unset in (("zero_stage", self.zero_stage == 3), ("zero_options", not self.zero_options)):
+            if not unset and self.sharding != "deepspeed":
+                raise ValueError(f"{key} applies to sharding: deepspeed only")
+        if "stage" in self.zero_options:
+            raise ValueError("zero_options: set the stage with zero_stage")
         if self.packing and self.dp_sgd is not None:
             raise ValueError("packing is not available with dp_sgd: DP-SGD clips each example's "
                              "gradient separately, so examples cannot share a row")

@@ -19,6 +19,7 @@ from fedtune.models.adapter_methods import (
     PROMPT_METHODS,
     check_method,
 )
+from fedtune.models.zero3 import assign_partition, gather_zero3, is_zero3, whole_numel, zero3_steps
 
 log = logging.getLogger("fedtune.models")
 
@@ -180,6 +181,9 @@ class AdapterSlot:
     unchanged since, and gathers the whole tensors (a collective: every rank must call it, as
     they do after training in step) once they changed. So rank 0 alone may set and get the
     adapter it was given (saving the final adapter) without the other ranks.
+    DeepSpeed ZeRO-3 (train.sharding: deepspeed, each parameter holding 1/N of its elements in
+    `ds_tensor`) works the same way: `set` writes each rank's partition, `get` gathers once the
+    engine has stepped since.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -188,10 +192,11 @@ class AdapterSlot:
         if not self.params:
             raise ModelError("adapter: the model has no trainable parameters")
         self.sharded = any(_is_shard(p) for p in self.params.values())
+        self.zero3 = any(is_zero3(p) for p in self.params.values())
         self._mirror: dict[str, torch.Tensor] = {}
         self._versions: tuple[int, ...] = ()
         if self.sharded:  # built on every rank at the same point (Setup)
-            self._remember({n: _whole(p) for n, p in self.params.items()})
+            self._remember(_gather(self.params))
 
     def _resharded(self) -> None:
         """Put every FSDP unit back in its sharded state: after a forward pass without backward
@@ -201,7 +206,10 @@ class AdapterSlot:
 
     def _shard_versions(self) -> tuple[int, ...]:
         """The parameters' in-place version counters: the optimizer's step moves them, a
-        forward pass (FSDP's gathers included) does not."""
+        forward pass (FSDP's gathers included) does not. ZeRO-3 steps its partitions behind
+        the parameters' backs: there, the engine's count of optimizer steps."""
+        if self.zero3:
+            return (zero3_steps(self.model),)
         return tuple(p._version for p in self.params.values())
 
     def _remember(self, state: dict[str, torch.Tensor]) -> None:
@@ -214,7 +222,7 @@ class AdapterSlot:
             return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in self.params.items()}
         self._resharded()
         if self._shard_versions() != self._versions:  # trained since: gather (every rank)
-            self._remember({n: _whole(p) for n, p in self.params.items()})
+            self._remember(_gather(self.params))
         return {n: t.clone() for n, t in self._mirror.items()}
 
     @torch.no_grad()
@@ -248,10 +256,10 @@ class AdapterSlot:
         self._remember({**whole, **state})
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.params.values())
+        return sum(whole_numel(p) for p in self.params.values())
 
     def num_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.params.values())
+        return sum(whole_numel(p) * p.element_size() for p in self.params.values())
 
 
 def reshard(model: torch.nn.Module) -> None:
@@ -264,10 +272,18 @@ def reshard(model: torch.nn.Module) -> None:
 
 
 def _is_shard(param: torch.Tensor) -> bool:
-    """Whether a parameter is an FSDP shard (a DTensor holding this rank's rows)."""
+    """Whether a parameter is an FSDP shard (a DTensor holding this rank's rows) or a ZeRO-3
+    partition."""
     from torch.distributed.tensor import DTensor
 
-    return isinstance(param, DTensor)
+    return isinstance(param, DTensor) or is_zero3(param)
+
+
+def _gather(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sharded parameters gathered whole from every rank (a collective)."""
+    if any(is_zero3(p) for p in params.values()):
+        return gather_zero3(params)
+    return {n: _whole(p) for n, p in params.items()}
 
 
 def _whole(param: torch.Tensor) -> torch.Tensor:
@@ -276,7 +292,11 @@ def _whole(param: torch.Tensor) -> torch.Tensor:
 
 
 def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy a whole tensor into a parameter; into a sharded one, this rank's rows of it."""
+    """Copy a whole tensor into a parameter; into a sharded one, this rank's rows of it (ZeRO-3:
+    this rank's partition of its flattened elements)."""
+    if is_zero3(param):
+        assign_partition(param, value)
+        return
     if not _is_shard(param):
         param.copy_(value)
         return

@@ -3,11 +3,12 @@ work, and what it runs unsplit: DP-SGD, and what the algorithm's catalog row say
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 from fedtune.algorithms.catalog import CATALOG
 from fedtune.config import Recipe
-from fedtune.errors import RecipeError
+from fedtune.errors import ModelError, RecipeError
 from fedtune.train.distributed import ranks
 
 log = logging.getLogger("fedtune.distributed")
@@ -38,40 +39,46 @@ def check_launch(recipe: Recipe) -> None:
 
 def check_sharding(recipe: Recipe) -> None:
     """Refuse, before any work, a train.sharding the launch or the recipe cannot run."""
-    sharding = recipe.train.sharding
-    if sharding == "deepspeed":
-        raise RecipeError(_deepspeed_refusal())
-    if sharding != "fsdp":
+    train = recipe.train
+    sharding = train.sharding
+    if sharding == "none":
         return
+    name = {"fsdp": "FSDP", "deepspeed": "DeepSpeed ZeRO"}[sharding]
+    key = f"train.sharding: {sharding}"
+    if sharding == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise RecipeError(f"{key} needs the deepspeed package: pip install 'fedtune[deepspeed]' "
+                              "(or use train.sharding: fsdp / none)")
+        if train.precision == "fp16":
+            raise RecipeError(f"{key} with train.precision: fp16: not available (fedtune's gradient "
+                              "scaler cannot reach ZeRO's partitions); use bf16")
+        if train.zero_options:
+            from fedtune.train.zero import check_zero_options
+
+            try:
+                check_zero_options(train)
+            except ModelError as exc:
+                raise RecipeError(str(exc)) from None
     r = ranks()
     if r is None:
-        log.warning("train.sharding: fsdp in one process: nothing to shard over; launch the party "
-                    "with torchrun or accelerate launch to shard it")
+        log.warning("%s in one process: nothing to shard over; launch the party with torchrun or "
+                    "accelerate launch to shard it", key)
         return
     fed, adapter = recipe.federation, recipe.adapter
     if not CATALOG[fed.algorithm].fsdp:
-        runs = ", ".join(name for name, info in CATALOG.items() if info.fsdp)
-        raise RecipeError(f"train.sharding: fsdp with federation.algorithm {fed.algorithm}: its "
-                          "client hooks read whole parameters or gradients (each rank holds a "
-                          f"share of them under FSDP); FSDP runs {runs} (or use train.sharding: "
-                          "none, DDP)")
+        runs = ", ".join(n for n, info in CATALOG.items() if info.fsdp)
+        raise RecipeError(f"{key} with federation.algorithm {fed.algorithm}: its client hooks read "
+                          f"whole parameters or gradients (each rank holds a share of them under "
+                          f"{name}); {name} runs {runs} (or use train.sharding: none, DDP)")
     if adapter.method != "lora":
-        raise RecipeError(f"train.sharding: fsdp with adapter.method {adapter.method}: FSDP runs "
-                          "LoRA adapters (or use train.sharding: none, DDP)")
+        raise RecipeError(f"{key} with adapter.method {adapter.method}: {name} runs LoRA adapters "
+                          "(or use train.sharding: none, DDP)")
     if adapter.rank_per_client is not None:
-        raise RecipeError("train.sharding: fsdp with adapter.rank_per_client: not available "
+        raise RecipeError(f"{key} with adapter.rank_per_client: not available "
                           "(or use train.sharding: none, DDP)")
     if fed.parallel_clients > 1:
-        raise RecipeError("train.sharding: fsdp with federation.parallel_clients > 1: the batched "
-                          "clients share one unsharded base; set parallel_clients: 1")
+        raise RecipeError(f"{key} with federation.parallel_clients > 1: the batched clients share "
+                          "one unsharded base; set parallel_clients: 1")
     if recipe.eval.humaneval is not None:
-        raise RecipeError("train.sharding: fsdp with eval.humaneval: HumanEval runs after the other "
-                          "ranks have left; run it on the saved adapter with `fedtune eval`")
-
-
-def _deepspeed_refusal() -> str:
-    """Why train.sharding: deepspeed is refused (docs/scaling.md, "DeepSpeed ZeRO")."""
-    return ("train.sharding: deepspeed is not available: DeepSpeed's ZeRO optimizer keeps its own "
-            "float32 copy of each rank's partition, which fedtune's per-round adapter swaps and fresh "
-            "optimizer per round do not reach; use train.sharding: fsdp (FSDP2 shards the base and "
-            "the adapter likewise) or none (DDP)")
+        raise RecipeError(f"{key} with eval.humaneval: HumanEval runs after the other ranks have "
+                          "left; run it on the saved adapter with `fedtune eval`")

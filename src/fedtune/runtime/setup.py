@@ -69,7 +69,7 @@ class Setup:
         section = recipe.adapter if rank is None else recipe.adapter.model_copy(update={"r": rank})
         self.model = attach_adapter(model, section) if self.party.attaches_adapter else model
         self.model.eval()
-        self.sharded = shard_for_launch(self.model, recipe.train.sharding)  # FSDP: every rank
+        self.sharded = shard_for_launch(self.model, recipe.train)  # FSDP / ZeRO-3: every rank
         self.slot = AdapterSlot(self.model)
         self.own_rank = rank
         if recipe.adapter.rank_per_client is not None:  # this party's rank, in the wire frame
@@ -82,7 +82,7 @@ class Setup:
             max_length=recipe.data.max_length, device=self.device,
         )
         self.trainer = LocalTrainer(self.model, recipe.train, self.tokenizer.pad_token_id, self.device,
-                                    parallel=data_parallel(recipe.train.sharding))  # DDP / FSDP
+                                    parallel=data_parallel(recipe.train.sharding, self.model))
         if "rouge_l" in recipe.eval.metrics:  # a missing package fails now, not after training
             from fedtune.eval.errors import require_module
 

@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fedtune.errors import ModelError
 from fedtune.ranks import Ranks, launched, ranks  # noqa: F401  (this module's API too)
 from fedtune.seeding import derive_seed
 
 if TYPE_CHECKING:
     from fedtune.train.sharded import FullySharded
+    from fedtune.train.zero import ZeroSharded
 
 log = logging.getLogger("fedtune.distributed")
 
@@ -102,12 +104,22 @@ class DataParallel:
         return t.tolist()
 
 
-def data_parallel(sharding: str = "none") -> DataParallel | OneProcess | FullySharded:
-    """How local training splits its micro-batches in this process: one process, DDP, or FSDP
-    (`train.sharding: fsdp`, fedtune.train.sharded)."""
+def data_parallel(sharding: str = "none", model: torch.nn.Module | None = None,
+                  ) -> DataParallel | OneProcess | FullySharded | ZeroSharded:
+    """How local training splits its micro-batches in this process: one process, DDP, FSDP
+    (`train.sharding: fsdp`, fedtune.train.sharded) or DeepSpeed ZeRO (`deepspeed`: the engine
+    built over `model` at set-up, fedtune.train.zero)."""
     r = ranks()
     if r is None:
         return OneProcess()
+    if sharding == "deepspeed":
+        from fedtune.train.zero import ZeroSharded, engine_of
+
+        engine = engine_of(model) if model is not None else None
+        if engine is None:
+            raise ModelError("train.sharding: deepspeed: no DeepSpeed engine was built over the "
+                             "model at set-up")
+        return ZeroSharded(r, engine)
     if sharding == "fsdp":
         from fedtune.train.sharded import FullySharded
 

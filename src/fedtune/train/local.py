@@ -30,6 +30,7 @@ from fedtune.train.precision import Precision, base_dtype
 
 if TYPE_CHECKING:
     from fedtune.train.sharded import FullySharded
+    from fedtune.train.zero import ZeroSharded
 
 
 @dataclass
@@ -89,7 +90,7 @@ class LocalTrainer:
     """Runs a client's local steps on the shared model's trainable parameters."""
 
     def __init__(self, model: torch.nn.Module, section: TrainSection, pad_id: int, device: torch.device,
-                 parallel: DataParallel | OneProcess | FullySharded | None = None):
+                 parallel: DataParallel | OneProcess | FullySharded | ZeroSharded | None = None):
         self.model = model
         self.section = section
         self.pad_id = pad_id
@@ -98,6 +99,9 @@ class LocalTrainer:
         if section.dp_sgd is not None:
             require_opacus()
         self.precision = Precision(section.precision, device, base_dtype(model))
+        if hasattr(self.parallel, "engine") and self.precision.mode == "fp16":
+            raise ModelError("train.precision fp16 with train.sharding: deepspeed: not available "
+                             "(fedtune's gradient scaler cannot reach ZeRO's partitions); use bf16")
         if section.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         if section.packing:
@@ -132,9 +136,15 @@ class LocalTrainer:
             raise ValueError("a client with no training examples cannot train")
         s = self.section
         start = time.perf_counter()
-        model = self.parallel.wrap(self.model)  # DDP / FSDP over the launch's ranks, else the model
+        model = self.parallel.wrap(self.model)  # DDP / FSDP / ZeRO engine over the ranks, else the model
         params = [p for p in self.model.parameters() if p.requires_grad and all(p is not q for q in skip)]
-        optimizer = self._optimizer(params, lr)
+        zero = self.parallel if hasattr(self.parallel, "engine") else None  # DeepSpeed: train/zero.py
+        if zero is not None:
+            if extra_loss is not None or before_step is not None or skip:
+                raise ModelError("train.sharding: deepspeed: the engine takes the whole step; an "
+                                 "algorithm's proximal term or gradient correction is not available")
+            zero.start(lr)  # the adapter swapped in, a fresh optimizer state, this call's lr
+        optimizer = self._optimizer(params, lr) if zero is None else None
         batches = micro_batches(len(examples), s.batch_size, seed)
         torch.manual_seed(self.parallel.dropout_seed(seed))  # dropout masks (each rank its own)
         self.model.train()
@@ -163,13 +173,17 @@ class LocalTrainer:
                     with self.precision.autocast():
                         loss_sum = response_loss_sum(model, batch, targets)
                     scaled = loss_sum * weight / group_tokens
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                    if zero is not None:
+                        zero.backward(scaled)  # the engine steps at the step's last micro-batch
+                    else:
+                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 if weight:
                     running = running + loss_sum.detach()   # read once at the end: no wait per step
                     total_tokens += targets.count
                     seen += len(mine)
-            self._step(params, optimizer, extra_loss, before_step, scaler)
-            optimizer.zero_grad(set_to_none=True)
+            if zero is None:
+                self._step(params, optimizer, extra_loss, before_step, scaler)
+                optimizer.zero_grad(set_to_none=True)
         self.model.eval()
         total_loss, total_tokens, seen = parallel.totals(float(running), total_tokens, seen)
         total_tokens, seen = int(total_tokens), int(seen)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
+from fedtune.config import TrainSection
 from fedtune.errors import ModelError
 from fedtune.models.adapters import reshard
 from fedtune.ranks import Ranks
@@ -48,12 +49,19 @@ def shard_model(model: torch.nn.Module, ranks: Ranks) -> int:
     return len(layers)
 
 
-def shard_for_launch(model: torch.nn.Module, sharding: str) -> bool:
-    """Shard the model over the launch's ranks when the recipe asks for FSDP and several
-    processes were launched (one process keeps it whole); True when it was sharded."""
+def shard_for_launch(model: torch.nn.Module, section: TrainSection) -> bool:
+    """Shard the model over the launch's ranks when the recipe asks for FSDP, or build its
+    DeepSpeed engine (train/zero.py), when several processes were launched (one process keeps it
+    whole); True when its parameters are sharded (FSDP, ZeRO-3), so every rank must take part in
+    each forward pass and in gathering the adapter."""
     launch = ranks()
-    if sharding != "fsdp" or launch is None:
+    if section.sharding == "none" or launch is None:
         return False
+    if section.sharding == "deepspeed":
+        from fedtune.train.zero import build_engine
+
+        build_engine(model, section, launch)
+        return section.zero_stage == 3
     shard_model(model, launch)
     return True
 
