@@ -53,3 +53,29 @@ def free_port() -> int:
 def files(run_dir: Path) -> list[str]:
     """Every file of a run directory, relative to it."""
     return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+
+
+def assert_same_run(runs: Path, name: str, single: dict, *, bytes_up_within: int = 0) -> Path:
+    """The run directory `runs/name` of a 2-rank launch against `runs/single` of the same recipe
+    in one process (`single`: its summary): the same files, a trained final adapter within 1e-5,
+    the same evaluation figures, bytes and adapter size (bytes up within `bytes_up_within`: the
+    text of float metrics may differ by a digit). Returns the 2-rank run's directory."""
+    import json
+
+    import pytest
+    from safetensors.torch import load_file
+
+    assert sorted(p.name for p in runs.iterdir()) == sorted([name, "single"])
+    one, two = runs / "single", runs / name
+    assert files(two) == files(one)
+    final = load_file(str(two / "final" / "adapter_model.safetensors"))
+    expected = load_file(str(one / "final" / "adapter_model.safetensors"))
+    assert max(v.abs().max().item() for k, v in expected.items() if "lora_B" in k) > 1e-3  # trained
+    assert_close(final, expected, atol=1e-5)
+    summary = json.loads((two / "summary.json").read_text())
+    for key in ("initial", "final"):  # the server's evaluation, run by both ranks in step
+        assert summary[key] == pytest.approx(single[key], rel=1e-4), key
+    assert summary["bytes_down"] == single["bytes_down"]
+    assert summary["bytes_up"] == pytest.approx(single["bytes_up"], abs=bytes_up_within)
+    assert summary["adapter_parameters"] == single["adapter_parameters"]  # whole, not one share
+    return two
