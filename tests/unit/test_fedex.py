@@ -120,7 +120,7 @@ def test_recipe_check_names_the_key():
     for override, key in cases:
         with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
             load_recipe("default", [*base, override])
-    with pytest.raises(RecipeError, match="data.val_fraction"):
+    with pytest.raises(RecipeError, match=r"data\.val_fraction: FedEx needs each client's validation part"):
         load_recipe("default", ["federation.algorithm=fedex", "data.val_fraction=0",
                                 "federation.options={grid: {train.lr: [0.001, 0.01]}}"])
     with pytest.raises(RecipeError, match="secure_aggregation"):
@@ -202,3 +202,14 @@ def test_the_base_options_are_exactly_those_of_the_bases():
     assert algorithm_options("fedex", {"base": "krum", "byzantine": 0}).base_options() == {"byzantine": 0}
     with pytest.raises(RecipeError, match="max_norm"):   # required by the base: at the recipe check
         load_recipe("default", ["federation.algorithm=fedex", "federation.options={base: norm_bounding}"])
+
+
+def test_the_grid_digest_is_the_first_16_hex_digits_of_the_configurations_sha256():
+    """A client of another fedtune version compares the same fingerprint: the SHA-256 of the
+    configurations as sorted-key JSON, cut to 16 hex digits."""
+    import hashlib
+
+    c = algorithm_options("fedex", {"grid": {"train.lr": [0.1, 0.2]}})
+    text = '[{"train.lr": 0.1}, {"train.lr": 0.2}]'
+    assert c.digest() == hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert len(c.digest()) == 16 and FedExLocal(c).digest == c.digest()
