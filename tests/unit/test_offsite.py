@@ -243,3 +243,17 @@ def test_a_gpt2_emulator_round_trips_through_its_package(char_tokenizer):
                 params[name].copy_(p)
         ids = torch.tensor([[5, 6, 7, 8]])
         assert torch.equal(rebuilt.model(ids).logits, emulator.model(ids).logits)
+
+
+def test_distillation_reads_the_attention_mask_of_a_left_padded_batch():
+    """Nothing dropped (drop_ratio 0): the emulator is the full model, so on the real tokens its
+    hidden states equal the teacher's and the first loss is 0, padding on either side."""
+    full = _llama(4)
+    emu = build_emulator(full, 1, 1, 0.0)
+    assert emu.kept == [0, 1, 2, 3]
+    ids = torch.tensor([[0, 0, 7, 9, 11], [5, 6, 7, 8, 9]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.where(mask.bool(), ids, -100)}
+    losses = distill(full, emu, iter([batch]), steps=1, lr=1e-2, lm_weight=0.0, kd_weight=1.0,
+                     device=torch.device("cpu"))
+    assert losses == [pytest.approx(0.0, abs=1e-10)]
