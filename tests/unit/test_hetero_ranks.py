@@ -384,3 +384,10 @@ def test_hetlora_without_regulariser_trains_plainly():
             assert extra is None
         else:
             assert extra().item() == pytest.approx(expected)
+
+
+def test_a_resource_rule_needs_one_resource_per_client(tiny_recipe):
+    rule = {"ranks": [4, 2], "resources": [1.0, 2.0]}
+    with pytest.raises(RecipeError, match=r"adapter\.rank_per_client\.resources: 2 entries for "
+                                          r"federation\.clients=3"):
+        _recipe(tiny_recipe, federation__algorithm="hetlora", adapter__rank_per_client=rule)
