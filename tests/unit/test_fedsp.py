@@ -346,3 +346,26 @@ def test_the_auxiliary_model_is_distilled_on_seeded_batches_of_truncated_texts(t
     for got, want in zip(seen["batches"], expected):
         assert all(torch.equal(got[k], want[k]) for k in want)
     assert [b["input_ids"].shape for b in seen["batches"][:2]] == [(3, 12), (1, 12)]
+
+
+def test_the_servers_shard_is_drawn_with_its_own_seed(tiny_recipe, tiny_model_dir):
+    """server_data synthetic: the benchmark's tasks, server_examples per category, drawn with the
+    seed derived from (recipe seed, "fedsp-server-data"): not the clients' draw (the recipe seed)."""
+    from fedtune.data.prompts import tokenize_examples
+    from fedtune.data.synthetic import generate_examples
+    from fedtune.seeding import derive_seed
+
+    party, _, recipe = _fedsp_party(tiny_recipe, tiny_model_dir, distill={"steps": 0}, server_examples=2)
+    section = recipe.data.synthetic.model_copy(update={"examples_per_category": 2})
+
+    def ids(seed):
+        examples = generate_examples(section, seed)
+        tokenized, _ = tokenize_examples(examples, _tok(), template=recipe.data.template,
+                                         max_length=recipe.data.max_length, truncation=recipe.data.truncation)
+        return [ex.input_ids for ex in tokenized]
+
+    got = [ex.input_ids for ex in party.server.data]
+    drawn = generate_examples(section, derive_seed(recipe.seed, "fedsp-server-data"))
+    categories = [ex.category for ex in drawn]
+    assert len(got) == len(drawn) and all(categories.count(c) == 2 for c in categories)
+    assert got == ids(derive_seed(recipe.seed, "fedsp-server-data")) != ids(recipe.seed)
