@@ -14,6 +14,10 @@ its own), interleaved with the others, `--repeats` times; the tables show median
 
     python benchmarks/simulation_speed.py                       # 10, 50, 1000 clients; K = 1, 2, 5, 10
     python benchmarks/simulation_speed.py --clients 10 --parallel 1 5 --repeats 1 --rounds 1
+    python benchmarks/simulation_speed.py --clients 10 --parallel 1 5 --whole-rows 5 --padded 5
+
+`--whole-rows K` runs the batched step without running a sub-batch's shared prompt prefix once
+per client, `--padded K` also as one batch padded to its widest example (the A/B of each layout).
 """
 
 from __future__ import annotations
@@ -115,6 +119,10 @@ def run_fedtune(args: argparse.Namespace) -> dict:
         from fedtune.train import multi_lora
 
         multi_lora.CPU_GROUP_COST = 1 << 40
+    if args.worker in ("padded", "whole"):   # every row runs whole (no shared prefix run once per client)
+        from fedtune.train import multi_lora
+
+        multi_lora.SHARE_PREFIX = False
     with tempfile.TemporaryDirectory() as out:
         summary = fedtune.run(recipe(args.model_dir, out, args.clients, args.parallel, args.rounds,
                                      args.max_length, args.steps, args.data))
@@ -200,7 +208,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--padded", type=int, nargs="*", default=[], metavar="K",
                     help="also run these K (> 1) with the batched step as one padded batch (no length sub-batches)")
-    ap.add_argument("--worker", choices=["fedtune", "ideal", "padded"], help=argparse.SUPPRESS)
+    ap.add_argument("--whole-rows", type=int, nargs="*", default=[], metavar="K",
+                    help="also run these K (> 1) with every row run whole (the shared prompt prefix not run once per client)")
+    ap.add_argument("--worker", choices=["fedtune", "ideal", "padded", "whole"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--parallel-one", dest="parallel_k", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -213,6 +223,7 @@ def main() -> None:
     configs = [("ideal", n, 1) for n in args.clients] + [("fedtune", n, 1) for n in args.clients]
     configs += [("fedtune", args.clients[0], k) for k in args.parallel if k != 1]
     configs += [("padded", args.clients[0], k) for k in args.padded if k != 1]
+    configs += [("whole", args.clients[0], k) for k in args.whole_rows if k != 1]
     results: dict[tuple, list[dict]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as model_dir:
         make_model(model_dir)
@@ -256,8 +267,9 @@ def main() -> None:
     print(f"\n# Batched multi-client training (federation.parallel_clients = K) at {n} clients\n")
     print("| K | batched step | rounds s | throughput ÷ ideal | peak MB | peak memory ÷ ideal |")
     print("|---:|---|---:|---:|---:|---:|")
-    for k in sorted({1, *args.parallel, *args.padded}):
-        for kind, how in (("fedtune", "length sub-batches" if k > 1 else "-"), ("padded", "one padded batch")):
+    for k in sorted({1, *args.parallel, *args.padded, *args.whole_rows}):
+        for kind, how in (("fedtune", "length sub-batches, shared prefix once per client" if k > 1 else "-"),
+                          ("whole", "length sub-batches, whole rows"), ("padded", "one padded batch, whole rows")):
             if (kind, n, k) not in results:
                 continue
             rounds, peak = med(kind, n, k, "rounds"), med(kind, n, k, "peak_mb")

@@ -60,6 +60,10 @@ def _fits(setup: Setup, host: InProcessHost, seed: int) -> list[tuple[str, bytes
 def test_each_batched_client_replies_what_it_would_alone(tiny_recipe, monkeypatch, algorithm, options,
                                                          train, group_cost):
     splits: list[list[list[int]]] = []
+    prefixed: list[int] = []   # sub-batches whose shared prompt prefix ran once per client
+    real_prefixed = multi_lora.MultiLoRA._prefixed_losses
+    monkeypatch.setattr(multi_lora.MultiLoRA, "_prefixed_losses",
+                        lambda self, *a: prefixed.append(a[-1]) or real_prefixed(self, *a))
     if group_cost is not None:
         monkeypatch.setattr(multi_lora, "CPU_GROUP_COST", group_cost)
         real_groups = multi_lora.length_groups
@@ -79,6 +83,12 @@ def test_each_batched_client_replies_what_it_would_alone(tiny_recipe, monkeypatc
     assert answered == [3]   # the three clients trained as one group
     if group_cost is not None:   # several sub-batches per micro-batch, most mixing clients
         assert splits and all(len(groups) > 1 for groups in splits), splits
+    # sub-batches with several rows of a client run their shared prompt prefix once per client
+    # (with free passes, always); never with gradient checkpointing (layers recomputed unrouted)
+    if train.get("gradient_checkpointing"):
+        assert prefixed == []
+    elif group_cost == 0:
+        assert prefixed and min(prefixed) > 0, prefixed
     assert list(a) == list(b) == alone.names()
     for name in a:
         ma, mb = decode(a[name]), decode(b[name])

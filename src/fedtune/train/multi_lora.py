@@ -9,6 +9,15 @@ micro-batches), loss normalisation (its own response tokens), gradient clipping,
 algorithm hooks (FedProx's proximal term, SCAFFOLD's correction), so with dropout 0 each client's
 result is its sequential result up to float rounding.
 
+A prompt template gives every example the same first tokens (`<s>### Instruction:` and more: a
+quarter of the benchmark's tokens). Causal attention makes those positions' keys and values the
+same in every row of a client (they see only the prefix), so a sub-batch runs its shared prefix
+once per client (a key-value cache, with gradients), and its rows only from there on, attending
+to their client's prefix (`shared_prefix`). `check_prefix` verifies on the actual model, once, that
+this gives the logits of the whole rows; where it does not (or with gradient checkpointing, which
+would recompute the layers outside the routing, or with dropout, which would give a client's rows
+one mask on their prefix) whole rows run as before.
+
 What cannot batch is refused with the reason (`NotBatchable`) and runs sequentially: adapter
 methods other than plain LoRA (DoRA, LoRA bias, trainable tensors outside A and B), DP-SGD,
 packing, fp16 loss scaling, several ranks, and clients with different numbers of local steps.
@@ -17,6 +26,8 @@ packing, fp16 loss scaling, several ranks, and clients with different numbers of
 from __future__ import annotations
 
 import contextlib
+import inspect
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -32,12 +43,18 @@ from fedtune.train.local import LocalResult, LocalTrainer, micro_batches, steps_
 from fedtune.train.loss import model_inputs, targets_of
 from fedtune.train.packing import length_groups
 
+log = logging.getLogger("fedtune.batched")
+
 State = dict[str, torch.Tensor]
 Params = dict[str, torch.Tensor]
 
 # Tokens one more forward and backward pass is worth on a CPU (length_groups' extra cost):
 # its fixed cost is a few milliseconds, about what 64 tokens of the benchmark's model cost.
 CPU_GROUP_COST = 64
+
+# Whether a sub-batch may run the first tokens its rows share once per client (`shared_prefix`):
+# the default of every MultiLoRA's `share_prefix`.
+SHARE_PREFIX = True
 
 
 class NotBatchable(FedtuneError):
@@ -76,6 +93,9 @@ class MultiLoRA:
         self.layers = _lora_layers(self.model, slot_params)
         self.dtypes = {n: p.dtype for n, p in slot_params.items()}
         self._routing: tuple[list[Params], list[int]] | None = None
+        self.share_prefix = SHARE_PREFIX
+        self._cache_arg: str | None = None   # set by the first sub-batch that could share a prefix
+        self._prefix_checked = False
 
     @staticmethod
     def check_trainer(trainer: LocalTrainer) -> None:
@@ -118,6 +138,23 @@ class MultiLoRA:
                     del layer.module.forward
                 else:
                     layer.module.forward = old
+
+    def prefix_supported(self) -> bool:
+        """Whether sub-batches may run their shared prefix once per client (checked once)."""
+        if not self._prefix_checked:
+            self._prefix_checked = True
+            if not self.share_prefix:
+                reason = "share_prefix is off"
+            elif self.trainer.section.gradient_checkpointing:
+                reason = "gradient checkpointing recomputes the layers outside the routing"
+            elif _has_dropout(self.model):
+                reason = "with dropout, a client's rows would share one dropout mask on their prefix"
+            else:
+                self._cache_arg, reason = check_prefix(self.model, self.trainer.device)
+            if reason is not None:
+                self._cache_arg = None
+                log.info("federation.parallel_clients: each sub-batch runs whole rows (%s)", reason)
+        return self._cache_arg is not None
 
     def train(self, jobs: list[Job]) -> list[LocalResult]:
         """Train every job's tensors in place, together; one LocalResult per job."""
@@ -182,12 +219,21 @@ class MultiLoRA:
         rows = torch.bincount(row_owner, minlength=k_all).tolist()
         targets = targets_of(batch["labels"])
         owner = row_owner[targets.row].to(device)
+        start = shared_prefix(batch, targets, [ex for _, ex in members])
+        clients = sum(1 for n in rows if n)
+        if start and (len(members) - clients) * start <= self._group_cost(members):
+            start = 0   # the rows it saves do not pay for one more pass
+        if start and not self.prefix_supported():
+            start = 0
         targets = targets.to(device)
         batch = {key: v.to(device) for key, v in batch.items()}
         # backward inside the routing too: gradient checkpointing runs the forward again
         with self.routed(params, rows):
             with self.trainer.precision.autocast():
-                losses = _per_token_losses(self.model, batch, targets)
+                if start:
+                    losses = self._prefixed_losses(batch, targets, row_owner, rows, start)
+                else:
+                    losses = _per_token_losses(self.model, batch, targets)
             sums = torch.zeros(k_all, device=device).index_add(0, owner, losses)
             (sums * weights).sum().backward()
         counts = torch.bincount(owner, minlength=k_all).tolist()
@@ -196,6 +242,32 @@ class MultiLoRA:
             if counts[k]:
                 running[k] = running[k] + sums[k]
                 tokens[k] += counts[k]
+
+    def _prefixed_losses(self, batch: dict[str, torch.Tensor], targets, row_owner: torch.Tensor,
+                         rows: list[int], start: int) -> torch.Tensor:
+        """`_per_token_losses` of a sub-batch whose rows all begin with the same `start` tokens:
+        those run once per client (one row each, its own adapter), then every row from `start`
+        on, attending to its client's cached prefix (within `routed`)."""
+        assert self._routing is not None and self._cache_arg is not None
+        params = self._routing[0]
+        present = [k for k, n in enumerate(rows) if n]
+        slot_of = torch.full((len(rows),), -1, dtype=torch.long)
+        slot_of[present] = torch.arange(len(present))
+        ids = batch["input_ids"]
+        prefix_ids = ids[:1, :start].expand(len(present), start)
+        self._routing = (params, [1 if n else 0 for n in rows])
+        try:
+            cache = _new_cache(self.model)
+            self.model(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids),
+                       use_cache=True, **{self._cache_arg: cache})
+        finally:
+            self._routing = (params, rows)
+        cache.batch_select_indices(slot_of[row_owner].to(ids.device))   # each row: its client's prefix
+        logits = self.model(input_ids=ids[:, start:], attention_mask=batch["attention_mask"],
+                            use_cache=True, **{self._cache_arg: cache}).logits
+        flat = logits.reshape(-1, logits.shape[-1])
+        index = targets.row * logits.shape[1] + targets.col - start
+        return F.cross_entropy(flat.index_select(0, index).float(), targets.label, reduction="none")
 
     def _step(self, job: Job, optimizer: torch.optim.Optimizer) -> None:
         """One client's optimizer step, as LocalTrainer._step takes it (without a scaler)."""
@@ -215,6 +287,77 @@ def _per_token_losses(model, batch: dict[str, torch.Tensor], targets) -> torch.T
     flat = logits.reshape(-1, logits.shape[-1])
     index = targets.row * logits.shape[1] + offset + targets.col
     return F.cross_entropy(flat.index_select(0, index).float(), targets.label, reduction="none")
+
+
+def shared_prefix(batch: dict[str, torch.Tensor], targets, examples: Sequence[TokenizedExample]) -> int:
+    """How many first tokens every row of a padded batch shares and none is trained on (no target
+    is predicted from them), leaving every row at least one token after them (0: none)."""
+    ids = batch["input_ids"]
+    shortest = min(len(ex) for ex in examples)
+    limit = min(shortest - 1, int(targets.col.min()) if targets.count else shortest - 1)
+    if limit <= 0 or ids.shape[0] < 2:
+        return 0
+    same = (ids[:, :limit] == ids[:1, :limit]).all(dim=0)
+    return int(limit if bool(same.all()) else int(same.long().argmin()))
+
+
+def _has_dropout(model: torch.nn.Module) -> bool:
+    """Whether training draws dropout masks anywhere in the model (LoRA's or the base's)."""
+    config = getattr(model, "config", None)
+    rates = [getattr(config, name, 0.0) for name in ("attention_dropout", "attn_pdrop")]
+    rates += [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    return any(isinstance(r, (int, float)) and r > 0 for r in rates)
+
+
+def _new_cache(model: torch.nn.Module):
+    """An empty key-value cache for `model` (transformers' DynamicCache)."""
+    from transformers import DynamicCache
+
+    config = getattr(model, "config", None)
+    try:
+        return DynamicCache(config=config)
+    except TypeError:   # transformers before 4.56 takes no config
+        return DynamicCache()
+
+
+@torch.no_grad()
+def check_prefix(model: torch.nn.Module, device: torch.device) -> tuple[str | None, str | None]:
+    """The forward argument that takes a key-value cache, if running a shared prefix once and the
+    rows from there on (right-padded, each row its own copy of the cache) gives the logits of the
+    whole rows on this model; else None and the reason."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = inspect.signature(base.forward).parameters
+    arg = next((n for n in ("cache", "past_key_values") if n in names), None)
+    if arg is None:
+        return None, f"{type(base).__name__} takes no key-value cache"
+    was_training = model.training
+    model.eval()
+    try:
+        vocab = int(model.get_input_embeddings().num_embeddings)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(min(3, vocab - 1), vocab, (3, 9), generator=gen)
+        ids[:, :4] = ids[0, :4]
+        mask = torch.ones_like(ids)
+        mask[1, 7:] = 0                      # a right-padded row
+        ids, mask = ids.to(device), mask.to(device)
+        whole = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 4:].float()
+        cache = _new_cache(model)
+        model(input_ids=ids[:1, :4], attention_mask=mask[:1, :4], use_cache=True, **{arg: cache})
+        cache.batch_select_indices(torch.zeros(3, dtype=torch.long, device=device))
+        rest = model(input_ids=ids[:, 4:], attention_mask=mask, use_cache=True, **{arg: cache}).logits.float()
+    except Exception as exc:   # a model or transformers version whose cache does not work this way
+        return None, f"its key-value cache cannot be shared ({type(exc).__name__}: {exc})"
+    finally:
+        model.train(was_training)
+    if rest.shape != whole.shape:
+        return None, "the adapter method changes the sequence length"
+    real = mask[:, 4:].bool()
+    half = any(p.dtype != torch.float32 for p in model.parameters())
+    tol = (2e-2 if half else 1e-4) * max(1.0, float(whole.abs().max()))
+    gap = float((rest - whole)[real].abs().max())
+    if gap > tol:
+        return None, f"a cached prefix changes its logits (by {gap:.3g})"
+    return arg, None
 
 
 def _response_tokens(example: TokenizedExample) -> int:
