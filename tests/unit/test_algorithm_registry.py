@@ -87,6 +87,18 @@ def test_recipes_that_suit_their_algorithm_load():
     Recipe.model_validate({"federation": {"algorithm": "offsite"}, "adapter": {"method": "full"}})
 
 
+@pytest.mark.parametrize("algorithm", ["fedsa_lora", "ffa_lora", "pfedgate"])
+def test_the_algorithms_that_split_lora_take_lora_and_qlora_only(algorithm):
+    from fedtune.config import load_recipe
+    from fedtune.errors import RecipeError
+
+    for method in ("lora", "qlora"):
+        assert load_recipe("default", [f"federation.algorithm={algorithm}",
+                                       f"adapter.method={method}"]).adapter.method == method
+    with pytest.raises(RecipeError, match=rf"adapter\.method: {algorithm} shares or freezes .*got 'ia3'"):
+        load_recipe("default", [f"federation.algorithm={algorithm}", "adapter.method=ia3"])
+
+
 def test_stateless_strategies_refuse_foreign_state():
     s = build_strategy("fedavg", {})
     s.load_state_dict({})

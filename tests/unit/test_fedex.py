@@ -120,7 +120,7 @@ def test_recipe_check_names_the_key():
     for override, key in cases:
         with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
             load_recipe("default", [*base, override])
-    with pytest.raises(RecipeError, match="data.val_fraction"):
+    with pytest.raises(RecipeError, match=r"data\.val_fraction: FedEx needs each client's validation part"):
         load_recipe("default", ["federation.algorithm=fedex", "data.val_fraction=0",
                                 "federation.options={grid: {train.lr: [0.001, 0.01]}}"])
     with pytest.raises(RecipeError, match="secure_aggregation"):
@@ -202,3 +202,35 @@ def test_the_base_options_are_exactly_those_of_the_bases():
     assert algorithm_options("fedex", {"base": "krum", "byzantine": 0}).base_options() == {"byzantine": 0}
     with pytest.raises(RecipeError, match="max_norm"):   # required by the base: at the recipe check
         load_recipe("default", ["federation.algorithm=fedex", "federation.options={base: norm_bounding}"])
+
+
+def test_the_grid_digest_is_the_first_16_hex_digits_of_the_configurations_sha256():
+    """A client of another fedtune version compares the same fingerprint: the SHA-256 of the
+    configurations as sorted-key JSON, cut to 16 hex digits."""
+    import hashlib
+
+    c = algorithm_options("fedex", {"grid": {"train.lr": [0.1, 0.2]}})
+    text = '[{"train.lr": 0.1}, {"train.lr": 0.2}]'
+    assert c.digest() == hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert len(c.digest()) == 16 and FedExLocal(c).digest == c.digest()
+
+
+def test_aggregate_fit_folds_every_reply_and_moves_theta_by_hand():
+    """Base fedavg (weighted by examples) over a: 1 example, b: 3; θ moved by their losses
+    after − before: −0.5 and −0.1, baseline λ = (1·−0.5 + 3·−0.1)/4 = −0.2, η = 1:
+    ĝ_j = Σ over j's replies of (n/4)·(L − λ)/(1/3), θ ∝ exp(−ĝ)."""
+    s = FedEx(_options(eta=1.0))
+    s.configure_fit(1, ["a", "b"], 0.01)
+    ja, jb = s.assigned["a"], s.assigned["b"]
+    updates = [ClientUpdate("a", {"w": torch.tensor([4.0, 0.0])}, 1,
+                            {"train_loss": 1.0, CONFIG: ja, BEFORE: 1.0, AFTER: 0.5}),
+               ClientUpdate("b", {"w": torch.tensor([0.0, 4.0])}, 3,
+                            {"train_loss": 1.0, CONFIG: jb, BEFORE: 1.0, AFTER: 0.9})]
+    state = s.aggregate_fit(1, {"w": torch.zeros(2)}, updates)
+    torch.testing.assert_close(state["w"], torch.tensor([1.0, 3.0]))
+    g = [0.0, 0.0, 0.0]
+    g[ja] += 0.25 * (-0.5 + 0.2) * 3
+    g[jb] += 0.75 * (-0.1 + 0.2) * 3
+    z = sum(math.exp(-x) for x in g)
+    np.testing.assert_allclose(s.policy.theta, [math.exp(-x) / z for x in g], rtol=1e-9)
+    assert s.round_metrics()["fedex_feedback"] == 2

@@ -75,6 +75,46 @@ def test_distillation_moves_only_the_body_towards_the_full_model():
     assert all(p.grad is None for p in aux.parameters())   # no stale gradient for a first client step
 
 
+class _Block(torch.nn.Module):
+    """h·a, plus b where the example holds token 1 (b then has no gradient on other batches)."""
+
+    def __init__(self, a: float, b: float):
+        super().__init__()
+        self.a, self.b = torch.nn.Parameter(torch.tensor([a])), torch.nn.Parameter(torch.tensor([b]))
+
+    def forward(self, h, input_ids):
+        return h * self.a + (self.b if bool((input_ids == 1).any()) else 0.0)
+
+
+class _Toy(torch.nn.Module):
+    """One block on a one-dimensional hidden state: the token id as a number."""
+
+    def __init__(self, a: float, b: float):
+        super().__init__()
+        self.config = SimpleNamespace(num_hidden_layers=1)
+        self.layers = torch.nn.ModuleList([_Block(a, b)])
+
+    def forward(self, input_ids, attention_mask, output_hidden_states):
+        h = input_ids.float().unsqueeze(-1)
+        return SimpleNamespace(hidden_states=(h, self.layers[0](h, input_ids)))
+
+
+def test_a_parameter_without_a_gradient_in_a_distillation_step_is_not_moved_by_it():
+    """AdamW's first step moves each weight with a gradient by lr (sign of −g). b (teacher 1,
+    student 0) has a gradient in step 1 (token 1 present: +lr) and none in step 2: it stays at lr,
+    where a zeroed (not cleared) gradient would let Adam's momentum move it again."""
+    full, aux = _Toy(1.0, 1.0), _Toy(1.0, 0.0)
+    ones = torch.ones(1, 2, dtype=torch.long)
+    batches = iter([{"input_ids": torch.tensor([[1, 2]]), "attention_mask": ones},
+                    {"input_ids": torch.tensor([[2, 3]]), "attention_mask": ones}])
+    losses = distill_hidden(full, aux, 1, batches, steps=2, lr=0.1, device=torch.device("cpu"))
+    # step 1: teacher (2, 3), student (1, 2): ((t − s)/|t|)² averaged = (1/4 + 1/9)/2
+    assert losses[0] == pytest.approx((1 / 4 + 1 / 9) / 2)
+    assert aux.layers[0].b.item() == pytest.approx(0.1, abs=1e-6)
+    # step 2 from a = 1.1: student (2.2, 3.3), teacher (2, 3): (0.1² + 0.1²)/2
+    assert losses[1] == pytest.approx(0.1 ** 2)
+
+
 def test_the_package_holds_only_the_aux_weights_and_round_trips():
     tok = _tok()
     full = _llama(4)
@@ -88,6 +128,9 @@ def test_the_package_holds_only_the_aux_weights_and_round_trips():
     assert shared == 1 and rebuilt.model.layers[3].mlp.up_proj.weight is rebuilt.model.layers[0].mlp.up_proj.weight
     x = torch.tensor([[5, 9, 12, 7]])
     torch.testing.assert_close(rebuilt(input_ids=x).logits, aux(input_ids=x).logits)
+    double, _, _ = aux_from_package(meta, tensors, device=torch.device("cpu"), dtype=torch.float64)
+    assert {p.dtype for p in double.parameters()} == {torch.float64}   # the client's dtype
+    torch.testing.assert_close(double(input_ids=x).logits, aux(input_ids=x).logits.double(), atol=1e-5, rtol=1e-5)
     bad = [
         ({**meta, "config": {**meta["config"], "model_type": "evil"}}, tensors, "does not ship"),
         ({**meta, "layers": 3}, tensors, "the server said"),
@@ -215,6 +258,8 @@ def test_the_owner_ships_the_auxiliary_model_and_reports_it_beside_the_full_one(
     prompts = {n: torch.zeros_like(t) for n, t in server.slot.get().items()}
     tuned = party.after_round(1, prompts)
     assert len(server.server_losses) == 1 and any(not torch.equal(tuned[n], prompts[n]) for n in prompts)
+    loss = server.server_losses[0]   # the training loss of the server's step: a cross-entropy
+    assert isinstance(loss, float) and 0 < loss < 20
     written = []
     ev = GlobalEvaluation(state=tuned, tokenized=[], raw=[], generate=False,
                           metrics={"loss": 2.5, "n_examples": 0}, records=[{"a": 1}],
@@ -301,3 +346,26 @@ def test_the_auxiliary_model_is_distilled_on_seeded_batches_of_truncated_texts(t
     for got, want in zip(seen["batches"], expected):
         assert all(torch.equal(got[k], want[k]) for k in want)
     assert [b["input_ids"].shape for b in seen["batches"][:2]] == [(3, 12), (1, 12)]
+
+
+def test_the_servers_shard_is_drawn_with_its_own_seed(tiny_recipe, tiny_model_dir):
+    """server_data synthetic: the benchmark's tasks, server_examples per category, drawn with the
+    seed derived from (recipe seed, "fedsp-server-data"): not the clients' draw (the recipe seed)."""
+    from fedtune.data.prompts import tokenize_examples
+    from fedtune.data.synthetic import generate_examples
+    from fedtune.seeding import derive_seed
+
+    party, _, recipe = _fedsp_party(tiny_recipe, tiny_model_dir, distill={"steps": 0}, server_examples=2)
+    section = recipe.data.synthetic.model_copy(update={"examples_per_category": 2})
+
+    def ids(seed):
+        examples = generate_examples(section, seed)
+        tokenized, _ = tokenize_examples(examples, _tok(), template=recipe.data.template,
+                                         max_length=recipe.data.max_length, truncation=recipe.data.truncation)
+        return [ex.input_ids for ex in tokenized]
+
+    got = [ex.input_ids for ex in party.server.data]
+    drawn = generate_examples(section, derive_seed(recipe.seed, "fedsp-server-data"))
+    categories = [ex.category for ex in drawn]
+    assert len(got) == len(drawn) and all(categories.count(c) == 2 for c in categories)
+    assert got == ids(derive_seed(recipe.seed, "fedsp-server-data")) != ids(recipe.seed)

@@ -334,3 +334,60 @@ def test_a_deployed_clients_own_rank_model_holds_the_same_adapter(tiny_model_dir
             for layer in (la, lb)]
     torch.testing.assert_close(real[0], real[1])
     assert own.frame_scale == shared.frame_scale == 8.0 / 4
+
+
+def test_hetlora_aggregation_pads_to_the_rank_not_the_input_width():
+    """Rank 2 with 3 inputs (A is 2 x 3): the rank-1 client is padded to 2 rows, not 3."""
+    global_state = {A: T([[0, 0, 0], [0, 0, 0]]), B: T([[0, 0]])}
+    c1 = {A: T([[1, 0, 0]]), B: T([[3]])}                          # rank 1
+    c2 = {A: T([[0, 1, 0], [0, 0, 1]]), B: T([[0, 4]])}            # rank 2
+    out = hetlora_aggregate(global_state, [c1, c2], [1.0, 3.0])      # weights 1/4, 3/4
+    torch.testing.assert_close(out[A], T([[0.25, 0.75, 0], [0, 0, 0.75]]))
+    torch.testing.assert_close(out[B], T([[0.75, 3.0]]))
+    # a state without LoRA factors: the plain weighted mean
+    out = hetlora_aggregate({"w": T([0, 0])}, [{"w": T([1, 2])}, {"w": T([3, 6])}], [1.0, 3.0])
+    torch.testing.assert_close(out["w"], T([2.5, 5.0]))
+
+
+def test_hetlora_weighting_by_examples_and_the_weights_reported():
+    global_state = {A: T([[1, 0], [0, 1]]), B: T([[1, 1]])}
+    u1 = ClientUpdate("c1", {A: T([[0, 1]]), B: T([[1]])}, 1)                 # local A [[1,1]], B [[2]]
+    u2 = ClientUpdate("c2", {A: T([[0, 0], [0, 0]]), B: T([[0, 0]])}, 3)      # local = global
+    strategy = HetLoRA(HetLoRAConfig(weighting="examples"))
+    out = strategy.aggregate_fit(1, global_state, [u1, u2])                    # weights 1/4, 3/4
+    torch.testing.assert_close(out[A], T([[1, 0.25], [0, 0.75]]))
+    torch.testing.assert_close(out[B], T([[1.25, 0.75]]))
+    assert strategy.round_metrics() == {"hetlora_weights": {"c1": 0.25, "c2": 0.75}}
+
+
+class _Recording:
+    def __init__(self):
+        self.extra = []
+
+    def train(self, examples, *, lr, seed, extra_loss=None):
+        self.extra.append(extra_loss)
+        return SimpleNamespace(loss=1.0, steps=1, examples=1, seconds=0.0, dp=None)
+
+
+def test_hetlora_without_regulariser_trains_plainly():
+    """reg 0 hands the trainer no extra term (plain local training); reg 0.1 hands it
+    0.1·‖B[:, 1:2]‖·‖A[1:2]‖ = 0.1 at rank 2, γ = 0.5."""
+    for reg, expected in ((0.0, None), (0.1, 0.1)):
+        params = {A: T([[1, 0], [0, 1]]).requires_grad_(True), B: T([[1, 1]]).requires_grad_(True)}
+        slot = SimpleNamespace(params=params, get=lambda p=params: {k: v.detach().clone() for k, v in p.items()})
+        trainer = _Recording()
+        received = {k: v.detach().clone() for k, v in params.items()}
+        HetLoRALocal(HetLoRAConfig(reg=reg, gamma=0.5)).fit(
+            LocalContext("c", 1, 0, 0.1, slot, trainer, [], {}, {}, {}), received)
+        [extra] = trainer.extra
+        if expected is None:
+            assert extra is None
+        else:
+            assert extra().item() == pytest.approx(expected)
+
+
+def test_a_resource_rule_needs_one_resource_per_client(tiny_recipe):
+    rule = {"ranks": [4, 2], "resources": [1.0, 2.0]}
+    with pytest.raises(RecipeError, match=r"adapter\.rank_per_client\.resources: 2 entries for "
+                                          r"federation\.clients=3"):
+        _recipe(tiny_recipe, federation__algorithm="hetlora", adapter__rank_per_client=rule)

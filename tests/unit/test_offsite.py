@@ -196,7 +196,8 @@ def test_the_package_holds_the_frozen_emulator_and_the_tokenizer_but_no_adapter_
 def test_a_hostile_or_broken_package_is_refused(char_tokenizer):
     _, meta, tensors = _package(char_tokenizer)
     cases = [
-        ({**meta, "format": 2}, tensors, "format"),
+        ({**meta, "format": 2}, tensors, "has format '2'; this fedtune reads format 1"),
+        (meta, {k: v for k, v in tensors.items() if not k.startswith("tokenizer/")}, "has 0 tokenizer files"),
         ({**meta, "config": {**meta["config"], "model_type": "evil_remote"}}, tensors, "remote code"),
         (meta, {k: v for k, v in tensors.items() if k != "model/model.norm.weight"}, "missing"),
         (meta, {**tensors, "model/model.extra": torch.zeros(2)}, "unexpected"),
@@ -243,3 +244,24 @@ def test_a_gpt2_emulator_round_trips_through_its_package(char_tokenizer):
                 params[name].copy_(p)
         ids = torch.tensor([[5, 6, 7, 8]])
         assert torch.equal(rebuilt.model(ids).logits, emulator.model(ids).logits)
+    # the head is tied to the embeddings: a package may send both, if they are equal
+    meta, tensors = emulator_package(emulator, char_tokenizer)
+    assert "model/lm_head.weight" not in tensors
+    wte = tensors["model/transformer.wte.weight"]
+    _rebuild(meta, {**tensors, "model/lm_head.weight": wte.clone()})
+    with pytest.raises(ModelError, match=r"ties \['transformer.wte.weight', 'lm_head.weight'\], but"):
+        _rebuild(meta, {**tensors, "model/lm_head.weight": wte + 1})
+
+
+def test_distillation_reads_the_attention_mask_of_a_left_padded_batch():
+    """Nothing dropped (drop_ratio 0): the emulator is the full model, so on the real tokens its
+    hidden states equal the teacher's and the first loss is 0, padding on either side."""
+    full = _llama(4)
+    emu = build_emulator(full, 1, 1, 0.0)
+    assert emu.kept == [0, 1, 2, 3]
+    ids = torch.tensor([[0, 0, 7, 9, 11], [5, 6, 7, 8, 9]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.where(mask.bool(), ids, -100)}
+    losses = distill(full, emu, iter([batch]), steps=1, lr=1e-2, lm_weight=0.0, kd_weight=1.0,
+                     device=torch.device("cpu"))
+    assert losses == [pytest.approx(0.0, abs=1e-10)]

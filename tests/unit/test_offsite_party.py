@@ -97,10 +97,17 @@ def test_the_owner_evaluates_and_saves_the_plugged_in_full_model(tiny_recipe, fo
                           metrics={"loss": 3.5, "n_examples": 0}, records=[{"a": 1}],
                           write=lambda scope, records: written.append((scope, records)))
     seen = {}
-    party.server.full_evaluator.evaluate = lambda tok, raw, with_generation, predictions: (
-        seen.update(layer=full.model.layers[3].mlp.up_proj.weight.detach().clone()) or {"loss": 1.25})
+
+    def evaluate(tok, raw, with_generation, predictions):   # as the evaluator: answers appended
+        seen.update(layer=full.model.layers[3].mlp.up_proj.weight.detach().clone())
+        if predictions is not None:
+            predictions.append({"answer": "full"})
+        return {"loss": 1.25}
+
+    party.server.full_evaluator.evaluate = evaluate
     metrics, records = party.evaluate_global(ev)
-    assert metrics == {"loss": 1.25, "emulator_loss": 3.5} and records == []
+    assert metrics == {"loss": 1.25, "emulator_loss": 3.5}
+    assert records == [{"answer": "full"}]   # the full model's answers: the global predictions
     assert written == [("global_emulator", [{"a": 1}])]
     assert torch.equal(seen["layer"], torch.full_like(seen["layer"], 0.25))   # layer 3 plugged in
     assert party.save(adapter, tmp_path / "model") is True

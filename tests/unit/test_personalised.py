@@ -376,3 +376,65 @@ def test_holdout_settings_are_checked_at_load_time():
         load_recipe({"federation": {"clients": 3, "holdout_clients": 1, "clients_per_round": 3}})
     fed = load_recipe({"federation": {"clients": 4, "holdout_clients": 1, "sample_fraction": 0.5}}).federation
     assert fed.holdout_names() == ["client_3"] and fed.per_round() == 2   # round(0.5 × 3 training)
+
+
+# -- personal-state helpers and pFedGate's gate, by hand -------------------------------------------
+
+def test_a_partial_view_names_at_most_three_unexpected_tensors():
+    from fedtune.algorithms.personal import PartialView
+    from fedtune.errors import ModelError
+    from fedtune.models.adapters import AdapterSlot
+
+    view = PartialView(AdapterSlot(LoraLogitModel([[0.1, 0.2]], [[0.3]])), {"proj.lora_B.default"})
+    a = torch.zeros(1, 2)
+    with pytest.raises(ModelError, match=r"unexpected \['a', 'b', 'c'\]$"):
+        view.load({"proj.lora_A.default": a, **{k: a for k in "edcba"}})
+
+
+def test_kept_personal_tensors_are_copies_the_live_adapter_cannot_change():
+    from fedtune.algorithms.personal import keep_personal, personal_part
+
+    live = torch.tensor([1.0, 2.0])
+    state = {"personal/old": torch.zeros(1), "scaffold/c": torch.ones(1)}
+    keep_personal(state, {"w": live})
+    with torch.no_grad():
+        live.add_(10.0)           # the next client's training writes the shared adapter in place
+    assert set(state) == {"personal/w", "scaffold/c"}
+    assert personal_part(state)["w"].tolist() == [1.0, 2.0]
+
+
+def test_pooled_embeddings_average_only_the_real_tokens():
+    from fedtune.algorithms.pfedgate import pooled_embeddings
+
+    model = TwoLoraModel((1.0, 1.0), (1.0, 1.0))
+    model.emb.weight.data = torch.tensor([[1.0], [3.0]])
+    ids = torch.tensor([[1, 0, 0], [1, 0, 0]])
+    mask = torch.tensor([[1, 0, 0], [1, 1, 0]])
+    assert pooled_embeddings(model, ids, mask)[:, 0].tolist() == [3.0, 2.0]   # 3/1, (3+1)/2
+    assert pooled_embeddings(model, ids, None)[:, 0].tolist() == pytest.approx([5 / 3, 5 / 3])
+    assert pooled_embeddings(model, ids, torch.zeros_like(ids))[:, 0].tolist() == [0.0, 0.0]
+
+
+def test_pfedgate_personal_model_gates_over_every_training_example():
+    """Gate scores sigmoid(x) for p and sigmoid(−x) for q on the pooled embedding x: examples
+    [1] (x = 3), [0] (x = 1), [0, 1] (x = 2) in batches of 2; the mean over all three keeps p
+    alone (budget 3 of 6 numbers), so B_p is scaled by it and B_q by 0."""
+    from fedtune.algorithms.base import PersonalContext
+    from fedtune.algorithms.options import PFedGateConfig
+    from fedtune.algorithms.pfedgate import GATE, PFedGateLocal
+    from fedtune.data.prompts import TokenizedExample
+    from fedtune.models.adapters import AdapterSlot
+
+    model = TwoLoraModel((0.8, 0.5), (-0.4, 0.3))
+    model.emb.weight.data = torch.tensor([[1.0], [3.0]])
+    slot = AdapterSlot(model)
+    trainer = SimpleNamespace(model=model, device=torch.device("cpu"), pad_id=0,
+                              section=SimpleNamespace(batch_size=2))
+    train = [TokenizedExample(ids, ids) for ids in ([1], [0], [0, 1])]
+    state = {GATE + "linear.weight": torch.tensor([[1.0], [-1.0]]), GATE + "linear.bias": torch.zeros(2)}
+    ctx = PersonalContext("client_0", 1, 0, slot, trainer, train, state, slot.get())
+    out = PFedGateLocal(PFedGateConfig(sparsity=0.5)).personal(ctx)
+    g_p = (sigmoid(3.0) + sigmoid(1.0) + sigmoid(2.0)) / 3
+    assert set(out) == {"p.lora_B.default", "q.lora_B.default"}
+    assert out["p.lora_B.default"].item() == pytest.approx(0.5 * g_p, abs=1e-6)
+    assert out["q.lora_B.default"].item() == 0.0
