@@ -6,6 +6,7 @@
     python scripts/mutation.py server --retest      # after adding tests: survivors and unrun only
     python scripts/mutation.py server --sample 200  # 200 mutants drawn at random: an estimate
     python scripts/mutation.py --equivalent         # the equivalent list against today's numbering
+    python scripts/mutation.py algorithms --only 'fedtune.algorithms.fedsp.*'   # one file's mutants
 
 Each module runs in its own work folder (`.mutation/<module>/`, a copy of src/ and tests/) with
 only the tests that matter for it, so a run fits a small machine; mutmut then runs, per mutant, only
@@ -20,6 +21,7 @@ mutants of changed functions.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
 import os
@@ -214,16 +216,27 @@ m.copy_src_dir(); m.copy_also_copy_files(); m.setup_source_paths(); m.create_mut
 """
 
 
-def sample(module: str, n: int, seed: int) -> set[str]:
-    """`n` of the module's mutants drawn uniformly at random (the same for the same seed and
-    code); their share killed estimates the whole module's when a full run does not fit."""
+def mutants(module: str) -> list[str]:
+    """Every mutant of the module, by name (generated without running any, on the first call)."""
     names = sorted(verdicts(module))
-    if not names:  # never run: only generate the mutants to draw from
+    if not names:  # never run: only generate the mutants
         folder = prepare(module)
         subprocess.run([sys.executable, "-c", GENERATE], cwd=folder, check=True,
                        env={**os.environ, "PYTHONPATH": "", "TERM": "dumb"}, stdout=subprocess.DEVNULL)
         names = sorted(verdicts(module))
+    return names
+
+
+def sample(module: str, n: int, seed: int) -> set[str]:
+    """`n` of the module's mutants drawn uniformly at random (the same for the same seed and
+    code); their share killed estimates the whole module's when a full run does not fit."""
+    names = mutants(module)
     return set(random.Random(seed).sample(names, min(n, len(names))))
+
+
+def matching(module: str, patterns: list[str]) -> set[str]:
+    """The module's mutants whose names match one of the fnmatch patterns."""
+    return {n for n in mutants(module) if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -291,6 +304,10 @@ def main() -> int:
                         help="only N mutants per module drawn at random (--seed): an estimate of the "
                              "share, with its 95 %% interval, where a full run does not fit")
     parser.add_argument("--seed", type=int, default=0, help="the --sample draw")
+    parser.add_argument("--only", action="append", metavar="PATTERN",
+                        help="only the mutants whose names match (fnmatch, e.g. "
+                             "'fedtune.algorithms.fedsp.*' for one file); repeatable; with --sample, "
+                             "the drawn mutants that match")
     args = parser.parse_args()
     modules = args.modules or list(MODULES)
     unknown = [m for m in modules if m not in MODULES]
@@ -301,10 +318,12 @@ def main() -> int:
         return 2
     equivalent = load_equivalent()
     drawn = {m: sample(m, args.sample, args.seed) for m in modules} if args.sample else {}
+    if args.only:
+        drawn = {m: matching(m, args.only) & drawn.get(m, set(mutants(m))) for m in modules}
     if not args.report_only:
         for module in modules:
             names = None
-            if args.retest or args.sample:
+            if args.retest or module in drawn:
                 _, survivors, unrun = tally(module, equivalent, drawn.get(module))
                 names = survivors + unrun if args.retest else unrun
                 if not names:
@@ -323,6 +342,8 @@ def main() -> int:
     if args.equivalent:
         for module in modules:
             review_equivalent(module, equivalent)
+    if args.only:
+        print(f"\nOnly the mutants matching {' or '.join(args.only)}")
     if args.sample:
         print(f"\nA sample of {args.sample} mutants per module (seed {args.seed}); the interval is the "
               "whole module's share, at 95 %")
