@@ -3,6 +3,7 @@ alternating stages with only prompts sent, the server's prompt tuning between ro
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -369,3 +370,202 @@ def test_the_servers_shard_is_drawn_with_its_own_seed(tiny_recipe, tiny_model_di
     categories = [ex.category for ex in drawn]
     assert len(got) == len(drawn) and all(categories.count(c) == 2 for c in categories)
     assert got == ids(derive_seed(recipe.seed, "fedsp-server-data")) != ids(recipe.seed)
+
+
+def _refusal(meta, tensors) -> str:
+    with pytest.raises(ModelError) as err:
+        aux_from_package(meta, tensors, device=torch.device("cpu"), dtype=torch.float32)
+    return str(err.value)
+
+
+def test_each_refusal_of_an_auxiliary_package_says_exactly_what_is_wrong():
+    """A client refuses a package it cannot trust with words naming the field, the value (cut
+    short) and what was expected."""
+    meta, tensors = aux_package(build_aux(_llama(4), shared=1), _tok(), 1)
+    config, long = meta["config"], "x" * 60
+    assert _refusal({**meta, "format": long}, tensors) == (
+        f"fedsp: the auxiliary-model package has format {'x' * 20!r}; this fedtune reads format 1")
+    assert _refusal({k: v for k, v in meta.items() if k != "config"}, tensors) == (
+        "fedsp: the auxiliary-model package has no model config")
+    assert _refusal({**meta, "config": {**config, "model_type": long}}, tensors) == (
+        f"fedsp: the auxiliary model is a {'x' * 40!r} model, which this transformers does not ship; "
+        "a shipped model never runs remote code")
+    inconsistent = {**config, "layer_types": ["bogus"]}
+    with pytest.raises(Exception) as cause:   # transformers' own words, cut at 200 characters
+        LlamaConfig.from_dict(inconsistent)
+    assert len(str(cause.value)) > 200
+    assert _refusal({**meta, "config": inconsistent}, tensors) == (
+        f"fedsp: the auxiliary model's config is invalid: {str(cause.value)[:200]}")
+    assert _refusal({**meta, "config": {**config, "hidden_act": "bogus"}}, tensors) == (
+        "offsite-tuning: cannot build the auxiliary model from the server's config: 'bogus'")
+    for key, value in [("layers", True), ("layers", 0), ("layers", 10_001), ("layers", "4"), ("shared", 0),
+                       ("shared", True), ("shared", 5), ("shared", None)]:
+        assert _refusal({**meta, key: value}, tensors) == (
+            f"fedsp: the server's auxiliary-model package has a bad '{key}'"), (key, value)
+    for layers in (1, 10_000):   # in range, but not the config's 4
+        assert _refusal({**meta, "layers": layers, "shared": 1}, tensors) == (
+            f"fedsp: the auxiliary model's layers are model.layers (4), the server said model.layers ({layers})")
+    assert _refusal({**meta, "prefix": "y" * 60}, tensors) == (
+        f"fedsp: the auxiliary model's layers are model.layers (4), the server said {'y' * 40} (4)")
+    dropped = sorted(k for k in tensors if k.startswith("model/model.layers.0."))[:4]
+    unfit = {**{k: v for k, v in tensors.items() if k not in dropped},
+             **{f"model/extra.{i}": torch.zeros(1) for i in range(4)}}
+    assert _refusal(meta, unfit) == (
+        "fedsp: the auxiliary-model package does not fit its config: missing "
+        f"{[k.removeprefix('model/') for k in dropped[:3]]}, unexpected ['extra.0', 'extra.1', 'extra.2']")
+    name = "model.layers.0.mlp.up_proj.weight"
+    cut = {**tensors, f"model/{name}": tensors[f"model/{name}"][:1]}
+    assert _refusal(meta, cut) == f"fedsp: auxiliary tensor {name} is (1, 16), the config says (32, 16)"
+    for shared in (0, 5):
+        with pytest.raises(ModelError, match=re.escape(
+                f"fedsp: shared_blocks={shared} must be between 1 and the model's 4 layers")):
+            build_aux(_llama(4), shared=shared)
+
+
+def test_a_package_sharing_every_block_is_rebuilt_frozen_where_asked_without_remote_code_pointers():
+    """shared = layers is allowed (every block its own); the package's `auto_map` (a pointer to
+    remote code) is dropped; the model goes to the device and dtype the client asks for, frozen."""
+    aux = build_aux(_llama(4), shared=4)
+    assert len({id(layer.mlp.up_proj.weight) for layer in aux.model.layers}) == 4
+    meta, tensors = aux_package(aux, _tok(), 4)
+    meta = {**meta, "config": {**meta["config"], "auto_map": {"AutoModelForCausalLM": "evil--code.Model"}}}
+    model, _, shared = aux_from_package(meta, tensors, device=torch.device("meta"), dtype=torch.bfloat16)
+    assert shared == 4 and "auto_map" not in model.config.to_dict()
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.bfloat16)}
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    model, _, _ = aux_from_package(meta, tensors, device=torch.device("cpu"), dtype=torch.float32)
+    assert all(torch.equal(p, dict(aux.named_parameters())[n]) for n, p in model.named_parameters())
+
+
+def test_the_package_is_made_with_every_weight_and_leaves_the_models_flags_as_they_were():
+    aux = build_aux(_llama(2), shared=1)
+    for p in body(aux, 1).values():
+        p.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in aux.named_parameters()}
+    assert set(flags.values()) == {True, False}
+    meta, tensors = aux_package(aux, _tok(), 1)
+    assert {n: p.requires_grad for n, p in aux.named_parameters()} == flags
+    assert {k.removeprefix("model/") for k in tensors if k.startswith("model/")} == set(flags)
+    assert (meta["format"], meta["prefix"], meta["layers"], meta["shared"]) == (1, "model.layers", 2, 1)
+
+
+class _Masked(torch.nn.Module):
+    """One block (h·a) on a one-dimensional hidden state, the token id where the mask is 1, 0 on
+    padding: a model that reads the attention mask it is given."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.config = SimpleNamespace(num_hidden_layers=1)
+        self.layers = torch.nn.ModuleList([_Block(a, 0.0)])
+
+    def forward(self, input_ids, attention_mask, output_hidden_states):
+        h = (input_ids * attention_mask).float().unsqueeze(-1)
+        return SimpleNamespace(hidden_states=(h, self.layers[0](h, input_ids)))
+
+
+def test_distillation_divides_by_the_teachers_own_scale_even_below_one_and_averages_over_real_tokens():
+    """Teacher 0.25·id, student 0.5·id. Step 1 on ids (2, 4, pad): teacher (0.5, 1), student (1, 2),
+    each token ((t − s)/|t|)² = 1, the pad left out: loss 1. AdamW's first step moves a by lr
+    (0.5 → 0.4). Step 2 on one real token (2, pad): teacher 0.5, student 0.8: (0.3/0.5)² = 0.36."""
+    full, aux = _Masked(0.25), _Masked(0.5)
+    batches = iter([{"input_ids": torch.tensor([[2, 4, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])},
+                    {"input_ids": torch.tensor([[2, 0]]), "attention_mask": torch.tensor([[1, 0]])}])
+    losses = distill_hidden(full, aux, 1, batches, steps=2, lr=0.1, device=torch.device("cpu"))
+    assert losses == pytest.approx([1.0, 0.36], rel=1e-5)
+
+
+def test_distillation_loss_of_a_llama_is_the_last_hidden_states_scaled_error_over_real_tokens():
+    """The first step's loss recomputed by hand from both models' last hidden states, on a
+    right-padded batch: per real token, the mean over the width of ((t − s) / rms(t))²."""
+    full = _llama(4)
+    aux = build_aux(full, shared=1)
+    with torch.no_grad():
+        for p in body(aux, 1).values():
+            p.mul_(0.5)   # a student that differs from its teacher
+    batch = collate([TokenizedExample(input_ids=[5, 9, 12, 7, 30], labels=[-100] * 5),
+                     TokenizedExample(input_ids=[8, 3, 40], labels=[-100] * 3)], 0)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    with torch.no_grad():
+        teacher = full(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       output_hidden_states=True).hidden_states[4]
+        student = aux(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      output_hidden_states=True).hidden_states[4]
+    per_token = []
+    for row, length in ((0, 5), (1, 3)):
+        for j in range(length):
+            t, s = teacher[row, j].tolist(), student[row, j].tolist()
+            rms = (sum(x * x for x in t) / 16) ** 0.5
+            per_token.append(sum(((x - y) / rms) ** 2 for x, y in zip(t, s)) / 16)
+    losses = distill_hidden(full, aux, 1, iter([batch]), steps=1, lr=1e-3, device=torch.device("cpu"))
+    assert losses == pytest.approx([sum(per_token) / 8], rel=1e-5)
+
+
+class _Recorder(_PlusOne):
+    """_PlusOne that also records what each call was given."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.given = []
+
+    def train(self, examples, *, lr, seed, extra_loss=None):
+        self.given.append((examples, lr, seed))
+        return super().train(examples, lr=lr, seed=seed)
+
+
+def test_a_clients_two_stages_train_on_its_data_at_its_rate_with_their_documented_seeds():
+    """Stage "model" with the seed derived from (round seed, "fedsp-model"), stage "prompt" with
+    the round seed itself; both on the client's examples at the round's rate."""
+    from fedtune.seeding import derive_seed
+
+    model = _prefixed(build_aux(_llama(2), shared=1))
+    slot = AdapterSlot(model)
+    trainer, data = _Recorder(model), [TokenizedExample(input_ids=[5, 6], labels=[5, 6])]
+    global_state = slot.get()
+    FedSPLocal(FedSPConfig()).fit(LocalContext("c", 1, 7, 0.25, slot, trainer, data, {}, {}, {}), global_state)
+    assert [(examples is data, lr, seed) for examples, lr, seed in trainer.given] == [
+        (True, 0.25, derive_seed(7, "fedsp-model")), (True, 0.25, 7)]
+
+
+def test_the_server_tunes_on_its_shard_at_its_rate_with_the_rounds_seed_and_keeps_the_dtype(
+        tiny_recipe, tiny_model_dir):
+    """server_lr when given, else train.lr (0.01); the seed derived from (recipe seed,
+    "fedsp-server", round); the tuned prompts come back in the averaged prompts' dtype."""
+    from fedtune.seeding import derive_seed
+
+    for server_lr, lr in ((None, 0.01), (0.5, 0.5)):
+        party, _, recipe = _fedsp_party(tiny_recipe, tiny_model_dir, distill={"steps": 0}, server_lr=server_lr)
+        server = party.server
+        server.trainer = _Recorder(server.full)
+        averaged = {n: torch.full_like(t, 0.5, dtype=torch.float64) for n, t in server.slot.get().items()}
+        tuned = party.after_round(4, averaged)
+        [(examples, got_lr, seed)] = server.trainer.given
+        assert examples is server.data and got_lr == lr and seed == derive_seed(recipe.seed, "fedsp-server", 4)
+        assert all(tuned[n].dtype == torch.float64 and torch.equal(tuned[n], averaged[n] + 1) for n in averaged)
+
+
+def test_the_server_tunes_server_steps_steps_whatever_the_clients_local_steps(tiny_recipe, tiny_model_dir):
+    party, _, recipe = _fedsp_party(tiny_recipe, tiny_model_dir, distill={"steps": 0}, server_steps=3)
+    assert recipe.train.local_steps == 2
+    server, results = party.server, []
+    train = server.trainer.train
+    server.trainer.train = lambda *a, **kw: results.append(train(*a, **kw)) or results[-1]
+    party.after_round(1, server.slot.get())
+    assert [r.steps for r in results] == [3]
+
+
+def test_the_servers_shard_from_a_data_file_is_its_first_server_examples_records(tiny_recipe, tiny_model_dir,
+                                                                                 tmp_path):
+    import json
+
+    from fedtune.data.examples import Example
+    from fedtune.data.prompts import tokenize_examples
+
+    rows = [{"instruction": f"say {w}", "output": w} for w in ("one", "two", "three", "four", "five")]
+    path = tmp_path / "server.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    party, _, recipe = _fedsp_party(tiny_recipe, tiny_model_dir, distill={"steps": 0}, server_data=str(path),
+                                    server_examples=3)
+    expected, _ = tokenize_examples([Example(instruction=r["instruction"], output=r["output"]) for r in rows[:3]],
+                                    _tok(), template="compact", max_length=128)
+    assert [(ex.input_ids, ex.labels) for ex in party.server.data] == [
+        (ex.input_ids, ex.labels) for ex in expected]

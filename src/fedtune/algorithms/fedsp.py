@@ -180,7 +180,7 @@ class FedSPServer:
         else:
             from fedtune.data.records import load_examples
 
-            examples = load_examples(o.server_data, format="auto", fields=None, limit=o.server_examples)
+            examples = load_examples(o.server_data, format="auto", fields={}, limit=o.server_examples)
         tokenized, _ = tokenize_examples(examples, self.tokenizer, template=recipe.data.template,
                                          max_length=recipe.data.max_length, truncation=recipe.data.truncation)
         return tokenized
