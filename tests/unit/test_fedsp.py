@@ -569,3 +569,99 @@ def test_the_servers_shard_from_a_data_file_is_its_first_server_examples_records
                                     _tok(), template="compact", max_length=128)
     assert [(ex.input_ids, ex.labels) for ex in party.server.data] == [
         (ex.input_ids, ex.labels) for ex in expected]
+
+
+def test_a_client_rebuilds_the_download_on_its_own_device_and_dtype_with_a_pad_token(tiny_recipe, tiny_model_dir,
+                                                                                  monkeypatch):
+    """The download message is the server's package (DOWNLOAD, round 0, from the server); the
+    client's model goes to the device and dtype its recipe picks (a device stood in by 'meta'),
+    and gets the tokenizer's pad id only when its config has none."""
+    from fedtune.algorithms.fedsp import DOWNLOAD
+    from fedtune.config import load_recipe
+    from fedtune.models import loading
+    from fedtune.wire import Message, MessageKind
+
+    party, _, _ = _fedsp_party(tiny_recipe, tiny_model_dir, distill={"steps": 0})
+    message = party.downloads()[DOWNLOAD]("client_2")
+    assert (message.kind, message.round, message.sender, message.receiver) == (
+        MessageKind.DOWNLOAD, 0, "server", "client_2")
+    assert message.meta is party.server.package_meta and message.tensors is party.server.package_tensors
+    recipe = load_recipe(tiny_recipe(adapter={"method": "prefix_tuning", "options": {"num_virtual_tokens": 3}},
+                                     federation__algorithm="fedsp", model__dtype="bfloat16"))
+    asked = []
+    monkeypatch.setattr(loading, "pick_device", lambda spec: asked.append(spec) or torch.device("meta"))
+    model, tokenizer, _ = party.client_model({DOWNLOAD: message}, recipe)
+    assert asked == ["auto"] and {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.bfloat16)}
+    monkeypatch.undo()
+    for pad, expected in ((None, tokenizer.pad_token_id), (7, 7)):
+        meta = {**message.meta, "config": {**message.meta["config"], "pad_token_id": pad}}
+        other = Message(MessageKind.DOWNLOAD, 0, "server", "client_2", tensors=message.tensors, meta=meta)
+        assert party.client_model({DOWNLOAD: other}, recipe)[0].config.pad_token_id == expected
+
+
+def test_the_full_model_with_the_prompts_is_evaluated_on_the_global_test_with_its_answers(tiny_recipe,
+                                                                                        tiny_model_dir):
+    """The server's evaluator: the loss is the full model's mean loss per response token with the
+    prompts loaded; with generation, one record per example whose prompt is the recipe's
+    ("compact") template filled in; the auxiliary model's figures beside as aux_*."""
+    from fedtune.algorithms.party import GlobalEvaluation
+    from fedtune.data.examples import Example
+    from fedtune.data.prompts import tokenize_examples
+
+    party, _, _ = _fedsp_party(tiny_recipe, tiny_model_dir, distill={"steps": 0})
+    server = party.server
+    raw = [Example(instruction="add 2 and 3", output="5")]
+    tokenized, _ = tokenize_examples(raw, _tok(), template="compact", max_length=128)
+    prompts = {n: torch.full_like(t, 0.1) for n, t in server.slot.get().items()}
+    written = []
+    ev = GlobalEvaluation(state=prompts, tokenized=tokenized, raw=raw, generate=True,
+                          metrics={"loss": 2.5, "n_examples": 1}, records=[{"aux": 1}],
+                          write=lambda scope, records: written.append(scope))
+    metrics, records = party.evaluate_global(ev)
+    server.slot.set(prompts)
+    ids, labels = tokenized[0].input_ids, tokenized[0].labels
+    with torch.no_grad():
+        logits = server.full(input_ids=torch.tensor([ids])).logits[0]
+    pairs = [(logits[i], labels[i + 1]) for i in range(len(ids) - 1) if labels[i + 1] != -100]
+    loss = sum(-torch.log_softmax(row, -1)[y].item() for row, y in pairs) / len(pairs)
+    assert metrics["loss"] == pytest.approx(loss, rel=1e-5) and metrics["n_examples"] == 1
+    assert metrics["aux_loss"] == 2.5 and "aux_n_examples" not in metrics and written == ["global_aux"]
+    assert [r["prompt"] for r in records] == ["### Instruction:\nadd 2 and 3\n### Response:\n"]
+    assert records[0]["reference"] == "5" and metrics["n_generated"] == 1
+
+
+def test_the_full_models_prompts_are_first_drawn_with_their_documented_seed(tiny_recipe, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.models.adapters import attach_adapter
+    from fedtune.seeding import derive_seed
+
+    party, _, recipe = _fedsp_party(tiny_recipe, tiny_model_dir, distill={"steps": 0})
+    got = party.server.slot.get()
+    torch.manual_seed(derive_seed(recipe.seed, "fedsp-full-prompts"))
+    expected = AdapterSlot(attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), recipe.adapter)).get()
+    assert set(got) == set(expected) and all(torch.equal(got[n], expected[n]) for n in got)
+
+
+def test_the_distillation_texts_are_tokenized_and_those_of_one_token_or_none_left_out(tiny_recipe, tiny_model_dir,
+                                                                                   monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.algorithms import fedsp, offsite_server
+    from fedtune.config import load_recipe
+
+    seen = []
+    monkeypatch.setattr(offsite_server, "distill_texts", lambda *a: ["", "a", "bc", "def"])
+    monkeypatch.setattr(fedsp, "distill_hidden", lambda full, aux, shared, batches, **kw: seen.append(next(batches))
+                        or [1.0])
+    options = {"distill": {"steps": 1, "batch_size": 4}, "server_steps": 0}
+    recipe = load_recipe(tiny_recipe(adapter={"method": "prefix_tuning", "options": {"num_virtual_tokens": 3}},
+                                     federation__algorithm="fedsp", federation__options=options))
+    tok = _tok()
+    FedSPParty(FedSPConfig(**options), recipe).server_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                                           tok, None)
+    [batch] = seen
+    rows = sorted("".join(tok.convert_ids_to_tokens([i for i in row if i != tok.pad_token_id]))
+                  for row in batch["input_ids"].tolist())
+    assert rows == ["bc", "def"] and torch.equal(batch["labels"][batch["attention_mask"] == 1],
+                                                 batch["input_ids"][batch["attention_mask"] == 1])
