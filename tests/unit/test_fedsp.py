@@ -665,3 +665,11 @@ def test_the_distillation_texts_are_tokenized_and_those_of_one_token_or_none_lef
                   for row in batch["input_ids"].tolist())
     assert rows == ["bc", "def"] and torch.equal(batch["labels"][batch["attention_mask"] == 1],
                                                  batch["input_ids"][batch["attention_mask"] == 1])
+
+
+def test_the_owner_hands_over_a_frozen_auxiliary_model_and_keeps_its_full_model_frozen(tiny_recipe, tiny_model_dir):
+    """Only the prompts attached later train: the auxiliary model comes back with no trainable
+    weight (its body is made trainable by a client's stage only), the full model's base too."""
+    party, aux, _ = _fedsp_party(tiny_recipe, tiny_model_dir)
+    assert not any(p.requires_grad for p in aux.parameters())
+    assert not any(p.requires_grad for p in party.server.full.get_base_model().parameters())
