@@ -673,3 +673,29 @@ def test_the_owner_hands_over_a_frozen_auxiliary_model_and_keeps_its_full_model_
     party, aux, _ = _fedsp_party(tiny_recipe, tiny_model_dir)
     assert not any(p.requires_grad for p in aux.parameters())
     assert not any(p.requires_grad for p in party.server.full.get_base_model().parameters())
+
+
+def test_the_servers_shard_follows_the_recipes_truncation_rule(tiny_recipe, tiny_model_dir, tmp_path):
+    """data.truncation = drop: a record longer than data.max_length (48 tokens) is left out of the
+    server's shard, as it is of the clients' (the default rule would cut its prompt instead)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.config import load_recipe
+
+    rows = [{"instruction": "say one", "output": "one"}, {"instruction": "x" * 80, "output": "two"}]
+    path = tmp_path / "server.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = {"distill": {"steps": 0}, "server_steps": 1, "server_data": str(path)}
+    recipe = load_recipe(tiny_recipe(adapter={"method": "prefix_tuning", "options": {"num_virtual_tokens": 3}},
+                                     data__truncation="drop", data__max_length=48, federation__algorithm="fedsp",
+                                     federation__options=options))
+    party = FedSPParty(FedSPConfig(**options), recipe)
+    party.server_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), _tok(), None)
+    from fedtune.data.examples import Example
+    from fedtune.data.prompts import tokenize_examples
+
+    [short], _ = tokenize_examples([Example(instruction="say one", output="one")], _tok(), template="compact",
+                                   max_length=48)
+    assert [(ex.input_ids, ex.labels) for ex in party.server.data] == [(short.input_ids, short.labels)]
