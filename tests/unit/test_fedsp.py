@@ -699,3 +699,17 @@ def test_the_servers_shard_follows_the_recipes_truncation_rule(tiny_recipe, tiny
     [short], _ = tokenize_examples([Example(instruction="say one", output="one")], _tok(), template="compact",
                                    max_length=48)
     assert [(ex.input_ids, ex.labels) for ex in party.server.data] == [(short.input_ids, short.labels)]
+
+
+def test_a_package_whose_model_cannot_be_allocated_is_refused_in_words():
+    """A config whose shapes all check out but whose weights no client could hold (a vocabulary
+    of 2⁴⁰ tokens, some 70 TB; the package's tensors are expanded views, no memory): the skeleton
+    on the meta device builds, the real model does not, and the client says so."""
+    meta, tensors = aux_package(build_aux(_llama(2), shared=1), _tok(), 1)
+    vocab = 2 ** 40
+    huge = {**meta, "config": {**meta["config"], "vocab_size": vocab}}
+    wide = {k: (v[:1].expand(vocab, v.shape[1]) if k in ("model/model.embed_tokens.weight", "model/lm_head.weight")
+                else v) for k, v in tensors.items()}
+    with pytest.raises(ModelError, match=re.escape(
+            "offsite-tuning: cannot build the auxiliary model from the server's config: ")):
+        aux_from_package(huge, wide, device=torch.device("cpu"), dtype=torch.float32)
