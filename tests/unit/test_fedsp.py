@@ -713,3 +713,31 @@ def test_a_package_whose_model_cannot_be_allocated_is_refused_in_words():
     with pytest.raises(ModelError, match=re.escape(
             "offsite-tuning: cannot build the auxiliary model from the server's config: ")):
         aux_from_package(huge, wide, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_a_models_persistent_buffers_travel_in_the_package_and_are_checked():
+    """Apertus keeps its activation's β and ε as persistent buffers (not parameters), one per layer
+    even where the layers share their weights: each travels, is checked by name and is loaded."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    tok = _tok()
+    config = CONFIG_MAPPING["apertus"](vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                       num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                                       pad_token_id=0)
+    torch.manual_seed(0)
+    aux = build_aux(AutoModelForCausalLM.from_config(config).eval(), shared=1)
+    with torch.no_grad():
+        for name, buffer in aux.named_buffers():
+            if name.endswith("act_fn.beta"):
+                buffer.fill_(0.25)
+    meta, tensors = aux_package(aux, tok, 1)
+    betas = [f"model.layers.{i}.mlp.act_fn.beta" for i in range(3)]
+    assert all(f"model/{n}" in tensors for n in betas)
+    model, _, _ = aux_from_package(meta, tensors, device=torch.device("cpu"), dtype=torch.float32)
+    assert [dict(model.named_buffers())[n].item() for n in betas] == [0.25, 0.25, 0.25]
+    x = torch.tensor([[5, 9, 12]])
+    torch.testing.assert_close(model(input_ids=x).logits, aux(input_ids=x).logits)
+    without = {k: v for k, v in tensors.items() if k != f"model/{betas[2]}"}
+    assert _refusal(meta, without) == (f"fedsp: the auxiliary-model package does not fit its config: missing "
+                                       f"{[betas[2]]}, unexpected []")
