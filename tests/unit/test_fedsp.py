@@ -741,3 +741,17 @@ def test_a_models_persistent_buffers_travel_in_the_package_and_are_checked():
     without = {k: v for k, v in tensors.items() if k != f"model/{betas[2]}"}
     assert _refusal(meta, without) == (f"fedsp: the auxiliary-model package does not fit its config: missing "
                                        f"{[betas[2]]}, unexpected []")
+
+
+def test_the_owners_info_gives_the_first_and_last_distillation_and_server_losses(tiny_recipe, tiny_model_dir,
+                                                                               monkeypatch):
+    from fedtune.algorithms import fedsp
+
+    monkeypatch.setattr(fedsp, "distill_hidden", lambda *a, **kw: [3.0, 2.0, 1.5])
+    party, _, _ = _fedsp_party(tiny_recipe, tiny_model_dir)
+    server = party.server
+    server.trainer = _PlusOne(server.full)   # its losses: 1, 2, 3 (its call count)
+    for round_ in (1, 2, 3):
+        party.after_round(round_, server.slot.get())
+    info = server.info()
+    assert info["distill_loss"] == [3.0, 1.5] and info["server_loss"] == [1.0, 3.0]
