@@ -755,3 +755,25 @@ def test_the_owners_info_gives_the_first_and_last_distillation_and_server_losses
         party.after_round(round_, server.slot.get())
     info = server.info()
     assert info["distill_loss"] == [3.0, 1.5] and info["server_loss"] == [1.0, 3.0]
+
+
+class _Embedded(_Masked):
+    """_Masked with a weight outside the body (an 'embedding' scale) in front of its block."""
+
+    def __init__(self, a: float):
+        super().__init__(a)
+        self.embed = torch.nn.Parameter(torch.tensor([1.0]))
+
+    def forward(self, input_ids, attention_mask, output_hidden_states):
+        h = (input_ids * attention_mask).float().unsqueeze(-1) * self.embed
+        return SimpleNamespace(hidden_states=(h, self.layers[0](h, input_ids)))
+
+
+def test_distillation_trains_only_the_body_and_leaves_no_gradient_anywhere():
+    """A weight outside the body gets no gradient (it is frozen while distilling) and the body's
+    gradients are cleared, not zeroed: no stale gradient for a client's first step."""
+    full, aux = _Embedded(0.25), _Embedded(0.5)
+    batch = {"input_ids": torch.tensor([[2, 4, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])}
+    assert distill_hidden(full, aux, 1, iter([batch]), steps=1, lr=0.1, device=torch.device("cpu")) == [1.0]
+    assert [p.grad for p in aux.parameters()] == [None, None, None]
+    assert aux.embed.item() == 1.0 and all(p.requires_grad for p in aux.parameters())
