@@ -751,3 +751,28 @@ def test_client_evaluation_writes_its_generated_answers_where_the_run_keeps_them
     assert [row["index"] for row in rows] == [0, 1]
     assert [row["reference"] for row in rows] == ["x", "y"]
     assert all(isinstance(row["output"], str) for row in rows)
+
+
+def test_a_client_answers_a_malformed_request_with_an_error_and_counts_each_one(tmp_path):
+    from fedtune.transport.codec import decode, encode
+
+    class NotFinite:   # an evaluation whose loss cannot travel
+        def evaluate(self, *args, **kwargs):
+            return {"loss": float("nan")}
+
+        def loss(self, examples):
+            return {}
+
+    fed = federation(recipe("fedavg", 1, tmp=tmp_path), LogitModel([0.0, 0.0]), {"client_0": toks(THREE_ONES)},
+                     tmp=tmp_path, evaluator=NotFinite(), test={"client_0": (toks(THREE_ONES), [])})
+    client = fed.clients["client_0"]
+    for k in (1, 2):
+        bad = Message(MessageKind.EVALUATE, 7, "server", "client_0", tensors={"w": torch.zeros(5)})  # not w's shape
+        reply = decode(client.handle_bytes(encode(bad)))
+        assert (reply.kind, reply.round, reply.sender) == (MessageKind.ERROR, 7, "client_0")
+        assert "w" in reply.meta["error"]
+        assert client.rejected == k
+    ok = Message(MessageKind.EVALUATE, 8, "server", "client_0", tensors=dict(fed.server.global_state))
+    reply = decode(client.handle_bytes(encode(ok)))
+    assert (reply.kind, reply.round) == (MessageKind.ERROR, 8)   # the NaN loss could not be encoded
+    assert "finite" in reply.meta["error"] and client.rejected == 2   # the request itself was fine
