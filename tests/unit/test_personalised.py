@@ -7,11 +7,13 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from tiny_federation import LogitModel, LoraLogitModel, examples, federation, recipe, sgd, sigmoid
 
 from conftest import LossEvaluator
+from fedtune.seeding import derive_seed
 from fedtune.transport.codec import decode
 from fedtune.wire import Message, MessageKind
 
@@ -438,3 +440,79 @@ def test_pfedgate_personal_model_gates_over_every_training_example():
     assert set(out) == {"p.lora_B.default", "q.lora_B.default"}
     assert out["p.lora_B.default"].item() == pytest.approx(0.5 * g_p, abs=1e-6)
     assert out["q.lora_B.default"].item() == 0.0
+
+
+# -- the personal steps' own budget, seed and metrics, by hand --------------------------------------
+
+FOUR = examples(0, [1, 0]) + examples(1, [1, 0])    # (token, answer): (0, 1) (0, 0) (1, 1) (1, 0)
+FIT_SEED = derive_seed(5, "fit", 1, "client_0")     # the client's seed for round 1 (recipe seed 5)
+
+
+def _one_client(tmp_path, algorithm, model, options, **kw):
+    r = recipe(algorithm, 1, options=options, lr=ETA, tmp=tmp_path, batch_size=1, **kw)
+    fed = federation(r, model, {"client_0": FOUR}, tmp=tmp_path, evaluator=LossEvaluator(model),
+                     test={"client_0": (FOUR, [None] * 4)})
+    fed.transport.sent = []
+    fed.transport.endpoints["client_0"] = _recording(fed.transport.endpoints["client_0"], fed.transport.sent)
+    return fed
+
+
+def _sent_metrics(fed):
+    (reply,) = [m for m in fed.transport.sent if m.kind == MessageKind.UPDATE]
+    return reply.meta["metrics"]
+
+
+def _order(seed: int, n: int = 4) -> list[int]:
+    """The example order of local training with `seed` (train/local.py: one seeded permutation per epoch)."""
+    return np.random.default_rng(seed).permutation(n).tolist()
+
+
+def _token_steps(w, order, lr, lam=0.0, anchor=(0.0, 0.0)):
+    """SGD with batches of one example on the logit model (plus λ/2·‖w − anchor‖²): the new w and
+    the mean of the losses before each step."""
+    w, losses = list(w), []
+    for i in order:
+        t, y = FOUR[i].input_ids[0], FOUR[i].input_ids[1]
+        losses.append(math.log1p(math.exp(w[t])) - y * w[t])
+        grad = [lam * (w[j] - anchor[j]) for j in range(2)]
+        grad[t] += sigmoid(w[t]) - y
+        w = [w[j] - lr * grad[j] for j in range(2)]
+    return w, sum(losses) / len(losses)
+
+
+def test_ditto_personal_steps_take_their_own_budget_rate_and_seed(tmp_path):
+    """One step of the global adapter on the example the round's seed draws first; then three
+    personal steps (personal_steps) at personal_lr on the examples drawn by the seed
+    derive_seed(seed, "ditto-personal"), each pulled towards w^t = 0; the client reports both
+    losses and sends the global update."""
+    lam, plr = 0.5, 0.5
+    fed = _one_client(tmp_path, "ditto", LogitModel([0.0, 0.0]),
+                      {"lam": lam, "personal_steps": 3, "personal_lr": plr})
+    fed.round(1)
+    w1, train_loss = _token_steps([0.0, 0.0], _order(FIT_SEED)[:1], ETA)
+    v1, personal_loss = _token_steps([0.0, 0.0], _order(derive_seed(FIT_SEED, "ditto-personal"))[:3], plr, lam)
+    assert fed.server.global_state["w"].tolist() == pytest.approx(w1, abs=1e-6)
+    assert fed.clients["client_0"].state["personal/w"].tolist() == pytest.approx(v1, abs=1e-6)
+    metrics = _sent_metrics(fed)
+    assert metrics["train_loss"] == pytest.approx(train_loss, abs=1e-6)
+    assert metrics["personal_train_loss"] == pytest.approx(personal_loss, abs=1e-6)
+    assert (metrics["steps"], metrics["examples_seen"]) == (1, 1)
+
+
+class SpareLogitModel(LogitModel):
+    """The logit model with one more trainable tensor that no loss reaches."""
+
+    def __init__(self, w: list[float], spare: float):
+        super().__init__(w)
+        self.spare = torch.nn.Parameter(torch.tensor([spare]))
+
+
+def test_ditto_without_a_pull_adds_no_proximal_term(tmp_path):
+    """λ = 0: the personal steps are plain local steps. A tensor no loss reaches then gets no
+    gradient at all, so weight decay leaves it alone (a proximal term of weight 0 would give it a
+    zero gradient, and SGD's weight decay would shrink it by lr·decay per step)."""
+    fed = _one_client(tmp_path, "ditto", SpareLogitModel([0.0, 0.0], 2.0),
+                      {"lam": 0.0, "personal_steps": 2, "personal_lr": 0.5}, train__weight_decay=0.1)
+    fed.round(1)
+    assert fed.clients["client_0"].state["personal/spare"].tolist() == [2.0]
+    assert fed.server.global_state["spare"].tolist() == [2.0]
