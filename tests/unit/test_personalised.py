@@ -5,6 +5,7 @@ personal models reported beside the global one, and a resumed run equal to an un
 from __future__ import annotations
 
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -448,8 +449,8 @@ FOUR = examples(0, [1, 0]) + examples(1, [1, 0])    # (token, answer): (0, 1) (0
 FIT_SEED = derive_seed(5, "fit", 1, "client_0")     # the client's seed for round 1 (recipe seed 5)
 
 
-def _one_client(tmp_path, algorithm, model, options, **kw):
-    r = recipe(algorithm, 1, options=options, lr=ETA, tmp=tmp_path, batch_size=1, **kw)
+def _one_client(tmp_path, algorithm, model, options, lr=ETA, **kw):
+    r = recipe(algorithm, 1, options=options, lr=lr, tmp=tmp_path, batch_size=1, **kw)
     fed = federation(r, model, {"client_0": FOUR}, tmp=tmp_path, evaluator=LossEvaluator(model),
                      test={"client_0": (FOUR, [None] * 4)})
     fed.transport.sent = []
@@ -516,3 +517,139 @@ def test_ditto_without_a_pull_adds_no_proximal_term(tmp_path):
     fed.round(1)
     assert fed.clients["client_0"].state["personal/spare"].tolist() == [2.0]
     assert fed.server.global_state["spare"].tolist() == [2.0]
+
+
+def _mean_loss(w, exs):
+    return sum(math.log1p(math.exp(w[e.input_ids[0]])) - e.input_ids[1] * w[e.input_ids[0]] for e in exs) / len(exs)
+
+
+def test_pfedme_two_rounds_of_two_local_rounds_by_hand(tmp_path, monkeypatch):
+    """R = 2 local rounds (train.local_steps), each on the next example of the round's seeded
+    order: K = 3 steps of θ on it towards w, then w ← w − η·λ·(w − θ). θ carries over to the next
+    round (from the client's state), w restarts from the global model. The reported metrics:
+    the mean of the inner losses, R·K steps, R examples, the inner trainings' seconds summed
+    (a clock that moves 0.25 s per reading), and the round's rate."""
+    import fedtune.train.local as local_module
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(local_module, "time", SimpleNamespace(perf_counter=lambda: 0.25 * next(ticks)))
+    lam, k, plr, eta = 2.0, 3, 0.5, 0.1
+    fed = _one_client(tmp_path, "pfedme", LogitModel([0.0, 0.0]),
+                      {"lam": lam, "inner_steps": k, "personal_lr": plr}, lr=eta, steps=2)
+    w, theta = [0.0, 0.0], [0.0, 0.0]
+    for round_ in (1, 2):
+        fed.transport.sent.clear()
+        fed.round(round_)
+        losses = []
+        for i in _order(derive_seed(5, "fit", round_, "client_0"))[:2]:
+            theta, inner_loss = _token_steps(theta, [i] * k, plr, lam, anchor=w)
+            losses.append(inner_loss)
+            w = [w[j] - eta * lam * (w[j] - theta[j]) for j in range(2)]
+        assert fed.server.global_state["w"].tolist() == pytest.approx(w, abs=1e-6)
+        assert fed.clients["client_0"].state["personal/w"].tolist() == pytest.approx(theta, abs=1e-6)
+        assert _sent_metrics(fed) == {"train_loss": pytest.approx(sum(losses) / 2, abs=1e-6), "steps": 6,
+                                      "examples_seen": 2, "train_seconds": 0.5, "lr": eta}
+    metrics = _evaluate(fed, "client_0")
+    assert metrics["loss"] == pytest.approx(_mean_loss(w, FOUR), abs=1e-5)
+    assert metrics["personal_loss"] == pytest.approx(_mean_loss(theta, FOUR), abs=1e-5)
+
+
+class DropoutLogitModel(LogitModel):
+    """The logit model with dropout (p = 0.5) on w: the masks come from the seed of each training."""
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        one = torch.nn.functional.dropout(self.w, 0.5, self.training)[input_ids]
+        return SimpleNamespace(logits=torch.stack([torch.zeros_like(one), one], dim=-1))
+
+
+def test_pfedme_inner_steps_draw_dropout_from_their_documented_seed(tmp_path):
+    """The inner training of local round r is seeded derive_seed(seed, "pfedme", r): its
+    dropout masks (one per step, w's entries kept ×2 or dropped) are those torch draws from it."""
+    lam, k, plr = 1.0, 6, 0.5
+    fed = _one_client(tmp_path, "pfedme", DropoutLogitModel([0.3, 0.0]),
+                      {"lam": lam, "inner_steps": k, "personal_lr": plr}, lr=0.1)
+    fed.clients["client_0"].data.train = examples(0, [1])
+    fed.round(1)
+    torch.manual_seed(derive_seed(derive_seed(5, "fit", 1, "client_0"), "pfedme", 0))
+    masks = [torch.nn.functional.dropout(torch.ones(2), 0.5, True)[0].item() for _ in range(k)]
+    assert 0.0 in masks and 2.0 in masks
+    theta = 0.3
+    for m in masks:      # d/dθ of log(1 + e^{mθ}) − mθ (the answer is 1), plus λ(θ − 0.3)
+        theta -= plr * (m * (sigmoid(m * theta) - 1.0) + lam * (theta - 0.3))
+    assert fed.clients["client_0"].state["personal/w"][0].item() == pytest.approx(theta, abs=1e-6)
+
+
+def test_fedrep_personal_then_shared_steps_take_their_own_budget_and_seed(tmp_path):
+    """B personal: τ_h = 3 steps of B alone (A frozen) on the examples drawn by
+    derive_seed(seed, "personal"), then the recipe's 2 steps of A alone on those drawn by the
+    round's seed; each example (t, y) has the logit b·a_t. The client keeps B, sends A's update,
+    reports both losses, and evaluates the global A with the initial B and with its own."""
+    a0, b0 = [0.8, -0.4], 0.5
+    fed = _one_client(tmp_path, "fedrep", LoraLogitModel([a0], [[b0]]), {"personal": ["lora_B"], "personal_steps": 3},
+                      steps=2, adapter={"method": "lora"})
+    fed.round(1)
+
+    def steps(a, b, order, train_b):
+        losses = []
+        for i in order:
+            t, y = FOUR[i].input_ids
+            losses.append(math.log1p(math.exp(b * a[t])) - y * b * a[t])
+            err = sigmoid(b * a[t]) - y
+            if train_b:
+                b = b - ETA * a[t] * err
+            else:
+                a = [a[j] - ETA * b * err * (j == t) for j in range(2)]
+        return a, b, sum(losses) / len(losses)
+
+    _, b1, personal_loss = steps(a0, b0, _order(derive_seed(FIT_SEED, "personal"))[:3], train_b=True)
+    a1, _, train_loss = steps(a0, b1, _order(FIT_SEED)[:2], train_b=False)
+    assert fed.server.global_state[A_NAME][0].tolist() == pytest.approx(a1, abs=1e-6)
+    assert fed.clients["client_0"].state["personal/" + B_NAME].item() == pytest.approx(b1, abs=1e-6)
+    metrics = _sent_metrics(fed)
+    assert metrics["personal_train_loss"] == pytest.approx(personal_loss, abs=1e-6)
+    assert metrics["train_loss"] == pytest.approx(train_loss, abs=1e-6)
+    assert (metrics["steps"], metrics["examples_seen"]) == (2, 2)
+    metrics = _evaluate(fed, "client_0")
+    assert metrics["loss"] == pytest.approx(_mean_loss([b0 * a for a in a1], FOUR), abs=1e-5)
+    assert metrics["personal_loss"] == pytest.approx(_mean_loss([b1 * a for a in a1], FOUR), abs=1e-5)
+
+
+def test_fedrep_names_the_key_of_a_split_that_leaves_nothing_shared_or_nothing_personal():
+    from fedtune.algorithms.fedrep import fedrep_personal
+    from fedtune.algorithms.options import FedRepConfig
+    from fedtune.errors import ModelError
+
+    names = [f"model.layers.{i}.q_proj.lora_{x}.default.weight" for i in range(3) for x in "AB"]
+    with pytest.raises(ModelError, match=r"^federation\.options\.top_layers: matches every trainable tensor; "
+                                         r"nothing would be shared$"):
+        fedrep_personal(FedRepConfig(top_layers=3), names)
+    with pytest.raises(ModelError, match=r"^federation\.options\.personal: matches every trainable tensor; "
+                                         r"nothing would be shared$"):
+        fedrep_personal(FedRepConfig(personal=["lora"]), names)
+    with pytest.raises(ModelError, match=re.escape(
+            "federation.options.personal: matches no trainable tensor of the model (e.g. "
+            "['model.layers.0.q_proj.lora_A.default.weight', 'model.layers.0.q_proj.lora_B.default.weight'])")):
+        fedrep_personal(FedRepConfig(personal=["lm_head"]), names)
+    assert fedrep_personal(FedRepConfig(personal=["layers.1.", "lora_B"]), names) == {
+        names[1], names[2], names[3], names[5]}
+
+
+@pytest.mark.parametrize("weighting,mean", [("examples", (3 * 0.4 + 1 * -0.8) / 4), ("uniform", (0.4 - 0.8) / 2)])
+def test_pfedme_server_moves_beta_times_the_weighted_mean_of_the_updates(weighting, mean):
+    from fedtune.algorithms import build_strategy
+    from fedtune.algorithms.base import ClientUpdate
+
+    strategy = build_strategy("pfedme", {"beta": 2.0, "weighting": weighting})
+    new = strategy.aggregate_fit(1, {"w": torch.tensor([1.0])}, [
+        ClientUpdate("client_0", {"w": torch.tensor([0.4])}, 3), ClientUpdate("client_1", {"w": torch.tensor([-0.8])}, 1)])
+    assert new["w"].item() == pytest.approx(1.0 + 2.0 * mean, abs=1e-6)
+
+
+def test_pfedme_local_rounds_follow_the_epoch_budget(tmp_path):
+    """train.local_epochs 1 (no local_steps) over 4 examples in batches of 2: R = 2 local rounds,
+    each of K inner steps on one batch of 2."""
+    fed = _one_client(tmp_path, "pfedme", LogitModel([0.0, 0.0]), {"inner_steps": 3}, steps=None,
+                      train__batch_size=2, train__local_epochs=1)
+    fed.round(1)
+    metrics = _sent_metrics(fed)
+    assert (metrics["steps"], metrics["examples_seen"]) == (6, 4)
