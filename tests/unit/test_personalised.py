@@ -653,3 +653,159 @@ def test_pfedme_local_rounds_follow_the_epoch_budget(tmp_path):
     fed.round(1)
     metrics = _sent_metrics(fed)
     assert (metrics["steps"], metrics["examples_seen"]) == (6, 4)
+
+
+# -- pFedGate: the gate's own step, the gated forward, the gate built for a client ----------------
+
+def test_pfedgate_gate_and_adapter_steps_by_hand(tmp_path):
+    """One client, one full-batch step (sparsity 1: both blocks kept). With z_b = W_b·x + c_b
+    (x = 1, the pooled embedding), g_b = σ(z_b) and the straight-through scale s_b = g_b·k_b
+    whose derivative is k_b + g_b, the step is: the adapter by SGD at η with each B_b scaled
+    by s_b; the gate by SGD at gate_lr on dL/dz_b = (σ(w) − f)·B_b·A_b·(k_b + g_b)·σ'(z_b)."""
+    from fedtune.algorithms.pfedgate import Gate
+
+    (ap, bp), (aq, bq), gate_lr, f = (0.8, 0.5), (-0.4, 0.3), 0.7, 2 / 3
+    model = TwoLoraModel((ap, bp), (aq, bq))
+    r = recipe("pfedgate", 1, options={"sparsity": 1.0, "gate_lr": gate_lr}, lr=ETA, tmp=tmp_path,
+               adapter={"method": "lora"})
+    fed = federation(r, model, {"client_0": examples(0, [1, 1, 0])}, tmp=tmp_path)
+    fed.round(1)
+    torch.manual_seed(derive_seed(FIT_SEED, "pfedgate-init"))
+    init = Gate(1, 2, floor=0.1).state_dict()
+    z = [float(init["linear.weight"][i, 0] + init["linear.bias"][i]) for i in range(2)]
+    g = [sigmoid(v) for v in z]
+    assert min(g) > 0.1                                       # above the floor: the gradient flows
+    err = sigmoid(g[0] * bp * ap + g[1] * bq * aq) - f
+    dz = [err * b * a * (1.0 + gi) * gi * (1.0 - gi) for (a, b), gi in zip(((ap, bp), (aq, bq)), g)]
+    kept = fed.clients["client_0"].state
+    for i in range(2):
+        assert kept["personal/gate.linear.weight"][i, 0].item() == pytest.approx(
+            init["linear.weight"][i, 0].item() - gate_lr * dz[i], abs=1e-6)
+        assert kept["personal/gate.linear.bias"][i].item() == pytest.approx(
+            init["linear.bias"][i].item() - gate_lr * dz[i], abs=1e-6)
+    glob = fed.server.global_state
+    for (name, a, b), s in zip((("p", ap, bp), ("q", aq, bq)), g):
+        assert glob[f"{name}.lora_A.default"][0].tolist() == pytest.approx([a - ETA * err * s * b, 0.0], abs=1e-6)
+        assert glob[f"{name}.lora_B.default"].item() == pytest.approx(b - ETA * err * s * a, abs=1e-6)
+
+
+class SpyTwoLoraModel(TwoLoraModel):
+    """TwoLoraModel that records the keyword arguments of each call."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls = []
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        self.calls.append({"attention_mask": attention_mask, "use_cache": use_cache})
+        return super().forward(input_ids, attention_mask, use_cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pfedgate_gated_forward_pools_real_tokens_and_passes_the_mask_on(dtype):
+    """Embeddings 1 (token 0) and 3 (token 1): rows [1, pad, pad] and [0, 1, pad] pool to 3 and 2.
+    Gate scores σ(x) for p, σ(−x) for q, averaged over the batch: p ≈ 0.93 is kept (budget 3 of
+    6), q ≈ 0.08 is floored to 0.1 and dropped. The logit of token 0 is then g_p·B_p·A_p; the
+    model gets the attention mask and the caller's keywords, and keeps the adapter's dtype."""
+    from fedtune.algorithms.pfedgate import Gate, GatedModel
+
+    model = SpyTwoLoraModel((0.8, 0.5), (-0.4, 0.3))
+    model.emb.weight.data = torch.tensor([[1.0], [3.0]])
+    model.to(dtype)
+    gate = Gate(1, 2, floor=0.1)
+    gate.load_state_dict({"linear.weight": torch.tensor([[1.0], [-1.0]]), "linear.bias": torch.zeros(2)})
+    blocks = [("p.lora_A.default", "p.lora_B.default"), ("q.lora_A.default", "q.lora_B.default")]
+    gated = GatedModel(model, gate, blocks, [3, 3], 3.0)
+    ids, mask = torch.tensor([[1, 0, 0], [0, 1, 0]]), torch.tensor([[1, 0, 0], [1, 1, 0]])
+    logits = gated(ids, mask, use_cache=False).logits
+    g_p = (sigmoid(3.0) + sigmoid(2.0)) / 2
+    assert logits.dtype == dtype
+    assert logits[0, 1, 1].item() == pytest.approx(g_p * 0.5 * 0.8, rel=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    assert logits[0, 0, 1].item() == 0.0
+    assert model.calls[-1]["attention_mask"] is mask and model.calls[-1]["use_cache"] is False
+
+
+class UnequalLora(torch.nn.Module):
+    """Two LoRA blocks of 3 and 14 numbers over a 3-dimensional frozen embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(2, 3)
+        self.emb.weight.requires_grad_(False)
+        for name, (a, b) in (("p", ((1, 2), (1, 1))), ("q", ((2, 3), (4, 2)))):
+            m = torch.nn.Module()
+            m.lora_A = torch.nn.ParameterDict({"default": torch.nn.Parameter(torch.zeros(a))})
+            m.lora_B = torch.nn.ParameterDict({"default": torch.nn.Parameter(torch.zeros(b))})
+            setattr(self, name, m)
+
+    def get_input_embeddings(self):
+        return self.emb
+
+
+def test_pfedgate_builds_each_clients_gate_from_its_seed_or_its_state():
+    """Blocks in the adapter's order with sizes |A| + |B|; the budget s·(adapter size); the floor
+    min(0.1, s); a gate Linear(hidden → blocks) drawn from derive_seed(seed, "pfedgate-init")
+    without touching the global RNG, or the gate the client kept."""
+    from fedtune.algorithms.options import PFedGateConfig
+    from fedtune.algorithms.pfedgate import GATE, Gate, PFedGateLocal
+    from fedtune.models.adapters import AdapterSlot
+
+    model = UnequalLora()
+    ctx = SimpleNamespace(trainer=SimpleNamespace(model=model, device=torch.device("cpu")),
+                          slot=AdapterSlot(model), seed=7, state={})
+    before = torch.get_rng_state()
+    gated = PFedGateLocal(PFedGateConfig(sparsity=0.25))._gated(ctx)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert gated.blocks == [("p.lora_A.default", "p.lora_B.default"), ("q.lora_A.default", "q.lora_B.default")]
+    assert (gated.sizes, gated.budget, gated.gate.floor) == ([3, 14], 0.25 * 17, 0.1)
+    torch.manual_seed(derive_seed(7, "pfedgate-init"))
+    drawn = Gate(3, 2, floor=0.1).state_dict()
+    for k, v in gated.gate.state_dict().items():
+        assert torch.equal(v, drawn[k]), k
+    assert PFedGateLocal(PFedGateConfig(sparsity=0.05))._gated(ctx).gate.floor == 0.05
+    ctx.state = {GATE + "linear.weight": torch.ones(2, 3), GATE + "linear.bias": torch.tensor([0.5, -0.5])}
+    kept = PFedGateLocal(PFedGateConfig())._gated(ctx).gate.state_dict()
+    assert kept["linear.weight"].tolist() == [[1.0] * 3] * 2 and kept["linear.bias"].tolist() == [0.5, -0.5]
+
+
+def test_pfedgate_refuses_an_adapter_without_whole_lora_blocks_in_words():
+    from fedtune.algorithms.pfedgate import lora_blocks
+    from fedtune.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"^pfedgate gates LoRA modules; the adapter has no lora_A tensors$"):
+        lora_blocks(["prefix.embedding", "x.lora_B.default"])
+    with pytest.raises(ModelError, match=r"^pfedgate: x\.lora_A\.default has no matching x\.lora_B\.default$"):
+        lora_blocks(["x.lora_A.default", "y.lora_B.default"])
+    assert lora_blocks(["m.lora_B.w", "m.lora_A.w", "n.lora_A", "n.lora_B"]) == [
+        ("m.lora_A.w", "m.lora_B.w"), ("n.lora_A", "n.lora_B")]
+
+
+def _gate_ctx(model, state, train, sparsity=0.5):
+    from fedtune.algorithms.base import PersonalContext
+    from fedtune.algorithms.options import PFedGateConfig
+    from fedtune.algorithms.pfedgate import PFedGateLocal
+    from fedtune.models.adapters import AdapterSlot
+
+    slot = AdapterSlot(model)
+    trainer = SimpleNamespace(model=model, device=torch.device("cpu"), pad_id=0,
+                              section=SimpleNamespace(batch_size=2))
+    ctx = PersonalContext("client_0", 1, 0, slot, trainer, train, state, slot.get())
+    return PFedGateLocal(PFedGateConfig(sparsity=sparsity)).personal(ctx)
+
+
+def test_pfedgate_personal_model_floors_low_scores_and_needs_a_gate_and_data():
+    """Scores σ(−x), σ(−2x) at x = 3 are below the floor 0.1: both are 0.1, the tie goes to the
+    first block, which alone fits the budget. No gate yet (before the first fit), or no
+    training examples: no personal model (the global one stands)."""
+    from fedtune.algorithms.pfedgate import GATE
+    from fedtune.data.prompts import TokenizedExample
+
+    model = TwoLoraModel((0.8, 0.5), (-0.4, 0.3))
+    model.emb.weight.data = torch.tensor([[3.0], [3.0]])
+    state = {GATE + "linear.weight": torch.tensor([[-1.0], [-2.0]]), GATE + "linear.bias": torch.zeros(2)}
+    train = [TokenizedExample([1, 0], [1, 0])]
+    out = _gate_ctx(model, state, train)
+    assert out["p.lora_B.default"].item() == pytest.approx(0.1 * 0.5, abs=1e-7)
+    assert out["q.lora_B.default"].item() == 0.0
+    assert _gate_ctx(model, {}, train) == {}
+    assert _gate_ctx(model, state, []) == {}
