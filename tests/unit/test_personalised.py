@@ -669,6 +669,8 @@ def test_pfedgate_gate_and_adapter_steps_by_hand(tmp_path):
     r = recipe("pfedgate", 1, options={"sparsity": 1.0, "gate_lr": gate_lr}, lr=ETA, tmp=tmp_path,
                adapter={"method": "lora"})
     fed = federation(r, model, {"client_0": examples(0, [1, 1, 0])}, tmp=tmp_path)
+    fed.transport.sent = []
+    fed.transport.endpoints["client_0"] = _recording(fed.transport.endpoints["client_0"], fed.transport.sent)
     fed.round(1)
     torch.manual_seed(derive_seed(FIT_SEED, "pfedgate-init"))
     init = Gate(1, 2, floor=0.1).state_dict()
@@ -683,6 +685,10 @@ def test_pfedgate_gate_and_adapter_steps_by_hand(tmp_path):
             init["linear.weight"][i, 0].item() - gate_lr * dz[i], abs=1e-6)
         assert kept["personal/gate.linear.bias"][i].item() == pytest.approx(
             init["linear.bias"][i].item() - gate_lr * dz[i], abs=1e-6)
+    w0 = g[0] * bp * ap + g[1] * bq * aq
+    metrics = _sent_metrics(fed)
+    assert metrics["train_loss"] == pytest.approx(math.log1p(math.exp(w0)) - f * w0, abs=1e-6)
+    assert (metrics["steps"], metrics["examples_seen"]) == (1, 3)
     glob = fed.server.global_state
     for (name, a, b), s in zip((("p", ap, bp), ("q", aq, bq)), g):
         assert glob[f"{name}.lora_A.default"][0].tolist() == pytest.approx([a - ETA * err * s * b, 0.0], abs=1e-6)
@@ -809,3 +815,16 @@ def test_pfedgate_personal_model_floors_low_scores_and_needs_a_gate_and_data():
     assert out["q.lora_B.default"].item() == 0.0
     assert _gate_ctx(model, {}, train) == {}
     assert _gate_ctx(model, state, []) == {}
+
+
+def test_pfedgate_personal_model_pools_only_the_real_tokens_of_a_padded_batch():
+    """Examples [1] and [0, 1] in one batch: [1] is padded, and pools to 3 (not (3 + 1)/2)."""
+    from fedtune.algorithms.pfedgate import GATE
+    from fedtune.data.prompts import TokenizedExample
+
+    model = TwoLoraModel((0.8, 0.5), (-0.4, 0.3))
+    model.emb.weight.data = torch.tensor([[1.0], [3.0]])
+    state = {GATE + "linear.weight": torch.tensor([[1.0], [-1.0]]), GATE + "linear.bias": torch.zeros(2)}
+    out = _gate_ctx(model, state, [TokenizedExample([1], [1]), TokenizedExample([0, 1], [0, 1])])
+    assert out["p.lora_B.default"].item() == pytest.approx(0.5 * (sigmoid(3.0) + sigmoid(2.0)) / 2, abs=1e-6)
+    assert out["q.lora_B.default"].item() == 0.0
