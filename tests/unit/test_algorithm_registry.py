@@ -264,6 +264,9 @@ REFUSED = [
     ({"federation": {"algorithm": "ffa_lora"}, "adapter": {"method": "ia3"}},
      "(top level): adapter.method: ffa_lora shares or freezes LoRA's A / B factors; use lora or qlora "
      "(got 'ia3')"),
+    ({"federation": {"algorithm": "pfedgate"}, "train": {"dp_sgd": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}},
+     "(top level): train.dp_sgd: pfedgate trains each LoRA B scaled by its gate (a functional call), whose "
+     "per-example gradients DP-SGD cannot compute; remove train.dp_sgd"),
 ]
 
 
@@ -292,6 +295,7 @@ def test_each_recipe_check_refuses_in_these_exact_words(raw, message):
     {"federation": {"algorithm": "fedsp"}, "adapter": {"method": "prefix_tuning"}},
     {"federation": {"algorithm": "flexlora"}, "adapter": {"rank_per_client": [2, 4]}},
     {"bench": {"algorithms": [{"name": "fedprox", "options": {"mu": 0.5}}]}},
+    {"federation": {"algorithm": "pfedgate"}, "adapter": {"method": "qlora"}},
 ])
 def test_recipes_at_the_edges_of_the_checks_load(raw):
     from fedtune.config import load_recipe
