@@ -828,3 +828,36 @@ def test_pfedgate_personal_model_pools_only_the_real_tokens_of_a_padded_batch():
     out = _gate_ctx(model, state, [TokenizedExample([1], [1]), TokenizedExample([0, 1], [0, 1])])
     assert out["p.lora_B.default"].item() == pytest.approx(0.5 * (sigmoid(3.0) + sigmoid(2.0)) / 2, abs=1e-6)
     assert out["q.lora_B.default"].item() == 0.0
+
+
+# -- the personal-state helpers: holdout clients and the top-layer split, word for word -----------
+
+def test_a_holdout_client_refuses_to_train_in_words_and_adapts_with_a_single_step(tmp_path):
+    from fedtune.algorithms.base import PersonalContext
+    from fedtune.algorithms.personal import HoldoutLocal
+    from fedtune.errors import FedtuneError
+    from fedtune.models.adapters import AdapterSlot
+    from fedtune.train.local import LocalTrainer
+
+    holdout = HoldoutLocal(inner=None, steps=1)
+    with pytest.raises(FedtuneError, match=re.escape(
+            "client 'client_7' is a holdout client (federation.holdout_clients) and never trains; "
+            "the server should not ask it to")):
+        holdout.fit(SimpleNamespace(client="client_7"), {})
+    model = LogitModel([0.0, 0.0])
+    slot = AdapterSlot(model)
+    trainer = LocalTrainer(model, recipe("fedavg", 1, lr=0.5, tmp=tmp_path).train, pad_id=0,
+                           device=torch.device("cpu"))
+    ctx = PersonalContext("client_7", 1, 0, slot, trainer, examples(0, [1, 1]), {}, slot.get())
+    assert holdout.personal(ctx)["w"].tolist() == pytest.approx([sgd(0.0, 1.0, 0.5), 0.0], abs=1e-6)
+    assert HoldoutLocal(inner=None, steps=0).personal(ctx) == {}
+
+
+def test_a_top_layer_split_without_layer_numbers_names_two_tensors():
+    from fedtune.algorithms.personal import top_layer_names
+    from fedtune.errors import ModelError
+
+    with pytest.raises(ModelError, match=re.escape(
+            "federation.options.top_layers: no trainable tensor has a layer number in its name (e.g. "
+            "['lm_head.weight', 'norm.weight']); name the personal tensors with options.personal")):
+        top_layer_names(["lm_head.weight", "norm.weight", "embed.weight"], 1)
