@@ -861,3 +861,15 @@ def test_a_top_layer_split_without_layer_numbers_names_two_tensors():
             "federation.options.top_layers: no trainable tensor has a layer number in its name (e.g. "
             "['lm_head.weight', 'norm.weight']); name the personal tensors with options.personal")):
         top_layer_names(["lm_head.weight", "norm.weight", "embed.weight"], 1)
+
+
+def test_a_partial_view_names_at_most_three_missing_tensors_and_fine_tuning_needs_examples():
+    from fedtune.algorithms.personal import PartialView, fine_tune
+    from fedtune.errors import FedtuneError, ModelError
+
+    adapter = {k: torch.zeros(1) for k in ("e", "d", "c", "b", "a", "p")}
+    view = PartialView(SimpleNamespace(get=lambda: dict(adapter)), {"p"})
+    with pytest.raises(ModelError, match=re.escape("missing ['a', 'b', 'c'], unexpected []")):
+        view.load({"e": torch.zeros(1)})
+    with pytest.raises(FedtuneError, match=r"^client 'client_3' has no training examples to fine-tune on$"):
+        fine_tune(SimpleNamespace(client="client_3", train=[]), 2, None)
