@@ -523,3 +523,142 @@ def test_the_tokenizer_folders_are_named_and_removed_at_exit_even_if_one_is_gone
     shutil.rmtree(folders[0])          # removed by someone else already: not an error at exit
     at_exit[0]()
     assert not folders[1].exists()
+
+
+# -- the emulator: layouts, edges and the distillation loss by hand -------------------------------
+
+
+def test_kept_layers_at_the_edges_and_the_exact_refusals():
+    import re
+
+    assert kept_layers(3, 1, 1, 0.5) == [0, 1, 2]                 # a core of one layer is enough
+    assert kept_layers(5, 0, 1, 0.5) == [0, 2, 4]                 # no bottom adapter: core 0..3, 2 kept
+    assert kept_layers(5, 2, 0, 0.5) == [0, 1, 2, 3]              # no top adapter: core 2..4, 2 kept
+    assert kept_layers(9, 1, 1, 0.25) == [0, 1, 2, 3, 5, 6, 8]   # core 1..7, round(5.25) = 5 kept
+    at_least = "^" + re.escape("offsite-tuning: adapter_bottom + adapter_top must be at least 1") + "$"
+    for bottom, top in ((0, 0), (-1, 2), (2, -1)):
+        with pytest.raises(ModelError, match=at_least):
+            kept_layers(8, bottom, top, 0.5)
+    with pytest.raises(ModelError, match="^" + re.escape(
+            "offsite-tuning: the model has 3 layers, too few for 2 bottom + 1 top adapter layers and a core") + "$"):
+        kept_layers(3, 2, 1, 0.5)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, i: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(2, 2)
+        self.layer_idx = i
+
+
+class _Stack(torch.nn.Module):
+    """A model whose layer list sits at `path` (no dot, or two), counted by `num_layers` only."""
+
+    def __init__(self, n: int, path: str):
+        from types import SimpleNamespace
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.config = SimpleNamespace(num_layers=n, layer_types=[f"t{i}" for i in range(n)])
+        self.head = torch.nn.Linear(2, 2)
+        owner = self
+        for part in path.split(".")[:-1]:
+            owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        owner.add_module(path.split(".")[-1], torch.nn.ModuleList(_Block(i) for i in range(n)))
+
+
+@pytest.mark.parametrize("path", ["blocks", "body.inner.blocks"])
+def test_the_emulator_of_a_layer_list_at_any_depth(path):
+    full = _Stack(6, path)
+    emu = build_emulator(full, 1, 2, 0.5)            # core 1..3, round(1.5) = 2 kept: 1, 2
+    assert emu.kept == [0, 1, 2, 4, 5] and emu.prefix == path
+    layers = full.get_submodule(path)
+    kept = emu.model.get_submodule(path)
+    assert len(layers) == 6 and len(kept) == 5
+    assert [b.layer_idx for b in kept] == [0, 1, 2, 3, 4] and [b.layer_idx for b in layers] == list(range(6))
+    for block, i in zip(kept, emu.kept):              # copies of the full model's layers, not shared
+        assert torch.equal(block.proj.weight, layers[i].proj.weight)
+        assert block.proj.weight.data_ptr() != layers[i].proj.weight.data_ptr()
+    assert emu.model.config.num_layers == 5 and emu.model.config.layer_types == ["t0", "t1", "t2", "t4", "t5"]
+    assert full.config.num_layers == 6 and full.config.layer_types == [f"t{i}" for i in range(6)]
+    trainable = {n for n, p in emu.model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{path}.{i}.proj.{w}" for i in (0, 3, 4) for w in ("weight", "bias")}
+    assert emu.adapter_layers == {0: 0, 3: 4, 4: 5}
+    assert not any(p.requires_grad for p in full.parameters())
+    names = plug_in_names(emu, [f"{path}.3.proj.weight", f"{path}.0.proj.bias"])
+    assert names == {f"{path}.3.proj.weight": f"{path}.4.proj.weight", f"{path}.0.proj.bias": f"{path}.0.proj.bias"}
+
+
+def test_a_model_without_one_layer_list_or_a_layer_count_is_refused_by_name():
+    import re
+    from types import SimpleNamespace
+
+    twins = _Stack(3, "blocks")
+    twins.other = torch.nn.ModuleList(_Block(i) for i in range(3))
+    with pytest.raises(ModelError, match="^" + re.escape(
+            "offsite-tuning: cannot find the one list of 3 transformer layers in _Stack "
+            "(candidates: ['blocks', 'other'])") + "$"):
+        build_emulator(twins, 1, 1, 0.5)
+    uncounted = _Stack(3, "blocks")
+    uncounted.config = SimpleNamespace(layers=3)
+    with pytest.raises(ModelError, match="^" + re.escape(
+            "offsite-tuning: the model config has none of ('num_hidden_layers', 'n_layer', 'num_layers')") + "$"):
+        build_emulator(uncounted, 1, 1, 0.5)
+    emu = build_emulator(_Stack(4, "blocks"), 1, 1, 0.5)
+    for name in ("head.weight", "other.blocks.0.proj.weight", "blocks.1.proj.weight"):
+        with pytest.raises(ModelError, match="^" + re.escape(
+                f"offsite-tuning: {name} is not a parameter of an adapter layer") + "$"):
+            plug_in_names(emu, [name])
+
+
+def _distill_by_hand(full, emu, batch, lm_weight, kd_weight):
+    """The documented loss: lm·LM(emulator) + kd·masked mean over tokens of mean_j ((t − s) / rms(t))²,
+    t and s the hidden states entering the first top adapter layer (full layer n − top, emulator m − top)."""
+    with torch.no_grad():
+        t = full(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 output_hidden_states=True).hidden_states[4 - 1]
+        out = emu.model(**batch, output_hidden_states=True)
+        s = out.hidden_states[3 - 1]
+        total, tokens = 0.0, 0
+        for b, row in enumerate(batch["attention_mask"].tolist()):
+            for j, real in enumerate(row):
+                if real:
+                    rms = t[b, j].pow(2).mean().sqrt()
+                    total += ((t[b, j] - s[b, j]) / rms).pow(2).mean().item()
+                    tokens += 1
+        return lm_weight * out.loss.item() + kd_weight * total / tokens
+
+
+def test_the_first_distillation_loss_by_hand_on_left_padded_batches():
+    full = _llama(4)
+    ids = torch.tensor([[0, 0, 7, 9, 11], [5, 6, 7, 8, 9]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    one = {"input_ids": torch.tensor([[0, 0, 9, 12]]), "attention_mask": torch.tensor([[0, 0, 1, 1]])}
+    for batch in ({"input_ids": ids, "attention_mask": mask},
+                  {**one, "attention_mask": torch.tensor([[0, 0, 0, 1]])}):   # one real token
+        batch["labels"] = torch.where(batch["attention_mask"].bool(), batch["input_ids"], -100)
+        if batch["attention_mask"].sum() == 1:
+            batch["labels"] = torch.tensor([[-100, -100, 9, 12]])   # the LM loss needs a target
+        emu = build_emulator(full, 1, 1, 0.5)                      # kept [0, 1, 3]
+        want = _distill_by_hand(full, emu, batch, 0.5, 2.0)
+        losses = distill(full, emu, iter([batch]), steps=1, lr=1e-2, lm_weight=0.5, kd_weight=2.0,
+                         device=torch.device("cpu"))
+        assert losses == [pytest.approx(want, rel=1e-5)]
+        assert want > 0.1
+
+
+def test_a_distillation_step_is_adamw_without_weight_decay():
+    """AdamW's first step without weight decay moves each core weight by lr·g/(|g| + eps): by lr for
+    the norm weights (1.0, where a decay of 0.01 would add lr·0.01 = 1e-4)."""
+    full = _llama(4)
+    emu = build_emulator(full, 1, 1, 0.5)
+    before = emu.model.model.layers[1].input_layernorm.weight.detach().clone()
+    gen = torch.Generator().manual_seed(4)
+    from fedtune.data.prompts import TokenizedExample
+
+    rows = [torch.randint(4, 40, (8,), generator=gen).tolist() for _ in range(4)]
+    distill(full, emu, iter([collate([TokenizedExample(r, list(r)) for r in rows], 0)]), steps=1, lr=1e-2,
+            lm_weight=1.0, kd_weight=1.0, device=torch.device("cpu"))
+    moved = (emu.model.model.layers[1].input_layernorm.weight - before).abs()
+    assert torch.allclose(moved, torch.full_like(moved, 1e-2), rtol=0, atol=2e-5)   # eps: up to 5e-6
