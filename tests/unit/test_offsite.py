@@ -662,3 +662,26 @@ def test_a_distillation_step_is_adamw_without_weight_decay():
             lm_weight=1.0, kd_weight=1.0, device=torch.device("cpu"))
     moved = (emu.model.model.layers[1].input_layernorm.weight - before).abs()
     assert torch.allclose(moved, torch.full_like(moved, 1e-2), rtol=0, atol=2e-5)   # eps: up to 5e-6
+
+
+def test_a_client_is_never_asked_whether_to_run_the_servers_tokenizer_code(char_tokenizer, monkeypatch):
+    """A tokenizer config naming only code of the server's (no shipped class) is refused outright:
+    transformers would otherwise ask at the terminal, and a "y" there would run the server's code."""
+    import builtins
+    import json
+
+    from fedtune.algorithms.offsite_package import _tokenizer
+
+    asked = []
+    monkeypatch.setattr(builtins, "input", lambda *a: asked.append(a) or "y")
+    sent = _tokenizer_tensors(char_tokenizer)
+    config = json.loads(bytes(sent["tokenizer/tokenizer_config.json"].tolist()))
+    config.pop("tokenizer_class", None)
+    config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}
+    evil = b"raise RuntimeError('the server code ran')\n"
+    sent = {**sent, **_tokenizer_tensors(type("T", (), {"save_pretrained": lambda self, d: None})(),
+                                          **{"tokenizer_config.json": json.dumps(config).encode(), "evil.py": evil})}
+    with pytest.raises(ModelError, match="^offsite-tuning: cannot load the tokenizer the server sent: ") as error:
+        _tokenizer(sent)
+    assert "contains custom code" in str(error.value)            # transformers' reason, first line
+    assert "code ran" not in str(error.value) and asked == []
