@@ -299,3 +299,14 @@ def test_a_client_rebuilds_the_emulator_in_the_recipe_dtype_within_the_message_l
     small = recipe.model_copy(update={"transport": recipe.transport.model_copy(update={"max_message_bytes": 20735})})
     with pytest.raises(ModelError, match=r"would take 20736 bytes, over transport.max_message_bytes \(20735\)"):
         OffsiteParty(party.options, small).client_model({DOWNLOAD: message}, small)
+
+
+def test_the_registered_party_of_offsite_holds_its_options_and_recipe(tiny_recipe, four_layer_dir):
+    from fedtune.algorithms import build_party
+
+    options = {"adapter_bottom": 2, "adapter_top": 1, "drop_ratio": 0.25}
+    recipe = load_recipe(tiny_recipe(model={"name": four_layer_dir}, adapter={"method": "full"},
+                                     federation__algorithm="offsite", federation__options=options))
+    party = build_party("offsite", options, recipe)
+    assert isinstance(party, OffsiteParty) and party.recipe is recipe and party.server is None
+    assert (party.options.adapter_bottom, party.options.adapter_top, party.options.drop_ratio) == (2, 1, 0.25)
