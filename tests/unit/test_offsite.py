@@ -685,3 +685,24 @@ def test_a_client_is_never_asked_whether_to_run_the_servers_tokenizer_code(char_
         _tokenizer(sent)
     assert "contains custom code" in str(error.value)            # transformers' reason, first line
     assert "code ran" not in str(error.value) and asked == []
+
+
+def test_a_three_way_tie_is_checked_on_every_tensor_and_named_by_its_first_two():
+    """Some configs tie three tensors (ProphetNet's causal LM: head, encoder and decoder embeddings)."""
+    import re
+
+    from fedtune.algorithms.offsite_package import _check_layout
+
+    class Tied3(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (torch.nn.Linear(2, 2, bias=False) for _ in range(3))
+            self.b.weight = self.c.weight = self.a.weight
+
+    w = torch.ones(2, 2)
+    _check_layout(Tied3(), {"a.weight": w, "b.weight": w.clone(), "c.weight": w.clone()}, [], None)
+    message = "^" + re.escape("offsite-tuning: the emulator config ties ['a.weight', 'b.weight'], but the "
+                              "package's tensors for them differ") + "$"
+    for b, c in ((w, w + 1), (w + 1, w)):
+        with pytest.raises(ModelError, match=message):
+            _check_layout(Tied3(), {"a.weight": w, "b.weight": b, "c.weight": c}, [], None)
