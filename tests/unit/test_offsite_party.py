@@ -310,3 +310,17 @@ def test_the_registered_party_of_offsite_holds_its_options_and_recipe(tiny_recip
     party = build_party("offsite", options, recipe)
     assert isinstance(party, OffsiteParty) and party.recipe is recipe and party.server is None
     assert (party.options.adapter_bottom, party.options.adapter_top, party.options.drop_ratio) == (2, 1, 0.25)
+
+
+def test_a_client_gives_an_emulator_without_a_pad_token_the_tokenizers_and_keeps_one_it_has(tiny_recipe,
+                                                                                             four_layer_dir):
+    from fedtune.wire import Message
+
+    party, _, _, recipe = _party(tiny_recipe, four_layer_dir, steps=0)
+    message = party.downloads()[DOWNLOAD]("client_0")
+    pad = make_char_tokenizer().pad_token_id
+    for said, expected in ((None, pad), (pad + 5, pad + 5)):
+        meta = {**message.meta, "config": {**message.meta["config"], "pad_token_id": said}}
+        sent = Message(message.kind, 0, "server", "client_0", tensors=message.tensors, meta=meta)
+        model, _, _ = OffsiteParty(party.options, recipe).client_model({DOWNLOAD: sent}, recipe)
+        assert model.config.pad_token_id == expected
