@@ -183,3 +183,141 @@ def test_only_strategies_built_for_a_federation_size_ask_for_it():
     s.aggregate_fit(1, g, [ClientUpdate("a", {"w": torch.zeros(1), "scaffold/dc/w": torch.tensor([2.0])}, 1)])
     assert s.state_dict()["scaffold/c/w"].item() == 0.5
     assert build_strategy("fedavg", {}).__class__.__name__ == "FedAvg"   # no size needed
+
+
+# -- every refusal of the algorithms' recipe checks, word for word ------------------------------
+
+SUM_ONLY = ("ditto, fedadagrad, fedadam, fedavg, fedavg_ft, fedavgm, fedkseed, fedprox, fedrep, fedsa_lora, "
+            "fedyogi, ffa_lora, offsite, pfedgate, pfedme")
+SECAGG = {"clients": 3, "secure_aggregation": {"enabled": True}}
+LOADS = "invalid recipe:\n  recipe: "
+
+REFUSED = [
+    ({"federation": {"algorithm": "nope"}},
+     "federation.algorithm: unknown algorithm 'nope'; allowed: " + ", ".join(ALL)),
+    ({"federation": {"algorithm": "fedprox", "options": {"mu": -1}}},
+     "federation: federation.options.mu: Input should be greater than or equal to 0 (options of fedprox: "
+     "mu, weighting)"),
+    ({"bench": {"algorithms": [{"name": "fedprox", "options": {"mu": -1}}]}},
+     "bench.algorithms.0: options.mu: Input should be greater than or equal to 0 (options of fedprox: "
+     "mu, weighting)"),
+    ({"federation": {"algorithm": "scaffold", **SECAGG}},
+     "federation: secure_aggregation.enabled: algorithm 'scaffold' needs each client's own update (or "
+     "per-client tensors) on the server, which secure aggregation hides; it works with algorithms that "
+     "use only the sum of the updates: " + SUM_ONLY),
+    ({"federation": {**SECAGG, "compression": {"up": {"method": "fp16"}}}},
+     "federation: secure_aggregation.enabled: compression.up must be 'none' (masked inputs are 64-bit "
+     "integers that no codec can shrink); got 'fp16'"),
+    ({"federation": {**SECAGG, "attack": {"kind": "nan"}}},
+     "federation: secure_aggregation.enabled: attack.kind 'nan' is a server-side detection experiment; "
+     "with secure aggregation the server sees no individual update"),
+    ({"federation": {**SECAGG, "attack": {"kind": "inf"}}},
+     "federation: secure_aggregation.enabled: attack.kind 'inf' is a server-side detection experiment; "
+     "with secure aggregation the server sees no individual update"),
+    ({"federation": {**SECAGG, "clients_per_round": 1}},
+     "federation: secure_aggregation.enabled: needs at least 2 clients per round, got 1"),
+    ({"federation": {"clients": 3, "secure_aggregation": {"enabled": True, "threshold": 1}}},
+     "federation: secure_aggregation: threshold 1 of 3 clients is not allowed: it must be at least 2 and "
+     "more than half the clients (2..3)"),
+    ({"adapter": {"method": "ia3", "rank_per_client": [2, 4]}, "federation": {"algorithm": "flexlora"}},
+     "(top level): adapter.rank_per_client: needs adapter.method lora, got 'ia3'"),
+    ({"adapter": {"r": 4, "rank_per_client": [2, 8]}, "federation": {"algorithm": "hetlora"}},
+     "(top level): adapter.rank_per_client: rank 8 is above adapter.r=4 (the model is built at adapter.r, "
+     "the largest rank)"),
+    ({"adapter": {"rank_per_client": [2, 4, 8]}, "federation": {"algorithm": "hetlora"}},
+     "(top level): adapter.rank_per_client: 3 ranks for federation.clients=2"),
+    ({"adapter": {"rank_per_client": {"ranks": [2, 8], "resources": [1.0]}}, "federation": {"algorithm": "hetlora"}},
+     "(top level): adapter.rank_per_client.resources: 1 entries for federation.clients=2"),
+    ({"adapter": {"rank_per_client": [2, 8]}, "federation": {"algorithm": "fedavg"}},
+     "(top level): adapter.rank_per_client: federation.algorithm 'fedavg' cannot aggregate LoRA factors of "
+     "different ranks; use one of: flexlora, flora, hetlora"),
+    ({"federation": {"algorithm": "fedsp"}, "adapter": {"method": "lora"}},
+     "(top level): adapter.method: fedsp exchanges prefix soft prompts; set adapter.method=prefix_tuning "
+     "(got 'lora')"),
+    ({"federation": {"algorithm": "flora"}, "adapter": {"method": "prefix_tuning"}},
+     "(top level): adapter.method: flora aggregates LoRA factors; set adapter.method=lora (got 'prefix_tuning')"),
+    ({"federation": {"algorithm": "fedmezo"}, "train": {"dp_sgd": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}},
+     "(top level): train.dp_sgd privatises backprop gradients; federation.algorithm 'fedmezo' trains by "
+     "zeroth-order steps (remove train.dp_sgd)"),
+    ({"federation": {"algorithm": "fedkseed"}, "train": {"dp_sgd": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}},
+     "(top level): train.dp_sgd privatises backprop gradients; federation.algorithm 'fedkseed' trains by "
+     "zeroth-order steps (remove train.dp_sgd)"),
+    ({"federation": {"algorithm": "fedkseed"}, "train": {"weight_decay": 0.1}},
+     "(top level): train.weight_decay: fedkseed needs 0 (its model is rebuilt as θ0 − Σ G_k·z_k, which "
+     "holds only for plain steps)"),
+    ({"federation": {"algorithm": "fedkseed", "compression": {"up": {"method": "fp16"}}}},
+     "(top level): federation.compression.up: fedkseed sends K scalars, not adapter tensors; compression "
+     "does not apply (use none)"),
+    ({"federation": {"algorithm": "fedkseed", "compression": {"down": {"method": "int8"}}}},
+     "(top level): federation.compression.down: fedkseed sends K scalars, not adapter tensors; compression "
+     "does not apply (use none)"),
+    ({"federation": {"algorithm": "fedkseed", "options": {"pro": True}, **SECAGG}},
+     "(top level): federation.secure_aggregation.enabled: FedKSeed-Pro (options.pro) learns its seed "
+     "probabilities from each client's own scalars, which secure aggregation hides; use pro: false (plain "
+     "FedKSeed needs only their sum)"),
+    ({"federation": {"algorithm": "offsite", "options": {"adapter_bottom": 0, "adapter_top": 0}},
+      "adapter": {"method": "full"}},
+     "(top level): federation.options: offsite needs adapter_bottom + adapter_top >= 1"),
+    ({"federation": {"algorithm": "offsite"}, "adapter": {"method": "lora"}},
+     "(top level): adapter.method: offsite trains whole adapter layers of the emulator; set "
+     "adapter.method=full (only those layers train)"),
+    ({"federation": {"algorithm": "ffa_lora"}, "adapter": {"method": "ia3"}},
+     "(top level): adapter.method: ffa_lora shares or freezes LoRA's A / B factors; use lora or qlora "
+     "(got 'ia3')"),
+    ({"federation": {"algorithm": "pfedgate"}, "train": {"dp_sgd": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}},
+     "(top level): train.dp_sgd: pfedgate trains each LoRA B scaled by its gate (a functional call), whose "
+     "per-example gradients DP-SGD cannot compute; remove train.dp_sgd"),
+]
+
+
+@pytest.mark.parametrize("raw,message", REFUSED)
+def test_each_recipe_check_refuses_in_these_exact_words(raw, message):
+    from fedtune.config import load_recipe
+
+    raw = {**raw, "federation": {"clients": 2, **raw.get("federation", {})}}
+    with pytest.raises(RecipeError) as err:
+        load_recipe(raw)
+    assert str(err.value) == LOADS + message
+
+
+@pytest.mark.parametrize("raw", [
+    {"federation": {"clients": 2, "secure_aggregation": {"enabled": True}}},   # 2 per round: the least
+    {"adapter": {"r": 8, "rank_per_client": [8, 2]}, "federation": {"algorithm": "hetlora"}},  # r is allowed
+    {"adapter": {"rank_per_client": {"ranks": [2, 8], "resources": [1.0, 2.0]}},
+     "federation": {"algorithm": "hetlora"}},
+    {"adapter": {"rank_per_client": {"ranks": [2, 8, 4]}}, "federation": {"algorithm": "flora"}},
+    {"federation": {"algorithm": "fedkseed", "options": {"pro": True}}},
+    {"federation": {"algorithm": "fedmezo"}},
+    {"federation": {"algorithm": "offsite", "options": {"adapter_bottom": 1, "adapter_top": 0}},
+     "adapter": {"method": "full"}},
+    {"federation": {"algorithm": "offsite", "options": {"adapter_bottom": 0, "adapter_top": 2}},
+     "adapter": {"method": "full"}},
+    {"federation": {"algorithm": "fedsp"}, "adapter": {"method": "prefix_tuning"}},
+    {"federation": {"algorithm": "flexlora"}, "adapter": {"rank_per_client": [2, 4]}},
+    {"bench": {"algorithms": [{"name": "fedprox", "options": {"mu": 0.5}}]}},
+    {"federation": {"algorithm": "pfedgate"}, "adapter": {"method": "qlora"}},
+])
+def test_recipes_at_the_edges_of_the_checks_load(raw):
+    from fedtune.config import load_recipe
+
+    recipe = load_recipe({**raw, "federation": {"clients": 2, **raw.get("federation", {})}})
+    assert recipe.federation.algorithm == raw.get("federation", {}).get("algorithm", "fedavg")
+
+
+def test_mixed_ranks_under_secure_aggregation_are_refused_in_words():
+    """The check itself: a recipe never gets this far (the algorithms that mix ranks are refused
+    secure aggregation earlier, by the federation's check)."""
+    from types import SimpleNamespace
+
+    from fedtune.algorithms.recipe_checks import rank_per_client
+
+    recipe = SimpleNamespace(
+        adapter=SimpleNamespace(method="lora", r=8, rank_per_client=[2, 8]),
+        federation=SimpleNamespace(clients=2, algorithm="hetlora",
+                                   secure_aggregation=SimpleNamespace(enabled=True)))
+    with pytest.raises(ValueError) as err:
+        rank_per_client(recipe)
+    assert str(err.value) == ("adapter.rank_per_client: secure aggregation needs every update of one shape; "
+                              "the clients' ranks differ")
+    recipe.federation.secure_aggregation.enabled = False
+    rank_per_client(recipe)

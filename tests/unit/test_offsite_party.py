@@ -181,3 +181,146 @@ def test_the_owner_distils_on_seeded_batches_of_truncated_synthetic_texts(tiny_r
     for got, want in zip(seen["batches"], expected):
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert [b["input_ids"].shape for b in seen["batches"]] == [(3, 12), (1, 12)] * 2 + [(3, 12)]
+
+
+# -- what the owner hands on, exactly -----------------------------------------------------------
+
+
+def test_the_owner_evaluates_with_the_recipe_settings_and_passes_every_input_through(tiny_recipe, four_layer_dir):
+    from fedtune.wire import MessageKind
+
+    party, full, model, recipe = _party(tiny_recipe, four_layer_dir, steps=0)
+    server = party.server
+    evaluator = server.full_evaluator
+    assert evaluator.model is full and evaluator.section is recipe.eval and evaluator.device == torch.device("cpu")
+    assert (evaluator.template, evaluator.max_length) == ("compact", 128)
+    assert evaluator.tokenizer("ab")["input_ids"] == make_char_tokenizer()("ab")["input_ids"]
+    message = server.package_message("client_1")
+    assert (message.kind, message.round, message.sender, message.receiver) == (MessageKind.DOWNLOAD, 0, "server", "client_1")
+    assert message.meta is server.package_meta and message.tensors is server.package_tensors
+    seen = []
+
+    def evaluate(tokenized, raw, with_generation, predictions):
+        seen.append((tokenized, raw, with_generation, predictions))
+        predictions.append({"answer": "full"})
+        return {"exact_match": 0.5}
+
+    evaluator.evaluate = evaluate
+    tokenized, raw = ["tokenized"], ["raw"]
+    adapter = {n: torch.zeros_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    ev = GlobalEvaluation(state=adapter, tokenized=tokenized, raw=raw, generate=True,
+                          metrics={"loss": 2.0, "n_examples": 3}, records=[], write=lambda *a: None)
+    metrics, records = party.evaluate_global(ev)
+    assert len(seen) == 1 and seen[0][0] is tokenized and seen[0][1] is raw and seen[0][2] is True
+    assert seen[0][3] is records and records == [{"answer": "full"}]
+    assert metrics == {"exact_match": 0.5, "emulator_loss": 2.0}
+    server.distill_losses = [3.0, 2.0, 1.0]                 # the first and the last, not the second
+    assert server.info()["distill_loss"] == [3.0, 1.0]
+
+
+def test_the_owner_keeps_the_core_in_a_new_run_folder_and_saves_it_again(tiny_recipe, four_layer_dir, tmp_path):
+    party, _, _, _ = _party(tiny_recipe, four_layer_dir)
+    run_dir = tmp_path / "not" / "made" / "yet"
+    party.keep(run_dir, resume=False)
+    party.keep(run_dir, resume=False)                  # a second save over the first is fine
+    saved = load_file(str(run_dir / CORE_FILE))
+    core = party.server._core()
+    assert saved.keys() == core.keys() and all(torch.equal(saved[n], p) for n, p in core.items())
+
+
+def test_the_owner_drops_texts_under_two_tokens_and_seeds_the_distillation(tiny_recipe, four_layer_dir,
+                                                                           monkeypatch):
+    """Texts of 0 or 1 token cannot train a next-token loss and are dropped, one of 2 is kept; the
+    distillation runs under the seed derived from the recipe's as "offsite-distill-init"; the
+    console line gives the first and the last loss."""
+    from fedtune.algorithms import offsite_server
+    from fedtune.seeding import derive_seed
+
+    seen = {}
+
+    def fake_texts(source, n, seed, recipe):
+        seen.update(texts=(source, n, seed, recipe))
+        return ["ab", "c", "", "defg"]
+
+    def fake_distill(full, emulator, batches, **kw):
+        seen.update(seed=torch.initial_seed(), batches=[next(batches) for _ in range(2)])
+        return [1.0, 0.75, 0.5]
+
+    monkeypatch.setattr(offsite_server, "distill_texts", fake_texts)
+    monkeypatch.setattr(offsite_server, "distill", fake_distill)
+    options = {"distill": {"steps": 3, "batch_size": 4, "examples": 4}}
+    recipe = load_recipe(tiny_recipe(model={"name": four_layer_dir}, adapter={"method": "full"},
+                                     federation__algorithm="offsite", federation__options=options))
+    printed = []
+    party = OffsiteParty(OffsiteConfig(**options), recipe)
+    party.server_model(AutoModelForCausalLM.from_pretrained(four_layer_dir), make_char_tokenizer(),
+                       type("Console", (), {"print": lambda self, text: printed.append(text)})())
+    assert seen["texts"] == ("synthetic", 4, derive_seed(recipe.seed, "offsite-distill"), recipe)
+    assert seen["seed"] == derive_seed(recipe.seed, "offsite-distill-init")
+    ab, defg = make_char_tokenizer()("ab")["input_ids"], make_char_tokenizer()("defg")["input_ids"]
+    assert len(ab) == 2 and len(make_char_tokenizer()("c")["input_ids"]) == 1
+    for batch in seen["batches"]:     # both kept texts in every batch (4 a batch), right-padded with 0
+        rows = sorted(tuple(r) for r in batch["input_ids"].tolist())
+        assert rows == sorted([tuple(ab) + (0, 0), tuple(defg)])
+    assert printed == ["offsite-tuning: distilled the emulator for 3 steps, loss 1.000 → 0.500"]
+
+
+def test_the_distillation_texts_of_a_data_file_join_instruction_input_and_output(tiny_recipe, tmp_path):
+    import json
+
+    path = tmp_path / "server.jsonl"
+    rows = [{"instruction": "Add 1 and 2.", "input": "", "output": "3"},
+            {"instruction": "Say", "input": "hi", "output": "hi there"},
+            {"instruction": "Third", "input": "", "output": "x"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(tiny_recipe())
+    assert distill_texts(str(path), 2, 0, recipe) == ["Add 1 and 2. 3", "Say hi hi there"]
+
+
+def test_a_client_rebuilds_the_emulator_in_the_recipe_dtype_within_the_message_limit(tiny_recipe, four_layer_dir,
+                                                                                 caplog):
+    import logging
+
+    from fedtune.errors import ModelError
+
+    party, _, _, recipe = _party(tiny_recipe, four_layer_dir, steps=0)
+    message = party.downloads()[DOWNLOAD]("client_0")
+    as_bf16 = recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "bfloat16"})})
+    with caplog.at_level(logging.WARNING, logger="fedtune.offsite"):
+        model, _, _ = OffsiteParty(party.options, as_bf16).client_model({DOWNLOAD: message}, as_bf16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not caplog.records                        # nothing to say without quantization
+    quantized = recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": "4bit"})})
+    with caplog.at_level(logging.WARNING, logger="fedtune.offsite"):
+        OffsiteParty(party.options, quantized).client_model({DOWNLOAD: message}, quantized)
+    assert [r.getMessage() for r in caplog.records] == [
+        "model.quantization=4bit is not applied to the shipped emulator; it runs in torch.float32"]
+    # the adapter layers (layers 0 and 3 of the tiny Llama: 2 × 2,592 float32 parameters) must fit a FIT
+    small = recipe.model_copy(update={"transport": recipe.transport.model_copy(update={"max_message_bytes": 20735})})
+    with pytest.raises(ModelError, match=r"would take 20736 bytes, over transport.max_message_bytes \(20735\)"):
+        OffsiteParty(party.options, small).client_model({DOWNLOAD: message}, small)
+
+
+def test_the_registered_party_of_offsite_holds_its_options_and_recipe(tiny_recipe, four_layer_dir):
+    from fedtune.algorithms import build_party
+
+    options = {"adapter_bottom": 2, "adapter_top": 1, "drop_ratio": 0.25}
+    recipe = load_recipe(tiny_recipe(model={"name": four_layer_dir}, adapter={"method": "full"},
+                                     federation__algorithm="offsite", federation__options=options))
+    party = build_party("offsite", options, recipe)
+    assert isinstance(party, OffsiteParty) and party.recipe is recipe and party.server is None
+    assert (party.options.adapter_bottom, party.options.adapter_top, party.options.drop_ratio) == (2, 1, 0.25)
+
+
+def test_a_client_gives_an_emulator_without_a_pad_token_the_tokenizers_and_keeps_one_it_has(tiny_recipe,
+                                                                                             four_layer_dir):
+    from fedtune.wire import Message
+
+    party, _, _, recipe = _party(tiny_recipe, four_layer_dir, steps=0)
+    message = party.downloads()[DOWNLOAD]("client_0")
+    pad = make_char_tokenizer().pad_token_id
+    for said, expected in ((None, pad), (pad + 5, pad + 5)):
+        meta = {**message.meta, "config": {**message.meta["config"], "pad_token_id": said}}
+        sent = Message(message.kind, 0, "server", "client_0", tensors=message.tensors, meta=meta)
+        model, _, _ = OffsiteParty(party.options, recipe).client_model({DOWNLOAD: sent}, recipe)
+        assert model.config.pad_token_id == expected

@@ -5,13 +5,16 @@ personal models reported beside the global one, and a resumed run equal to an un
 from __future__ import annotations
 
 import math
+import re
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from tiny_federation import LogitModel, LoraLogitModel, examples, federation, recipe, sgd, sigmoid
 
 from conftest import LossEvaluator
+from fedtune.seeding import derive_seed
 from fedtune.transport.codec import decode
 from fedtune.wire import Message, MessageKind
 
@@ -438,3 +441,435 @@ def test_pfedgate_personal_model_gates_over_every_training_example():
     assert set(out) == {"p.lora_B.default", "q.lora_B.default"}
     assert out["p.lora_B.default"].item() == pytest.approx(0.5 * g_p, abs=1e-6)
     assert out["q.lora_B.default"].item() == 0.0
+
+
+# -- the personal steps' own budget, seed and metrics, by hand --------------------------------------
+
+FOUR = examples(0, [1, 0]) + examples(1, [1, 0])    # (token, answer): (0, 1) (0, 0) (1, 1) (1, 0)
+FIT_SEED = derive_seed(5, "fit", 1, "client_0")     # the client's seed for round 1 (recipe seed 5)
+
+
+def _one_client(tmp_path, algorithm, model, options, lr=ETA, **kw):
+    r = recipe(algorithm, 1, options=options, lr=lr, tmp=tmp_path, batch_size=1, **kw)
+    fed = federation(r, model, {"client_0": FOUR}, tmp=tmp_path, evaluator=LossEvaluator(model),
+                     test={"client_0": (FOUR, [None] * 4)})
+    fed.transport.sent = []
+    fed.transport.endpoints["client_0"] = _recording(fed.transport.endpoints["client_0"], fed.transport.sent)
+    return fed
+
+
+def _sent_metrics(fed):
+    (reply,) = [m for m in fed.transport.sent if m.kind == MessageKind.UPDATE]
+    return reply.meta["metrics"]
+
+
+def _order(seed: int, n: int = 4) -> list[int]:
+    """The example order of local training with `seed` (train/local.py: one seeded permutation per epoch)."""
+    return np.random.default_rng(seed).permutation(n).tolist()
+
+
+def _token_steps(w, order, lr, lam=0.0, anchor=(0.0, 0.0)):
+    """SGD with batches of one example on the logit model (plus λ/2·‖w − anchor‖²): the new w and
+    the mean of the losses before each step."""
+    w, losses = list(w), []
+    for i in order:
+        t, y = FOUR[i].input_ids[0], FOUR[i].input_ids[1]
+        losses.append(math.log1p(math.exp(w[t])) - y * w[t])
+        grad = [lam * (w[j] - anchor[j]) for j in range(2)]
+        grad[t] += sigmoid(w[t]) - y
+        w = [w[j] - lr * grad[j] for j in range(2)]
+    return w, sum(losses) / len(losses)
+
+
+def test_ditto_personal_steps_take_their_own_budget_rate_and_seed(tmp_path):
+    """One step of the global adapter on the example the round's seed draws first; then three
+    personal steps (personal_steps) at personal_lr on the examples drawn by the seed
+    derive_seed(seed, "ditto-personal"), each pulled towards w^t = 0; the client reports both
+    losses and sends the global update."""
+    lam, plr = 0.5, 0.5
+    fed = _one_client(tmp_path, "ditto", LogitModel([0.0, 0.0]),
+                      {"lam": lam, "personal_steps": 3, "personal_lr": plr})
+    fed.round(1)
+    w1, train_loss = _token_steps([0.0, 0.0], _order(FIT_SEED)[:1], ETA)
+    v1, personal_loss = _token_steps([0.0, 0.0], _order(derive_seed(FIT_SEED, "ditto-personal"))[:3], plr, lam)
+    assert fed.server.global_state["w"].tolist() == pytest.approx(w1, abs=1e-6)
+    assert fed.clients["client_0"].state["personal/w"].tolist() == pytest.approx(v1, abs=1e-6)
+    metrics = _sent_metrics(fed)
+    assert metrics["train_loss"] == pytest.approx(train_loss, abs=1e-6)
+    assert metrics["personal_train_loss"] == pytest.approx(personal_loss, abs=1e-6)
+    assert (metrics["steps"], metrics["examples_seen"]) == (1, 1)
+
+
+class SpareLogitModel(LogitModel):
+    """The logit model with one more trainable tensor that no loss reaches."""
+
+    def __init__(self, w: list[float], spare: float):
+        super().__init__(w)
+        self.spare = torch.nn.Parameter(torch.tensor([spare]))
+
+
+def test_ditto_without_a_pull_adds_no_proximal_term(tmp_path):
+    """λ = 0: the personal steps are plain local steps. A tensor no loss reaches then gets no
+    gradient at all, so weight decay leaves it alone (a proximal term of weight 0 would give it a
+    zero gradient, and SGD's weight decay would shrink it by lr·decay per step)."""
+    fed = _one_client(tmp_path, "ditto", SpareLogitModel([0.0, 0.0], 2.0),
+                      {"lam": 0.0, "personal_steps": 2, "personal_lr": 0.5}, train__weight_decay=0.1)
+    fed.round(1)
+    assert fed.clients["client_0"].state["personal/spare"].tolist() == [2.0]
+    assert fed.server.global_state["spare"].tolist() == [2.0]
+
+
+def _mean_loss(w, exs):
+    return sum(math.log1p(math.exp(w[e.input_ids[0]])) - e.input_ids[1] * w[e.input_ids[0]] for e in exs) / len(exs)
+
+
+def test_pfedme_two_rounds_of_two_local_rounds_by_hand(tmp_path, monkeypatch):
+    """R = 2 local rounds (train.local_steps), each on the next example of the round's seeded
+    order: K = 3 steps of θ on it towards w, then w ← w − η·λ·(w − θ). θ carries over to the next
+    round (from the client's state), w restarts from the global model. The reported metrics:
+    the mean of the inner losses, R·K steps, R examples, the inner trainings' seconds summed
+    (a clock that moves 0.25 s per reading), and the round's rate."""
+    import fedtune.train.local as local_module
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(local_module, "time", SimpleNamespace(perf_counter=lambda: 0.25 * next(ticks)))
+    lam, k, plr, eta = 2.0, 3, 0.5, 0.1
+    fed = _one_client(tmp_path, "pfedme", LogitModel([0.0, 0.0]),
+                      {"lam": lam, "inner_steps": k, "personal_lr": plr}, lr=eta, steps=2)
+    w, theta = [0.0, 0.0], [0.0, 0.0]
+    for round_ in (1, 2):
+        fed.transport.sent.clear()
+        fed.round(round_)
+        losses = []
+        for i in _order(derive_seed(5, "fit", round_, "client_0"))[:2]:
+            theta, inner_loss = _token_steps(theta, [i] * k, plr, lam, anchor=w)
+            losses.append(inner_loss)
+            w = [w[j] - eta * lam * (w[j] - theta[j]) for j in range(2)]
+        assert fed.server.global_state["w"].tolist() == pytest.approx(w, abs=1e-6)
+        assert fed.clients["client_0"].state["personal/w"].tolist() == pytest.approx(theta, abs=1e-6)
+        assert _sent_metrics(fed) == {"train_loss": pytest.approx(sum(losses) / 2, abs=1e-6), "steps": 6,
+                                      "examples_seen": 2, "train_seconds": 0.5, "lr": eta}
+    metrics = _evaluate(fed, "client_0")
+    assert metrics["loss"] == pytest.approx(_mean_loss(w, FOUR), abs=1e-5)
+    assert metrics["personal_loss"] == pytest.approx(_mean_loss(theta, FOUR), abs=1e-5)
+
+
+class DropoutLogitModel(LogitModel):
+    """The logit model with dropout (p = 0.5) on w: the masks come from the seed of each training."""
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        one = torch.nn.functional.dropout(self.w, 0.5, self.training)[input_ids]
+        return SimpleNamespace(logits=torch.stack([torch.zeros_like(one), one], dim=-1))
+
+
+def test_pfedme_inner_steps_draw_dropout_from_their_documented_seed(tmp_path):
+    """The inner training of local round r is seeded derive_seed(seed, "pfedme", r): its
+    dropout masks (one per step, w's entries kept ×2 or dropped) are those torch draws from it."""
+    lam, k, plr = 1.0, 6, 0.5
+    fed = _one_client(tmp_path, "pfedme", DropoutLogitModel([0.3, 0.0]),
+                      {"lam": lam, "inner_steps": k, "personal_lr": plr}, lr=0.1)
+    fed.clients["client_0"].data.train = examples(0, [1])
+    fed.round(1)
+    torch.manual_seed(derive_seed(derive_seed(5, "fit", 1, "client_0"), "pfedme", 0))
+    masks = [torch.nn.functional.dropout(torch.ones(2), 0.5, True)[0].item() for _ in range(k)]
+    assert 0.0 in masks and 2.0 in masks
+    theta = 0.3
+    for m in masks:      # d/dθ of log(1 + e^{mθ}) − mθ (the answer is 1), plus λ(θ − 0.3)
+        theta -= plr * (m * (sigmoid(m * theta) - 1.0) + lam * (theta - 0.3))
+    assert fed.clients["client_0"].state["personal/w"][0].item() == pytest.approx(theta, abs=1e-6)
+
+
+def test_fedrep_personal_then_shared_steps_take_their_own_budget_and_seed(tmp_path):
+    """B personal: τ_h = 3 steps of B alone (A frozen) on the examples drawn by
+    derive_seed(seed, "personal"), then the recipe's 2 steps of A alone on those drawn by the
+    round's seed; each example (t, y) has the logit b·a_t. The client keeps B, sends A's update,
+    reports both losses, and evaluates the global A with the initial B and with its own."""
+    a0, b0 = [0.8, -0.4], 0.5
+    fed = _one_client(tmp_path, "fedrep", LoraLogitModel([a0], [[b0]]), {"personal": ["lora_B"], "personal_steps": 3},
+                      steps=2, adapter={"method": "lora"})
+    fed.round(1)
+
+    def steps(a, b, order, train_b):
+        losses = []
+        for i in order:
+            t, y = FOUR[i].input_ids
+            losses.append(math.log1p(math.exp(b * a[t])) - y * b * a[t])
+            err = sigmoid(b * a[t]) - y
+            if train_b:
+                b = b - ETA * a[t] * err
+            else:
+                a = [a[j] - ETA * b * err * (j == t) for j in range(2)]
+        return a, b, sum(losses) / len(losses)
+
+    _, b1, personal_loss = steps(a0, b0, _order(derive_seed(FIT_SEED, "personal"))[:3], train_b=True)
+    a1, _, train_loss = steps(a0, b1, _order(FIT_SEED)[:2], train_b=False)
+    assert fed.server.global_state[A_NAME][0].tolist() == pytest.approx(a1, abs=1e-6)
+    assert fed.clients["client_0"].state["personal/" + B_NAME].item() == pytest.approx(b1, abs=1e-6)
+    metrics = _sent_metrics(fed)
+    assert metrics["personal_train_loss"] == pytest.approx(personal_loss, abs=1e-6)
+    assert metrics["train_loss"] == pytest.approx(train_loss, abs=1e-6)
+    assert (metrics["steps"], metrics["examples_seen"]) == (2, 2)
+    metrics = _evaluate(fed, "client_0")
+    assert metrics["loss"] == pytest.approx(_mean_loss([b0 * a for a in a1], FOUR), abs=1e-5)
+    assert metrics["personal_loss"] == pytest.approx(_mean_loss([b1 * a for a in a1], FOUR), abs=1e-5)
+
+
+def test_fedrep_names_the_key_of_a_split_that_leaves_nothing_shared_or_nothing_personal():
+    from fedtune.algorithms.fedrep import fedrep_personal
+    from fedtune.algorithms.options import FedRepConfig
+    from fedtune.errors import ModelError
+
+    names = [f"model.layers.{i}.q_proj.lora_{x}.default.weight" for i in range(3) for x in "AB"]
+    with pytest.raises(ModelError, match=r"^federation\.options\.top_layers: matches every trainable tensor; "
+                                         r"nothing would be shared$"):
+        fedrep_personal(FedRepConfig(top_layers=3), names)
+    with pytest.raises(ModelError, match=r"^federation\.options\.personal: matches every trainable tensor; "
+                                         r"nothing would be shared$"):
+        fedrep_personal(FedRepConfig(personal=["lora"]), names)
+    with pytest.raises(ModelError, match=re.escape(
+            "federation.options.personal: matches no trainable tensor of the model (e.g. "
+            "['model.layers.0.q_proj.lora_A.default.weight', 'model.layers.0.q_proj.lora_B.default.weight'])")):
+        fedrep_personal(FedRepConfig(personal=["lm_head"]), names)
+    assert fedrep_personal(FedRepConfig(personal=["layers.1.", "lora_B"]), names) == {
+        names[1], names[2], names[3], names[5]}
+
+
+@pytest.mark.parametrize("weighting,mean", [("examples", (3 * 0.4 + 1 * -0.8) / 4), ("uniform", (0.4 - 0.8) / 2)])
+def test_pfedme_server_moves_beta_times_the_weighted_mean_of_the_updates(weighting, mean):
+    from fedtune.algorithms import build_strategy
+    from fedtune.algorithms.base import ClientUpdate
+
+    strategy = build_strategy("pfedme", {"beta": 2.0, "weighting": weighting})
+    new = strategy.aggregate_fit(1, {"w": torch.tensor([1.0])}, [
+        ClientUpdate("client_0", {"w": torch.tensor([0.4])}, 3), ClientUpdate("client_1", {"w": torch.tensor([-0.8])}, 1)])
+    assert new["w"].item() == pytest.approx(1.0 + 2.0 * mean, abs=1e-6)
+
+
+def test_pfedme_local_rounds_follow_the_epoch_budget(tmp_path):
+    """train.local_epochs 1 (no local_steps) over 4 examples in batches of 2: R = 2 local rounds,
+    each of K inner steps on one batch of 2."""
+    fed = _one_client(tmp_path, "pfedme", LogitModel([0.0, 0.0]), {"inner_steps": 3}, steps=None,
+                      train__batch_size=2, train__local_epochs=1)
+    fed.round(1)
+    metrics = _sent_metrics(fed)
+    assert (metrics["steps"], metrics["examples_seen"]) == (6, 4)
+
+
+# -- pFedGate: the gate's own step, the gated forward, the gate built for a client ----------------
+
+def test_pfedgate_gate_and_adapter_steps_by_hand(tmp_path):
+    """One client, one full-batch step (sparsity 1: both blocks kept). With z_b = W_b·x + c_b
+    (x = 1, the pooled embedding), g_b = σ(z_b) and the straight-through scale s_b = g_b·k_b
+    whose derivative is k_b + g_b, the step is: the adapter by SGD at η with each B_b scaled
+    by s_b; the gate by SGD at gate_lr on dL/dz_b = (σ(w) − f)·B_b·A_b·(k_b + g_b)·σ'(z_b)."""
+    from fedtune.algorithms.pfedgate import Gate
+
+    (ap, bp), (aq, bq), gate_lr, f = (0.8, 0.5), (-0.4, 0.3), 0.7, 2 / 3
+    model = TwoLoraModel((ap, bp), (aq, bq))
+    r = recipe("pfedgate", 1, options={"sparsity": 1.0, "gate_lr": gate_lr}, lr=ETA, tmp=tmp_path,
+               adapter={"method": "lora"})
+    fed = federation(r, model, {"client_0": examples(0, [1, 1, 0])}, tmp=tmp_path)
+    fed.transport.sent = []
+    fed.transport.endpoints["client_0"] = _recording(fed.transport.endpoints["client_0"], fed.transport.sent)
+    fed.round(1)
+    torch.manual_seed(derive_seed(FIT_SEED, "pfedgate-init"))
+    init = Gate(1, 2, floor=0.1).state_dict()
+    z = [float(init["linear.weight"][i, 0] + init["linear.bias"][i]) for i in range(2)]
+    g = [sigmoid(v) for v in z]
+    assert min(g) > 0.1                                       # above the floor: the gradient flows
+    err = sigmoid(g[0] * bp * ap + g[1] * bq * aq) - f
+    dz = [err * b * a * (1.0 + gi) * gi * (1.0 - gi) for (a, b), gi in zip(((ap, bp), (aq, bq)), g)]
+    kept = fed.clients["client_0"].state
+    for i in range(2):
+        assert kept["personal/gate.linear.weight"][i, 0].item() == pytest.approx(
+            init["linear.weight"][i, 0].item() - gate_lr * dz[i], abs=1e-6)
+        assert kept["personal/gate.linear.bias"][i].item() == pytest.approx(
+            init["linear.bias"][i].item() - gate_lr * dz[i], abs=1e-6)
+    w0 = g[0] * bp * ap + g[1] * bq * aq
+    metrics = _sent_metrics(fed)
+    assert metrics["train_loss"] == pytest.approx(math.log1p(math.exp(w0)) - f * w0, abs=1e-6)
+    assert (metrics["steps"], metrics["examples_seen"]) == (1, 3)
+    glob = fed.server.global_state
+    for (name, a, b), s in zip((("p", ap, bp), ("q", aq, bq)), g):
+        assert glob[f"{name}.lora_A.default"][0].tolist() == pytest.approx([a - ETA * err * s * b, 0.0], abs=1e-6)
+        assert glob[f"{name}.lora_B.default"].item() == pytest.approx(b - ETA * err * s * a, abs=1e-6)
+
+
+class SpyTwoLoraModel(TwoLoraModel):
+    """TwoLoraModel that records the keyword arguments of each call."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls = []
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        self.calls.append({"attention_mask": attention_mask, "use_cache": use_cache})
+        return super().forward(input_ids, attention_mask, use_cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pfedgate_gated_forward_pools_real_tokens_and_passes_the_mask_on(dtype):
+    """Embeddings 1 (token 0) and 3 (token 1): rows [1, pad, pad] and [0, 1, pad] pool to 3 and 2.
+    Gate scores σ(x) for p, σ(−x) for q, averaged over the batch: p ≈ 0.93 is kept (budget 3 of
+    6), q ≈ 0.08 is floored to 0.1 and dropped. The logit of token 0 is then g_p·B_p·A_p; the
+    model gets the attention mask and the caller's keywords, and keeps the adapter's dtype."""
+    from fedtune.algorithms.pfedgate import Gate, GatedModel
+
+    model = SpyTwoLoraModel((0.8, 0.5), (-0.4, 0.3))
+    model.emb.weight.data = torch.tensor([[1.0], [3.0]])
+    model.to(dtype)
+    gate = Gate(1, 2, floor=0.1)
+    gate.load_state_dict({"linear.weight": torch.tensor([[1.0], [-1.0]]), "linear.bias": torch.zeros(2)})
+    blocks = [("p.lora_A.default", "p.lora_B.default"), ("q.lora_A.default", "q.lora_B.default")]
+    gated = GatedModel(model, gate, blocks, [3, 3], 3.0)
+    ids, mask = torch.tensor([[1, 0, 0], [0, 1, 0]]), torch.tensor([[1, 0, 0], [1, 1, 0]])
+    logits = gated(ids, mask, use_cache=False).logits
+    g_p = (sigmoid(3.0) + sigmoid(2.0)) / 2
+    assert logits.dtype == dtype
+    assert logits[0, 1, 1].item() == pytest.approx(g_p * 0.5 * 0.8, rel=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    assert logits[0, 0, 1].item() == 0.0
+    assert model.calls[-1]["attention_mask"] is mask and model.calls[-1]["use_cache"] is False
+
+
+class UnequalLora(torch.nn.Module):
+    """Two LoRA blocks of 3 and 14 numbers over a 3-dimensional frozen embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(2, 3)
+        self.emb.weight.requires_grad_(False)
+        for name, (a, b) in (("p", ((1, 2), (1, 1))), ("q", ((2, 3), (4, 2)))):
+            m = torch.nn.Module()
+            m.lora_A = torch.nn.ParameterDict({"default": torch.nn.Parameter(torch.zeros(a))})
+            m.lora_B = torch.nn.ParameterDict({"default": torch.nn.Parameter(torch.zeros(b))})
+            setattr(self, name, m)
+
+    def get_input_embeddings(self):
+        return self.emb
+
+
+def test_pfedgate_builds_each_clients_gate_from_its_seed_or_its_state():
+    """Blocks in the adapter's order with sizes |A| + |B|; the budget s·(adapter size); the floor
+    min(0.1, s); a gate Linear(hidden → blocks) drawn from derive_seed(seed, "pfedgate-init")
+    without touching the global RNG, or the gate the client kept."""
+    from fedtune.algorithms.options import PFedGateConfig
+    from fedtune.algorithms.pfedgate import GATE, Gate, PFedGateLocal
+    from fedtune.models.adapters import AdapterSlot
+
+    model = UnequalLora()
+    ctx = SimpleNamespace(trainer=SimpleNamespace(model=model, device=torch.device("cpu")),
+                          slot=AdapterSlot(model), seed=7, state={})
+    before = torch.get_rng_state()
+    gated = PFedGateLocal(PFedGateConfig(sparsity=0.25))._gated(ctx)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert gated.blocks == [("p.lora_A.default", "p.lora_B.default"), ("q.lora_A.default", "q.lora_B.default")]
+    assert (gated.sizes, gated.budget, gated.gate.floor) == ([3, 14], 0.25 * 17, 0.1)
+    torch.manual_seed(derive_seed(7, "pfedgate-init"))
+    drawn = Gate(3, 2, floor=0.1).state_dict()
+    for k, v in gated.gate.state_dict().items():
+        assert torch.equal(v, drawn[k]), k
+    assert PFedGateLocal(PFedGateConfig(sparsity=0.05))._gated(ctx).gate.floor == 0.05
+    ctx.state = {GATE + "linear.weight": torch.ones(2, 3), GATE + "linear.bias": torch.tensor([0.5, -0.5])}
+    kept = PFedGateLocal(PFedGateConfig())._gated(ctx).gate.state_dict()
+    assert kept["linear.weight"].tolist() == [[1.0] * 3] * 2 and kept["linear.bias"].tolist() == [0.5, -0.5]
+
+
+def test_pfedgate_refuses_an_adapter_without_whole_lora_blocks_in_words():
+    from fedtune.algorithms.pfedgate import lora_blocks
+    from fedtune.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"^pfedgate gates LoRA modules; the adapter has no lora_A tensors$"):
+        lora_blocks(["prefix.embedding", "x.lora_B.default"])
+    with pytest.raises(ModelError, match=r"^pfedgate: x\.lora_A\.default has no matching x\.lora_B\.default$"):
+        lora_blocks(["x.lora_A.default", "y.lora_B.default"])
+    assert lora_blocks(["m.lora_B.w", "m.lora_A.w", "n.lora_A", "n.lora_B"]) == [
+        ("m.lora_A.w", "m.lora_B.w"), ("n.lora_A", "n.lora_B")]
+
+
+def _gate_ctx(model, state, train, sparsity=0.5):
+    from fedtune.algorithms.base import PersonalContext
+    from fedtune.algorithms.options import PFedGateConfig
+    from fedtune.algorithms.pfedgate import PFedGateLocal
+    from fedtune.models.adapters import AdapterSlot
+
+    slot = AdapterSlot(model)
+    trainer = SimpleNamespace(model=model, device=torch.device("cpu"), pad_id=0,
+                              section=SimpleNamespace(batch_size=2))
+    ctx = PersonalContext("client_0", 1, 0, slot, trainer, train, state, slot.get())
+    return PFedGateLocal(PFedGateConfig(sparsity=sparsity)).personal(ctx)
+
+
+def test_pfedgate_personal_model_floors_low_scores_and_needs_a_gate_and_data():
+    """Scores σ(−x), σ(−2x) at x = 3 are below the floor 0.1: both are 0.1, the tie goes to the
+    first block, which alone fits the budget. No gate yet (before the first fit), or no
+    training examples: no personal model (the global one stands)."""
+    from fedtune.algorithms.pfedgate import GATE
+    from fedtune.data.prompts import TokenizedExample
+
+    model = TwoLoraModel((0.8, 0.5), (-0.4, 0.3))
+    model.emb.weight.data = torch.tensor([[3.0], [3.0]])
+    state = {GATE + "linear.weight": torch.tensor([[-1.0], [-2.0]]), GATE + "linear.bias": torch.zeros(2)}
+    train = [TokenizedExample([1, 0], [1, 0])]
+    out = _gate_ctx(model, state, train)
+    assert out["p.lora_B.default"].item() == pytest.approx(0.1 * 0.5, abs=1e-7)
+    assert out["q.lora_B.default"].item() == 0.0
+    assert _gate_ctx(model, {}, train) == {}
+    assert _gate_ctx(model, state, []) == {}
+
+
+def test_pfedgate_personal_model_pools_only_the_real_tokens_of_a_padded_batch():
+    """Examples [1] and [0, 1] in one batch: [1] is padded, and pools to 3 (not (3 + 1)/2)."""
+    from fedtune.algorithms.pfedgate import GATE
+    from fedtune.data.prompts import TokenizedExample
+
+    model = TwoLoraModel((0.8, 0.5), (-0.4, 0.3))
+    model.emb.weight.data = torch.tensor([[1.0], [3.0]])
+    state = {GATE + "linear.weight": torch.tensor([[1.0], [-1.0]]), GATE + "linear.bias": torch.zeros(2)}
+    out = _gate_ctx(model, state, [TokenizedExample([1], [1]), TokenizedExample([0, 1], [0, 1])])
+    assert out["p.lora_B.default"].item() == pytest.approx(0.5 * (sigmoid(3.0) + sigmoid(2.0)) / 2, abs=1e-6)
+    assert out["q.lora_B.default"].item() == 0.0
+
+
+# -- the personal-state helpers: holdout clients and the top-layer split, word for word -----------
+
+def test_a_holdout_client_refuses_to_train_in_words_and_adapts_with_a_single_step(tmp_path):
+    from fedtune.algorithms.base import PersonalContext
+    from fedtune.algorithms.personal import HoldoutLocal
+    from fedtune.errors import FedtuneError
+    from fedtune.models.adapters import AdapterSlot
+    from fedtune.train.local import LocalTrainer
+
+    holdout = HoldoutLocal(inner=None, steps=1)
+    with pytest.raises(FedtuneError, match=re.escape(
+            "client 'client_7' is a holdout client (federation.holdout_clients) and never trains; "
+            "the server should not ask it to")):
+        holdout.fit(SimpleNamespace(client="client_7"), {})
+    model = LogitModel([0.0, 0.0])
+    slot = AdapterSlot(model)
+    trainer = LocalTrainer(model, recipe("fedavg", 1, lr=0.5, tmp=tmp_path).train, pad_id=0,
+                           device=torch.device("cpu"))
+    ctx = PersonalContext("client_7", 1, 0, slot, trainer, examples(0, [1, 1]), {}, slot.get())
+    assert holdout.personal(ctx)["w"].tolist() == pytest.approx([sgd(0.0, 1.0, 0.5), 0.0], abs=1e-6)
+    assert HoldoutLocal(inner=None, steps=0).personal(ctx) == {}
+
+
+def test_a_top_layer_split_without_layer_numbers_names_two_tensors():
+    from fedtune.algorithms.personal import top_layer_names
+    from fedtune.errors import ModelError
+
+    with pytest.raises(ModelError, match=re.escape(
+            "federation.options.top_layers: no trainable tensor has a layer number in its name (e.g. "
+            "['lm_head.weight', 'norm.weight']); name the personal tensors with options.personal")):
+        top_layer_names(["lm_head.weight", "norm.weight", "embed.weight"], 1)
+
+
+def test_a_partial_view_names_at_most_three_missing_tensors_and_fine_tuning_needs_examples():
+    from fedtune.algorithms.personal import PartialView, fine_tune
+    from fedtune.errors import FedtuneError, ModelError
+
+    adapter = {k: torch.zeros(1) for k in ("e", "d", "c", "b", "a", "p")}
+    view = PartialView(SimpleNamespace(get=lambda: dict(adapter)), {"p"})
+    with pytest.raises(ModelError, match=re.escape("missing ['a', 'b', 'c'], unexpected []")):
+        view.load({"e": torch.zeros(1)})
+    with pytest.raises(FedtuneError, match=r"^client 'client_3' has no training examples to fine-tune on$"):
+        fine_tune(SimpleNamespace(client="client_3", train=[]), 2, None)

@@ -713,3 +713,66 @@ def test_updates_without_examples_have_no_mean_train_loss():
     assert mean_train_loss([update(1.0, 0), update(3.0, 0)]) is None
     assert mean_train_loss([update(1.0, 3), update(3.0, 1)]) == pytest.approx(1.5)
     assert mean_train_loss([]) is None
+
+
+def test_client_evaluation_writes_its_generated_answers_where_the_run_keeps_them(tmp_path, char_tokenizer):
+    from conftest import make_tiny_llama
+    from fedtune.config import EvalSection
+    from fedtune.data.examples import Example
+    from fedtune.data.prompts import tokenize_examples
+    from fedtune.eval.evaluator import Evaluator
+    from fedtune.eval.predictions import read_predictions
+    from fedtune.transport.codec import decode, encode
+
+    tok = char_tokenizer
+    model = make_tiny_llama(tok)
+    model.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(True)
+    raw = [Example("Say A", "x"), Example("Name B", "y")]
+    test, _ = tokenize_examples(raw, tok, template="compact", max_length=64)
+    evaluator = Evaluator(model, tok, EvalSection(max_new_tokens=3, batch_size=8), template="compact",
+                          max_length=64, device=torch.device("cpu"))
+    r = recipe("fedavg", 1, tmp=tmp_path, eval={"clients": True, "max_new_tokens": 3, "batch_size": 8})
+    fed = federation(r, model, {"client_0": test}, tmp=tmp_path, evaluator=evaluator,
+                     test={"client_0": (test, raw)})
+    client = fed.clients["client_0"]
+    client.predictions_dir = tmp_path / "client_0" / "predictions"
+    tensors = dict(fed.server.global_state)
+    # a message that does not say whether to generate: no generation, so nothing to write
+    reply = decode(client.handle_bytes(encode(Message(MessageKind.EVALUATE, 3, "server", "client_0",
+                                                      tensors=tensors))))
+    assert "exact_match" not in reply.meta["metrics"]
+    assert not client.predictions_dir.exists()
+    reply = decode(client.handle_bytes(encode(Message(MessageKind.EVALUATE, 4, "server", "client_0",
+                                                      tensors=tensors, meta={"generate": True}))))
+    assert reply.meta["metrics"]["n_generated"] == 2
+    assert sorted(p.name for p in client.predictions_dir.iterdir()) == ["round_0004_client_0.jsonl"]
+    rows = read_predictions(client.predictions_dir / "round_0004_client_0.jsonl")
+    assert [row["index"] for row in rows] == [0, 1]
+    assert [row["reference"] for row in rows] == ["x", "y"]
+    assert all(isinstance(row["output"], str) for row in rows)
+
+
+def test_a_client_answers_a_malformed_request_with_an_error_and_counts_each_one(tmp_path):
+    from fedtune.transport.codec import decode, encode
+
+    class NotFinite:   # an evaluation whose loss cannot travel
+        def evaluate(self, *args, **kwargs):
+            return {"loss": float("nan")}
+
+        def loss(self, examples):
+            return {}
+
+    fed = federation(recipe("fedavg", 1, tmp=tmp_path), LogitModel([0.0, 0.0]), {"client_0": toks(THREE_ONES)},
+                     tmp=tmp_path, evaluator=NotFinite(), test={"client_0": (toks(THREE_ONES), [])})
+    client = fed.clients["client_0"]
+    for k in (1, 2):
+        bad = Message(MessageKind.EVALUATE, 7, "server", "client_0", tensors={"w": torch.zeros(5)})  # not w's shape
+        reply = decode(client.handle_bytes(encode(bad)))
+        assert (reply.kind, reply.round, reply.sender) == (MessageKind.ERROR, 7, "client_0")
+        assert "w" in reply.meta["error"]
+        assert client.rejected == k
+    ok = Message(MessageKind.EVALUATE, 8, "server", "client_0", tensors=dict(fed.server.global_state))
+    reply = decode(client.handle_bytes(encode(ok)))
+    assert (reply.kind, reply.round) == (MessageKind.ERROR, 8)   # the NaN loss could not be encoded
+    assert "finite" in reply.meta["error"] and client.rejected == 2   # the request itself was fine

@@ -131,7 +131,7 @@ _ROWS = [
                   sum_only=True),
     AlgorithmInfo("pfedgate", "pfedgate", "pFedGate on LoRA: a per-client gating layer keeps a "
                   "sparse, scaled subset of the shared adapter's modules under a budget (Chen et "
-                  "al. 2023).", o.PFedGateConfig, check=o.check_lora_split, sum_only=True,
+                  "al. 2023).", o.PFedGateConfig, check=o.check_pfedgate, sum_only=True,
                   unsplit_ranks="its gated model trains whole batches in each process"),
 ]
 

@@ -141,5 +141,5 @@ def distill_texts(source: str, n: int, seed: int, recipe: Recipe) -> list[str]:
         return pretraining_text(n, seed)
     from fedtune.data.records import load_examples
 
-    examples = load_examples(source, format="auto", fields=None, limit=n)
+    examples = load_examples(source, format="auto", fields={}, limit=n)
     return [" ".join(x for x in (ex.instruction, ex.input, ex.output) if x) for ex in examples]

@@ -288,3 +288,12 @@ class PFedGateConfig(BaseModel):
     sparsity: float = Field(0.5, gt=0.0, le=1.0)      # s: the share of the adapter a client keeps
     gate_lr: float = Field(0.1, gt=0.0)               # the gating layer's learning rate (SGD)
     weighting: Weighting = "examples"
+
+
+def check_pfedgate(config: PFedGateConfig, recipe: Any) -> None:
+    """pFedGate gates LoRA modules, and trains them through a functional call that swaps in the
+    gated B tensors: Opacus computes no per-example gradient for those, so no DP-SGD."""
+    check_lora_split(config, recipe)
+    if recipe.train.dp_sgd is not None:
+        raise ValueError("train.dp_sgd: pfedgate trains each LoRA B scaled by its gate (a functional "
+                         "call), whose per-example gradients DP-SGD cannot compute; remove train.dp_sgd")
