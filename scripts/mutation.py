@@ -29,6 +29,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,7 +173,15 @@ def verdicts(module: str) -> dict[str, str]:
     """mutant name -> its status in the module's last run."""
     out: dict[str, str] = {}
     for meta in sorted((WORK / module / "mutants").rglob("*.py.meta")):
-        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+        for attempt in range(50):  # a running mutmut rewrites the file after each mutant
+            try:
+                codes = json.loads(meta.read_text())["exit_code_by_key"]
+                break
+            except json.JSONDecodeError:
+                if attempt == 49:
+                    raise
+                time.sleep(0.1)
+        for name, code in codes.items():
             out[name] = STATUS.get(code, "other")
     return out
 

@@ -79,3 +79,57 @@ def assert_same_run(runs: Path, name: str, single: dict, *, bytes_up_within: int
     assert summary["bytes_up"] == pytest.approx(single["bytes_up"], abs=bytes_up_within)
     assert summary["adapter_parameters"] == single["adapter_parameters"]  # whole, not one share
     return two
+
+
+def grpc_transport(certs: Path) -> dict:
+    """A TLS gRPC transport for client_0 and client_1 on a free localhost port (its certificates
+    and tokens made under `certs`), with timeouts and retries that outlast a slow launch."""
+    from fedtune.transport.certs import make_certs
+
+    make_certs(certs, ["client_0", "client_1"])
+    return {
+        "kind": "grpc", "address": f"127.0.0.1:{free_port()}",
+        "tls": {"ca": f"{certs}/ca.pem", "cert": f"{certs}/server.pem", "key": f"{certs}/server.key"},
+        "tokens": f"{certs}/tokens.json", "token_file": f"{certs}/{{name}}.token",
+        "round_timeout": 120, "join_timeout": 120,
+        "retry": {"initial_delay": 0.2, "max_delay": 1.0, "attempts": 200, "give_up_after": 120},
+    }
+
+
+def deploy_with_a_two_rank_client(workdir: Path, recipe: dict) -> dict[str, torch.Tensor]:
+    """Deploy `recipe` (2 clients, `grpc_transport`): `fedtune server` as run "deployed",
+    client_0 on 2 ranks under torchrun and client_1 in one process. Each must end with 0 and
+    client_0's rank 0 alone reports its rounds. Returns the deployed run's final adapter."""
+    import time
+
+    import yaml
+    from safetensors.torch import load_file
+
+    path = workdir / "deploy.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    logs: dict[str, Path] = {}
+
+    def start(label: str, command: list[str]) -> subprocess.Popen:
+        logs[label] = workdir / f"{label}.log"
+        return subprocess.Popen(command, cwd=workdir, env=env(), stdout=logs[label].open("w"),
+                                stderr=subprocess.STDOUT)
+
+    fedtune_cmd = [sys.executable, "-m", "fedtune"]
+    procs = {
+        "server": start("server", [*fedtune_cmd, "server", str(path), "output.name=deployed"]),
+        "client_0": start("client_0", torchrun("-m", "fedtune", "client", str(path), "--name", "client_0")),
+        "client_1": start("client_1", [*fedtune_cmd, "client", str(path), "--name", "client_1"]),
+    }
+    try:
+        deadline = time.monotonic() + WAIT
+        for label, proc in procs.items():
+            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            assert code == 0, logs[label].read_text()[-5000:]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+    rounds = recipe["federation"]["rounds"]
+    assert logs["client_0"].read_text().count(f"client_0: finished; {rounds} training rounds") == 1
+    return load_file(str(Path(recipe["output"]["dir"]) / "deployed" / "final" / "adapter_model.safetensors"))

@@ -6,25 +6,21 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from _ranks import WAIT
+from _ranks import WAIT, deploy_with_a_two_rank_client, grpc_transport
 from _ranks import assert_close as _assert_close
 from _ranks import env as _env
 from _ranks import files as _files
-from _ranks import free_port as _free_port
 from _ranks import launch as _launch
 from _ranks import torchrun as _torchrun
 from safetensors.torch import load_file
 
 import fedtune
-from fedtune.transport.certs import make_certs
 
 # Built the same way in this process and in the launched ranks: a 1-layer Llama and 7 examples of
 # different lengths, so that with batch_size 3 the micro-batches have 3, 3 and 1 examples (a rank
@@ -148,52 +144,14 @@ def test_a_simulation_on_two_ranks_writes_the_run_directory_of_one_process(tiny_
 
 
 def test_a_deployed_client_on_two_ranks_gives_the_adapter_of_one_process(tiny_recipe, tmp_path):
-    clients = ["client_0", "client_1"]
-    certs = tmp_path / "certs"
-    make_certs(certs, clients)
-    port = _free_port()
-    transport = {
-        "kind": "grpc", "address": f"127.0.0.1:{port}",
-        "tls": {"ca": f"{certs}/ca.pem", "cert": f"{certs}/server.pem", "key": f"{certs}/server.key"},
-        "tokens": f"{certs}/tokens.json", "token_file": f"{certs}/{{name}}.token",
-        "round_timeout": 120, "join_timeout": 120,
-        "retry": {"initial_delay": 0.2, "max_delay": 1.0, "attempts": 200, "give_up_after": 120},
-    }
     recipe = _recipe(tiny_recipe, tmp_path, federation={"clients": 2, "rounds": 2},
-                     transport=transport)
-    path = tmp_path / "deploy.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    env, logs = _env(), {}
-
-    def start(label: str, command: list[str]) -> subprocess.Popen:
-        logs[label] = tmp_path / f"{label}.log"
-        return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=logs[label].open("w"),
-                                stderr=subprocess.STDOUT)
-
-    fedtune_cmd = [sys.executable, "-m", "fedtune"]
-    procs = {
-        "server": start("server", [*fedtune_cmd, "server", str(path), "output.name=deployed"]),
-        "client_0": start("client_0", _torchrun("-m", "fedtune", "client", str(path), "--name", "client_0")),
-        "client_1": start("client_1", [*fedtune_cmd, "client", str(path), "--name", "client_1"]),
-    }
-    try:
-        deadline = time.monotonic() + WAIT
-        for label, proc in procs.items():
-            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            assert code == 0, logs[label].read_text()[-5000:]
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
-    text = logs["client_0"].read_text()
-    assert text.count("client_0: finished; 2 training rounds") == 1  # rank 0 alone speaks
+                     transport=grpc_transport(tmp_path / "certs"))
+    deployed = deploy_with_a_two_rank_client(tmp_path, recipe)
 
     simulated = fedtune.run({**recipe, "output": {**recipe["output"], "name": "simulated"}})
     expected = load_file(str(Path(simulated["final_adapter"]) / "adapter_model.safetensors"))
     assert max(v.abs().max().item() for k, v in expected.items() if "lora_B" in k) > 1e-3  # trained
-    deployed = Path(recipe["output"]["dir"]) / "deployed"
-    _assert_close(load_file(str(deployed / "final" / "adapter_model.safetensors")), expected, atol=1e-6)
+    _assert_close(deployed, expected, atol=1e-6)
 
 
 def test_an_error_on_rank_0_ends_every_rank_with_its_message_once(tiny_recipe, tmp_path):

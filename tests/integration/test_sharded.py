@@ -4,25 +4,18 @@ sharded simulation and a sharded deployed client each give what one process give
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from _ranks import WAIT, assert_same_run
 from _ranks import assert_close as _assert_close
-from _ranks import env as _env
-from _ranks import free_port as _free_port
+from _ranks import assert_same_run, deploy_with_a_two_rank_client, grpc_transport
 from _ranks import launch as _launch
-from _ranks import torchrun as _torchrun
 from safetensors.torch import load_file
 
 import fedtune
-from fedtune.transport.certs import make_certs
 
 # A 2-layer Llama trained whole (every parameter sharded and trained) on 7 examples of different
 # lengths: with batch_size 3 the micro-batches hold 3, 3 and 1 examples (a rank gets none of the
@@ -144,45 +137,9 @@ def test_an_fsdp_simulation_on_two_ranks_writes_the_run_directory_of_one_process
 
 
 def test_an_fsdp_deployed_client_on_two_ranks_gives_the_adapter_of_one_process(tiny_recipe, tmp_path):
-    clients = ["client_0", "client_1"]
-    certs = tmp_path / "certs"
-    make_certs(certs, clients)
-    transport = {
-        "kind": "grpc", "address": f"127.0.0.1:{_free_port()}",
-        "tls": {"ca": f"{certs}/ca.pem", "cert": f"{certs}/server.pem", "key": f"{certs}/server.key"},
-        "tokens": f"{certs}/tokens.json", "token_file": f"{certs}/{{name}}.token",
-        "round_timeout": 120, "join_timeout": 120,
-        "retry": {"initial_delay": 0.2, "max_delay": 1.0, "attempts": 200, "give_up_after": 120},
-    }
-    recipe = _recipe(tiny_recipe, federation={"clients": 2, "rounds": 2}, transport=transport)
-    path = tmp_path / "deploy.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    env, logs = _env(), {}
-
-    def start(label: str, command: list[str]) -> subprocess.Popen:
-        logs[label] = tmp_path / f"{label}.log"
-        return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=logs[label].open("w"),
-                                stderr=subprocess.STDOUT)
-
-    fedtune_cmd = [sys.executable, "-m", "fedtune"]
-    procs = {
-        "server": start("server", [*fedtune_cmd, "server", str(path), "output.name=deployed"]),
-        "client_0": start("client_0", _torchrun("-m", "fedtune", "client", str(path), "--name", "client_0")),
-        "client_1": start("client_1", [*fedtune_cmd, "client", str(path), "--name", "client_1"]),
-    }
-    try:
-        deadline = time.monotonic() + WAIT
-        for label, proc in procs.items():
-            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            assert code == 0, logs[label].read_text()[-5000:]
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
-    assert logs["client_0"].read_text().count("client_0: finished; 2 training rounds") == 1
+    recipe = _recipe(tiny_recipe, federation={"clients": 2, "rounds": 2}, transport=grpc_transport(tmp_path / "certs"))
+    deployed = deploy_with_a_two_rank_client(tmp_path, recipe)
 
     simulated = fedtune.run({**recipe, "output": {**recipe["output"], "name": "simulated"}})
     expected = load_file(str(Path(simulated["final_adapter"]) / "adapter_model.safetensors"))
-    deployed = Path(recipe["output"]["dir"]) / "deployed"
-    _assert_close(load_file(str(deployed / "final" / "adapter_model.safetensors")), expected, atol=1e-5)
+    _assert_close(deployed, expected, atol=1e-5)

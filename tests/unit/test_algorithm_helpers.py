@@ -94,3 +94,74 @@ def test_the_standard_party_holds_nothing_and_saves_nothing():
     party.load_state_dict({})
     with pytest.raises(ValueError, match="StandardParty keeps no state"):
         party.load_state_dict({"x": torch.zeros(1)})
+
+
+def test_build_party_gives_the_party_the_checked_options_and_the_recipe():
+    from fedtune.algorithms import build_party
+    from fedtune.errors import RecipeError
+
+    recipe = SimpleNamespace(seed=3)
+    party = build_party("fedsp", {"shared_blocks": 2}, recipe)
+    assert party.recipe is recipe
+    assert party.options.shared_blocks == 2        # the options given, checked into FedSPConfig
+    with pytest.raises(RecipeError, match=r"federation\.options\.shared_blocks: .*\(options of fedsp: "):
+        build_party("fedsp", {"shared_blocks": 0}, recipe)
+
+
+def test_dp_fedavg_noise_is_the_seeded_draw_added_to_the_clipped_mean():
+    from fedtune.algorithms.dp_fedavg import dp_fedavg_aggregate
+
+    g = {"w": torch.tensor([1.0, 1.0]), "b": torch.tensor([0.0])}
+    ups = [{"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([0.0])},     # norm 5: clipped to 1
+           {"w": torch.tensor([0.0, 0.5]), "b": torch.tensor([0.0])}]     # norm 0.5: kept
+    torch.manual_seed(123)   # the global stream must not be what is drawn
+    out = dp_fedavg_aggregate(g, ups, clip_norm=1.0, noise_multiplier=2.0,
+                              generator=torch.Generator().manual_seed(7))
+    draw = torch.Generator().manual_seed(7)
+    std = 2.0 * 1.0 / 2
+    noise_w = torch.randn(2, generator=draw) * std    # drawn tensor by tensor, in the state's order
+    noise_b = torch.randn(1, generator=draw) * std
+    torch.testing.assert_close(out["w"], torch.tensor([1.0 + (0.6 + 0.0) / 2, 1.0 + (0.8 + 0.5) / 2]) + noise_w)
+    torch.testing.assert_close(out["b"], noise_b)
+
+
+def test_flora_aggregate_keeps_the_global_dtypes_and_counts_every_modules_factors():
+    from fedtune.algorithms.flora import flora_aggregate
+
+    bf = torch.bfloat16
+    g = {"p.lora_A.default": torch.ones(1, 2, dtype=bf), "p.lora_B.default": torch.zeros(2, 1, dtype=bf),
+         "q.lora_A.default": torch.ones(1, 3, dtype=bf), "q.lora_B.default": torch.zeros(1, 1, dtype=bf),
+         "down/flora/p": torch.zeros(2, 2, dtype=bf), "down/flora/q": torch.zeros(1, 3, dtype=bf),
+         "norm": torch.tensor([1.0], dtype=bf)}
+    local = {**g, "p.lora_B.default": torch.ones(2, 1, dtype=bf), "norm": torch.tensor([3.0], dtype=bf)}
+    out, info = flora_aggregate(g, [local, local], [1.0, 3.0])
+    assert {k: v.dtype for k, v in out.items()} == {k: bf for k in g}
+    torch.testing.assert_close(out["down/flora/p"].float(), torch.ones(2, 2))   # B·A, weights 1/4 + 3/4
+    torch.testing.assert_close(out["norm"].float(), torch.tensor([3.0]))
+    # stacked: p's A (2x2) and B (2x2), q's A (2x3) and B (1x2), 2 bytes each in bfloat16
+    assert info == {"flora_stacked_rank": 2, "flora_stacked_bytes": (4 + 4 + 6 + 2) * 2}
+
+
+def test_flora_weighs_by_examples_or_uniformly_as_the_options_say():
+    from fedtune.algorithms import build_strategy
+    from fedtune.algorithms.base import ClientUpdate
+
+    g = {"p.lora_A.default": torch.ones(1, 1), "p.lora_B.default": torch.zeros(1, 1),
+         "down/flora/p": torch.zeros(1, 1)}
+    ups = [ClientUpdate("a", {"p.lora_A.default": torch.zeros(1, 1), "p.lora_B.default": torch.ones(1, 1)}, 3),
+           ClientUpdate("b", {"p.lora_A.default": torch.zeros(1, 1), "p.lora_B.default": torch.zeros(1, 1)}, 1)]
+    by_examples = build_strategy("flora", {"weighting": "examples"}, 2).aggregate_fit(1, g, ups)
+    uniform = build_strategy("flora", {"weighting": "uniform"}, 2).aggregate_fit(1, g, ups)
+    assert by_examples["down/flora/p"].item() == pytest.approx(0.75)   # client a's B·A = 1, weight 3/4
+    assert uniform["down/flora/p"].item() == pytest.approx(0.5)
+
+
+def test_flora_party_marks_its_delta_file_as_pytorch_tensors(tmp_path):
+    from safetensors import safe_open
+
+    from fedtune.algorithms.flora import DELTA_FILE, FLoRAParty
+
+    party = FLoRAParty(SimpleNamespace(adapter=SimpleNamespace(alpha=8, r=8)))
+    party.save({"down/flora/lm_head": torch.ones(1, 1)}, tmp_path)
+    with safe_open(str(tmp_path / DELTA_FILE), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}   # what transformers' loaders expect of a .safetensors
