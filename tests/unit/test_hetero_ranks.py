@@ -391,3 +391,106 @@ def test_a_resource_rule_needs_one_resource_per_client(tiny_recipe):
     with pytest.raises(RecipeError, match=r"adapter\.rank_per_client\.resources: 2 entries for "
                                           r"federation\.clients=3"):
         _recipe(tiny_recipe, federation__algorithm="hetlora", adapter__rank_per_client=rule)
+
+
+def test_norm_weights_when_every_product_is_zero_and_when_the_norms_are_small():
+    zero = {A: T([[1, 0]]), B: T([[0]])}                                # B·A = 0
+    assert norm_weights([zero, zero]) == [0.5, 0.5]
+    assert norm_weights([zero, zero, zero, zero]) == [0.25] * 4
+    small = [{A: T([[0.1, 0]]), B: T([[1]])}, {A: T([[0, 0.3]]), B: T([[1]])}]   # norms 0.1, 0.3
+    assert norm_weights(small) == pytest.approx([0.25, 0.75], rel=1e-12)
+
+
+def test_hetlora_aggregate_refusals_and_the_global_dtype():
+    with pytest.raises(ValueError, match="^hetlora_aggregate needs at least one client$"):
+        hetlora_aggregate({"w": T([0])}, [], [])
+    for weights in ([0.0, 0.0], [1.0, -1.0]):
+        with pytest.raises(ValueError, match="^hetlora_aggregate: the weights must sum to a positive number$"):
+            hetlora_aggregate({"w": T([0])}, [{"w": T([1])}, {"w": T([3])}], weights)
+    out = hetlora_aggregate({"w": torch.zeros(1)}, [{"w": torch.ones(1)}, {"w": torch.full((1,), 3.0)}], [1.0, 1.0])
+    assert out["w"].dtype == torch.float32 and out["w"].tolist() == [2.0]
+
+
+def test_hetlora_strategy_weights_by_the_norm_of_each_product():
+    """Global A = 0, B = 0 at rank 2; c1 (rank 1) brings A [[1, 0]], B [[3]] (‖BA‖ = 3), c2 (rank 2)
+    A [[0, 1], [1, 1]], B [[4, 0]] (‖BA‖ = 4): weights 3/7 and 4/7, as test_hetlora_aggregation_by_hand."""
+    global_state = {A: T([[0, 0], [0, 0]]), B: T([[0, 0]])}
+    strategy = HetLoRA(HetLoRAConfig())
+    assert strategy.round_metrics() == {}
+    u1 = ClientUpdate("c1", {A: T([[1, 0]]), B: T([[3]])}, 1)
+    u2 = ClientUpdate("c2", {A: T([[0, 1], [1, 1]]), B: T([[4, 0]])}, 9)
+    out = strategy.aggregate_fit(1, global_state, [u1, u2])
+    torch.testing.assert_close(out[A], T([[3 / 7, 4 / 7], [4 / 7, 4 / 7]]))
+    torch.testing.assert_close(out[B], T([[3 / 7 * 3 + 4 / 7 * 4, 0]]))
+    assert strategy.round_metrics() == {"hetlora_weights": pytest.approx({"c1": 3 / 7, "c2": 4 / 7})}
+
+
+def _hetlora_fit(local, params, state, trainer):
+    slot = SimpleNamespace(params=params, get=lambda: {k: v.detach().clone() for k, v in params.items()})
+    received = {k: v.detach().clone() for k, v in params.items()}
+    return local.fit(LocalContext("c", 2, 17, 0.3, slot, trainer, ["x"], state, {}, {}), received), received
+
+
+class _Calls:
+    def __init__(self):
+        self.calls = []
+
+    def train(self, examples, *, lr, seed, extra_loss=None):
+        self.calls.append((examples, lr, seed, None if extra_loss is None else float(extra_loss().detach())))
+        return SimpleNamespace(loss=0.5, steps=2, examples=3, seconds=0.25, dp=None)
+
+
+def test_hetlora_local_fit_by_hand():
+    """Rank 4, γ = 0.5: the tail is components 2..3, ‖B[:, 2:4]‖·‖A[2:4]‖ = ‖(2, 0)‖·‖(3, 4)‖ = 10.
+    The trainer gets the client's examples, lr and seed and the term 0.1·10; a tail equal to last
+    round's is no shrink: the rank stays. At rank 2 (from the client's state) a tail that shrank
+    prunes to ⌊0.5·2⌋ = 1."""
+    local = HetLoRALocal(HetLoRAConfig(reg=0.1, gamma=0.5))
+    params = {A: T([[1, 0], [0, 1], [3, 4], [0, 0]]).requires_grad_(True),
+              B: T([[1, 1, 2, 0]]).requires_grad_(True)}
+    state = {TAIL: torch.tensor(10.0, dtype=torch.float64)}
+    trainer = _Calls()
+    out, _ = _hetlora_fit(local, params, state, trainer)
+    assert trainer.calls == [(["x"], 0.3, 17, pytest.approx(1.0))]
+    assert out.metrics == {"train_loss": 0.5, "steps": 2, "examples_seen": 3, "train_seconds": 0.25,
+                           "rank": 4, "tail_norm": pytest.approx(10.0)}
+    assert int(state[RANK]) == 4 and state[TAIL].dtype == torch.float64 and float(state[TAIL]) == pytest.approx(10.0)
+    assert params[A][2:].abs().sum() > 0                                    # nothing pruned
+
+    # rank 2: components 2.. zeroed before training; tail ‖B[:, 1:2]‖·‖A[1:2]‖ = 1·1 < 5: prune to 1
+    state = {RANK: torch.tensor(2), TAIL: torch.tensor(5.0, dtype=torch.float64)}
+    trainer = _Calls()
+    out, received = _hetlora_fit(local, params, state, trainer)
+    assert trainer.calls == [(["x"], 0.3, 17, pytest.approx(0.1))]
+    assert out.metrics["rank"] == 1 and int(state[RANK]) == 1 and out.metrics["tail_norm"] == pytest.approx(1.0)
+    assert params[A][1:].abs().sum() == 0 and params[B][:, 1:].abs().sum() == 0
+    torch.testing.assert_close(out.update[A], T([[0, 0], [0, -1], [-3, -4], [0, 0]]))
+
+
+class _Noisy:
+    """A trainer that moves every component, those beyond the client's rank too (as DP-SGD's noise,
+    added to every trainable parameter's gradient, does)."""
+
+    def train(self, examples, *, lr, seed, extra_loss=None):
+        with torch.no_grad():
+            for p in self.params.values():
+                p.add_(0.5)
+        return SimpleNamespace(loss=1.0, steps=1, examples=1, seconds=0.0, dp=None)
+
+
+def test_components_pruned_earlier_are_sent_as_zeros_even_when_training_moved_them():
+    """A client at rank 2 of 4 (pruned in an earlier round), its tail not shrinking this round:
+    components 2..3 are zero in its model and update whatever the training did to them."""
+    params = {A: T([[1, 0], [0, 1], [0, 0], [0, 0]]).requires_grad_(True),
+              B: T([[1, 1, 0, 0]]).requires_grad_(True)}
+    trainer = _Noisy()
+    trainer.params = params
+    state = {RANK: torch.tensor(2), TAIL: torch.tensor(0.0, dtype=torch.float64)}
+    global_state = {A: T([[1, 0], [0, 1], [7, 7], [7, 7]]), B: T([[1, 1, 7, 7]])}
+    slot = SimpleNamespace(params=params, get=lambda: {k: v.detach().clone() for k, v in params.items()})
+    out = HetLoRALocal(HetLoRAConfig(reg=0.0, gamma=0.5)).fit(
+        LocalContext("c", 3, 0, 0.1, slot, trainer, [], state, {}, {}), global_state)
+    assert int(state[RANK]) == 2
+    assert params[A][2:].abs().sum() == 0 and params[B][:, 2:].abs().sum() == 0
+    torch.testing.assert_close(out.update[A], T([[0.5, 0.5], [0.5, 0.5], [-7, -7], [-7, -7]]))
+    torch.testing.assert_close(out.update[B], T([[0.5, 0.5, -7, -7]]))

@@ -128,9 +128,9 @@ class HetLoRALocal:
             new_rank = rank
             if cfg.prune and previous is not None and tail < previous and rank > 1:
                 new_rank = tail_start(rank, cfg.gamma)
-                for a, b in pairs.items():
-                    params[a][new_rank:].zero_()
-                    params[b][:, new_rank:].zero_()
+            for a, b in pairs.items():   # zeros beyond the rank, even where training moved them
+                params[a][new_rank:].zero_()   # (DP-SGD's noise reaches every component)
+                params[b][:, new_rank:].zero_()
         ctx.state[RANK] = torch.tensor(new_rank)
         ctx.state[TAIL] = torch.tensor(tail, dtype=torch.float64)
         metrics = {**result_metrics(result), "rank": new_rank, "tail_norm": tail}
