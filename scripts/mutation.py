@@ -225,10 +225,11 @@ m.copy_src_dir(); m.copy_also_copy_files(); m.setup_source_paths(); m.create_mut
 """
 
 
-def mutants(module: str) -> list[str]:
-    """Every mutant of the module, by name (generated without running any, on the first call)."""
+def mutants(module: str, fresh: bool = False) -> list[str]:
+    """Every mutant of the module, by name. `fresh`, or never run: first generate the mutants of
+    today's sources (without running any), so the list is the one the next run will test."""
     names = sorted(verdicts(module))
-    if not names:  # never run: only generate the mutants
+    if fresh or not names:
         folder = prepare(module)
         subprocess.run([sys.executable, "-c", GENERATE], cwd=folder, check=True,
                        env={**os.environ, "PYTHONPATH": "", "TERM": "dumb"}, stdout=subprocess.DEVNULL)
@@ -238,8 +239,10 @@ def mutants(module: str) -> list[str]:
 
 def sample(module: str, n: int, seed: int) -> set[str]:
     """`n` of the module's mutants drawn uniformly at random (the same for the same seed and
-    code); their share killed estimates the whole module's when a full run does not fit."""
-    names = mutants(module)
+    code); their share killed estimates the whole module's when a full run does not fit. Drawn
+    from the mutants of today's sources: a list read before a changed function's mutants are
+    made again would draw a different sample than the report after the run."""
+    names = mutants(module, fresh=True)
     return set(random.Random(seed).sample(names, min(n, len(names))))
 
 

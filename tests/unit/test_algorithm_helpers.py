@@ -165,3 +165,11 @@ def test_flora_party_marks_its_delta_file_as_pytorch_tensors(tmp_path):
     party.save({"down/flora/lm_head": torch.ones(1, 1)}, tmp_path)
     with safe_open(str(tmp_path / DELTA_FILE), framework="pt") as f:
         assert f.metadata() == {"format": "pt"}   # what transformers' loaders expect of a .safetensors
+
+
+def test_a_dp_fedavg_round_without_any_update_is_refused_in_words():
+    from fedtune.algorithms import build_strategy
+
+    fold = build_strategy("dp_fedavg", {"noise_seed": 1}, 4).fold(1, {"w": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"^dp_fedavg_aggregate needs at least one update$"):
+        fold.finish()
