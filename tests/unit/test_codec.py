@@ -384,3 +384,23 @@ def test_check_message_shape_and_dtype():
     wrong_dtype = {**specs, "lora_B": TensorSpec((4, 2), torch.float32)}
     with pytest.raises(MessageError, match="tensor 'lora_B' has dtype torch.bfloat16 but expected"):
         check_message(msg, kinds=[MessageKind.UPDATE], tensor_specs=wrong_dtype)
+
+
+def test_header_size_reads_the_prefix_byte_by_byte_and_checks_it_as_soon_as_it_can():
+    from fedtune.transport.codec import header_size
+
+    # MAGIC "FTM1", then the header length as 8 little-endian bytes: 12 prefix bytes
+    data = encode(Message(MessageKind.EVALUATE, 1, "server", "c0"))
+    header_len = int.from_bytes(data[4:12], "little")
+    assert data[:4] == b"FTM1" and header_len > 0
+    for n in range(12):   # the prefix incomplete: not known yet (and a right start is no error)
+        assert header_size(data[:n]) is None
+    assert header_size(data[:12]) == 12 + header_len
+    assert header_size(bytearray(data)) == 12 + header_len
+    for bad in (b"X", b"FTX", b"FTM2" + bytes(8)):
+        with pytest.raises(MessageError, match=r"^bad magic \(not an encoded message\)$"):
+            header_size(bad)
+    limit = 1 << 20
+    assert header_size(b"FTM1" + struct.pack("<Q", limit)) == 12 + limit
+    with pytest.raises(MessageError, match=rf"^header length {limit + 1} is over the limit of {limit}$"):
+        header_size(b"FTM1" + struct.pack("<Q", limit + 1))
